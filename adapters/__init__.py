@@ -1,0 +1,4 @@
+"""Hardware knowledge: the accelerator catalog and (later) per-vendor discovery.
+
+Nothing in this package touches the database or the HTTP API.
+"""

@@ -1,0 +1,1 @@
+"""The broker service: API, domain services and persistence."""

@@ -1,0 +1,71 @@
+"""Account and API-key operations. Functions take the session and never commit."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Account, ApiKey, Role
+from broker.db import new_id
+from broker.errors import Conflict, InvalidInput
+
+KEY_PREFIX = "bk_"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,99}$")
+
+
+def hash_key(key: str) -> str:
+    # Keys carry 256 random bits, so a fast digest is enough: nothing to brute-force.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_account(session: Session, name: str, role: Role) -> tuple[Account, str]:
+    """Create an account and its first API key; returns the key in clear, once."""
+    name = name.strip()
+    if not NAME_PATTERN.match(name):
+        raise InvalidInput(
+            "name must be 1-100 characters: letters, digits, space, '.', '_', '@' or '-', "
+            "starting with a letter or digit",
+            field="name",
+        )
+    if session.scalar(select(Account.id).where(Account.name == name)) is not None:
+        raise Conflict(f"an account named {name!r} already exists", field="name")
+    account = Account(id=new_id("acc"), name=name, role=role)
+    session.add(account)
+    session.flush()
+    return account, issue_key(session, account)
+
+
+def issue_key(session: Session, account: Account) -> str:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        ApiKey(id=new_id("key"), account_id=account.id, prefix=key[:10], key_hash=hash_key(key))
+    )
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> Account | None:
+    """The enabled account that owns an unrevoked ``key``, or None."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+        return None
+    return session.scalar(
+        select(Account)
+        .join(ApiKey, ApiKey.account_id == Account.id)
+        .where(
+            ApiKey.key_hash == hash_key(key),
+            ApiKey.revoked_at.is_(None),
+            Account.disabled_at.is_(None),
+        )
+    )
+
+
+def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Account], int]:
+    total = session.scalar(select(func.count()).select_from(Account)) or 0
+    rows = session.scalars(
+        select(Account).order_by(Account.created_at, Account.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total

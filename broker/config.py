@@ -1,0 +1,48 @@
+"""The one settings object. Every setting reads from a ``BROKER_*`` variable."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Broker settings; defaults give the embedded set-up (SQLite under ``var/``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default=REPO_ROOT / "var",
+        description="Where the broker keeps its files (the SQLite database by default).",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means SQLite at DATA_DIR/broker.db. "
+        "For PostgreSQL: postgresql+psycopg://user:password@host:5432/dbname",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, url: str) -> str:
+        if url and not url.startswith(("sqlite", "postgresql")):
+            raise ValueError("BROKER_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL")
+        if url.startswith(("postgresql://", "postgres://")):
+            # psycopg 3 is the driver we ship; plain URLs would ask for psycopg2.
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'broker.db'}"
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

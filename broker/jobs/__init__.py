@@ -1,0 +1,1 @@
+"""Jobs (bids): work that developers submit, and its life cycle."""

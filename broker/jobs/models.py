@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from broker.db import Base, UtcDateTime, utcnow
+from broker.jobs.states import FINAL_STATES, JobState, check_transition
+from broker.types import StrList
+
+
+class Job(Base):
+    """A bid: work a developer wants run, and what it will pay per accelerator-hour."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("accelerators >= 1", name="accelerators_positive"),
+        CheckConstraint("priority >= 1", name="priority_positive"),
+        CheckConstraint("max_price_per_hour_micros >= 0", name="price_not_negative"),
+        UniqueConstraint("account_id", "idempotency_key"),
+        Index("ix_jobs_account_created", "account_id", "created_at"),
+        Index("ix_jobs_state_price", "state", "max_price_per_hour_micros"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, name="job_state", native_enum=False, length=16), default=JobState.open
+    )
+    accelerators: Mapped[int] = mapped_column(Integer)
+    min_memory_gib: Mapped[float] = mapped_column(Float, default=0.0)
+    vendors: Mapped[list[str]] = mapped_column(StrList, default=list)
+    accelerator_models: Mapped[list[str]] = mapped_column(StrList, default=list)
+    platforms: Mapped[list[str]] = mapped_column(StrList)
+    max_price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
+    duration_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    flops: Mapped[float | None] = mapped_column(Float, default=None)
+    bytes: Mapped[float | None] = mapped_column(Float, default=None)
+    dtype: Mapped[str | None] = mapped_column(String(8), default=None)
+    deadline_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    latency_slo_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    user_lat: Mapped[float | None] = mapped_column(Float, default=None)
+    user_lon: Mapped[float | None] = mapped_column(Float, default=None)
+    data_region: Mapped[str | None] = mapped_column(String(64), default=None)
+    data_gb: Mapped[float | None] = mapped_column(Float, default=None)
+    allowed_countries: Mapped[list[str]] = mapped_column(StrList, default=list)
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    # A retried POST with the same key returns this job; the hash spots a reused key.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+
+    def move_to(self, new: JobState) -> None:
+        """Change state through the state machine; raises InvalidTransition."""
+        check_transition(self.state, new)
+        self.state = new
+        self.updated_at = utcnow()
+        if new in FINAL_STATES:
+            self.finished_at = self.updated_at

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from broker.auth import CurrentAccount, Developer
+from broker.db import SessionDep
+from broker.jobs import service
+from broker.jobs.models import Job
+from broker.jobs.schemas import JobCreate, JobOut, JobQuery
+from broker.jobs.states import JobState
+from broker.money import micros_to_usd
+from broker.pagination import Page
+from broker.types import ObjectId
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string (a UUID is good). A retried POST with the same key "
+        "returns the job the first one created instead of creating a second.",
+    ),
+]
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id,
+        account_id=job.account_id,
+        name=job.name,
+        state=JobState(job.state),
+        accelerators=job.accelerators,
+        min_memory_gib=job.min_memory_gib,
+        vendors=job.vendors,
+        accelerator_models=job.accelerator_models,
+        platforms=job.platforms,
+        max_price_per_hour=micros_to_usd(job.max_price_per_hour_micros),
+        duration_hours=job.duration_hours,
+        flops=job.flops,
+        bytes=job.bytes,
+        dtype=job.dtype,
+        deadline_hours=job.deadline_hours,
+        latency_slo_ms=job.latency_slo_ms,
+        user_lat=job.user_lat,
+        user_lon=job.user_lon,
+        data_region=job.data_region,
+        data_gb=job.data_gb,
+        allowed_countries=job.allowed_countries,
+        priority=job.priority,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+    )
+
+
+@router.post(
+    "",
+    response_model=JobOut,
+    status_code=201,
+    summary="Submit a job (developer)",
+    responses={200: {"model": JobOut, "description": "A retry: the job the key created"}},
+)
+def submit_job(
+    session: SessionDep,
+    developer: Developer,
+    body: JobCreate,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    job, created = service.submit_job(session, developer, body, idempotency_key)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+@router.get("", response_model=Page[JobOut], summary="List my jobs (admins: all)")
+def list_jobs(
+    session: SessionDep, account: CurrentAccount, query: Annotated[JobQuery, Query()]
+) -> Page[JobOut]:
+    rows, total = service.list_jobs(session, account, query)
+    return Page(
+        items=[job_out(j) for j in rows], total=total, limit=query.limit, offset=query.offset
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Read one of my jobs")
+def get_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobOut:
+    return job_out(service.get_job(session, account, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")
+def cancel_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobOut:
+    return job_out(service.cancel_job(session, account, job_id))

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.jobs.states import JobState
+from broker.money import Usd
+from broker.pagination import PageQuery
+from broker.types import (
+    CountryCode,
+    Dtype,
+    Latitude,
+    Longitude,
+    ModelKey,
+    Platform,
+    RegionName,
+    VendorName,
+)
+
+Hours = Annotated[float, Field(gt=0, le=100_000)]
+Work = Annotated[float, Field(ge=0, le=1e30)]
+
+
+class JobCreate(BaseModel):
+    """A bid. Give the runtime either as `duration_hours` or as the work of the whole
+    job (`flops` and/or `bytes`, with `dtype`), from which the solver estimates the
+    runtime on each offer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    accelerators: int = Field(default=1, ge=1, le=1024, description="All on one offer")
+    min_memory_gib: float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
+    vendors: list[VendorName] = Field(default_factory=list, max_length=16)
+    accelerator_models: list[ModelKey] = Field(default_factory=list, max_length=64)
+    platforms: list[Platform] = Field(
+        min_length=1, max_length=4, description="Backends the job's program was compiled for"
+    )
+    max_price_per_hour: Usd = Field(description="Bid, USD per accelerator-hour")
+    duration_hours: Hours | None = None
+    flops: Work | None = None
+    bytes: Work | None = None
+    dtype: Dtype | None = Field(default=None, description="bf16 (default with flops) or fp32")
+    deadline_hours: Hours | None = None
+    latency_slo_ms: float | None = Field(default=None, gt=0, le=1_000_000)
+    user_lat: Latitude | None = None
+    user_lon: Longitude | None = None
+    data_region: RegionName | None = None
+    data_gb: float | None = Field(default=None, ge=0, le=1e9)
+    allowed_countries: list[CountryCode] = Field(default_factory=list, max_length=300)
+    priority: int = Field(default=1, ge=1, le=1000)
+
+
+class JobOut(BaseModel):
+    id: str
+    account_id: str
+    name: str | None
+    state: JobState
+    accelerators: int
+    min_memory_gib: float
+    vendors: list[str]
+    accelerator_models: list[str]
+    platforms: list[str]
+    max_price_per_hour: Usd
+    duration_hours: float | None
+    flops: float | None
+    bytes: float | None
+    dtype: str | None
+    deadline_hours: float | None
+    latency_slo_ms: float | None
+    user_lat: float | None
+    user_lon: float | None
+    data_region: str | None
+    data_gb: float | None
+    allowed_countries: list[str]
+    priority: int
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class JobQuery(PageQuery):
+    state: JobState | None = Field(default=None, description="Only jobs in this state")
+    account_id: str | None = Field(
+        default=None, max_length=64, description="Admins: only this account's jobs"
+    )

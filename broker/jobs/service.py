@@ -1,0 +1,173 @@
+"""Job operations. Functions take the session and never commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Account, Role
+from broker.db import new_id
+from broker.errors import Conflict, InvalidInput, NotFound
+from broker.jobs.models import Job
+from broker.jobs.schemas import JobCreate, JobQuery
+from broker.jobs.states import JobState
+from broker.money import usd_to_micros
+from broker.offers.service import resolve_model
+
+
+class IdempotencyKeyReused(Conflict):
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+def submit_job(
+    session: Session, account: Account, data: JobCreate, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Create a job, or return the one an earlier request with the same key created.
+
+    Returns ``(job, created)``. Reusing a key with a different body is an error,
+    so a client bug cannot silently return the wrong job.
+    """
+    _check_consistent(data)
+    request_hash = _request_hash(data) if idempotency_key else None
+    if idempotency_key:
+        existing = _by_idempotency_key(session, account, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), False
+
+    job = Job(
+        id=new_id("job"),
+        account_id=account.id,
+        name=data.name,
+        state=JobState.open,
+        accelerators=data.accelerators,
+        min_memory_gib=data.min_memory_gib,
+        vendors=sorted(set(data.vendors)),
+        accelerator_models=sorted({resolve_model(m) for m in data.accelerator_models}),
+        platforms=sorted(set(data.platforms)),
+        max_price_per_hour_micros=usd_to_micros(data.max_price_per_hour),
+        duration_hours=data.duration_hours,
+        flops=data.flops,
+        bytes=data.bytes,
+        dtype=data.dtype or ("bf16" if data.duration_hours is None else None),
+        deadline_hours=data.deadline_hours,
+        latency_slo_ms=data.latency_slo_ms,
+        user_lat=data.user_lat,
+        user_lon=data.user_lon,
+        data_region=data.data_region,
+        data_gb=data.data_gb,
+        allowed_countries=sorted(set(data.allowed_countries)),
+        priority=data.priority,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    if not idempotency_key:
+        session.add(job)
+        session.flush()
+        return job, True
+    try:
+        # A concurrent retry may insert the same key first; the unique constraint
+        # decides, and the loser returns the winner's job.
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        existing = _by_idempotency_key(session, account, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    return job, True
+
+
+def _check_consistent(data: JobCreate) -> None:
+    """Rules that span fields; each error names the field to fix."""
+    if data.duration_hours is None and not (data.flops or data.bytes):
+        raise InvalidInput(
+            "give the runtime: duration_hours, or the job's work as flops and/or bytes",
+            field="body.duration_hours",
+        )
+    if (data.user_lat is None) != (data.user_lon is None):
+        raise InvalidInput("give both user_lat and user_lon, or neither", field="body.user_lon")
+    if data.latency_slo_ms is not None and data.user_lat is None:
+        raise InvalidInput(
+            "latency_slo_ms needs the users' location (user_lat, user_lon)",
+            field="body.latency_slo_ms",
+        )
+    if data.data_gb and data.data_region is None:
+        raise InvalidInput("data_gb needs data_region: where the data lives", field="body.data_region")
+    if (
+        data.duration_hours is not None
+        and data.deadline_hours is not None
+        and data.duration_hours > data.deadline_hours
+    ):
+        raise InvalidInput(
+            f"duration_hours ({data.duration_hours}) is longer than deadline_hours "
+            f"({data.deadline_hours}): no offer could finish it in time",
+            field="body.deadline_hours",
+        )
+
+
+def _request_hash(data: JobCreate) -> str:
+    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _by_idempotency_key(session: Session, account: Account, key: str) -> Job | None:
+    return session.scalar(
+        select(Job).where(Job.account_id == account.id, Job.idempotency_key == key)
+    )
+
+
+def _replay(job: Job, request_hash: str | None) -> Job:
+    if job.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used for a different job request; "
+            "use a new key for a new job",
+            field="header.Idempotency-Key",
+        )
+    return job
+
+
+def get_job(session: Session, viewer: Account, job_id: str, *, lock: bool = False) -> Job:
+    """A job the viewer may see: its own, or any for an admin; others answer 404."""
+    stmt = select(Job).where(Job.id == job_id)
+    if viewer.role != Role.admin:
+        stmt = stmt.where(Job.account_id == viewer.id)
+    if lock:
+        stmt = stmt.with_for_update()
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFound(f"no job {job_id!r} of yours")
+    return job
+
+
+def cancel_job(session: Session, viewer: Account, job_id: str) -> Job:
+    """Cancel a job that has not finished. Cancelling twice is harmless."""
+    job = get_job(session, viewer, job_id, lock=True)
+    if job.state != JobState.cancelled:
+        job.move_to(JobState.cancelled)
+        session.flush()
+    return job
+
+
+def list_jobs(session: Session, viewer: Account, query: JobQuery) -> tuple[list[Job], int]:
+    conditions = []
+    if viewer.role != Role.admin:
+        conditions.append(Job.account_id == viewer.id)
+    elif query.account_id:
+        conditions.append(Job.account_id == query.account_id)
+    if query.state:
+        conditions.append(Job.state == query.state)
+    total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
+    rows = session.scalars(
+        select(Job)
+        .where(*conditions)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(query.limit)
+        .offset(query.offset)
+    ).all()
+    return list(rows), total

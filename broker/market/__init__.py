@@ -1,0 +1,1 @@
+"""The market: the order book and the hardware catalog (clearing arrives with the solver)."""

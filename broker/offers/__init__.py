@@ -1,0 +1,1 @@
+"""Offers (asks): capacity that providers list."""

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, CheckConstraint, Enum, Float, ForeignKey, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from broker.db import Base, UtcDateTime, utcnow
+
+
+class OfferStatus(enum.StrEnum):
+    active = "active"
+    withdrawn = "withdrawn"
+
+
+class Offer(Base):
+    """A set of identical accelerators on one node, offered at one price (an ask)."""
+
+    __tablename__ = "offers"
+    __table_args__ = (
+        CheckConstraint("count >= 1", name="count_positive"),
+        CheckConstraint("price_per_hour_micros >= 0", name="price_not_negative"),
+        Index("ix_offers_book", "status", "accelerator", "price_per_hour_micros"),
+        Index("ix_offers_status_price", "status", "price_per_hour_micros"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    provider_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    status: Mapped[OfferStatus] = mapped_column(
+        Enum(OfferStatus, name="offer_status", native_enum=False, length=16),
+        default=OfferStatus.active,
+    )
+    vendor: Mapped[str] = mapped_column(String(32))
+    accelerator: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[str] = mapped_column(String(8))
+    count: Mapped[int] = mapped_column(Integer)
+    memory_gib: Mapped[float] = mapped_column(Float)
+    tflops_bf16: Mapped[float] = mapped_column(Float)
+    tflops_fp32: Mapped[float] = mapped_column(Float)
+    mem_bw_gbps: Mapped[float] = mapped_column(Float)
+    price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
+    region: Mapped[str] = mapped_column(String(64))
+    country: Mapped[str] = mapped_column(String(2))
+    lat: Mapped[float] = mapped_column(Float)
+    lon: Mapped[float] = mapped_column(Float)
+    available_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    efficiency: Mapped[float] = mapped_column(Float, default=0.4)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

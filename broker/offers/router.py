@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from broker.auth import CurrentAccount, Provider
+from broker.db import SessionDep
+from broker.money import micros_to_usd
+from broker.offers import service
+from broker.offers.models import Offer
+from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
+from broker.types import ObjectId
+from broker.pagination import Page
+
+router = APIRouter(prefix="/v1/offers", tags=["offers"])
+
+
+def offer_out(offer: Offer) -> OfferOut:
+    return OfferOut(
+        id=offer.id,
+        provider_id=offer.provider_id,
+        status=offer.status,
+        vendor=offer.vendor,
+        accelerator=offer.accelerator,
+        platform=offer.platform,
+        count=offer.count,
+        memory_gib=offer.memory_gib,
+        tflops_bf16=offer.tflops_bf16,
+        tflops_fp32=offer.tflops_fp32,
+        mem_bw_gbps=offer.mem_bw_gbps,
+        price_per_hour=micros_to_usd(offer.price_per_hour_micros),
+        region=offer.region,
+        country=offer.country,
+        lat=offer.lat,
+        lon=offer.lon,
+        available_hours=offer.available_hours,
+        efficiency=offer.efficiency,
+        created_at=offer.created_at,
+        updated_at=offer.updated_at,
+        withdrawn_at=offer.withdrawn_at,
+    )
+
+
+@router.post("", response_model=OfferOut, status_code=201, summary="List capacity (provider)")
+def create_offer(session: SessionDep, provider: Provider, body: OfferCreate) -> OfferOut:
+    return offer_out(service.create_offer(session, provider, body))
+
+
+@router.get("", response_model=Page[OfferOut], summary="Search offers")
+def search_offers(
+    session: SessionDep, account: CurrentAccount, query: Annotated[OfferQuery, Query()]
+) -> Page[OfferOut]:
+    rows, total = service.search_offers(session, account, query)
+    return Page(
+        items=[offer_out(o) for o in rows], total=total, limit=query.limit, offset=query.offset
+    )
+
+
+@router.get("/{offer_id}", response_model=OfferOut, summary="Read an offer")
+def get_offer(session: SessionDep, account: CurrentAccount, offer_id: ObjectId) -> OfferOut:
+    return offer_out(service.get_visible_offer(session, account, offer_id))
+
+
+@router.patch("/{offer_id}", response_model=OfferOut, summary="Change an offer (its provider)")
+def update_offer(
+    session: SessionDep, provider: Provider, offer_id: ObjectId, body: OfferUpdate
+) -> OfferOut:
+    return offer_out(service.update_offer(session, provider, offer_id, body))
+
+
+@router.delete("/{offer_id}", response_model=OfferOut, summary="Withdraw an offer (its provider)")
+def withdraw_offer(session: SessionDep, provider: Provider, offer_id: ObjectId) -> OfferOut:
+    return offer_out(service.withdraw_offer(session, provider, offer_id))

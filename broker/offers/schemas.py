@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.money import Usd
+from broker.offers.models import OfferStatus
+from broker.pagination import PageQuery
+from broker.types import (
+    CountryCode,
+    Latitude,
+    Longitude,
+    ModelKey,
+    Platform,
+    RegionName,
+    VendorName,
+)
+
+Count = Annotated[int, Field(ge=1, le=100_000, description="Free accelerators in this offer")]
+PositiveFigure = Annotated[float, Field(gt=0, le=1_000_000)]
+Hours = Annotated[float, Field(gt=0, le=1_000_000)]
+Efficiency = Annotated[
+    float, Field(gt=0, le=1, description="Fraction of peak a job reaches (default 0.4)")
+]
+
+
+class OfferCreate(BaseModel):
+    """An ask. Give `accelerator` by its catalog key and the broker fills the hardware
+    figures (vendor, platform, memory, throughput, bandwidth); a model outside the
+    catalog needs all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: ModelKey
+    count: Count
+    price_per_hour: Usd = Field(description="Ask, USD per accelerator-hour")
+    region: RegionName
+    country: CountryCode
+    lat: Latitude
+    lon: Longitude
+    vendor: VendorName | None = None
+    platform: Platform | None = None
+    memory_gib: PositiveFigure | None = None
+    tflops_bf16: PositiveFigure | None = None
+    tflops_fp32: PositiveFigure | None = None
+    mem_bw_gbps: PositiveFigure | None = None
+    available_hours: Hours | None = None
+    efficiency: Efficiency = 0.4
+
+
+class OfferUpdate(BaseModel):
+    """Fields a provider may change on an active offer; absent fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    price_per_hour: Usd | None = None
+    count: Count | None = None
+    available_hours: Hours | None = Field(default=None, description="null clears the limit")
+    efficiency: Efficiency | None = None
+
+
+class OfferOut(BaseModel):
+    id: str
+    provider_id: str
+    status: OfferStatus
+    vendor: str
+    accelerator: str
+    platform: str
+    count: int
+    memory_gib: float
+    tflops_bf16: float
+    tflops_fp32: float
+    mem_bw_gbps: float
+    price_per_hour: Usd
+    region: str
+    country: str
+    lat: float
+    lon: float
+    available_hours: float | None
+    efficiency: float
+    created_at: datetime
+    updated_at: datetime
+    withdrawn_at: datetime | None
+
+
+class OfferSort(StrEnum):
+    price_asc = "price"
+    price_desc = "-price"
+    newest = "-created"
+
+
+class OfferQuery(PageQuery):
+    """Search filters; every filter narrows the result."""
+
+    vendor: VendorName | None = None
+    accelerator: ModelKey | None = Field(default=None, description="Model key or alias")
+    platform: Platform | None = None
+    min_memory_gib: float | None = Field(default=None, ge=0, le=1_000_000)
+    min_count: int | None = Field(default=None, ge=1, le=100_000)
+    region: RegionName | None = None
+    country: CountryCode | None = None
+    max_price: Usd | None = Field(default=None, description="Highest ask, USD per hour")
+    mine: bool = Field(default=False, description="Only the caller's own offers")
+    status: OfferStatus | None = Field(
+        default=OfferStatus.active, description="active (default) or withdrawn"
+    )
+    sort: OfferSort = Field(default=OfferSort.price_asc, description="price, -price or -created")

@@ -1,0 +1,172 @@
+"""Offer operations. Functions take the session and never commit."""
+
+from __future__ import annotations
+
+from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy.orm import Session
+
+from adapters import catalog
+from broker.accounts.models import Account, Role
+from broker.db import new_id, utcnow
+from broker.errors import Conflict, InvalidInput, NotFound
+from broker.money import usd_to_micros
+from broker.offers.models import Offer, OfferStatus
+from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferUpdate
+
+_HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
+
+
+def resolve_model(name: str) -> str:
+    """The catalog key for a model name or alias; other names are normalised as they are."""
+    spec = catalog.lookup(name)
+    return spec.key if spec else catalog.normalize_key(name)
+
+
+def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offer:
+    hardware = _hardware(data)
+    offer = Offer(
+        id=new_id("off"),
+        provider_id=provider.id,
+        status=OfferStatus.active,
+        count=data.count,
+        price_per_hour_micros=usd_to_micros(data.price_per_hour),
+        region=data.region,
+        country=data.country,
+        lat=data.lat,
+        lon=data.lon,
+        available_hours=data.available_hours,
+        efficiency=data.efficiency,
+        **hardware,
+    )
+    session.add(offer)
+    session.flush()
+    return offer
+
+
+def _hardware(data: OfferCreate) -> dict[str, object]:
+    """Fill hardware figures from the catalog; explicit figures override it.
+
+    Vendor and platform are facts of the model, so a mismatch is refused rather
+    than overridden; throughput and memory may differ (power caps, partitions).
+    """
+    spec = catalog.lookup(data.accelerator)
+    given = {f: getattr(data, f) for f in _HARDWARE_FIELDS if getattr(data, f) is not None}
+    if spec is None:
+        missing = [f for f in _HARDWARE_FIELDS if f not in given]
+        if missing:
+            raise InvalidInput(
+                f"{data.accelerator!r} is not in the hardware catalog, so the offer must give "
+                f"{', '.join(missing)} (see GET /v1/catalog for the known models)",
+                field=f"body.{missing[0]}",
+            )
+        return {"accelerator": catalog.normalize_key(data.accelerator), **given}
+    for fact in ("vendor", "platform"):
+        if fact in given and given[fact] != getattr(spec, fact):
+            raise InvalidInput(
+                f"{spec.key} is a {getattr(spec, fact)} {fact} model, not {given[fact]}",
+                field=f"body.{fact}",
+            )
+    figures = {f: getattr(spec, f) for f in _HARDWARE_FIELDS}
+    return {"accelerator": spec.key, **figures, **given}
+
+
+def get_visible_offer(session: Session, viewer: Account, offer_id: str) -> Offer:
+    """An offer the viewer may read: any active offer, its own, or any for an admin.
+
+    Others answer 404, so ids of withdrawn offers do not leak.
+    """
+    offer = session.get(Offer, offer_id)
+    if offer is None or not (
+        offer.status == OfferStatus.active
+        or offer.provider_id == viewer.id
+        or viewer.role == Role.admin
+    ):
+        raise NotFound(f"no offer {offer_id!r}")
+    return offer
+
+
+def get_own_offer(session: Session, owner: Account, offer_id: str, *, lock: bool = False) -> Offer:
+    """An offer the caller may change: its own, or any for an admin."""
+    stmt = select(Offer).where(Offer.id == offer_id)
+    if owner.role != Role.admin:
+        stmt = stmt.where(Offer.provider_id == owner.id)
+    if lock:
+        stmt = stmt.with_for_update()
+    offer = session.scalar(stmt)
+    if offer is None:
+        raise NotFound(f"no offer {offer_id!r} of yours")
+    return offer
+
+
+def update_offer(session: Session, owner: Account, offer_id: str, data: OfferUpdate) -> Offer:
+    offer = get_own_offer(session, owner, offer_id, lock=True)
+    if offer.status != OfferStatus.active:
+        raise Conflict(f"offer {offer_id} is {offer.status.value}; list a new offer instead")
+    changes = data.model_dump(exclude_unset=True)
+    for name in ("price_per_hour", "count", "efficiency"):
+        if name in changes and changes[name] is None:
+            raise InvalidInput(f"{name} cannot be null", field=f"body.{name}")
+    if "price_per_hour" in changes:
+        offer.price_per_hour_micros = usd_to_micros(changes.pop("price_per_hour"))
+    for name, value in changes.items():
+        setattr(offer, name, value)
+    offer.updated_at = utcnow()
+    session.flush()
+    return offer
+
+
+def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
+    """Take an offer off the market. Withdrawing twice is harmless."""
+    offer = get_own_offer(session, owner, offer_id, lock=True)
+    if offer.status == OfferStatus.active:
+        offer.status = OfferStatus.withdrawn
+        offer.withdrawn_at = offer.updated_at = utcnow()
+        session.flush()
+    return offer
+
+
+def search_offers(
+    session: Session, viewer: Account, filters: OfferQuery
+) -> tuple[list[Offer], int]:
+    conditions = _conditions(viewer, filters)
+    total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
+    stmt: Select[tuple[Offer]] = select(Offer).where(*conditions)
+    order = {
+        OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id),
+        OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id),
+        OfferSort.newest: (Offer.created_at.desc(), Offer.id),
+    }[filters.sort]
+    rows = session.scalars(
+        stmt.order_by(*order).limit(filters.limit).offset(filters.offset)
+    ).all()
+    return list(rows), total
+
+
+def _conditions(viewer: Account, f: OfferQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if f.mine:
+        conditions.append(Offer.provider_id == viewer.id)
+    elif viewer.role != Role.admin:
+        # Others' withdrawn offers are private; only active ones are on the market.
+        conditions.append(
+            (Offer.status == OfferStatus.active) | (Offer.provider_id == viewer.id)
+        )
+    if f.status is not None:
+        conditions.append(Offer.status == f.status)
+    if f.vendor:
+        conditions.append(Offer.vendor == f.vendor)
+    if f.accelerator:
+        conditions.append(Offer.accelerator == resolve_model(f.accelerator))
+    if f.platform:
+        conditions.append(Offer.platform == f.platform)
+    if f.min_memory_gib is not None:
+        conditions.append(Offer.memory_gib >= f.min_memory_gib)
+    if f.min_count is not None:
+        conditions.append(Offer.count >= f.min_count)
+    if f.region:
+        conditions.append(Offer.region == f.region)
+    if f.country:
+        conditions.append(Offer.country == f.country)
+    if f.max_price is not None:
+        conditions.append(Offer.price_per_hour_micros <= usd_to_micros(f.max_price))
+    return conditions

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from tests.conftest import ClientFactory
+
+
+def test_liveness_and_readiness(client_for: ClientFactory) -> None:
+    client = client_for(None)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ok"}
+
+
+def test_api_description_is_served(client_for: ClientFactory) -> None:
+    client = client_for(None)
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/offers", "/v1/offers/{offer_id}", "/v1/jobs", "/v1/jobs/{job_id}/cancel",
+                 "/v1/market/book", "/v1/catalog", "/healthz"):
+        assert path in spec["paths"], path
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+
+
+def test_unknown_route_and_method_use_the_error_shape(client_for: ClientFactory) -> None:
+    client = client_for(None)
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    wrong = client.put("/healthz")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,97 @@
+"""Fixtures: one database per run, migrated once; every test in a rolled-back transaction.
+
+The database is SQLite in a temporary directory unless BROKER_TEST_DATABASE_URL
+names another (scripts/with-postgres.sh sets it to a throwaway PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from broker.app import create_app
+from broker.db import get_session, make_engine
+from broker.migrate import alembic_config
+from tests.databases import fresh_database
+
+ClientFactory = Callable[[str | None], TestClient]
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = os.environ.get("BROKER_TEST_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    from alembic import command
+
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        config = alembic_config(database_url)
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db(engine: Engine) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test.
+
+    Code under test may commit: with ``create_savepoint`` its commits release
+    savepoints, and the outer transaction still undoes everything.
+    """
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        session = Session(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            yield session
+        finally:
+            session.close()
+            transaction.rollback()
+
+
+@pytest.fixture
+def client_for(db: Session) -> Iterator[ClientFactory]:
+    """``client_for(api_key)``: an HTTP client for the app, bound to the test transaction."""
+    app = create_app()
+
+    def session_override() -> Iterator[Session]:
+        # Like the real dependency: all or nothing per request, here as a savepoint.
+        with db.begin_nested():
+            yield db
+
+    app.dependency_overrides[get_session] = session_override
+    clients: list[TestClient] = []
+
+    def make(key: str | None = None) -> TestClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = TestClient(app, headers=headers, raise_server_exceptions=False)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def empty_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A brand-new empty database of the same kind as the test database."""
+    with fresh_database(database_url, tmp_path) as url:
+        yield url

@@ -1,0 +1,57 @@
+"""Small factories: rows made through the real services, with sensible defaults."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Account, Role
+from broker.accounts.service import create_account
+from broker.jobs.models import Job
+from broker.jobs.schemas import JobCreate
+from broker.jobs.service import submit_job
+from broker.offers.models import Offer
+from broker.offers.schemas import OfferCreate
+from broker.offers.service import create_offer
+
+_counter = itertools.count(1)
+
+
+def make_account(db: Session, role: Role = Role.developer, name: str | None = None) -> tuple[Account, str]:
+    return create_account(db, name or f"{role.value}-{next(_counter)}", role)
+
+
+def offer_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "accelerator": "h100-sxm",
+        "count": 8,
+        "price_per_hour": "2.50",
+        "region": "europe-west4",
+        "country": "NL",
+        "lat": 53.44,
+        "lon": 6.84,
+    }
+    body.update(overrides)
+    return body
+
+
+def job_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "platforms": ["cuda", "cpu"],
+        "accelerators": 1,
+        "max_price_per_hour": "3.00",
+        "duration_hours": 2,
+    }
+    body.update(overrides)
+    return body
+
+
+def make_offer(db: Session, provider: Account, **overrides: Any) -> Offer:
+    return create_offer(db, provider, OfferCreate.model_validate(offer_body(**overrides)))
+
+
+def make_job(db: Session, developer: Account, **overrides: Any) -> Job:
+    job, _ = submit_job(db, developer, JobCreate.model_validate(job_body(**overrides)))
+    return job
