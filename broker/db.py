@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -86,7 +86,11 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
+        # Writers take the write lock up front (BEGIN IMMEDIATE): a deferred
+        # transaction that reads and then writes cannot wait for a busy lock and
+        # fails with "database is locked" instead.
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
 
@@ -97,20 +101,30 @@ def get_engine() -> Engine:
 
 
 @cache
-def _session_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+def _session_factory(write: bool) -> sessionmaker[Session]:
+    engine = get_engine()
+    if write and engine.dialect.name == "sqlite":
+        engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on error."""
-    with _session_factory()() as session, session.begin():
+def session_scope(*, write: bool = True) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error.
+
+    ``write=False`` marks a transaction that only reads, which SQLite can run
+    beside a writer.
+    """
+    with _session_factory(write)() as session, session.begin():
         yield session
 
 
-def get_session() -> Iterator[Session]:
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def get_session(request: Request) -> Iterator[Session]:
     """Request dependency: one transaction per request, committed if the handler succeeds."""
-    with session_scope() as session:
+    with session_scope(write=request.method not in _READ_METHODS) as session:
         yield session
 
 

@@ -66,6 +66,11 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _clean(message: str) -> str:
+    # pydantic prefixes messages of custom validators with "Value error, ".
+    return message.removeprefix("Value error, ")
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every failure into the one error shape."""
 
@@ -79,21 +84,17 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [
-            {"field": _field_path(e["loc"]), "message": e["msg"], "type": e["type"]}
+            {"field": _field_path(e["loc"]), "message": _clean(e["msg"]), "type": e["type"]}
             for e in exc.errors()
         ]
-        first = details[0] if details else {"field": None, "message": "invalid request"}
-        message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
-        return JSONResponse(
-            error_body("validation_error", message, first["field"], details=details), 422
-        )
+        field = details[0]["field"] if details else None
+        message = f"{field}: {details[0]['message']}" if details else "invalid request"
+        return JSONResponse(error_body("validation_error", message, field, details=details), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers
-        )
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -38,12 +38,12 @@ def format_usd(amount: Decimal) -> str:
 
 def _parse_usd(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
-        raise ValueError("must be a decimal number of US dollars, e.g. \"2.50\"")
+        raise ValueError('must be a decimal number of US dollars, e.g. "2.50"')
     try:
         # str() first: a JSON number such as 0.1 means the decimal 0.1, not the float.
         amount = Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError("must be a decimal number of US dollars, e.g. \"2.50\"") from None
+        raise ValueError('must be a decimal number of US dollars, e.g. "2.50"') from None
     if not amount.is_finite():
         raise ValueError("must be a finite amount")
     if amount < 0:

@@ -18,13 +18,21 @@ Dtype = Literal["bf16", "fp32"]
 
 VendorName = Annotated[
     str,
-    Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", examples=["nvidia"],
-          description="Lower-case vendor: nvidia, amd, google, edge, cpu, ..."),
+    Field(
+        pattern=r"^[a-z][a-z0-9-]{0,31}$",
+        examples=["nvidia"],
+        description="Lower-case vendor: nvidia, amd, google, edge, cpu, ...",
+    ),
 ]
 ModelKey = Annotated[
     str,
-    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
-          examples=["h100-sxm"], description="Catalog model key, alias or name"),
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+        examples=["h100-sxm"],
+        description="Catalog model key, alias or name",
+    ),
 ]
 CountryCode = Annotated[
     str,
@@ -32,8 +40,12 @@ CountryCode = Annotated[
 ]
 RegionName = Annotated[
     str,
-    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]*$",
-          examples=["europe-west4"]),
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]*$",
+        examples=["europe-west4"],
+    ),
 ]
 Latitude = Annotated[float, Field(ge=-90, le=90)]
 Longitude = Annotated[float, Field(ge=-180, le=180)]

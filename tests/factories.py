@@ -19,7 +19,9 @@ from broker.offers.service import create_offer
 _counter = itertools.count(1)
 
 
-def make_account(db: Session, role: Role = Role.developer, name: str | None = None) -> tuple[Account, str]:
+def make_account(
+    db: Session, role: Role = Role.developer, name: str | None = None
+) -> tuple[Account, str]:
     return create_account(db, name or f"{role.value}-{next(_counter)}", role)
 
 

@@ -98,7 +98,9 @@ def _check_consistent(data: JobCreate) -> None:
             field="body.latency_slo_ms",
         )
     if data.data_gb and data.data_region is None:
-        raise InvalidInput("data_gb needs data_region: where the data lives", field="body.data_region")
+        raise InvalidInput(
+            "data_gb needs data_region: where the data lives", field="body.data_region"
+        )
     if (
         data.duration_hours is not None
         and data.deadline_hours is not None

@@ -10,8 +10,8 @@ from broker.money import micros_to_usd
 from broker.offers import service
 from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
-from broker.types import ObjectId
 from broker.pagination import Page
+from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/offers", tags=["offers"])
 

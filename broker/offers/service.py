@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Select, func, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
@@ -130,14 +132,17 @@ def search_offers(
 ) -> tuple[list[Offer], int]:
     conditions = _conditions(viewer, filters)
     total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
-    stmt: Select[tuple[Offer]] = select(Offer).where(*conditions)
-    order = {
-        OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id),
-        OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id),
-        OfferSort.newest: (Offer.created_at.desc(), Offer.id),
-    }[filters.sort]
+    order: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
+        OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id.asc()),
+        OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id.asc()),
+        OfferSort.newest: (Offer.created_at.desc(), Offer.id.asc()),
+    }
     rows = session.scalars(
-        stmt.order_by(*order).limit(filters.limit).offset(filters.offset)
+        select(Offer)
+        .where(*conditions)
+        .order_by(*order[filters.sort])
+        .limit(filters.limit)
+        .offset(filters.offset)
     ).all()
     return list(rows), total
 
@@ -148,9 +153,7 @@ def _conditions(viewer: Account, f: OfferQuery) -> list[ColumnElement[bool]]:
         conditions.append(Offer.provider_id == viewer.id)
     elif viewer.role != Role.admin:
         # Others' withdrawn offers are private; only active ones are on the market.
-        conditions.append(
-            (Offer.status == OfferStatus.active) | (Offer.provider_id == viewer.id)
-        )
+        conditions.append((Offer.status == OfferStatus.active) | (Offer.provider_id == viewer.id))
     if f.status is not None:
         conditions.append(Offer.status == f.status)
     if f.vendor:

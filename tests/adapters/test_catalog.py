@@ -40,7 +40,10 @@ def test_figures_come_from_the_datasheets() -> None:
     v5e = catalog.lookup("tpu-v5e")
     assert v5e is not None
     assert (v5e.vendor, v5e.platform, v5e.tflops_bf16, v5e.mem_bw_gbps) == (
-        "google", "tpu", 197, 819
+        "google",
+        "tpu",
+        197,
+        819,
     )
 
 
@@ -50,6 +53,8 @@ def test_every_row_is_usable_by_the_roofline() -> None:
     for spec in specs:
         assert spec.platform in catalog.PLATFORMS
         assert spec.vendor in catalog.VENDORS
-        assert spec.memory_gib > 0 and spec.mem_bw_gbps > 0
-        assert spec.tflops_bf16 > 0 and spec.tflops_fp32 > 0
+        assert spec.memory_gib > 0
+        assert spec.mem_bw_gbps > 0
+        assert spec.tflops_bf16 > 0
+        assert spec.tflops_fp32 > 0
         assert catalog.lookup(spec.key) == spec

@@ -12,8 +12,15 @@ def test_liveness_and_readiness(client_for: ClientFactory) -> None:
 def test_api_description_is_served(client_for: ClientFactory) -> None:
     client = client_for(None)
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/offers", "/v1/offers/{offer_id}", "/v1/jobs", "/v1/jobs/{job_id}/cancel",
-                 "/v1/market/book", "/v1/catalog", "/healthz"):
+    for path in (
+        "/v1/offers",
+        "/v1/offers/{offer_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/market/book",
+        "/v1/catalog",
+        "/healthz",
+    ):
         assert path in spec["paths"], path
     docs = client.get("/docs")
     assert docs.status_code == 200

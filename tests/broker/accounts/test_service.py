@@ -12,7 +12,8 @@ from broker.errors import Conflict, InvalidInput
 def test_key_is_returned_once_and_stored_hashed(db: Session) -> None:
     account, key = create_account(db, "alice", Role.developer)
     stored = db.scalars(select(ApiKey).where(ApiKey.account_id == account.id)).one()
-    assert key.startswith("bk_") and len(key) > 40
+    assert key.startswith("bk_")
+    assert len(key) > 40
     assert stored.key_hash == hash_key(key) != key
     assert key not in (stored.key_hash, stored.prefix)
     assert authenticate(db, key) == account

@@ -14,7 +14,7 @@ from tests.factories import make_account, make_offer, offer_body
 def provider(db: Session, client_for: ClientFactory) -> Any:
     account, key = make_account(db, Role.provider)
     client = client_for(key)
-    client.account = account  # type: ignore[attr-defined]
+    client.account = account
     return client
 
 
@@ -42,8 +42,15 @@ def test_model_outside_the_catalog_needs_every_figure(provider: Any) -> None:
     assert missing.json()["error"]["field"] == "body.platform"
     assert "GET /v1/catalog" in missing.json()["error"]["message"]
 
-    full = offer_body(accelerator="EPYC 9654", vendor="cpu", platform="cpu", memory_gib=384,
-                      tflops_bf16=5.4, tflops_fp32=5.4, mem_bw_gbps=460)
+    full = offer_body(
+        accelerator="EPYC 9654",
+        vendor="cpu",
+        platform="cpu",
+        memory_gib=384,
+        tflops_bf16=5.4,
+        tflops_fp32=5.4,
+        mem_bw_gbps=460,
+    )
     created = provider.post("/v1/offers", json=full)
     assert created.status_code == 201, created.text
     assert created.json()["accelerator"] == "epyc-9654"
@@ -93,11 +100,29 @@ def test_developers_cannot_list_capacity(db: Session, client_for: ClientFactory)
 def test_search_filters_sorts_and_pages(db: Session, client_for: ClientFactory) -> None:
     seller, _ = make_account(db, Role.provider)
     cheap = make_offer(db, seller, accelerator="h100-sxm", price_per_hour="1.90", count=2)
-    dear = make_offer(db, seller, accelerator="h100-sxm", price_per_hour="3.20", count=8,
-                      region="us-east-1", country="US", lat=38.9, lon=-77.4)
+    dear = make_offer(
+        db,
+        seller,
+        accelerator="h100-sxm",
+        price_per_hour="3.20",
+        count=8,
+        region="us-east-1",
+        country="US",
+        lat=38.9,
+        lon=-77.4,
+    )
     amd = make_offer(db, seller, accelerator="mi300x", price_per_hour="2.40", count=8)
-    tpu = make_offer(db, seller, accelerator="tpu-v5e", price_per_hour="1.20", count=8,
-                     region="us-central1", country="US", lat=41.3, lon=-95.9)
+    tpu = make_offer(
+        db,
+        seller,
+        accelerator="tpu-v5e",
+        price_per_hour="1.20",
+        count=8,
+        region="us-central1",
+        country="US",
+        lat=41.3,
+        lon=-95.9,
+    )
     _, key = make_account(db, Role.developer)
     client = client_for(key)
 

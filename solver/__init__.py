@@ -1,0 +1,1 @@
+"""Market clearing: plain data in, assignments out (arrives with the solver issue)."""

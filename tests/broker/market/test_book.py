@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Role
+from broker.jobs.states import JobState
+from broker.offers.service import withdraw_offer
+from tests.conftest import ClientFactory
+from tests.factories import make_account, make_job, make_offer
+
+
+def _book(client: Any, **params: Any) -> dict[str, Any]:
+    response = client.get("/v1/market/book", params=params)
+    assert response.status_code == 200, response.text
+    return {b["accelerator"]: b for b in response.json()["books"]}
+
+
+def _levels(side: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    return [(lvl["price_per_hour"], lvl["quantity"], lvl["orders"]) for lvl in side]
+
+
+def test_asks_are_grouped_by_price_cheapest_first(db: Session, client_for: ClientFactory) -> None:
+    seller, _ = make_account(db, Role.provider)
+    other, _ = make_account(db, Role.provider)
+    make_offer(db, seller, accelerator="h100-sxm", price_per_hour="2.50", count=8)
+    make_offer(db, other, accelerator="h100-sxm", price_per_hour="2.50", count=4)
+    make_offer(db, other, accelerator="h100-sxm", price_per_hour="1.99", count=2)
+    gone = make_offer(db, other, accelerator="h100-sxm", price_per_hour="0.50", count=16)
+    withdraw_offer(db, other, gone.id)
+    make_offer(db, seller, accelerator="mi300x", price_per_hour="2.10", count=8)
+    _, key = make_account(db, Role.developer)
+
+    books = _book(client_for(key))
+    assert set(books) == {"h100-sxm", "mi300x"}
+    h100 = books["h100-sxm"]
+    assert _levels(h100["asks"]) == [("1.99", 2, 1), ("2.50", 12, 2)]
+    assert (h100["name"], h100["vendors"], h100["platforms"]) == (
+        "NVIDIA H100 SXM5 80GB",
+        ["nvidia"],
+        ["cuda"],
+    )
+    assert h100["bids"] == []
+    assert h100["best_bid"] is None
+    assert h100["best_ask"] == "1.99"
+
+
+def test_bids_join_the_books_of_models_they_accept(db: Session, client_for: ClientFactory) -> None:
+    seller, _ = make_account(db, Role.provider)
+    make_offer(db, seller, accelerator="h100-sxm", price_per_hour="2.50")
+    make_offer(db, seller, accelerator="mi300x", price_per_hour="2.10")
+    make_offer(db, seller, accelerator="tpu-v5e", price_per_hour="1.20")
+    buyer, key = make_account(db, Role.developer)
+    make_job(
+        db, buyer, platforms=["cuda", "rocm", "tpu"], max_price_per_hour="3.00", accelerators=2
+    )
+    make_job(
+        db, buyer, platforms=["cuda", "rocm", "tpu"], max_price_per_hour="3.00", accelerators=1
+    )
+    make_job(db, buyer, platforms=["cuda"], max_price_per_hour="2.00", accelerators=4)
+    make_job(db, buyer, platforms=["cuda", "rocm"], min_memory_gib=100, max_price_per_hour="5.00")
+    make_job(db, buyer, platforms=["cuda", "rocm"], vendors=["amd"], max_price_per_hour="4.00")
+    make_job(
+        db, buyer, platforms=["tpu"], accelerator_models=["tpu-v6e"], max_price_per_hour="6.00"
+    )
+    cancelled = make_job(db, buyer, platforms=["cuda"], max_price_per_hour="9.00")
+    cancelled.move_to(JobState.cancelled)
+    db.flush()
+
+    books = _book(client_for(key))
+    assert _levels(books["h100-sxm"]["bids"]) == [("3.00", 3, 2), ("2.00", 4, 1)]
+    assert _levels(books["mi300x"]["bids"]) == [("5.00", 1, 1), ("4.00", 1, 1), ("3.00", 3, 2)]
+    assert _levels(books["tpu-v5e"]["bids"]) == [("3.00", 3, 2)]
+    # Named by a job but offered by nobody: the book shows the demand, including
+    # the bids of jobs that take any TPU.
+    assert books["tpu-v6e"]["asks"] == []
+    assert _levels(books["tpu-v6e"]["bids"]) == [("6.00", 1, 1), ("3.00", 3, 2)]
+    assert "h200" not in books  # nobody offers it and no job names it
+    assert books["tpu-v6e"]["best_ask"] is None
+
+    h100 = books["h100-sxm"]
+    assert (h100["best_ask"], h100["best_bid"], h100["spread"]) == ("2.50", "3.00", None)
+    assert books["tpu-v5e"]["spread"] is None  # crossed: the bid is above the ask
+    make_offer(db, seller, accelerator="l4", price_per_hour="4.00")
+    assert _book(client_for(key))["l4"]["spread"] == "1.00"
+
+
+def test_one_model_and_limited_depth(db: Session, client_for: ClientFactory) -> None:
+    seller, _ = make_account(db, Role.provider)
+    for price in ("1.00", "1.10", "1.20", "1.30"):
+        make_offer(db, seller, accelerator="h100-sxm", price_per_hour=price)
+    make_offer(db, seller, accelerator="mi300x", price_per_hour="2.10")
+    _, key = make_account(db, Role.developer)
+    books = _book(client_for(key), accelerator="H100", depth=2)
+    assert list(books) == ["h100-sxm"]
+    assert _levels(books["h100-sxm"]["asks"]) == [("1.00", 8, 1), ("1.10", 8, 1)]
+    assert client_for(None).get("/v1/market/book").status_code == 401
+    assert client_for(key).get("/v1/market/book", params={"depth": 0}).status_code == 422
+
+
+def test_catalog_is_public(client_for: ClientFactory) -> None:
+    entries = client_for(None).get("/v1/catalog").json()
+    keys = {e["key"] for e in entries}
+    assert {"h100-sxm", "mi300x", "tpu-v5e", "jetson-agx-orin"} <= keys

@@ -1,0 +1,1 @@
+"""The web dashboard (arrives with the dashboard issue)."""
