@@ -128,4 +128,6 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits when the handler returns, before the
+# response is sent, so a failed commit is reported to the client, not hidden.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -50,4 +50,9 @@ RegionName = Annotated[
 Latitude = Annotated[float, Field(ge=-90, le=90)]
 Longitude = Annotated[float, Field(ge=-180, le=180)]
 
-ObjectId = Annotated[str, Path(min_length=1, max_length=64, description="An id such as job_...")]
+ObjectId = Annotated[
+    str,
+    Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="e.g. job_3f2a..."),
+]
+# Free text: no control characters (PostgreSQL cannot store NUL in text).
+Label = Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]

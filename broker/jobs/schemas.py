@@ -11,6 +11,7 @@ from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,
     Dtype,
+    Label,
     Latitude,
     Longitude,
     ModelKey,
@@ -30,7 +31,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=200)
+    name: Label | None = None
     accelerators: int = Field(default=1, ge=1, le=1024, description="All on one offer")
     min_memory_gib: float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
     vendors: list[VendorName] = Field(default_factory=list, max_length=16)

@@ -35,3 +35,25 @@ def test_unknown_route_and_method_use_the_error_shape(client_for: ClientFactory)
     wrong = client.put("/healthz")
     assert wrong.status_code == 405
     assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_failed_commit_is_reported_not_hidden() -> None:
+    """The session's transaction ends before the response goes out."""
+    from collections.abc import Iterator
+
+    from fastapi.testclient import TestClient
+
+    from broker.app import create_app
+    from broker.db import get_session
+
+    app = create_app()
+
+    def failing_commit() -> Iterator[object]:
+        yield object()
+        raise RuntimeError("the database refused the commit")
+
+    app.dependency_overrides[get_session] = failing_commit
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"

@@ -183,3 +183,13 @@ def test_cancel_follows_the_state_machine(db: Session, developer: Any) -> None:
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "invalid_transition"
     assert developer.get(f"/v1/jobs/{done.id}").json()["state"] == "succeeded"
+
+
+def test_control_characters_and_odd_ids_are_refused_not_crashed(developer: Any) -> None:
+    named = developer.post("/v1/jobs", json=job_body(name="nul\u0000byte"))
+    assert named.status_code == 422
+    assert named.json()["error"]["field"] == "body.name"
+    for job_id in ("job%00x", "x" * 65, "job_ü"):
+        response = developer.get(f"/v1/jobs/{job_id}")
+        assert response.status_code in (404, 422), (job_id, response.status_code)
+    assert developer.get("/v1/offers", params={"region": "eu\u0000"}).status_code == 422
