@@ -1,10 +1,11 @@
 """The hardware catalog: one row per accelerator model the market knows.
 
 The figures are peak per-accelerator numbers from vendor datasheets, kept in
-``adapters/data/accelerators.csv``; ``adapters/data/SOURCES.md`` says where
-each comes from and how gaps were filled. This is the only hardware catalog in
-the project: the broker fills offers from it and adapters map device names to
-its keys.
+``adapters/data/accelerators.csv``. That file was built from the project's
+reference table ``shared/data/accelerators.csv`` (vendor datasheets named per
+row); ``adapters/data/SOURCES.md`` says how it was reshaped and gaps filled.
+This is the only hardware catalog in the project: the broker fills offers from
+it and adapters map device names to its keys.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from broker.accounts.router import router as accounts_router
 from broker.db import SessionDep
 from broker.errors import error_body, install_handlers
 from broker.jobs.router import router as jobs_router
+from broker.limits import BodySizeLimit
 from broker.market.router import router as market_router
 from broker.offers.router import router as offers_router
 
@@ -29,6 +30,7 @@ always have the shape `{"error": {"code", "message", "field"}}`.
 def create_app() -> FastAPI:
     app = FastAPI(title="Compute Broker", version="0.1.0", description=DESCRIPTION)
     install_handlers(app)
+    app.add_middleware(BodySizeLimit)
     for router in (accounts_router, offers_router, jobs_router, market_router):
         app.include_router(router)
 
@@ -49,6 +51,9 @@ def create_app() -> FastAPI:
             return JSONResponse(error_body("not_ready", "the database does not answer"), 503)
         return {"status": "ok"}
 
+    # Some probes use HEAD; answer it without a second entry in the API description.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
     return app
 
 

@@ -7,7 +7,9 @@ decimal places. Floats never hold money.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import math
+import re
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -36,22 +38,31 @@ def format_usd(amount: Decimal) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+_PLAIN_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+_NOT_A_NUMBER = 'must be a decimal number of US dollars, e.g. "2.50"'
+
+
 def _parse_usd(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
-        raise ValueError('must be a decimal number of US dollars, e.g. "2.50"')
-    try:
-        # str() first: a JSON number such as 0.1 means the decimal 0.1, not the float.
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError('must be a decimal number of US dollars, e.g. "2.50"') from None
-    if not amount.is_finite():
+        raise ValueError(_NOT_A_NUMBER)
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("must be a finite amount")
-    if amount < 0:
+    # A JSON number such as 0.1 means the decimal 0.1 (its shortest repr), not the
+    # float's binary value. Only plain ASCII decimals are money: no exponents in
+    # text, no underscores, no other scripts' digits.
+    text = format(Decimal(repr(value)), "f") if isinstance(value, float) else str(value).strip()
+    match = _PLAIN_DECIMAL.fullmatch(text)
+    if match is None:
+        raise ValueError(_NOT_A_NUMBER)
+    sign, _, fraction = match.groups()
+    if fraction and len(fraction.rstrip("0")) > 6:
+        raise ValueError("at most 6 decimal places (micro-dollars)")
+    amount = Decimal(text)
+    if sign and amount != 0:
         raise ValueError("must not be negative")
     if amount > MAX_USD:
         raise ValueError(f"must be at most {MAX_USD}")
-    usd_to_micros(amount)
-    return amount.quantize(_MICRO)
+    return abs(amount).quantize(_MICRO)
 
 
 Usd = Annotated[

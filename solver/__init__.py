@@ -1,1 +1,10 @@
-"""Market clearing: plain data in, assignments out (arrives with the solver issue)."""
+"""Market clearing. A pure package: plain data in, an assignment out.
+
+No database, no HTTP, no global state. ``broker`` adapts its rows to these
+types; ``broker solve`` reads them from a market file.
+"""
+
+from solver.clearing import solve
+from solver.market import Assignment, Job, Market, Offer, Result, Weights
+
+__all__ = ["Assignment", "Job", "Market", "Offer", "Result", "Weights", "solve"]

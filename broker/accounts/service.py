@@ -7,6 +7,7 @@ import re
 import secrets
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, ApiKey, Role
@@ -31,11 +32,17 @@ def create_account(session: Session, name: str, role: Role) -> tuple[Account, st
             "starting with a letter or digit",
             field="name",
         )
+    taken = Conflict(f"an account named {name!r} already exists", field="name")
     if session.scalar(select(Account.id).where(Account.name == name)) is not None:
-        raise Conflict(f"an account named {name!r} already exists", field="name")
+        raise taken
     account = Account(id=new_id("acc"), name=name, role=role)
-    session.add(account)
-    session.flush()
+    try:
+        # Two concurrent creations can both pass the check; the unique index decides.
+        with session.begin_nested():
+            session.add(account)
+            session.flush()
+    except IntegrityError:
+        raise taken from None
     return account, issue_key(session, account)
 
 

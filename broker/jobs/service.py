@@ -33,13 +33,35 @@ def submit_job(
     so a client bug cannot silently return the wrong job.
     """
     _check_consistent(data)
-    request_hash = _request_hash(data) if idempotency_key else None
-    if idempotency_key:
-        existing = _by_idempotency_key(session, account, idempotency_key)
-        if existing is not None:
-            return _replay(existing, request_hash), False
+    job = _new_job(account, data)
+    if not idempotency_key:
+        session.add(job)
+        session.flush()
+        return job, True
 
-    job = Job(
+    # The hash covers the job as stored, so equivalent bodies (reordered lists,
+    # model aliases) count as the same request.
+    request_hash = _request_hash(job)
+    existing = _by_idempotency_key(session, account, idempotency_key)
+    if existing is not None:
+        return _replay(existing, request_hash), False
+    job.idempotency_key, job.request_hash = idempotency_key, request_hash
+    try:
+        # A concurrent retry may insert the same key first; the unique constraint
+        # decides, and the loser returns the winner's job.
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        existing = _by_idempotency_key(session, account, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    return job, True
+
+
+def _new_job(account: Account, data: JobCreate) -> Job:
+    return Job(
         id=new_id("job"),
         account_id=account.id,
         name=data.name,
@@ -62,25 +84,7 @@ def submit_job(
         data_gb=data.data_gb,
         allowed_countries=sorted(set(data.allowed_countries)),
         priority=data.priority,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
     )
-    if not idempotency_key:
-        session.add(job)
-        session.flush()
-        return job, True
-    try:
-        # A concurrent retry may insert the same key first; the unique constraint
-        # decides, and the loser returns the winner's job.
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        existing = _by_idempotency_key(session, account, idempotency_key)
-        if existing is None:
-            raise
-        return _replay(existing, request_hash), False
-    return job, True
 
 
 def _check_consistent(data: JobCreate) -> None:
@@ -113,8 +117,26 @@ def _check_consistent(data: JobCreate) -> None:
         )
 
 
-def _request_hash(data: JobCreate) -> str:
-    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+_HASHED_FIELDS = tuple(
+    c.key
+    for c in Job.__table__.columns
+    if c.key
+    not in {
+        "id",
+        "account_id",
+        "state",
+        "idempotency_key",
+        "request_hash",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    }
+)
+
+
+def _request_hash(job: Job) -> str:
+    fields = {name: getattr(job, name) for name in _HASHED_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -124,7 +146,7 @@ def _by_idempotency_key(session: Session, account: Account, key: str) -> Job | N
     )
 
 
-def _replay(job: Job, request_hash: str | None) -> Job:
+def _replay(job: Job, request_hash: str) -> Job:
     if job.request_hash != request_hash:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used for a different job request; "

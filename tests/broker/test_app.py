@@ -57,3 +57,18 @@ def test_a_failed_commit_is_reported_not_hidden() -> None:
         response = client.get("/readyz")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
+
+
+def test_oversized_and_unreadable_bodies_get_clear_4xx(client_for: ClientFactory) -> None:
+    client = client_for("bk_whatever")
+    big = b'{"a": "' + b"x" * 1_100_000 + b'"}'
+    response = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+    nested = b"[" * 100_000 + b"]" * 100_000
+    response = client.post("/v1/jobs", content=nested, headers={"content-type": "application/json"})
+    assert response.status_code in (401, 422)  # refused, and never a 500
+
+
+def test_health_answers_head_too(client_for: ClientFactory) -> None:
+    assert client_for(None).head("/healthz").status_code == 200

@@ -19,7 +19,23 @@ def test_parses_exact_dollars(given: object, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "given", ["0.0000001", "-1", "NaN", "Infinity", "abc", True, None, [], "1000000.01", 1e-9]
+    "given",
+    [
+        "0.0000001",
+        "-1",
+        "NaN",
+        "Infinity",
+        "abc",
+        True,
+        None,
+        [],
+        "1000000.01",
+        1e-9,
+        "1e-999999999999",  # would underflow to zero
+        "1_000",
+        "\u0663.5",  # an Arabic-Indic digit
+        "2.5e1",
+    ],
 )
 def test_refuses_what_is_not_an_exact_amount(given: object) -> None:
     with pytest.raises(ValidationError):

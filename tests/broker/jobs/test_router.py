@@ -121,6 +121,16 @@ def test_a_reused_key_with_a_different_body_is_refused(developer: Any) -> None:
     assert developer.get("/v1/jobs").json()["total"] == 1
 
 
+def test_an_equivalent_body_counts_as_the_same_request(developer: Any) -> None:
+    headers = {"Idempotency-Key": "k-2"}
+    body = job_body(platforms=["cuda", "rocm"], accelerator_models=["h100-sxm"])
+    first = developer.post("/v1/jobs", json=body, headers=headers)
+    same = {**body, "platforms": ["rocm", "cuda", "cuda"], "accelerator_models": ["H100"]}
+    retry = developer.post("/v1/jobs", json=same, headers=headers)
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["id"] == first.json()["id"]
+
+
 def test_idempotency_keys_belong_to_one_account(
     db: Session, developer: Any, client_for: ClientFactory
 ) -> None:

@@ -1,0 +1,211 @@
+"""The solver's data: offers, jobs and weights in; a result out.
+
+Field names and meanings follow the market rules (docs/market.md). Prices are
+floats here; the broker recomputes what it charges exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """An ask: ``count`` identical free accelerators on one node."""
+
+    id: str
+    vendor: str
+    accelerator: str
+    platform: str
+    count: int
+    memory_gib: float
+    tflops_bf16: float
+    tflops_fp32: float
+    mem_bw_gbps: float
+    price_per_hour: float
+    region: str
+    country: str
+    lat: float
+    lon: float
+    available_hours: float | None = None
+    efficiency: float = 0.4
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A bid for ``accelerators`` accelerators on one offer."""
+
+    id: str
+    platforms: tuple[str, ...]
+    max_price_per_hour: float
+    accelerators: int = 1
+    min_memory_gib: float = 0.0
+    vendors: tuple[str, ...] = ()
+    accelerator_models: tuple[str, ...] = ()
+    duration_hours: float | None = None
+    flops: float | None = None
+    bytes: float | None = None
+    dtype: str = "bf16"
+    deadline_hours: float | None = None
+    latency_slo_ms: float | None = None
+    user_lat: float | None = None
+    user_lon: float | None = None
+    data_region: str | None = None
+    data_gb: float | None = None
+    allowed_countries: tuple[str, ...] = ()
+    priority: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    placement_value_usd: float = 10_000.0
+    egress_usd_per_gb: float = 0.09
+    latency_usd_per_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    offers: tuple[Offer, ...]
+    jobs: tuple[Job, ...]
+    weights: Weights = field(default_factory=Weights)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Job ``job`` runs on offer ``offer``; ``cost`` = compute + egress + latency (USD)."""
+
+    job: str
+    offer: str
+    cost: float
+    runtime_hours: float
+    compute_usd: float
+    egress_usd: float
+    latency_usd: float
+    rtt_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    status: str  # OPTIMAL, FEASIBLE, INFEASIBLE or UNKNOWN
+    objective: float
+    bound: float | None
+    solve_seconds: float
+    assignments: tuple[Assignment, ...]
+    unassigned: tuple[str, ...]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        """Relative distance to the bound (0 = proven optimal)."""
+        if self.bound is None:
+            return None
+        if self.bound <= 0:
+            return 0.0 if self.objective >= self.bound - 1e-9 else None
+        return max(0.0, (self.bound - self.objective) / self.bound)
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer in the market-file form."""
+        return {
+            "status": self.status,
+            "objective": self.objective,
+            "bound": self.bound,
+            "gap": self.gap,
+            "solve_seconds": self.solve_seconds,
+            "assignments": [
+                {"job": a.job, "offer": a.offer, "cost": a.cost} | _parts(a)
+                for a in self.assignments
+            ],
+            "unassigned": list(self.unassigned),
+        }
+
+
+def _parts(a: Assignment) -> dict[str, float]:
+    return {
+        "runtime_hours": a.runtime_hours,
+        "compute_usd": a.compute_usd,
+        "egress_usd": a.egress_usd,
+        "latency_usd": a.latency_usd,
+    }
+
+
+class MarketFileError(ValueError):
+    """A market file that does not follow the file form; the message says where."""
+
+
+_TUPLE_FIELDS = {"platforms", "vendors", "accelerator_models", "allowed_countries"}
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MarketFileError(f"{where}: expected an object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise MarketFileError(f"{where}: unknown field {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None:
+            continue  # absent optional fields may be null
+        if name in _TUPLE_FIELDS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise MarketFileError(f"{where}.{name}: expected a list of strings")
+            value = tuple(value)
+        values[name] = value
+    try:
+        obj = cls(**values)
+    except TypeError as exc:
+        missing = str(exc).split("argument")[-1].strip(": ")
+        raise MarketFileError(f"{where}: missing required field {missing}") from None
+    _check_types(obj, where)
+    return obj
+
+
+def _check_types(obj: Any, where: str) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kind = str(f.type)
+        if value is None or f.name in _TUPLE_FIELDS:
+            continue
+        if kind.startswith("str") and not isinstance(value, str):
+            raise MarketFileError(f"{where}.{f.name}: expected a string")
+        if kind.startswith(("float", "int")) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise MarketFileError(f"{where}.{f.name}: expected a number")
+        if kind.startswith("int") and not float(value).is_integer():
+            raise MarketFileError(f"{where}.{f.name}: expected an integer")
+
+
+def load_market(data: dict[str, Any]) -> Market:
+    """A Market from the file form ``{"offers": [...], "jobs": [...], "weights": {...}}``."""
+    if not isinstance(data, dict):
+        raise MarketFileError("a market file is a JSON object with offers, jobs and weights")
+    offers = tuple(_build(Offer, o, f"offers[{i}]") for i, o in enumerate(data.get("offers") or []))
+    jobs = tuple(_build(Job, j, f"jobs[{i}]") for i, j in enumerate(data.get("jobs") or []))
+    weights = _build(Weights, data.get("weights") or {}, "weights")
+    for kind, items in (("offer", offers), ("job", jobs)):
+        seen: set[str] = set()
+        for item in items:
+            if item.id in seen:
+                raise MarketFileError(f"duplicate {kind} id {item.id!r}")
+            seen.add(item.id)
+    return Market(offers=offers, jobs=jobs, weights=weights)
+
+
+def load_market_file(path: str) -> Market:
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise MarketFileError(f"{path}: not JSON ({exc})") from None
+    return load_market(data)
+
+
+def dump_market(market: Market) -> dict[str, Any]:
+    return {
+        "offers": [asdict(o) for o in market.offers],
+        "jobs": [asdict(j) | {k: list(getattr(j, k)) for k in _TUPLE_FIELDS} for j in market.jobs],
+        "weights": asdict(market.weights),
+    }

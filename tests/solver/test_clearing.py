@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from solver import Job, Market, Offer, Weights, solve
+from solver.market import Result
+from tests.solver import reference
+from tests.solver.strategies import markets
+
+SLOW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def pairs(result: Result) -> dict[str, str]:
+    return {a.job: a.offer for a in result.assignments}
+
+
+@SLOW
+@given(markets())
+def test_every_answer_obeys_the_rules_and_its_objective_adds_up(market: Market) -> None:
+    result = solve(market, time_limit=5)
+    chosen = pairs(result)
+    assert len(chosen) == len(result.assignments), "a job assigned twice"
+    reference.check_answer(market, chosen)
+    assert set(chosen) | set(result.unassigned) == {j.id for j in market.jobs}
+    assert not set(chosen) & set(result.unassigned)
+    assert math.isclose(result.objective, reference.objective(market, chosen), abs_tol=1e-6)
+    for a in result.assignments:
+        job = next(j for j in market.jobs if j.id == a.job)
+        offer = next(o for o in market.offers if o.id == a.offer)
+        assert math.isclose(a.cost, reference.cost(job, offer, market.weights), rel_tol=1e-9)
+    if result.bound is not None:
+        assert result.objective <= result.bound + 1e-6 * max(1.0, abs(result.bound))
+
+
+@SLOW
+@given(markets(max_jobs=6, max_offers=3))
+def test_small_markets_reach_the_exact_optimum(market: Market) -> None:
+    result = solve(market, time_limit=5)
+    optimum = reference.brute_force(market)
+    assert math.isclose(result.objective, optimum, rel_tol=1e-9, abs_tol=1e-6)
+    assert result.status == "OPTIMAL"
+    assert result.bound is not None
+    assert math.isclose(result.bound, optimum, rel_tol=1e-6, abs_tol=1e-4)
+
+
+def _offer(oid: str, count: int, price: float, **kw: object) -> Offer:
+    base: dict[str, object] = dict(
+        id=oid,
+        vendor="nvidia",
+        accelerator="h100-sxm",
+        platform="cuda",
+        count=count,
+        memory_gib=80,
+        tflops_bf16=989,
+        tflops_fp32=67,
+        mem_bw_gbps=3350,
+        price_per_hour=price,
+        region="eu",
+        country="NL",
+        lat=52.4,
+        lon=4.9,
+    )
+    base.update(kw)
+    return Offer(**base)  # type: ignore[arg-type]
+
+
+def test_priority_first_then_cost() -> None:
+    market = Market(
+        offers=(_offer("cheap", 1, 1.0), _offer("dear", 1, 3.0)),
+        jobs=(
+            Job("low", ("cuda",), 5.0, duration_hours=1),
+            Job("high", ("cuda",), 5.0, duration_hours=1, priority=3),
+            Job("mid", ("cuda",), 5.0, duration_hours=1, priority=2),
+        ),
+    )
+    result = solve(market)
+    assert set(pairs(result)) == {"high", "mid"}
+    assert result.unassigned == ("low",)
+    # Both matched jobs pay some offer; the total is as cheap as it can be.
+    assert math.isclose(sum(a.cost for a in result.assignments), 4.0)
+    assert result.status == "OPTIMAL"
+
+
+def test_a_match_costing_more_than_its_value_is_never_made() -> None:
+    market = Market(
+        offers=(_offer("o", 1, 2.0),),
+        jobs=(Job("long", ("cuda",), 5.0, duration_hours=100),),
+        weights=Weights(placement_value_usd=150),
+    )
+    assert solve(market).assignments == ()
+
+
+def test_empty_markets() -> None:
+    assert solve(Market(offers=(), jobs=())).status == "OPTIMAL"
+    lonely = solve(Market(offers=(), jobs=(Job("j", ("cuda",), 1.0, duration_hours=1),)))
+    assert lonely.unassigned == ("j",)
+    assert lonely.objective == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_answers_are_deterministic(seed: int) -> None:
+    from hypothesis import find
+
+    market = find(markets(max_jobs=7, max_offers=4), lambda m: len(m.jobs) >= 5 + seed % 2)
+    first, second = solve(market), solve(market)
+    assert pairs(first) == pairs(second)
+    assert first.objective == second.objective
