@@ -32,7 +32,7 @@ lint: $(VENV)/.dev-deps
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.dev-deps
-	$(BIN)/mypy broker adapters solver web migrations tests
+	$(BIN)/mypy broker adapters solver web migrations benchmarks tests
 
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest

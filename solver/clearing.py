@@ -52,8 +52,8 @@ def solve(market: Market, time_limit: float = 10.0, candidates: int | None = Non
         lp = solve_lp(a, cands, remaining * 0.6)
         if lp is None:
             break
-        best, jobs, offers, weights = price_out(a, lp.offer_price, k)
-        bound = float(best.sum() + (a.o_count * lp.offer_price).sum())
+        job_value, jobs, offers, weights = price_out(a, lp.offer_price, k)
+        bound = float(job_value.sum() + (a.o_count * lp.offer_price).sum())
         reduced = weights - a.j_accelerators[jobs] * lp.offer_price[offers]
         improving = reduced > lp.job_price[jobs] + 1e-6 * np.maximum(1.0, np.abs(weights))
         if not improving.any():

@@ -12,6 +12,7 @@ guide rounding and the prices to bound the round.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,7 +46,8 @@ def solve_lp(a: MarketArrays, c: Candidates, time_limit: float) -> LpSolution | 
         shape=(n_rows, c.size),
     )
     model = mb.Model()
-    model.helper.fill_model_from_sparse_data(
+    helper: Any = model.helper  # its stub's array types do not match numpy's
+    helper.fill_model_from_sparse_data(
         np.zeros(c.size),
         np.ones(c.size),
         c.weight.astype(np.float64),
@@ -53,7 +55,7 @@ def solve_lp(a: MarketArrays, c: Candidates, time_limit: float) -> LpSolution | 
         np.concatenate([np.ones(len(jobs)), a.o_count[offers].astype(np.float64)]),
         matrix,
     )
-    model.helper.set_maximize(True)
+    helper.set_maximize(True)
     solver = mb.Solver("glop")
     solver.set_time_limit_in_seconds(max(0.1, time_limit))
     status = solver.solve(model)
