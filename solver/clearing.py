@@ -2,17 +2,21 @@
 
 The pipeline uses the problem's structure rather than one big integer model:
 
-1. ``rules``: every market rule, vectorised over jobs x offers in blocks.
-2. ``candidates``: keep each job's most valuable feasible pairs.
-3. ``lp``: solve the LP relaxation (GLOP); price every feasible pair against
-   its duals, add the pairs that could improve it, and repeat. The duals give
-   a proven upper bound on the round (``bound``), pruning included.
-4. ``integer``: one-accelerator jobs are a transportation problem, solved
-   exactly by min-cost flow; multi-accelerator jobs are rounded from the LP
-   first. First-come-first-served is computed too, and the better answer wins,
-   so a round is never worse than the peer baseline.
+1. ``rules`` applies every market rule, vectorised over blocks of jobs x offers;
+   ``pairs.scan`` keeps the feasible pairs, and each job's most valuable ones
+   as the first candidates.
+2. ``integer.assign`` places one-accelerator jobs exactly by min-cost flow
+   (a transportation problem) and larger jobs around them.
+3. ``prices.prove`` turns the assignment into offer prices (the LP dual), which
+   bound the round over *all* feasible pairs; pairs the prices say could do
+   better join the candidates, and 2-3 repeat until none are left or time is up.
+4. Jobs needing several accelerators make the round a knapsack problem; CP-SAT,
+   hinted with the best assignment, improves small ones.
+5. First-come-first-served (the peer baseline) is computed on the same pairs and
+   kept if it is better, so a round never does worse than it.
 
-Everything is deterministic for a given input.
+Everything is deterministic for a given input: no randomness, and CP-SAT is
+bounded by deterministic time, not wall time.
 """
 
 from __future__ import annotations
@@ -21,65 +25,105 @@ import time
 
 import numpy as np
 
-from solver import exact, integer
-from solver.candidates import build, price_out
-from solver.lp import solve_lp
+from solver import exact, integer, prices
 from solver.market import Assignment, Market, Result
-from solver.rules import MarketArrays, evaluate_pairs
+from solver.pairs import FeasiblePairs, scan
+from solver.rules import Ints, MarketArrays, evaluate_pairs
 
-DEFAULT_CANDIDATES = 24
-PRICING_ROUNDS = 4
+FIRST_CANDIDATES = 32  # per job, from the scan
+ADDED_PER_ROUND = 32  # per job, from pricing
+KEPT_PER_ROUND = 16  # per job, of the pairs already in the working set
+GAP_GOAL = 1e-5  # relative distance to the bound at which rounds stop
 
 
-def solve(market: Market, time_limit: float = 10.0, candidates: int | None = None) -> Result:
-    """Clear ``market`` within about ``time_limit`` seconds."""
+def solve(market: Market, time_limit: float = 10.0) -> Result:
+    """Clear ``market`` in about ``time_limit`` seconds at most."""
     started = time.perf_counter()
     deadline = started + time_limit
     a = MarketArrays.build(market)
     if a.n_jobs == 0 or a.n_offers == 0:
-        return _result(a, np.full(a.n_jobs, -1), 0.0, started, {})
+        return _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, {})
 
-    k = candidates or DEFAULT_CANDIDATES
-    cands = build(a, k)
-    stats: dict[str, float] = {"candidates_initial": float(cands.size)}
-
-    lp = None
+    pairs, cands = scan(a, FIRST_CANDIDATES)
+    stats: dict[str, float] = {"feasible_pairs": float(pairs.size), "scanned_at": _since(started)}
+    assigned = integer.assign(a, cands)
     bound: float | None = None
-    for _ in range(PRICING_ROUNDS):
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0.5:
+    rounds = 0
+    round_started = time.perf_counter()
+    while True:
+        rounds += 1
+        last_round = time.perf_counter() - round_started
+        round_started = time.perf_counter()
+        price = prices.prove(a, cands, assigned)
+        round_bound, reduced = prices.bound(a, pairs, price)
+        bound = round_bound if bound is None else min(bound, round_bound)
+        jobs, offers, weights = prices.improving(
+            a, pairs, reduced, cands, assigned, price, ADDED_PER_ROUND
+        )
+        # Stop while there is time for another round and the last steps (a final
+        # assignment with both orders, and the baseline) after it.
+        if time.perf_counter() + 3 * last_round + _reserve(a) > deadline:
             break
-        lp = solve_lp(a, cands, remaining * 0.6)
-        if lp is None:
-            break
-        job_value, jobs, offers, weights = price_out(a, lp.offer_price, k)
-        bound = float(job_value.sum() + (a.o_count * lp.offer_price).sum())
-        reduced = weights - a.j_accelerators[jobs] * lp.offer_price[offers]
-        improving = reduced > lp.job_price[jobs] + 1e-6 * np.maximum(1.0, np.abs(weights))
-        if not improving.any():
-            break
-        cands.extend(jobs[improving], offers[improving], weights[improving])
-    stats["candidates"] = float(cands.size)
-    stats["lp_objective"] = lp.objective if lp else float("nan")
+        if bound - integer.objective(cands, integer.pairs_of(cands, assigned)) <= GAP_GOAL * bound:
+            break  # close enough to the bound: more rounds would not pay
+        # The working set follows the prices: each job keeps the pairs that are
+        # best at current prices (and its own), plus the newly improving ones.
+        here = assigned[cands.job] == cands.offer
+        net = cands.weight - a.j_accelerators[cands.job] * price[cands.offer]
+        cands.keep_best(net, KEPT_PER_ROUND, here)
+        if cands.add(jobs, offers, weights) == 0:
+            break  # the prices point only at pairs the optimiser already has
+        assigned = integer.assign(a, cands, both_orders=False)
+    # The last word: both orders for big jobs, on the final working set.
+    final = integer.assign(a, cands)
+    if integer.objective(cands, integer.pairs_of(cands, final)) > integer.objective(
+        cands, integer.pairs_of(cands, assigned)
+    ):
+        assigned = final
+    stats.update(rounds=float(rounds), candidates=float(cands.size), rounds_done_at=_since(started))
 
-    answers = [integer.round_lp(a, cands, lp.x if lp else None), integer.first_come(a, cands)]
-    values = [integer.objective(a, cands, integer.pairs_of(cands, s)) for s in answers]
-    stats["baseline_on_candidates"] = values[1]
-    best = answers[int(np.argmax(values))]
-
-    # Several-accelerator jobs make rounding inexact: let CP-SAT improve it.
-    if (a.j_accelerators[cands.job] > 1).any():
-        remaining = deadline - time.perf_counter()
-        answer = exact.improve(a, cands, best, deterministic_seconds=remaining * 0.5)
+    value = integer.objective(cands, integer.pairs_of(cands, assigned))
+    if (a.j_accelerators > 1).any():
+        remaining = deadline - time.perf_counter() - _reserve(a)
+        answer = exact.improve(
+            a,
+            cands,
+            assigned,
+            deterministic_seconds=min(1.0, remaining / 4),
+            wall_seconds=remaining,
+        )
         if answer is not None:
-            value = integer.objective(a, cands, integer.pairs_of(cands, answer.assigned))
-            if value > max(values):
-                best = answer.assigned
-            # Without pruning the candidates are every feasible pair, so
-            # CP-SAT's bound holds for the whole round.
-            if bool((cands.feasible_per_job <= k).all()):
-                bound = answer.bound if bound is None else min(bound, answer.bound)
-    return _result(a, best, bound, started, stats)
+            better = integer.objective(cands, integer.pairs_of(cands, answer.assigned))
+            if better > value:
+                assigned, value = answer.assigned, better
+            if answer.optimal and cands.size == pairs.size:
+                # The candidates are every feasible pair: CP-SAT's bound is the round's.
+                bound = min(bound, answer.bound)
+
+    stats["improved_at"] = _since(started)
+    baseline = integer.first_come(a, pairs)
+    baseline_value = float(sum(_weights(a, pairs, baseline)))
+    stats["baseline_objective"] = baseline_value
+    if baseline_value > value:
+        assigned = baseline
+    return _result(a, assigned, bound, started, stats)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+def _reserve(a: MarketArrays) -> float:
+    """Seconds kept back for the baseline and the result."""
+    return 0.2 + a.n_jobs * 5e-5
+
+
+def _weights(a: MarketArrays, pairs: FeasiblePairs, assigned: Ints) -> list[float]:
+    out = []
+    for j in np.flatnonzero(assigned >= 0).tolist():
+        row = pairs.row(j)
+        out.append(float(pairs.weight[row][pairs.offer[row] == assigned[j]][0]))
+    return out
 
 
 def _result(

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from solver.candidates import Candidates
 from solver.integer import pairs_of
+from solver.pairs import Candidates
 from solver.rules import Ints, MarketArrays
 
 SCALE = 1e6  # integer objective units per USD
-MAX_PAIRS = 60_000  # beyond this, building the model costs more than it gains
+MAX_PAIRS = 20_000  # beyond this, building and searching the model costs more than it gains
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,14 @@ class CpSatAnswer:
 
 
 def improve(
-    a: MarketArrays, c: Candidates, start: Ints, deterministic_seconds: float
+    a: MarketArrays, c: Candidates, start: Ints, deterministic_seconds: float, wall_seconds: float
 ) -> CpSatAnswer | None:
+    """Improve ``start`` over the candidate pairs.
+
+    The search stops after ``deterministic_seconds`` of CP-SAT's deterministic
+    time, so the answer is the same on every run; ``wall_seconds`` is only a
+    safety net for an overloaded machine.
+    """
     if c.size == 0 or c.size > MAX_PAIRS or deterministic_seconds <= 0:
         return None
     model = cp_model.CpModel()
@@ -57,6 +63,7 @@ def improve(
 
     solver = cp_model.CpSolver()
     solver.parameters.max_deterministic_time = deterministic_seconds
+    solver.parameters.max_time_in_seconds = max(0.1, wall_seconds)
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     status = solver.solve(model)

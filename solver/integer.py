@@ -2,11 +2,11 @@
 
 - ``min_cost_flow``: exact when every job needs one accelerator (a transportation
   problem), with OR-Tools' min-cost flow.
-- ``round_lp``: jobs that need several accelerators are placed first, in the
-  order the LP prefers; the one-accelerator jobs then fill what is left exactly
-  by min-cost flow, and leftover capacity is filled greedily.
-- ``first_come``: each job in order takes its cheapest candidate with room left;
-  the peer baseline, and a safety net.
+- ``assign``: one-accelerator jobs by min-cost flow and jobs that need several
+  greedily, in both orders (big jobs first by value per accelerator, or last
+  into what the flow left); the better of the two.
+- ``first_come``: each job in submission order takes its cheapest feasible
+  offer with room left: the peer baseline, and a safety net.
 
 Each returns ``assigned``: per job, the index of its offer, or -1.
 """
@@ -16,13 +16,13 @@ from __future__ import annotations
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
-from solver.candidates import Candidates
-from solver.rules import Floats, Ints, MarketArrays
+from solver.pairs import Candidates, FeasiblePairs
+from solver.rules import Ints, MarketArrays
 
 _SCALES = (1e6, 1e3, 1.0)  # integer cost units per USD, finest first
 
 
-def objective(a: MarketArrays, c: Candidates, chosen: Ints) -> float:
+def objective(c: Candidates, chosen: Ints) -> float:
     return float(c.weight[chosen].sum())
 
 
@@ -88,32 +88,44 @@ def fill_greedy(
             residual[o] -= need[j]
 
 
-def round_lp(a: MarketArrays, c: Candidates, x: Floats | None) -> Ints:
-    assigned = np.full(a.n_jobs, -1, dtype=np.int64)
+def assign(a: MarketArrays, c: Candidates, both_orders: bool = True) -> Ints:
+    """The better of two orders for placing big jobs around the exact flow
+    (only big jobs last, unless ``both_orders``)."""
+    multi = np.flatnonzero(a.j_accelerators[c.job] > 1)
+    single = np.flatnonzero(a.j_accelerators[c.job] == 1)
+    by_value = multi[np.argsort(-c.weight[multi], kind="stable")]
+
+    last = np.full(a.n_jobs, -1, dtype=np.int64)
     residual = a.o_count.copy()
-    multi = a.j_accelerators[c.job] > 1
-    multi_pairs = np.nonzero(multi)[0]
-    if len(multi_pairs):
-        if x is not None:
-            wanted = multi_pairs[x[multi_pairs] > 1e-6]
-            order = wanted[np.lexsort((-c.weight[wanted], -x[wanted]))]
-        else:
-            # No LP: big jobs by value per accelerator, so they are not crowded out.
-            density = c.weight[multi_pairs] / a.j_accelerators[c.job[multi_pairs]]
-            order = multi_pairs[np.argsort(-density, kind="stable")]
-        fill_greedy(a, c, order, residual, assigned)
-    single = np.nonzero(~multi)[0]
-    min_cost_flow_fill(a, c, single, residual, assigned)
-    # Capacity the flow left idle may still fit a big job the LP passed over.
-    leftover = multi_pairs[np.argsort(-c.weight[multi_pairs], kind="stable")]
-    fill_greedy(a, c, leftover, residual, assigned)
-    return assigned
+    min_cost_flow_fill(a, c, single, residual, last)
+    fill_greedy(a, c, by_value, residual, last)
+    if len(multi) == 0 or not both_orders:
+        return last
+
+    first = np.full(a.n_jobs, -1, dtype=np.int64)
+    residual = a.o_count.copy()
+    density = c.weight[multi] / a.j_accelerators[c.job[multi]]
+    fill_greedy(a, c, multi[np.argsort(-density, kind="stable")], residual, first)
+    min_cost_flow_fill(a, c, single, residual, first)
+    options = [last, first]
+    values = [objective(c, pairs_of(c, option)) for option in options]
+    return options[int(np.argmax(values))]
 
 
-def first_come(a: MarketArrays, c: Candidates) -> Ints:
-    """Jobs in submission order, each taking its cheapest candidate with room."""
+def first_come(a: MarketArrays, pairs: FeasiblePairs) -> Ints:
+    """Jobs in submission order, each taking its cheapest feasible offer with room."""
     assigned = np.full(a.n_jobs, -1, dtype=np.int64)
     residual = a.o_count.copy()
-    order = np.lexsort((-c.weight, c.job))  # by job, then most valuable = cheapest
-    fill_greedy(a, c, order, residual, assigned)
+    need = a.j_accelerators
+    for j in range(a.n_jobs):
+        row = pairs.row(j)
+        offers = pairs.offer[row]
+        if len(offers) == 0:
+            continue
+        room = residual[offers] >= need[j]
+        if room.any():
+            # The most valuable pair of a job is its cheapest.
+            best = int(offers[np.flatnonzero(room)[np.argmax(pairs.weight[row][room])]])
+            assigned[j] = best
+            residual[best] -= need[j]
     return assigned

@@ -86,8 +86,7 @@ class MarketArrays:
     o_bandwidth: Floats
     o_price: Floats
     o_price_micros: Ints
-    o_lat: Floats  # radians
-    o_lon: Floats
+    o_xyz: Floats  # points on the unit sphere, one row per offer
     o_available: Floats  # inf when unlimited
     o_efficiency: Floats
     o_vendor: Ints
@@ -106,8 +105,7 @@ class MarketArrays:
     j_deadline: Floats  # inf when none
     j_slo: Floats  # inf when none
     j_has_user: Bools
-    j_lat: Floats
-    j_lon: Floats
+    j_xyz: Floats
     j_data_region: Ints  # -1 when none
     j_data_gb: Floats
     j_value: Floats  # priority x placement value
@@ -136,8 +134,10 @@ class MarketArrays:
             o_bandwidth=np.array([o.mem_bw_gbps for o in offers], dtype=np.float64),
             o_price=np.array([o.price_per_hour for o in offers], dtype=np.float64),
             o_price_micros=np.array([to_micros(o.price_per_hour) for o in offers], dtype=np.int64),
-            o_lat=np.radians(np.array([o.lat for o in offers], dtype=np.float64)),
-            o_lon=np.radians(np.array([o.lon for o in offers], dtype=np.float64)),
+            o_xyz=_unit_vectors(
+                np.radians(np.array([o.lat for o in offers], dtype=np.float64)),
+                np.radians(np.array([o.lon for o in offers], dtype=np.float64)),
+            ).reshape(len(offers), 3),
             o_available=_opt([o.available_hours for o in offers], np.inf),
             o_efficiency=np.array([o.efficiency for o in offers], dtype=np.float64),
             o_vendor=_codes([o.vendor for o in offers], vendors),
@@ -157,8 +157,10 @@ class MarketArrays:
             j_deadline=_opt([j.deadline_hours for j in jobs], np.inf),
             j_slo=_opt([j.latency_slo_ms for j in jobs], np.inf),
             j_has_user=~no_user,
-            j_lat=np.radians(np.where(no_user, 0.0, _opt([j.user_lat for j in jobs], 0.0))),
-            j_lon=np.radians(np.where(no_user, 0.0, _opt([j.user_lon for j in jobs], 0.0))),
+            j_xyz=_unit_vectors(
+                np.radians(np.where(no_user, 0.0, _opt([j.user_lat for j in jobs], 0.0))),
+                np.radians(np.where(no_user, 0.0, _opt([j.user_lon for j in jobs], 0.0))),
+            ).reshape(len(jobs), 3),
             j_data_region=np.array(
                 [regions.get(j.data_region, len(regions)) if j.data_region else -1 for j in jobs],
                 dtype=np.int64,
@@ -231,18 +233,24 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
     runtime = _runtime(a, ji, oi)
     rtt = _rtt(a, ji, oi)
     compute = a.o_price[oi] * acc * runtime
-    data_region = a.j_data_region[ji]
-    elsewhere = (data_region >= 0) & (data_region != a.o_region[oi])
-    egress = np.where(elsewhere, a.j_data_gb[ji] * w.egress_usd_per_gb, 0.0)
+    egress = np.zeros(_shape(ji, oi))
+    data = (
+        (a.j_data_region[ji] >= 0).reshape(-1) if ji.ndim == 1 else a.j_data_region[ji[:, 0]] >= 0
+    )
+    if data.any():
+        dj, do = _rows(ji, oi, data)
+        elsewhere = a.j_data_region[dj] != a.o_region[do]
+        egress[data] = np.where(elsewhere, a.j_data_gb[dj] * w.egress_usd_per_gb, 0.0)
     latency = w.latency_usd_per_ms * rtt
     cost = compute + egress + latency
 
     rules = {
         "capacity": count >= acc,
         "memory": a.o_memory[oi] >= a.j_memory[ji],
-        "vendor": a.j_vendor_ok[ji, a.o_vendor[oi]] & a.j_model_ok[ji, a.o_model[oi]],
-        "platform": a.j_platform_ok[ji, a.o_platform[oi]],
-        "residency": a.j_country_ok[ji, a.o_country[oi]],
+        "vendor": _allowed(a.j_vendor_ok, a.o_vendor, ji, oi)
+        & _allowed(a.j_model_ok, a.o_model, ji, oi),
+        "platform": _allowed(a.j_platform_ok, a.o_platform, ji, oi),
+        "residency": _allowed(a.j_country_ok, a.o_country, ji, oi),
         "price": a.o_price_micros[oi] <= a.j_price_micros[ji],
         "deadline": (runtime <= a.j_deadline[ji]) & (runtime <= a.o_available[oi]),
         "latency": rtt <= a.j_slo[ji],
@@ -251,29 +259,65 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
     return Block(rules, runtime, rtt, compute, egress, latency)
 
 
+def _allowed(table: Bools, codes: Ints, ji: Ints, oi: Ints) -> Bools:
+    """``table[job, code of offer]`` for each pair: may this job use this offer's value?"""
+    if ji.ndim == 2:  # a block; np.take is much faster than a 2-D gather
+        taken: Bools = np.take(table[ji[:, 0]], codes[oi[0]], axis=1)
+        return taken
+    return table[ji, codes[oi]]
+
+
+def _rows(ji: Ints, oi: Ints, mask: Bools) -> tuple[Ints, Ints]:
+    """The pairs of a (ji, oi) broadcast whose job is in ``mask`` (one flag per row)."""
+    if ji.ndim == 2:  # a block: a column of jobs against a row of offers
+        return ji[mask], oi
+    return ji[mask], oi[mask]
+
+
+def _shape(ji: Ints, oi: Ints) -> tuple[int, ...]:
+    return tuple(np.broadcast_shapes(ji.shape, oi.shape))
+
+
 def _runtime(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
     """Hours: the stated duration, or the roofline over the offer's peak figures."""
-    acc = a.j_accelerators[ji].astype(np.float64)
-    eff = a.o_efficiency[oi]
-    tflops = np.where(a.j_fp32[ji], a.o_tflops_fp32[oi], a.o_tflops_bf16[oi])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        compute_s = a.j_flops[ji] / (acc * tflops * 1e12 * eff)
-        memory_s = a.j_bytes[ji] / (acc * a.o_bandwidth[oi] * 1e9 * eff)
-    roofline = np.nan_to_num(np.maximum(compute_s, memory_s), nan=np.inf) / 3600.0
     duration = a.j_duration[ji]
-    return np.where(np.isnan(duration), roofline, duration)
+    runtime = np.broadcast_to(duration, _shape(ji, oi)).copy()
+    roof = np.isnan(duration).reshape(-1) if ji.ndim == 1 else np.isnan(duration[:, 0])
+    if roof.any():
+        rj, ro = _rows(ji, oi, roof)
+        acc = a.j_accelerators[rj].astype(np.float64)
+        eff = a.o_efficiency[ro]
+        tflops = np.where(a.j_fp32[rj], a.o_tflops_fp32[ro], a.o_tflops_bf16[ro])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            compute_s = a.j_flops[rj] / (acc * tflops * 1e12 * eff)
+            memory_s = a.j_bytes[rj] / (acc * a.o_bandwidth[ro] * 1e9 * eff)
+        runtime[roof] = np.nan_to_num(np.maximum(compute_s, memory_s), nan=np.inf) / 3600.0
+    return runtime
 
 
 def _rtt(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
-    """Round-trip milliseconds from the job's users to each node (0 without users)."""
-    lat1, lon1 = a.j_lat[ji], a.j_lon[ji]
-    lat2, lon2 = a.o_lat[oi], a.o_lon[oi]
-    h = (
-        np.sin((lat2 - lat1) / 2) ** 2
-        + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    )
-    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
-    return np.where(a.j_has_user[ji], km / KM_PER_MS_ROUND_TRIP, 0.0)
+    """Round-trip milliseconds from the job's users to each node (0 without users).
+
+    Great-circle distance from the chord between the two points on the unit
+    sphere (the same as the haversine formula, and cheaper).
+    """
+    rtt = np.zeros(_shape(ji, oi))
+    users = a.j_has_user[ji].reshape(-1) if ji.ndim == 1 else a.j_has_user[ji[:, 0]]
+    if users.any():
+        rj, ro = _rows(ji, oi, users)
+        chord_sq = (
+            (a.j_xyz[rj, 0] - a.o_xyz[ro, 0]) ** 2
+            + (a.j_xyz[rj, 1] - a.o_xyz[ro, 1]) ** 2
+            + (a.j_xyz[rj, 2] - a.o_xyz[ro, 2]) ** 2
+        )
+        km = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, np.sqrt(chord_sq) / 2))
+        rtt[users] = km / KM_PER_MS_ROUND_TRIP
+    return rtt
+
+
+def _unit_vectors(lat: Floats, lon: Floats) -> Floats:
+    """Points on the unit sphere for latitudes and longitudes in radians."""
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
 
 
 def explain(job: Job, offers: Sequence[Offer], weights: Weights | None = None) -> dict[str, int]:
