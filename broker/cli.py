@@ -40,6 +40,27 @@ def serve(
     )
 
 
+@app.command()
+def solve(
+    market_file: Annotated[str, typer.Argument(metavar="MARKET.json", help="A market file")],
+    time_limit: Annotated[
+        float, typer.Option(min=0.1, max=3600, help="Seconds the solver may take")
+    ] = 10.0,
+) -> None:
+    """Clear a market file offline and print the answer as JSON."""
+    import json
+
+    from solver import solve as clear
+    from solver.market import MarketFileError, load_market_file
+
+    try:
+        market = load_market_file(market_file)
+    except (OSError, MarketFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(clear(market, time_limit=time_limit).to_json(), indent=2))
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""

@@ -4,7 +4,16 @@ No database, no HTTP, no global state. ``broker`` adapts its rows to these
 types; ``broker solve`` reads them from a market file.
 """
 
-from solver.clearing import solve
+from solver.clearing import first_come_first_served, solve
 from solver.market import Assignment, Job, Market, Offer, Result, Weights
 
-__all__ = ["Assignment", "Job", "Market", "Offer", "Result", "Weights", "solve"]
+__all__ = [
+    "Assignment",
+    "Job",
+    "Market",
+    "Offer",
+    "Result",
+    "Weights",
+    "first_come_first_served",
+    "solve",
+]

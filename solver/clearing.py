@@ -109,6 +109,14 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
     return _result(a, assigned, bound, started, stats)
 
 
+def first_come_first_served(market: Market) -> Result:
+    """The peer baseline: each job in order takes its cheapest feasible offer left."""
+    started = time.perf_counter()
+    a = MarketArrays.build(market)
+    pairs, _ = scan(a, 1)
+    return _result(a, integer.first_come(a, pairs), None, started, {})
+
+
 def _since(started: float) -> float:
     return round(time.perf_counter() - started, 3)
 
