@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI
@@ -9,12 +13,16 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
-from broker.db import SessionDep
+from broker.config import get_settings
+from broker.db import SessionDep, get_engine
 from broker.errors import error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
+from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.offers.router import router as offers_router
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 The compute broker's API. Providers list accelerator capacity as **offers**
@@ -27,8 +35,36 @@ always have the shape `{"error": {"code", "message", "field"}}`.
 """
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="Compute Broker", version="0.1.0", description=DESCRIPTION)
+async def _clear_forever(interval: float) -> None:
+    """Automatic clearing rounds, every ``interval`` seconds, off the event loop."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(run_round, get_engine(), get_settings(), "auto")
+        except RoundInProgress:
+            pass  # another worker or process is clearing; it covers this tick
+        except Exception:
+            log.exception("automatic clearing round failed")
+
+
+def create_app(auto_clear: bool | None = None) -> FastAPI:
+    """The API. ``auto_clear`` (default: BROKER_CLEAR_INTERVAL_SECONDS > 0) runs
+    clearing rounds in the background while the app is served."""
+    interval = get_settings().clear_interval_seconds
+    clearing = interval > 0 if auto_clear is None else auto_clear
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_clear_forever(interval or 10.0)) if clearing else None
+        yield
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="Compute Broker", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+    )
     install_handlers(app)
     app.add_middleware(BodySizeLimit)
     for router in (accounts_router, offers_router, jobs_router, market_router):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +26,17 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; empty means SQLite at DATA_DIR/broker.db. "
         "For PostgreSQL: postgresql+psycopg://user:password@host:5432/dbname",
     )
+    clear_interval_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between automatic clearing rounds; 0 turns them off",
+    )
+    clear_time_limit_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Time the solver may take per round"
+    )
+    placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
+    egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
+    latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

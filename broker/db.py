@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.types import TypeDecorator
 
 from broker.config import get_settings
@@ -101,33 +101,54 @@ def get_engine() -> Engine:
 
 
 @cache
-def _session_factory(write: bool) -> sessionmaker[Session]:
-    engine = get_engine()
-    if write and engine.dialect.name == "sqlite":
-        engine = engine.execution_options(sqlite_begin="IMMEDIATE")
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def _writer(engine: Engine) -> Engine:
+    """The engine as writers use it: on SQLite, transactions begin IMMEDIATE."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(sqlite_begin="IMMEDIATE")
+    return engine
 
 
 @contextmanager
-def session_scope(*, write: bool = True) -> Iterator[Session]:
+def transaction(engine: Engine, *, write: bool = True) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error.
 
     ``write=False`` marks a transaction that only reads, which SQLite can run
     beside a writer.
     """
-    with _session_factory(write)() as session, session.begin():
+    bind = _writer(engine) if write else engine
+    with Session(bind=bind, expire_on_commit=False) as session, session.begin():
         yield session
+
+
+def session_scope(*, write: bool = True) -> AbstractContextManager[Session]:
+    """A transaction on the configured database."""
+    return transaction(get_engine(), write=write)
 
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def read_only_session(request: Request) -> None:
+    """Route dependency: the request's session only reads, though the method writes.
+
+    For endpoints that do their writing in transactions of their own (a clearing
+    round): on SQLite a request holding the write lock would block them.
+    """
+    request.state.read_only_session = True
+
+
+def get_session(
+    request: Request, engine: Annotated[Engine, Depends(get_engine)]
+) -> Iterator[Session]:
     """Request dependency: one transaction per request, committed if the handler succeeds."""
-    with session_scope(write=request.method not in _READ_METHODS) as session:
+    write = request.method not in _READ_METHODS and not getattr(
+        request.state, "read_only_session", False
+    )
+    with transaction(engine, write=write) as session:
         yield session
 
 
 # scope="function": the transaction commits when the handler returns, before the
 # response is sent, so a failed commit is reported to the client, not hidden.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+EngineDep = Annotated[Engine, Depends(get_engine)]

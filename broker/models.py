@@ -3,6 +3,7 @@
 from broker.accounts.models import Account, ApiKey
 from broker.db import Base
 from broker.jobs.models import Job
+from broker.market.models import Allocation, ClearingRound
 from broker.offers.models import Offer
 
-__all__ = ["Account", "ApiKey", "Base", "Job", "Offer"]
+__all__ = ["Account", "Allocation", "ApiKey", "Base", "ClearingRound", "Job", "Offer"]

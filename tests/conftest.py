@@ -69,7 +69,7 @@ def db(engine: Engine) -> Iterator[Session]:
 @pytest.fixture
 def client_for(db: Session) -> Iterator[ClientFactory]:
     """``client_for(api_key)``: an HTTP client for the app, bound to the test transaction."""
-    app = create_app()
+    app = create_app(auto_clear=False)
 
     def session_override() -> Iterator[Session]:
         # Like the real dependency: all or nothing per request, here as a savepoint.
@@ -95,3 +95,38 @@ def empty_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     """A brand-new empty database of the same kind as the test database."""
     with fresh_database(database_url, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+def fresh_engine(empty_database_url: str) -> Iterator[Engine]:
+    """An engine on a new, migrated database whose transactions really commit.
+
+    For code that runs its own transactions (clearing rounds), which the
+    rolled-back ``db`` session cannot host.
+    """
+    from broker.migrate import upgrade
+
+    upgrade("head", url=empty_database_url)
+    engine = make_engine(empty_database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
+    """``client_for`` against ``fresh_engine``: every request commits."""
+    from broker.db import get_engine
+
+    app = create_app(auto_clear=False)
+    app.dependency_overrides[get_engine] = lambda: fresh_engine
+    clients: list[TestClient] = []
+
+    def make(key: str | None = None) -> TestClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = TestClient(app, headers=headers, raise_server_exceptions=False)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -31,8 +31,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, url: str, tmp_path: Path) -> None:
-        self.env = {**os.environ, "BROKER_DATABASE_URL": url, "BROKER_DATA_DIR": str(tmp_path)}
+    def __init__(self, url: str, tmp_path: Path, clear_interval: float = 0) -> None:
+        self.env = {
+            **os.environ,
+            "BROKER_DATABASE_URL": url,
+            "BROKER_DATA_DIR": str(tmp_path),
+            "BROKER_CLEAR_INTERVAL_SECONDS": str(clear_interval),
+        }
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -129,7 +134,8 @@ def _restart_and_compare(server: Server, provider: httpx.Client, dev: httpx.Clie
     server.start()
 
     assert provider.get(f"/v1/offers/{offer['id']}").json() == offer
-    assert dev.get(f"/v1/jobs/{job['id']}").json() == job
+    detail = dev.get(f"/v1/jobs/{job['id']}").json()
+    assert {k: v for k, v in detail.items() if k not in ("allocation", "unmatched")} == job
     assert dev.get(f"/v1/jobs/{cancelled['id']}").json()["state"] == "cancelled"
     book = dev.get("/v1/market/book").json()["books"]
     assert [(b["accelerator"], b["best_ask"], b["best_bid"]) for b in book] == [
@@ -181,3 +187,40 @@ def test_readme_quickstart_works_as_written(server: Server) -> None:
     assert '"state":"open"' in out  # the job
     assert '"best_ask":"2.49"' in out
     assert '"best_bid":"3.10"' in out
+
+
+def test_the_server_clears_the_market_by_itself(empty_database_url: str, tmp_path: Path) -> None:
+    srv = Server(empty_database_url, tmp_path, clear_interval=0.5)
+    srv.start()
+    try:
+        provider_key = srv.cli("accounts", "create", "p", "--role", "provider").splitlines()[-1]
+        dev_key = srv.cli("accounts", "create", "d", "--role", "developer").splitlines()[-1]
+        with httpx.Client(base_url=srv.base) as client:
+            offer = {
+                "accelerator": "l4",
+                "count": 1,
+                "price_per_hour": "0.70",
+                "region": "us-central1",
+                "country": "US",
+                "lat": 41.26,
+                "lon": -95.86,
+            }
+            client.post(
+                "/v1/offers", json=offer, headers={"Authorization": f"Bearer {provider_key}"}
+            )
+            auth = {"Authorization": f"Bearer {dev_key}"}
+            job = client.post(
+                "/v1/jobs",
+                json={"platforms": ["cuda"], "max_price_per_hour": "1.00", "duration_hours": 1},
+                headers=auth,
+            ).json()
+            deadline = time.monotonic() + 30
+            state = "open"
+            while state == "open" and time.monotonic() < deadline:
+                time.sleep(0.3)
+                state = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["state"]
+            assert state == "matched"
+            rounds = client.get("/v1/market/rounds", headers=auth).json()
+            assert rounds["items"][0]["trigger"] == "auto"
+    finally:
+        srv.stop()

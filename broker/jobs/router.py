@@ -5,11 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from broker.auth import CurrentAccount, Developer
+from broker.config import get_settings
 from broker.db import SessionDep
 from broker.jobs import service
 from broker.jobs.models import Job
-from broker.jobs.schemas import JobCreate, JobOut, JobQuery
+from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery
 from broker.jobs.states import JobState
+from broker.market.allocations import latest_allocation
+from broker.market.explain import unmatched
+from broker.market.models import Allocation
+from broker.market.schemas import AllocationOut, EstimatedCost
 from broker.money import micros_to_usd
 from broker.pagination import Page
 from broker.types import ObjectId
@@ -90,9 +95,36 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Read one of my jobs")
-def get_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobOut:
-    return job_out(service.get_job(session, account, job_id))
+@router.get("/{job_id}", response_model=JobDetail, summary="Read one of my jobs")
+def get_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobDetail:
+    job = service.get_job(session, account, job_id)
+    allocation = latest_allocation(session, job.id)
+    return JobDetail(
+        **job_out(job).model_dump(),
+        allocation=allocation_out(allocation) if allocation else None,
+        unmatched=unmatched(session, job, get_settings()) if job.state == JobState.open else None,
+    )
+
+
+def allocation_out(a: Allocation) -> AllocationOut:
+    return AllocationOut(
+        id=a.id,
+        status=a.status.value,
+        offer_id=a.offer_id,
+        round_id=a.round_id,
+        accelerators=a.accelerators,
+        price_per_hour=micros_to_usd(a.price_per_hour_micros),
+        runtime_hours=a.runtime_hours,
+        rtt_ms=a.rtt_ms,
+        estimated_cost=EstimatedCost(
+            compute=micros_to_usd(a.compute_micros),
+            egress=micros_to_usd(a.egress_micros),
+            latency=micros_to_usd(a.latency_micros),
+            total=micros_to_usd(a.cost_micros),
+        ),
+        created_at=a.created_at,
+        ended_at=a.ended_at,
+    )
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")

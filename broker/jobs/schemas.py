@@ -6,6 +6,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.jobs.states import JobState
+from broker.market.schemas import AllocationOut, Unmatched
 from broker.money import Usd
 from broker.pagination import PageQuery
 from broker.types import (
@@ -80,6 +81,13 @@ class JobOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+class JobDetail(JobOut):
+    allocation: AllocationOut | None = Field(
+        description="The match: offer, locked ask, estimated runtime and cost (latest, if any)"
+    )
+    unmatched: Unmatched | None = Field(description="For an open job: why it is not matched")
 
 
 class JobQuery(PageQuery):

@@ -15,6 +15,7 @@ from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobQuery
 from broker.jobs.states import JobState
+from broker.market.allocations import end_job
 from broker.money import usd_to_micros
 from broker.offers.service import resolve_model
 
@@ -173,8 +174,7 @@ def cancel_job(session: Session, viewer: Account, job_id: str) -> Job:
     """Cancel a job that has not finished. Cancelling twice is harmless."""
     job = get_job(session, viewer, job_id, lock=True)
     if job.state != JobState.cancelled:
-        job.move_to(JobState.cancelled)
-        session.flush()
+        end_job(session, job, JobState.cancelled)
     return job
 
 

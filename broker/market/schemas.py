@@ -52,3 +52,56 @@ class CatalogEntry(BaseModel):
     tdp_w: float | None
     aliases: list[str]
     source: str
+
+
+class Unmatched(BaseModel):
+    """Why an open job is not matched: how many active offers each rule rules out."""
+
+    offers_considered: int
+    feasible: int = Field(description="Offers that pass every rule")
+    ruled_out: dict[str, int] = Field(
+        description="Per rule, the offers it rules out (an offer failing several counts in each)"
+    )
+    last_round_id: str | None
+    last_round_at: datetime | None
+    summary: str
+
+
+class EstimatedCost(BaseModel):
+    compute: Usd
+    egress: Usd
+    latency: Usd
+    total: Usd
+
+
+class AllocationOut(BaseModel):
+    id: str
+    status: str
+    offer_id: str
+    round_id: str | None
+    accelerators: int
+    price_per_hour: Usd = Field(description="The provider's ask, locked when the round cleared")
+    runtime_hours: float = Field(description="Estimated runtime on this offer")
+    rtt_ms: float
+    estimated_cost: EstimatedCost
+    created_at: datetime
+    ended_at: datetime | None
+
+
+class RoundOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    trigger: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    jobs_considered: int
+    offers_considered: int
+    matched: int
+    stale: int = Field(description="Matches skipped because the book changed during the solve")
+    objective: float | None
+    bound: float | None
+    gap: float | None
+    solve_seconds: float | None
+    error: str | None

@@ -19,7 +19,7 @@ class Offer(Base):
 
     __tablename__ = "offers"
     __table_args__ = (
-        CheckConstraint("count >= 1", name="count_positive"),
+        CheckConstraint("count >= 0", name="count_not_negative"),
         CheckConstraint("price_per_hour_micros >= 0", name="price_not_negative"),
         Index("ix_offers_book", "status", "accelerator", "price_per_hour_micros"),
         Index("ix_offers_status_price", "status", "price_per_hour_micros"),
@@ -34,6 +34,7 @@ class Offer(Base):
     vendor: Mapped[str] = mapped_column(String(32))
     accelerator: Mapped[str] = mapped_column(String(64))
     platform: Mapped[str] = mapped_column(String(8))
+    # Free accelerators: listed minus those held by active allocations.
     count: Mapped[int] = mapped_column(Integer)
     memory_gib: Mapped[float] = mapped_column(Float)
     tflops_bf16: Mapped[float] = mapped_column(Float)

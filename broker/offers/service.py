@@ -11,6 +11,7 @@ from adapters import catalog
 from broker.accounts.models import Account, Role
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
+from broker.market.allocations import release_offer
 from broker.money import usd_to_micros
 from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferUpdate
@@ -118,12 +119,17 @@ def update_offer(session: Session, owner: Account, offer_id: str, data: OfferUpd
 
 
 def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
-    """Take an offer off the market. Withdrawing twice is harmless."""
+    """Take an offer off the market. Withdrawing twice is harmless.
+
+    Jobs matched to it but not yet running go back to the order book.
+    """
     offer = get_own_offer(session, owner, offer_id, lock=True)
     if offer.status == OfferStatus.active:
         offer.status = OfferStatus.withdrawn
         offer.withdrawn_at = offer.updated_at = utcnow()
         session.flush()
+        # Matches that have not started go back to the book; running jobs finish.
+        release_offer(session, offer)
     return offer
 
 

@@ -50,7 +50,10 @@ def test_submit_a_job_with_a_stated_duration(developer: Any) -> None:
     assert job["allowed_countries"] == ["DE", "NL"]
     assert job["max_price_per_hour"] == "4.10"
     assert (job["duration_hours"], job["dtype"], job["priority"]) == (2, None, 3)
-    assert developer.get(f"/v1/jobs/{job['id']}").json() == job
+    detail = developer.get(f"/v1/jobs/{job['id']}").json()
+    assert {k: v for k, v in detail.items() if k not in ("allocation", "unmatched")} == job
+    assert detail["allocation"] is None
+    assert detail["unmatched"]["summary"] == "No offers are listed yet."
 
 
 def test_submit_a_job_by_its_work(developer: Any) -> None:

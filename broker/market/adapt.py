@@ -1,0 +1,86 @@
+"""Rows to the solver's plain data, and the solver's estimates back to exact money."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from broker.config import Settings
+from broker.jobs.models import Job
+from broker.money import MICROS_PER_USD
+from broker.offers.models import Offer
+from solver import market as sm
+
+
+def weights(settings: Settings) -> sm.Weights:
+    return sm.Weights(
+        placement_value_usd=float(settings.placement_value_usd),
+        egress_usd_per_gb=float(settings.egress_usd_per_gb),
+        latency_usd_per_ms=float(settings.latency_usd_per_ms),
+    )
+
+
+def offer(row: Offer) -> sm.Offer:
+    return sm.Offer(
+        id=row.id,
+        vendor=row.vendor,
+        accelerator=row.accelerator,
+        platform=row.platform,
+        count=row.count,
+        memory_gib=row.memory_gib,
+        tflops_bf16=row.tflops_bf16,
+        tflops_fp32=row.tflops_fp32,
+        mem_bw_gbps=row.mem_bw_gbps,
+        price_per_hour=row.price_per_hour_micros / MICROS_PER_USD,
+        region=row.region,
+        country=row.country,
+        lat=row.lat,
+        lon=row.lon,
+        available_hours=row.available_hours,
+        efficiency=row.efficiency,
+    )
+
+
+def job(row: Job) -> sm.Job:
+    return sm.Job(
+        id=row.id,
+        platforms=tuple(row.platforms),
+        max_price_per_hour=row.max_price_per_hour_micros / MICROS_PER_USD,
+        accelerators=row.accelerators,
+        min_memory_gib=row.min_memory_gib,
+        vendors=tuple(row.vendors),
+        accelerator_models=tuple(row.accelerator_models),
+        duration_hours=row.duration_hours,
+        flops=row.flops,
+        bytes=row.bytes,
+        dtype=row.dtype or "bf16",
+        deadline_hours=row.deadline_hours,
+        latency_slo_ms=row.latency_slo_ms,
+        user_lat=row.user_lat,
+        user_lon=row.user_lon,
+        data_region=row.data_region,
+        data_gb=row.data_gb,
+        allowed_countries=tuple(row.allowed_countries),
+        priority=row.priority,
+    )
+
+
+def _micros(amount: Decimal) -> int:
+    return int(amount.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def exact_cost(
+    job: Job, offer: Offer, runtime_hours: float, rtt_ms: float, settings: Settings
+) -> tuple[int, int, int]:
+    """Compute, egress and latency cost in micro-dollars, from the locked ask.
+
+    The runtime and round trip are the solver's estimates (floats, converted
+    exactly); each part is rounded half-even to the micro-dollar once.
+    """
+    compute = _micros(
+        Decimal(offer.price_per_hour_micros) * job.accelerators * Decimal(runtime_hours)
+    )
+    egress = 0
+    if job.data_region is not None and job.data_region != offer.region and job.data_gb:
+        egress = _micros(Decimal(str(job.data_gb)) * settings.egress_usd_per_gb * MICROS_PER_USD)
+    latency = _micros(Decimal(rtt_ms) * settings.latency_usd_per_ms * MICROS_PER_USD)
+    return compute, egress, latency

@@ -1,0 +1,79 @@
+"""Allocations: capacity a match holds, and handing it back when the job ends."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from broker.db import utcnow
+from broker.jobs.models import Job
+from broker.jobs.states import JobState
+from broker.market.models import Allocation, AllocationStatus
+from broker.offers.models import Offer
+
+
+def active_allocation(session: Session, job_id: str) -> Allocation | None:
+    return session.scalar(
+        select(Allocation).where(
+            Allocation.job_id == job_id, Allocation.status == AllocationStatus.active
+        )
+    )
+
+
+def latest_allocation(session: Session, job_id: str) -> Allocation | None:
+    return session.scalar(
+        select(Allocation)
+        .where(Allocation.job_id == job_id)
+        .order_by(Allocation.created_at.desc(), Allocation.id.desc())
+        .limit(1)
+    )
+
+
+def release(session: Session, job: Job, status: AllocationStatus) -> Allocation | None:
+    """End the job's active allocation and return its accelerators to the offer.
+
+    The offer's count is raised in SQL (``count = count + n``), so concurrent
+    releases and clearing rounds never lose an update.
+    """
+    allocation = active_allocation(session, job.id)
+    if allocation is None:
+        return None
+    allocation.status = status
+    allocation.ended_at = utcnow()
+    session.execute(
+        update(Offer)
+        .where(Offer.id == allocation.offer_id)
+        .values(count=Offer.count + allocation.accelerators)
+    )
+    session.flush()
+    return allocation
+
+
+def end_job(session: Session, job: Job, state: JobState) -> None:
+    """Move a job to ``state`` and free its capacity if it no longer needs it.
+
+    Used for cancellation now and by the provider agent for completion later.
+    """
+    job.move_to(state)
+    if state in (JobState.succeeded, JobState.failed):
+        release(session, job, AllocationStatus.finished)
+    elif state in (JobState.cancelled, JobState.open):
+        release(session, job, AllocationStatus.released)
+    session.flush()
+
+
+def release_offer(session: Session, offer: Offer) -> int:
+    """Hand matched-but-not-started jobs of a withdrawn offer back to the book."""
+    rows = session.execute(
+        select(Job, Allocation)
+        .join(Allocation, Allocation.job_id == Job.id)
+        .where(
+            Allocation.offer_id == offer.id,
+            Allocation.status == AllocationStatus.active,
+            Job.state == JobState.matched,
+        )
+        .with_for_update()
+    ).all()
+    for job, _ in rows:
+        end_job(session, job, JobState.open)
+    return len(rows)

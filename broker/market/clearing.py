@@ -1,0 +1,209 @@
+"""Clearing rounds: snapshot the book, solve, apply the matches in one transaction.
+
+A round runs in three steps so that the solve (seconds) holds no locks:
+
+1. **Snapshot** (a read): open jobs and active offers with free accelerators.
+2. **Solve**: the pure ``solver`` package, outside any transaction.
+3. **Apply** (one write transaction): every match is checked again against the
+   rows as they are now, locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
+   serialises writers). A job that is no longer open, or an offer that was
+   withdrawn, repriced or no longer has the room, is skipped and counted as
+   ``stale``; its job simply waits for the next round. So capacity is never
+   oversold and no job is matched twice, whatever runs at the same time.
+
+Only one round runs at a time per database (``leader``); a second caller is
+told so instead of waiting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from broker.config import Settings
+from broker.db import new_id, transaction, utcnow
+from broker.errors import Conflict
+from broker.jobs.models import Job
+from broker.jobs.states import JobState
+from broker.market import adapt
+from broker.market.models import Allocation, ClearingRound
+from broker.offers.models import Offer, OfferStatus
+from solver import Market, Result, solve
+
+log = logging.getLogger(__name__)
+
+_ADVISORY_KEY = 0x62726F6B  # "brok": the clearing leader's PostgreSQL advisory lock
+_local_lock = threading.Lock()
+
+
+class RoundInProgress(Conflict):
+    code = "round_in_progress"
+
+
+@contextmanager
+def leader(engine: Engine) -> Iterator[bool]:
+    """Try to become the one process clearing this database; yields whether it did."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            got = bool(
+                conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _ADVISORY_KEY}).scalar()
+            )
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _ADVISORY_KEY})
+                    conn.commit()
+        return
+    database = make_url(str(engine.url)).database
+    if not database or database == ":memory:":
+        got = _local_lock.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                _local_lock.release()
+        return
+    # SQLite: an advisory file lock beside the database, across processes.
+    with open(Path(database).with_suffix(".clearing.lock"), "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_round(engine: Engine, settings: Settings, trigger: str = "manual") -> ClearingRound | None:
+    """Clear the market once. Raises RoundInProgress if another round is running.
+
+    An automatic round with nothing to clear (no open job, or no free capacity)
+    is not recorded and returns None; a manual one always is.
+    """
+    with leader(engine) as got:
+        if not got:
+            raise RoundInProgress("a clearing round is already running; try again shortly")
+        return _run(engine, settings, trigger)
+
+
+def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | None:
+    round_id = new_id("rnd")
+    with transaction(engine, write=False) as session:
+        jobs = session.scalars(
+            select(Job).where(Job.state == JobState.open).order_by(Job.created_at, Job.id)
+        ).all()
+        offers = session.scalars(
+            select(Offer)
+            .where(Offer.status == OfferStatus.active, Offer.count > 0)
+            .order_by(Offer.created_at, Offer.id)
+        ).all()
+        market = Market(
+            offers=tuple(adapt.offer(o) for o in offers),
+            jobs=tuple(adapt.job(j) for j in jobs),
+            weights=adapt.weights(settings),
+        )
+        snapshot_prices = {o.id: o.price_per_hour_micros for o in offers}
+    if trigger == "auto" and not (market.jobs and market.offers):
+        return None
+    with transaction(engine) as session:
+        session.add(
+            ClearingRound(
+                id=round_id,
+                trigger=trigger,
+                status="running",
+                jobs_considered=len(market.jobs),
+                offers_considered=len(market.offers),
+            )
+        )
+    try:
+        result = solve(market, time_limit=settings.clear_time_limit_seconds)
+        with transaction(engine) as session:
+            matched, stale = _apply(session, round_id, result, snapshot_prices, settings)
+            record = session.get_one(ClearingRound, round_id)
+            record.status = result.status
+            record.matched, record.stale = matched, stale
+            record.objective, record.bound, record.gap = result.objective, result.bound, result.gap
+            record.solve_seconds = result.solve_seconds
+            record.finished_at = utcnow()
+    except Exception as exc:
+        log.exception("clearing round %s failed", round_id)
+        with transaction(engine) as session:
+            record = session.get_one(ClearingRound, round_id)
+            record.status, record.error, record.finished_at = "failed", str(exc)[:2000], utcnow()
+    with transaction(engine, write=False) as session:
+        return session.get_one(ClearingRound, round_id)
+
+
+def _apply(
+    session: Session,
+    round_id: str,
+    result: Result,
+    snapshot_prices: dict[str, int],
+    settings: Settings,
+) -> tuple[int, int]:
+    """Create the round's allocations against the rows as they are now."""
+    if not result.assignments:
+        return 0, 0
+    job_ids = sorted({a.job for a in result.assignments})
+    offer_ids = sorted({a.offer for a in result.assignments})
+    # Lock in a fixed order (offers, then jobs, each by id) so rounds and
+    # requests cannot deadlock.
+    offers = {
+        o.id: o
+        for o in session.scalars(
+            select(Offer).where(Offer.id.in_(offer_ids)).order_by(Offer.id).with_for_update()
+        )
+    }
+    jobs = {
+        j.id: j
+        for j in session.scalars(
+            select(Job).where(Job.id.in_(job_ids)).order_by(Job.id).with_for_update()
+        )
+    }
+    matched = stale = 0
+    for a in result.assignments:
+        job, offer = jobs.get(a.job), offers.get(a.offer)
+        if (
+            job is None
+            or offer is None
+            or job.state != JobState.open
+            or offer.status != OfferStatus.active
+            or offer.price_per_hour_micros != snapshot_prices.get(offer.id)
+            or offer.count < job.accelerators
+        ):
+            stale += 1
+            continue
+        compute, egress, latency = adapt.exact_cost(job, offer, a.runtime_hours, a.rtt_ms, settings)
+        session.add(
+            Allocation(
+                id=new_id("alc"),
+                job_id=job.id,
+                offer_id=offer.id,
+                round_id=round_id,
+                accelerators=job.accelerators,
+                price_per_hour_micros=offer.price_per_hour_micros,
+                runtime_hours=a.runtime_hours,
+                rtt_ms=a.rtt_ms,
+                compute_micros=compute,
+                egress_micros=egress,
+                latency_micros=latency,
+                cost_micros=compute + egress + latency,
+            )
+        )
+        offer.count -= job.accelerators
+        job.move_to(JobState.matched)
+        matched += 1
+    session.flush()
+    return matched, stale

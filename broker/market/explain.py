@@ -1,0 +1,58 @@
+"""Why is a job not matched? Each market rule, and how many offers it rules out."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.config import Settings
+from broker.jobs.models import Job
+from broker.market import adapt
+from broker.market.models import ClearingRound
+from broker.market.schemas import Unmatched
+from broker.offers.models import Offer, OfferStatus
+from solver.rules import RULES, explain
+
+RULE_TEXT = {
+    "capacity": "too few free accelerators (taken by other matches, or too small)",
+    "memory": "too little memory per accelerator",
+    "vendor": "vendor or model not in the job's allow-lists",
+    "platform": "a platform the job was not built for",
+    "residency": "a country outside allowed_countries",
+    "price": "ask above the job's max_price_per_hour",
+    "deadline": "would not finish within deadline_hours, or the offer's available_hours",
+    "latency": "round trip to the users above latency_slo_ms",
+    "value": "would cost more than the job's priority x placement value",
+}
+
+
+def unmatched(session: Session, job: Job, settings: Settings) -> Unmatched:
+    offers = session.scalars(select(Offer).where(Offer.status == OfferStatus.active)).all()
+    counts = explain(adapt.job(job), [adapt.offer(o) for o in offers], adapt.weights(settings))
+    feasible = counts.pop("feasible")
+    last = session.scalar(
+        select(ClearingRound)
+        .where(ClearingRound.finished_at.is_not(None))
+        .order_by(ClearingRound.started_at.desc())
+        .limit(1)
+    )
+    ruled_out = {rule: counts[rule] for rule in RULES}
+    if not offers:
+        summary = "No offers are listed yet."
+    elif feasible:
+        summary = (
+            f"{feasible} of {len(offers)} offers pass every rule; the next clearing round "
+            "will consider them (higher-priority or better-paying jobs may take them first)."
+        )
+    else:
+        worst = sorted(ruled_out.items(), key=lambda kv: -kv[1])
+        reasons = "; ".join(f"{RULE_TEXT[rule]}: {n} of {len(offers)}" for rule, n in worst if n)
+        summary = f"No offer passes every rule. {reasons}."
+    return Unmatched(
+        offers_considered=len(offers),
+        feasible=feasible,
+        ruled_out=ruled_out,
+        last_round_id=last.id if last else None,
+        last_round_at=last.finished_at if last else None,
+        summary=summary,
+    )

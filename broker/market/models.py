@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from broker.db import Base, UtcDateTime, utcnow
+
+
+class AllocationStatus(enum.StrEnum):
+    active = "active"  # the job holds the accelerators
+    released = "released"  # cancelled, or handed back before it ran
+    finished = "finished"  # the job ended (succeeded or failed)
+
+
+class Allocation(Base):
+    """A match: a job holds ``accelerators`` of an offer at the ask locked when it cleared.
+
+    The estimated cost is exact, in micro-dollars: each part (compute, egress,
+    latency) is rounded half-even to the micro-dollar, and the total is their sum.
+    """
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        # A job holds at most one active allocation: never assigned twice.
+        Index(
+            "uq_allocations_active_job",
+            "job_id",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+        Index("ix_allocations_offer_status", "offer_id", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    offer_id: Mapped[str] = mapped_column(ForeignKey("offers.id"))
+    round_id: Mapped[str | None] = mapped_column(ForeignKey("clearing_rounds.id"), default=None)
+    status: Mapped[AllocationStatus] = mapped_column(
+        Enum(AllocationStatus, name="allocation_status", native_enum=False, length=16),
+        default=AllocationStatus.active,
+    )
+    accelerators: Mapped[int] = mapped_column(Integer)
+    price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
+    runtime_hours: Mapped[float] = mapped_column(Float)
+    rtt_ms: Mapped[float] = mapped_column(Float)
+    compute_micros: Mapped[int] = mapped_column(BigInteger)
+    egress_micros: Mapped[int] = mapped_column(BigInteger)
+    latency_micros: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+
+
+class ClearingRound(Base):
+    """One clearing round: what it considered, what it matched, how good the answer was."""
+
+    __tablename__ = "clearing_rounds"
+    __table_args__ = (Index("ix_clearing_rounds_started", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # auto or manual
+    status: Mapped[str] = mapped_column(String(16))  # running, OPTIMAL, FEASIBLE, failed
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    jobs_considered: Mapped[int] = mapped_column(Integer, default=0)
+    offers_considered: Mapped[int] = mapped_column(Integer, default=0)
+    matched: Mapped[int] = mapped_column(Integer, default=0)
+    stale: Mapped[int] = mapped_column(Integer, default=0)
+    objective: Mapped[float | None] = mapped_column(Float, default=None)
+    bound: Mapped[float | None] = mapped_column(Float, default=None)
+    gap: Mapped[float | None] = mapped_column(Float, default=None)
+    solve_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
