@@ -7,6 +7,7 @@ quickstart run exactly as written.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -182,11 +183,16 @@ def test_readme_quickstart_works_as_written(server: Server) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert '"accelerator":"h100-sxm"' in out
+    assert '"accelerator":"h100-sxm"' in out  # the offer, filled from the catalog
     assert '"vendor":"nvidia"' in out
-    assert '"state":"open"' in out  # the job
-    assert '"best_ask":"2.49"' in out
+    assert "submitted job_" in out
+    assert '"best_ask":"2.49"' in out  # the book
     assert '"best_bid":"3.10"' in out
+    assert '"matched":1' in out  # the round
+    job = json.loads(out.strip().splitlines()[-1])
+    assert job["state"] == "matched"
+    assert job["allocation"]["price_per_hour"] == "2.49"
+    assert job["allocation"]["estimated_cost"]["total"] == "14.94"  # 2.49 x 2 x 3 h
 
 
 def test_the_server_clears_the_market_by_itself(empty_database_url: str, tmp_path: Path) -> None:
