@@ -25,3 +25,7 @@ class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
+
+    @classmethod
+    def of(cls, items: list[T], total: int, query: PageQuery) -> Page[T]:
+        return cls(items=items, total=total, limit=query.limit, offset=query.offset)

@@ -23,12 +23,7 @@ def list_accounts(
     session: SessionDep, _: Admin, page: Annotated[PageQuery, Query()]
 ) -> Page[AccountOut]:
     rows, total = service.list_accounts(session, limit=page.limit, offset=page.offset)
-    return Page(
-        items=[AccountOut.model_validate(a) for a in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return Page.of([AccountOut.model_validate(a) for a in rows], total, page)
 
 
 @router.post(

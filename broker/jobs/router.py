@@ -90,9 +90,7 @@ def list_jobs(
     session: SessionDep, account: CurrentAccount, query: Annotated[JobQuery, Query()]
 ) -> Page[JobOut]:
     rows, total = service.list_jobs(session, account, query)
-    return Page(
-        items=[job_out(j) for j in rows], total=total, limit=query.limit, offset=query.offset
-    )
+    return Page.of([job_out(j) for j in rows], total, query)
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Read one of my jobs")

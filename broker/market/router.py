@@ -29,23 +29,7 @@ def order_book(
 
 @router.get("/v1/catalog", response_model=list[CatalogEntry], summary="The hardware catalog")
 def hardware_catalog() -> list[CatalogEntry]:
-    return [
-        CatalogEntry(
-            key=s.key,
-            name=s.name,
-            vendor=s.vendor,
-            platform=s.platform,
-            form_factor=s.form_factor,
-            memory_gib=s.memory_gib,
-            tflops_bf16=s.tflops_bf16,
-            tflops_fp32=s.tflops_fp32,
-            mem_bw_gbps=s.mem_bw_gbps,
-            tdp_w=s.tdp_w,
-            aliases=list(s.aliases),
-            source=s.source,
-        )
-        for s in catalog.all_specs()
-    ]
+    return [CatalogEntry.model_validate(spec) for spec in catalog.all_specs()]
 
 
 @router.post(
@@ -74,12 +58,7 @@ def rounds(
         .limit(query.limit)
         .offset(query.offset)
     ).all()
-    return Page(
-        items=[RoundOut.model_validate(r) for r in rows],
-        total=total,
-        limit=query.limit,
-        offset=query.offset,
-    )
+    return Page.of([RoundOut.model_validate(r) for r in rows], total, query)
 
 
 @router.get("/v1/market/rounds/{round_id}", response_model=RoundOut, summary="One clearing round")

@@ -40,6 +40,8 @@ class BookQuery(BaseModel):
 
 
 class CatalogEntry(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     key: str
     name: str
     vendor: str

@@ -52,9 +52,7 @@ def search_offers(
     session: SessionDep, account: CurrentAccount, query: Annotated[OfferQuery, Query()]
 ) -> Page[OfferOut]:
     rows, total = service.search_offers(session, account, query)
-    return Page(
-        items=[offer_out(o) for o in rows], total=total, limit=query.limit, offset=query.offset
-    )
+    return Page.of([offer_out(o) for o in rows], total, query)
 
 
 @router.get("/{offer_id}", response_model=OfferOut, summary="Read an offer")
