@@ -108,3 +108,16 @@ def test_answers_are_deterministic(seed: int) -> None:
     first, second = solve(market), solve(market)
     assert pairs(first) == pairs(second)
     assert first.objective == second.objective
+
+
+def test_a_realistic_market_is_solved_the_same_way_twice() -> None:
+    from benchmarks.markets import build_market
+    from solver import first_come_first_served
+
+    market = build_market(400, 100, seed=3)
+    first, second = solve(market, time_limit=30), solve(market, time_limit=30)
+    assert pairs(first) == pairs(second)
+    assert first.bound is not None
+    assert first.objective >= (1 - 0.005) * first.bound
+    assert first.objective >= first_come_first_served(market).objective
+    reference.check_answer(market, pairs(first))
