@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,19 @@ def install_handlers(app: FastAPI) -> None:
             return JSONResponse(error_body("validation_error", message, "body"), 422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        # PostgreSQL gave up one of two transactions that waited on each other
+        # (deadlock) or could not serialise them: nothing was written, and the
+        # same request can simply be sent again.
+        if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001"):
+            return JSONResponse(
+                error_body("retry", "the database was busy with a conflicting change; retry"),
+                503,
+                headers={"Retry-After": "1"},
+            )
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -10,8 +10,10 @@ The pipeline uses the problem's structure rather than one big integer model:
 3. ``prices.prove`` turns the assignment into offer prices (the LP dual), which
    bound the round over *all* feasible pairs; pairs the prices say could do
    better join the candidates, and 2-3 repeat until none are left or time is up.
-4. Jobs needing several accelerators make the round a knapsack problem; CP-SAT,
-   hinted with the best assignment, improves small ones.
+4. Jobs needing several accelerators make the round a knapsack problem: on
+   rounds small enough the LP over every pair (GLOP) gives the true bound and
+   guides their rounding, and CP-SAT, hinted with the best assignment, improves
+   the answer.
 5. First-come-first-served (the peer baseline) is computed on the same pairs and
    kept if it is better, so a round never does worse than it.
 
@@ -29,8 +31,9 @@ import time
 import numpy as np
 
 from solver import exact, integer, prices
+from solver.lp import solve_lp
 from solver.market import Assignment, Market, Result
-from solver.pairs import FeasiblePairs, scan
+from solver.pairs import Candidates, FeasiblePairs, scan
 from solver.rules import Ints, MarketArrays, evaluate_pairs
 
 FIRST_CANDIDATES = 32  # per job, from the scan
@@ -39,6 +42,7 @@ KEPT_PER_ROUND = 16  # per job, of the pairs already in the working set
 # CP-SAT's deterministic seconds per round; about ten wall seconds each on a
 # 2-core machine, so it polishes small rounds and leaves large ones alone.
 CP_SAT_BUDGET = 0.1
+MAX_ROUNDS = 50
 GAP_GOAL = 0.005  # rounds stop within 0.5 % of the bound, well inside the targets
 
 
@@ -52,11 +56,12 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
 
     pairs, cands = scan(a, FIRST_CANDIDATES)
     stats: dict[str, float] = {"feasible_pairs": float(pairs.size), "scanned_at": _since(started)}
+    big = a.j_accelerators[cands.job] > 1
     assigned = integer.assign(a, cands)
     bound: float | None = None
     rounds = 0
     round_started = time.perf_counter()
-    while True:
+    while rounds < MAX_ROUNDS:
         rounds += 1
         last_round = time.perf_counter() - round_started
         round_started = time.perf_counter()
@@ -74,37 +79,59 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
             break  # close enough to the bound: more rounds would not pay
         # The working set follows the prices: each job keeps the pairs that are
         # best at current prices (and its own), plus the newly improving ones.
+        # Pairs of big jobs stay: the flow's prices do not speak for them.
         here = assigned[cands.job] == cands.offer
+        big = a.j_accelerators[cands.job] > 1
         net = cands.weight - a.j_accelerators[cands.job] * price[cands.offer]
-        cands.keep_best(net, KEPT_PER_ROUND, here)
+        cands.keep_best(net, KEPT_PER_ROUND, here | big)
         if cands.add(jobs, offers, weights) == 0:
             break  # the prices point only at pairs the optimiser already has
         assigned = integer.assign(a, cands, both_orders=False)
-    # The last word: both orders for big jobs, on the final working set.
-    final = integer.assign(a, cands)
-    if integer.objective(cands, integer.pairs_of(cands, final)) > integer.objective(
-        cands, integer.pairs_of(cands, assigned)
-    ):
-        assigned = final
-    stats.update(rounds=float(rounds), candidates=float(cands.size), rounds_done_at=_since(started))
+    assert bound is not None
+    stats.update(rounds=float(rounds), rounds_done_at=_since(started))
 
-    value = integer.objective(cands, integer.pairs_of(cands, assigned))
-    if (a.j_accelerators > 1).any() and bound - value > 1e-9 * max(1.0, abs(bound)):
+    # Big jobs make the round a knapsack problem, which the flow's prices do not
+    # bound well: on rounds small enough, the LP over every pair gives the true
+    # bound and says which big jobs are worth placing where.
+    lp_x = None
+    if (a.j_accelerators > 1).any():
         remaining = deadline - time.perf_counter() - _reserve(a)
+        solution = solve_lp(a, pairs, time_limit=remaining / 3)
+        if solution is not None:
+            bound = min(bound, prices.bound(a, pairs, solution.offer_price)[0])
+            chosen = solution.x > 1e-6
+            cands.add(
+                pairs.job[chosen].astype(np.int64),
+                pairs.offer[chosen].astype(np.int64),
+                pairs.weight[chosen],
+            )
+            lp_x = _on_candidates(a, pairs, solution.x, cands)
+    # The last word: both orders for big jobs (and the LP's), on the final set.
+    final = integer.assign(a, cands, lp_x=lp_x)
+    value = integer.objective(cands, integer.pairs_of(cands, assigned))
+    if integer.objective(cands, integer.pairs_of(cands, final)) > value:
+        assigned = final
+        value = integer.objective(cands, integer.pairs_of(cands, assigned))
+    stats["candidates"] = float(cands.size)
+
+    if (a.j_accelerators > 1).any() and bound - value > 1e-9 * max(1.0, abs(bound)):
+        share = float((a.j_accelerators > 1).mean())
         answer = exact.improve(
             a,
             cands,
             assigned,
-            deterministic_seconds=min(CP_SAT_BUDGET, remaining / 20),
-            wall_seconds=remaining,
+            deterministic_seconds=CP_SAT_BUDGET * (1 + 4 * share),
+            wall_seconds=deadline - time.perf_counter() - _reserve(a),
         )
         if answer is not None:
             better = integer.objective(cands, integer.pairs_of(cands, answer.assigned))
             if better > value:
                 assigned, value = answer.assigned, better
             if answer.optimal and cands.size == pairs.size:
-                # The candidates are every feasible pair: CP-SAT's bound is the round's.
-                bound = min(bound, answer.bound)
+                # The candidates are every feasible pair: CP-SAT's bound is the
+                # round's, up to the rounding of its integer weights.
+                slack = exact.ROUNDING_USD * a.n_jobs
+                bound = min(bound, max(answer.bound + slack, value))
 
     stats["improved_at"] = _since(started)
     baseline = integer.first_come(a, pairs)
@@ -121,6 +148,15 @@ def first_come_first_served(market: Market) -> Result:
     a = MarketArrays.build(market)
     pairs, _ = scan(a, 1)
     return _result(a, integer.first_come(a, pairs), None, started, {})
+
+
+def _on_candidates(
+    a: MarketArrays, pairs: FeasiblePairs, x: np.ndarray, c: Candidates
+) -> np.ndarray:
+    """Values given per feasible pair, looked up for each candidate pair."""
+    keys = pairs.job.astype(np.int64) * a.n_offers + pairs.offer  # sorted, by the scan
+    at = np.searchsorted(keys, c.job * a.n_offers + c.offer)
+    return np.asarray(x[at])
 
 
 def _since(started: float) -> float:

@@ -20,6 +20,7 @@ from solver.pairs import Candidates
 from solver.rules import Ints, MarketArrays
 
 SCALE = 1e6  # integer objective units per USD
+ROUNDING_USD = 0.5 / SCALE  # the most rounding to integers moves one job's weight
 MAX_PAIRS = 20_000  # beyond this, building and searching the model costs more than it gains
 
 
@@ -31,7 +32,11 @@ class CpSatAnswer:
 
 
 def improve(
-    a: MarketArrays, c: Candidates, start: Ints, deterministic_seconds: float, wall_seconds: float
+    a: MarketArrays,
+    c: Candidates,
+    start: Ints,
+    deterministic_seconds: float,
+    wall_seconds: float,
 ) -> CpSatAnswer | None:
     """Improve ``start`` over the candidate pairs.
 

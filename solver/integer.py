@@ -17,7 +17,7 @@ import numpy as np
 from ortools.graph.python import min_cost_flow
 
 from solver.pairs import Candidates, FeasiblePairs
-from solver.rules import Ints, MarketArrays
+from solver.rules import Floats, Ints, MarketArrays
 
 _SCALES = (1e6, 1e3, 1.0)  # integer cost units per USD, finest first
 
@@ -88,9 +88,12 @@ def fill_greedy(
             residual[o] -= need[j]
 
 
-def assign(a: MarketArrays, c: Candidates, both_orders: bool = True) -> Ints:
-    """The better of two orders for placing big jobs around the exact flow
-    (only big jobs last, unless ``both_orders``)."""
+def assign(
+    a: MarketArrays, c: Candidates, both_orders: bool = True, lp_x: Floats | None = None
+) -> Ints:
+    """The best of the orders for placing big jobs around the exact flow: big jobs
+    last; unless not ``both_orders``, first by value per accelerator; and, given
+    the LP's values ``lp_x`` on the candidates, first in the order the LP prefers."""
     multi = np.flatnonzero(a.j_accelerators[c.job] > 1)
     single = np.flatnonzero(a.j_accelerators[c.job] == 1)
     by_value = multi[np.argsort(-c.weight[multi], kind="stable")]
@@ -102,12 +105,19 @@ def assign(a: MarketArrays, c: Candidates, both_orders: bool = True) -> Ints:
     if len(multi) == 0 or not both_orders:
         return last
 
-    first = np.full(a.n_jobs, -1, dtype=np.int64)
-    residual = a.o_count.copy()
     density = c.weight[multi] / a.j_accelerators[c.job[multi]]
-    fill_greedy(a, c, multi[np.argsort(-density, kind="stable")], residual, first)
-    min_cost_flow_fill(a, c, single, residual, first)
-    options = [last, first]
+    orders = [multi[np.argsort(-density, kind="stable")]]
+    if lp_x is not None:
+        wanted = multi[lp_x[multi] > 1e-6]
+        orders.append(wanted[np.lexsort((-c.weight[wanted], -lp_x[wanted]))])
+    options = [last]
+    for order in orders:
+        first = np.full(a.n_jobs, -1, dtype=np.int64)
+        residual = a.o_count.copy()
+        fill_greedy(a, c, order, residual, first)
+        min_cost_flow_fill(a, c, single, residual, first)
+        fill_greedy(a, c, by_value, residual, first)
+        options.append(first)
     values = [objective(c, pairs_of(c, option)) for option in options]
     return options[int(np.argmax(values))]
 

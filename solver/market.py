@@ -159,6 +159,7 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
         missing = str(exc).split("argument")[-1].strip(": ")
         raise MarketFileError(f"{where}: missing required field {missing}") from None
     _check_types(obj, where)
+    _check_ranges(obj, where)
     return obj
 
 
@@ -176,6 +177,42 @@ def _check_types(obj: Any, where: str) -> None:
             raise MarketFileError(f"{where}.{f.name}: expected a number")
         if kind.startswith("int") and not float(value).is_integer():
             raise MarketFileError(f"{where}.{f.name}: expected an integer")
+
+
+# Ranges the file form shares with the API: (field, test, what it must be).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "count": (lambda v: v >= 0, "at least 0"),
+    "accelerators": (lambda v: v >= 1, "at least 1"),
+    "priority": (lambda v: v >= 1, "at least 1"),
+    "efficiency": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "memory_gib": (lambda v: v >= 0, "at least 0"),
+    "min_memory_gib": (lambda v: v >= 0, "at least 0"),
+    "tflops_bf16": (lambda v: v > 0, "positive"),
+    "tflops_fp32": (lambda v: v > 0, "positive"),
+    "mem_bw_gbps": (lambda v: v > 0, "positive"),
+    "price_per_hour": (lambda v: v >= 0, "at least 0"),
+    "max_price_per_hour": (lambda v: v >= 0, "at least 0"),
+    "lat": (lambda v: -90 <= v <= 90, "a latitude"),
+    "lon": (lambda v: -180 <= v <= 180, "a longitude"),
+    "user_lat": (lambda v: -90 <= v <= 90, "a latitude"),
+    "user_lon": (lambda v: -180 <= v <= 180, "a longitude"),
+    "duration_hours": (lambda v: v > 0, "positive"),
+    "deadline_hours": (lambda v: v > 0, "positive"),
+    "available_hours": (lambda v: v > 0, "positive"),
+    "latency_slo_ms": (lambda v: v > 0, "positive"),
+    "flops": (lambda v: v >= 0, "at least 0"),
+    "bytes": (lambda v: v >= 0, "at least 0"),
+    "data_gb": (lambda v: v >= 0, "at least 0"),
+    "dtype": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+    "platforms": (lambda v: len(v) > 0, "a non-empty list"),
+}
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    for name, (ok, what) in _RANGES.items():
+        value = getattr(obj, name, None)
+        if value is not None and not ok(value):
+            raise MarketFileError(f"{where}.{name}: must be {what}")
 
 
 def load_market(data: dict[str, Any]) -> Market:

@@ -42,14 +42,16 @@ def _codes(values: Sequence[str], vocabulary: dict[str, int]) -> Ints:
     return np.array([vocabulary.get(v, -1) for v in values], dtype=np.int64)
 
 
-def _allow(lists: Sequence[tuple[str, ...]], vocabulary: dict[str, int]) -> Bools:
-    """Row j: which codes job j allows (all of them when its list is empty).
+def _allow(
+    lists: Sequence[tuple[str, ...]], vocabulary: dict[str, int], empty_is_any: bool = True
+) -> Bools:
+    """Row j: which codes job j allows (an empty list allows all, if ``empty_is_any``).
 
     One extra column at the end stands for values no offer has.
     """
     allowed = np.zeros((len(lists), len(vocabulary) + 1), dtype=np.bool_)
     for j, values in enumerate(lists):
-        if not values:
+        if not values and empty_is_any:
             allowed[j, :] = True
         else:
             for v in values:
@@ -169,7 +171,8 @@ class MarketArrays:
             j_value=np.array([j.priority for j in jobs], dtype=np.float64) * w.placement_value_usd,
             j_vendor_ok=_allow([j.vendors for j in jobs], vendors),
             j_model_ok=_allow([j.accelerator_models for j in jobs], models),
-            j_platform_ok=_allow([j.platforms for j in jobs], platforms),
+            # Platforms are what the program was built for: none means none.
+            j_platform_ok=_allow([j.platforms for j in jobs], platforms, empty_is_any=False),
             j_country_ok=_allow([j.allowed_countries for j in jobs], countries),
         )
 

@@ -15,8 +15,9 @@ from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobQuery
 from broker.jobs.states import JobState
-from broker.market.allocations import end_job
+from broker.market.allocations import active_allocation, end_job
 from broker.money import usd_to_micros
+from broker.offers.models import Offer
 from broker.offers.service import resolve_model
 
 
@@ -163,7 +164,8 @@ def get_job(session: Session, viewer: Account, job_id: str, *, lock: bool = Fals
     if viewer.role != Role.admin:
         stmt = stmt.where(Job.account_id == viewer.id)
     if lock:
-        stmt = stmt.with_for_update()
+        # populate_existing: the row as it is once locked, not as first read.
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     job = session.scalar(stmt)
     if job is None:
         raise NotFound(f"no job {job_id!r} of yours")
@@ -172,6 +174,12 @@ def get_job(session: Session, viewer: Account, job_id: str, *, lock: bool = Fals
 
 def cancel_job(session: Session, viewer: Account, job_id: str) -> Job:
     """Cancel a job that has not finished. Cancelling twice is harmless."""
+    job = get_job(session, viewer, job_id)
+    # Rows are locked offer first, then job, everywhere (clearing, withdrawal),
+    # so cancelling cannot deadlock with them.
+    allocation = active_allocation(session, job.id)
+    if allocation is not None:
+        session.scalar(select(Offer).where(Offer.id == allocation.offer_id).with_for_update())
     job = get_job(session, viewer, job_id, lock=True)
     if job.state != JobState.cancelled:
         end_job(session, job, JobState.cancelled)

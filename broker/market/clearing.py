@@ -7,8 +7,9 @@ A round runs in three steps so that the solve (seconds) holds no locks:
 3. **Apply** (one write transaction): every match is checked again against the
    rows as they are now, locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
    serialises writers). A job that is no longer open, or an offer that was
-   withdrawn, repriced or no longer has the room, is skipped and counted as
-   ``stale``; its job simply waits for the next round. So capacity is never
+   changed in any way (repriced, withdrawn, its limits edited) or no longer has
+   the room, is skipped and counted as ``stale``; its job simply waits for the
+   next round. So capacity is never
    oversold and no job is matched twice, whatever runs at the same time.
 
 Only one round runs at a time per database (``leader``); a second caller is
@@ -22,6 +23,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, select, text
@@ -114,7 +116,9 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
             jobs=tuple(adapt.job(j) for j in jobs),
             weights=adapt.weights(settings),
         )
-        snapshot_prices = {o.id: o.price_per_hour_micros for o in offers}
+        # Any change a provider makes to an offer moves its updated_at; a match
+        # computed from an older version of the offer is stale.
+        versions = {o.id: o.updated_at for o in offers}
     if trigger == "auto" and not (market.jobs and market.offers):
         return None
     with transaction(engine) as session:
@@ -130,7 +134,7 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
     try:
         result = solve(market, time_limit=settings.clear_time_limit_seconds)
         with transaction(engine) as session:
-            matched, stale = _apply(session, round_id, result, snapshot_prices, settings)
+            matched, stale = _apply(session, round_id, result, versions, settings)
             record = session.get_one(ClearingRound, round_id)
             record.status = result.status
             record.matched, record.stale = matched, stale
@@ -150,7 +154,7 @@ def _apply(
     session: Session,
     round_id: str,
     result: Result,
-    snapshot_prices: dict[str, int],
+    versions: dict[str, datetime],
     settings: Settings,
 ) -> tuple[int, int]:
     """Create the round's allocations against the rows as they are now."""
@@ -180,7 +184,7 @@ def _apply(
             or offer is None
             or job.state != JobState.open
             or offer.status != OfferStatus.active
-            or offer.price_per_hour_micros != snapshot_prices.get(offer.id)
+            or offer.updated_at != versions.get(offer.id)
             or offer.count < job.accelerators
         ):
             stale += 1

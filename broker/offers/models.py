@@ -20,6 +20,7 @@ class Offer(Base):
     __tablename__ = "offers"
     __table_args__ = (
         CheckConstraint("count >= 0", name="count_not_negative"),
+        CheckConstraint("count <= capacity", name="count_within_capacity"),
         CheckConstraint("price_per_hour_micros >= 0", name="price_not_negative"),
         Index("ix_offers_book", "status", "accelerator", "price_per_hour_micros"),
         Index("ix_offers_status_price", "status", "price_per_hour_micros"),
@@ -34,8 +35,10 @@ class Offer(Base):
     vendor: Mapped[str] = mapped_column(String(32))
     accelerator: Mapped[str] = mapped_column(String(64))
     platform: Mapped[str] = mapped_column(String(8))
-    # Free accelerators: listed minus those held by active allocations.
+    # Free accelerators: ``capacity`` minus those held by active allocations.
     count: Mapped[int] = mapped_column(Integer)
+    # Accelerators listed in all; the provider sets this, clearing moves ``count``.
+    capacity: Mapped[int] = mapped_column(Integer)
     memory_gib: Mapped[float] = mapped_column(Float)
     tflops_bf16: Mapped[float] = mapped_column(Float)
     tflops_fp32: Mapped[float] = mapped_column(Float)

@@ -25,6 +25,7 @@ def offer_out(offer: Offer) -> OfferOut:
         accelerator=offer.accelerator,
         platform=offer.platform,
         count=offer.count,
+        capacity=offer.capacity,
         memory_gib=offer.memory_gib,
         tflops_bf16=offer.tflops_bf16,
         tflops_fp32=offer.tflops_fp32,

@@ -19,7 +19,7 @@ from broker.types import (
     VendorName,
 )
 
-Count = Annotated[int, Field(ge=1, le=100_000, description="Free accelerators in this offer")]
+Count = Annotated[int, Field(ge=1, le=100_000, description="Accelerators offered")]
 PositiveFigure = Annotated[float, Field(gt=0, le=1_000_000)]
 Hours = Annotated[float, Field(gt=0, le=1_000_000)]
 Efficiency = Annotated[
@@ -57,7 +57,10 @@ class OfferUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     price_per_hour: Usd | None = None
-    count: Count | None = None
+    capacity: Count | None = Field(
+        default=None,
+        description="Accelerators listed in all; the free count follows, less what matches hold",
+    )
     available_hours: Hours | None = Field(default=None, description="null clears the limit")
     efficiency: Efficiency | None = None
 
@@ -69,7 +72,8 @@ class OfferOut(BaseModel):
     vendor: str
     accelerator: str
     platform: str
-    count: int
+    count: int = Field(description="Free accelerators: capacity less what matches hold")
+    capacity: int = Field(description="Accelerators listed in all")
     memory_gib: float
     tflops_bf16: float
     tflops_fp32: float

@@ -32,6 +32,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         provider_id=provider.id,
         status=OfferStatus.active,
         count=data.count,
+        capacity=data.count,
         price_per_hour_micros=usd_to_micros(data.price_per_hour),
         region=data.region,
         country=data.country,
@@ -94,7 +95,7 @@ def get_own_offer(session: Session, owner: Account, offer_id: str, *, lock: bool
     if owner.role != Role.admin:
         stmt = stmt.where(Offer.provider_id == owner.id)
     if lock:
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     offer = session.scalar(stmt)
     if offer is None:
         raise NotFound(f"no offer {offer_id!r} of yours")
@@ -106,11 +107,21 @@ def update_offer(session: Session, owner: Account, offer_id: str, data: OfferUpd
     if offer.status != OfferStatus.active:
         raise Conflict(f"offer {offer_id} is {offer.status.value}; list a new offer instead")
     changes = data.model_dump(exclude_unset=True)
-    for name in ("price_per_hour", "count", "efficiency"):
+    for name in ("price_per_hour", "capacity", "efficiency"):
         if name in changes and changes[name] is None:
             raise InvalidInput(f"{name} cannot be null", field=f"body.{name}")
     if "price_per_hour" in changes:
         offer.price_per_hour_micros = usd_to_micros(changes.pop("price_per_hour"))
+    if "capacity" in changes:
+        held = offer.capacity - offer.count
+        capacity = changes.pop("capacity")
+        if capacity < held:
+            raise Conflict(
+                f"{held} accelerators of this offer are held by matched or running jobs; "
+                f"capacity cannot go below {held}",
+                field="body.capacity",
+            )
+        offer.capacity, offer.count = capacity, capacity - held
     for name, value in changes.items():
         setattr(offer, name, value)
     offer.updated_at = utcnow()

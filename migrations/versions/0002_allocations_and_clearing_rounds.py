@@ -19,10 +19,18 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # An offer's count is now its free accelerators, which clearing can use up.
+    # An offer's count is now its free accelerators, which clearing can use up;
+    # capacity is what the provider lists in all.
     with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("capacity", sa.Integer(), nullable=True))
+    op.execute("UPDATE offers SET capacity = count")
+    with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.alter_column("capacity", existing_type=sa.Integer(), nullable=False)
         batch_op.drop_constraint(op.f("ck_offers_count_positive"), type_="check")
         batch_op.create_check_constraint(op.f("ck_offers_count_not_negative"), "count >= 0")
+        batch_op.create_check_constraint(
+            op.f("ck_offers_count_within_capacity"), "count <= capacity"
+        )
     op.create_table(
         "clearing_rounds",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -110,6 +118,9 @@ def downgrade() -> None:
         batch_op.drop_index("ix_clearing_rounds_started")
 
     op.drop_table("clearing_rounds")
+    op.execute("UPDATE offers SET count = capacity")
     with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_offers_count_within_capacity"), type_="check")
         batch_op.drop_constraint(op.f("ck_offers_count_not_negative"), type_="check")
         batch_op.create_check_constraint(op.f("ck_offers_count_positive"), "count >= 1")
+        batch_op.drop_column("capacity")

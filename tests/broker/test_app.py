@@ -72,3 +72,25 @@ def test_oversized_and_unreadable_bodies_get_clear_4xx(client_for: ClientFactory
 
 def test_health_answers_head_too(client_for: ClientFactory) -> None:
     assert client_for(None).head("/healthz").status_code == 200
+
+
+def test_deadlocks_and_serialisation_failures_ask_for_a_retry() -> None:
+    from fastapi.testclient import TestClient
+    from sqlalchemy.exc import OperationalError
+
+    from broker.app import create_app
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    app = create_app(auto_clear=False)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise OperationalError("UPDATE offers ...", {}, Deadlock())
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "retry"

@@ -16,8 +16,10 @@ def runtime_hours(j: Job, o: Offer) -> float:
     if j.duration_hours is not None:
         return j.duration_hours
     peak = (o.tflops_fp32 if j.dtype == "fp32" else o.tflops_bf16) * 1e12
-    compute = (j.flops or 0.0) / (j.accelerators * peak * o.efficiency)
-    memory = (j.bytes or 0.0) / (j.accelerators * o.mem_bw_gbps * 1e9 * o.efficiency)
+    compute = (j.flops or 0.0) / (j.accelerators * peak * o.efficiency) if j.flops else 0.0
+    memory = (
+        (j.bytes or 0.0) / (j.accelerators * o.mem_bw_gbps * 1e9 * o.efficiency) if j.bytes else 0.0
+    )
     return max(compute, memory) / 3600
 
 

@@ -121,3 +121,60 @@ def test_a_realistic_market_is_solved_the_same_way_twice() -> None:
     assert first.objective >= (1 - 0.005) * first.bound
     assert first.objective >= first_come_first_served(market).objective
     reference.check_answer(market, pairs(first))
+
+
+def test_big_jobs_get_the_true_lp_bound_and_a_good_answer() -> None:
+    """A knapsack-like round (every job needs 2-5 accelerators)."""
+    import random
+    import time
+
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
+    from solver import first_come_first_served
+    from solver.pairs import scan
+    from solver.rules import MarketArrays
+
+    rng = random.Random(5)
+    offers = tuple(
+        _offer(f"o{i}", rng.randint(4, 12), round(rng.uniform(1, 4), 2)) for i in range(10)
+    )
+    jobs = tuple(
+        Job(
+            f"j{i}",
+            ("cuda",),
+            round(rng.uniform(1.5, 5), 2),
+            accelerators=rng.randint(2, 5),
+            duration_hours=rng.uniform(0.5, 10),
+            priority=rng.choice([1, 1, 2]),
+        )
+        for i in range(60)
+    )
+    market = Market(offers=offers, jobs=jobs)
+    started = time.perf_counter()
+    result = solve(market, time_limit=10)
+    assert time.perf_counter() - started < 12
+
+    a = MarketArrays.build(market)
+    feasible, _ = scan(a, 1)
+    n, job, offer = feasible.size, feasible.job.astype(int), feasible.offer.astype(int)
+    rows = sp.csr_matrix(
+        (
+            np.concatenate([np.ones(n), a.j_accelerators[job]]),
+            (np.concatenate([job, a.n_jobs + offer]), np.concatenate([np.arange(n)] * 2)),
+        ),
+        shape=(a.n_jobs + a.n_offers, n),
+    )
+    lp = linprog(
+        -feasible.weight,
+        A_ub=rows,
+        b_ub=np.concatenate([np.ones(a.n_jobs), a.o_count]),
+        bounds=(0, 1),
+        method="highs",
+    )
+    assert result.bound is not None
+    assert result.bound <= -lp.fun * (1 + 1e-6)
+    assert result.objective >= first_come_first_served(market).objective
+    assert result.objective >= 0.85 * result.bound
+    reference.check_answer(market, pairs(result))

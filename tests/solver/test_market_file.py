@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,10 +55,15 @@ def test_round_trip() -> None:
         ({"jobs": [{**JOB, "max_price_per_hour": "3"}]}, "expected a number"),
         ({"jobs": [JOB, JOB]}, "duplicate job id 'j1'"),
         ([], "a market file is a JSON object"),
+        ({"jobs": [{**JOB, "platforms": []}]}, "jobs[0].platforms: must be a non-empty list"),
+        ({"jobs": [{**JOB, "accelerators": 0}]}, "jobs[0].accelerators: must be at least 1"),
+        ({"jobs": [{**JOB, "dtype": "fp16"}]}, "jobs[0].dtype: must be bf16 or fp32"),
+        ({"offers": [{**OFFER, "efficiency": 0}]}, "offers[0].efficiency: must be in (0, 1]"),
+        ({"offers": [{**OFFER, "count": -1}]}, "offers[0].count: must be at least 0"),
     ],
 )
 def test_bad_files_say_where(data: object, message: str) -> None:
-    with pytest.raises(MarketFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(MarketFileError, match=re.escape(message)):
         load_market(data)  # type: ignore[arg-type]
 
 

@@ -179,6 +179,59 @@ def test_matches_made_stale_during_the_solve_are_skipped(
         assert s.scalars(select(Allocation)).one().price_per_hour_micros == 2_900_000
 
 
+def test_an_offer_edited_during_the_solve_is_not_matched_on_old_terms(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.offers.schemas import OfferUpdate
+    from broker.offers.service import update_offer
+
+    provider, developer = accounts(fresh_engine)
+    offer = seed(fresh_engine, lambda s: make_offer(s, provider, count=4))
+    seed(fresh_engine, lambda s: make_job(s, developer, duration_hours=10))
+    real_solve = clearing.solve  # type: ignore[attr-defined]
+
+    def solve_while_editing(*args: Any, **kwargs: Any) -> Any:
+        result = real_solve(*args, **kwargs)
+        with transaction(fresh_engine) as s:
+            owner = s.get_one(Account, provider.id)
+            update_offer(s, owner, offer.id, OfferUpdate(available_hours=1))
+        return result
+
+    monkeypatch.setattr(clearing, "solve", solve_while_editing)
+    record = clearing.run_round(fresh_engine, SETTINGS)
+    assert record is not None
+    assert (record.matched, record.stale) == (0, 1)
+
+
+def test_capacity_changes_keep_what_matches_hold(
+    fresh_engine: Engine, fresh_client_for: ClientFactory
+) -> None:
+    provider, developer = accounts(fresh_engine)
+    key = seed(fresh_engine, lambda s: make_account(s, Role.provider)[1])
+    offer = seed(fresh_engine, lambda s: make_offer(s, provider, count=8))
+    seed(fresh_engine, lambda s: make_job(s, developer, accelerators=4))
+    clearing.run_round(fresh_engine, SETTINGS)
+    with transaction(fresh_engine) as s:
+        owner = s.get_one(Account, provider.id)
+        from broker.offers.schemas import OfferUpdate
+        from broker.offers.service import update_offer
+
+        changed = update_offer(s, owner, offer.id, OfferUpdate(capacity=6))
+        assert (changed.capacity, changed.count) == (6, 2)
+    check_invariants(fresh_engine, {offer.id: 6})
+    with transaction(fresh_engine) as s:
+        owner = s.get_one(Account, provider.id)
+        from broker.errors import Conflict
+        from broker.offers.schemas import OfferUpdate
+        from broker.offers.service import update_offer
+
+        with pytest.raises(Conflict, match="held by matched or running jobs"):
+            update_offer(s, owner, offer.id, OfferUpdate(capacity=3))
+    # Another provider cannot touch it at all.
+    other = fresh_client_for(key)
+    assert other.patch(f"/v1/offers/{offer.id}", json={"capacity": 1}).status_code == 404
+
+
 def test_concurrent_rounds_never_oversell(fresh_engine: Engine) -> None:
     """Rounds solving the same snapshot at once, leader lock bypassed on purpose."""
     provider, developer = accounts(fresh_engine)

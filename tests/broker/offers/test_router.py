@@ -158,10 +158,11 @@ def test_search_filters_sorts_and_pages(db: Session, client_for: ClientFactory) 
 def test_provider_updates_its_offer(provider: Any) -> None:
     offer = provider.post("/v1/offers", json=offer_body()).json()
     changed = provider.patch(
-        f"/v1/offers/{offer['id']}", json={"price_per_hour": "2.19", "count": 3}
+        f"/v1/offers/{offer['id']}", json={"price_per_hour": "2.19", "capacity": 3}
     )
     assert changed.status_code == 200, changed.text
     assert (changed.json()["price_per_hour"], changed.json()["count"]) == ("2.19", 3)
+    assert changed.json()["capacity"] == 3
     assert provider.get(f"/v1/offers/{offer['id']}").json()["price_per_hour"] == "2.19"
 
     limit = provider.patch(f"/v1/offers/{offer['id']}", json={"available_hours": 12})
@@ -182,7 +183,7 @@ def test_other_providers_offers_answer_404(
     offer = provider.post("/v1/offers", json=offer_body()).json()
     _, rival_key = make_account(db, Role.provider)
     rival = client_for(rival_key)
-    assert rival.patch(f"/v1/offers/{offer['id']}", json={"count": 1}).status_code == 404
+    assert rival.patch(f"/v1/offers/{offer['id']}", json={"capacity": 1}).status_code == 404
     assert rival.delete(f"/v1/offers/{offer['id']}").status_code == 404
     assert provider.get(f"/v1/offers/{offer['id']}").json()["count"] == 8
 
@@ -197,7 +198,7 @@ def test_withdrawn_offers_leave_the_market(
     assert withdrawn.json()["withdrawn_at"] is not None
     assert provider.delete(f"/v1/offers/{offer['id']}").status_code == 200  # idempotent
 
-    again = provider.patch(f"/v1/offers/{offer['id']}", json={"count": 1})
+    again = provider.patch(f"/v1/offers/{offer['id']}", json={"capacity": 1})
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "conflict"
 
