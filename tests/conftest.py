@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
@@ -77,6 +78,11 @@ def client_for(db: Session) -> Iterator[ClientFactory]:
             yield db
 
     app.dependency_overrides[get_session] = session_override
+    yield from _clients(app)
+
+
+def _clients(app: FastAPI) -> Iterator[ClientFactory]:
+    """Yield a factory of clients for ``app`` (one per API key); close them after."""
     clients: list[TestClient] = []
 
     def make(key: str | None = None) -> TestClient:
@@ -119,14 +125,4 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
 
     app = create_app(auto_clear=False)
     app.dependency_overrides[get_engine] = lambda: fresh_engine
-    clients: list[TestClient] = []
-
-    def make(key: str | None = None) -> TestClient:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        client = TestClient(app, headers=headers, raise_server_exceptions=False)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
+    yield from _clients(app)
