@@ -56,7 +56,7 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
 
     pairs, cands = scan(a, FIRST_CANDIDATES)
     stats: dict[str, float] = {"feasible_pairs": float(pairs.size), "scanned_at": _since(started)}
-    big = a.j_accelerators[cands.job] > 1
+    has_big_jobs = bool((a.j_accelerators > 1).any())
     assigned = integer.assign(a, cands)
     bound: float | None = None
     rounds = 0
@@ -75,7 +75,7 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
         # assignment with both orders, and the baseline) after it.
         if time.perf_counter() + 3 * last_round + _reserve(a) > deadline:
             break
-        if bound - integer.objective(cands, integer.pairs_of(cands, assigned)) <= GAP_GOAL * bound:
+        if bound - integer.objective(cands, assigned) <= GAP_GOAL * bound:
             break  # close enough to the bound: more rounds would not pay
         # The working set follows the prices: each job keeps the pairs that are
         # best at current prices (and its own), plus the newly improving ones.
@@ -94,7 +94,7 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
     # bound well: on rounds small enough, the LP over every pair gives the true
     # bound and says which big jobs are worth placing where.
     lp_x = None
-    if (a.j_accelerators > 1).any():
+    if has_big_jobs:
         remaining = deadline - time.perf_counter() - _reserve(a)
         solution = solve_lp(a, pairs, time_limit=remaining / 3)
         if solution is not None:
@@ -108,13 +108,12 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
             lp_x = _on_candidates(a, pairs, solution.x, cands)
     # The last word: both orders for big jobs (and the LP's), on the final set.
     final = integer.assign(a, cands, lp_x=lp_x)
-    value = integer.objective(cands, integer.pairs_of(cands, assigned))
-    if integer.objective(cands, integer.pairs_of(cands, final)) > value:
-        assigned = final
-        value = integer.objective(cands, integer.pairs_of(cands, assigned))
+    value, final_value = integer.objective(cands, assigned), integer.objective(cands, final)
+    if final_value > value:
+        assigned, value = final, final_value
     stats["candidates"] = float(cands.size)
 
-    if (a.j_accelerators > 1).any() and bound - value > 1e-9 * max(1.0, abs(bound)):
+    if has_big_jobs and bound - value > 1e-9 * max(1.0, abs(bound)):
         share = float((a.j_accelerators > 1).mean())
         answer = exact.improve(
             a,
@@ -124,7 +123,7 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
             wall_seconds=deadline - time.perf_counter() - _reserve(a),
         )
         if answer is not None:
-            better = integer.objective(cands, integer.pairs_of(cands, answer.assigned))
+            better = integer.objective(cands, answer.assigned)
             if better > value:
                 assigned, value = answer.assigned, better
             if answer.optimal and cands.size == pairs.size:

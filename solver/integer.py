@@ -22,8 +22,9 @@ from solver.rules import Floats, Ints, MarketArrays
 _SCALES = (1e6, 1e3, 1.0)  # integer cost units per USD, finest first
 
 
-def objective(c: Candidates, chosen: Ints) -> float:
-    return float(c.weight[chosen].sum())
+def objective(c: Candidates, assigned: Ints) -> float:
+    """The round's value of an assignment, from its candidate pairs' weights."""
+    return float(c.weight[pairs_of(c, assigned)].sum())
 
 
 def pairs_of(c: Candidates, assigned: Ints) -> Ints:
@@ -118,7 +119,7 @@ def assign(
         min_cost_flow_fill(a, c, single, residual, first)
         fill_greedy(a, c, by_value, residual, first)
         options.append(first)
-    values = [objective(c, pairs_of(c, option)) for option in options]
+    values = [objective(c, option) for option in options]
     return options[int(np.argmax(values))]
 
 

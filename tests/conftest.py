@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -16,10 +17,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from broker.accounts.models import Role
 from broker.app import create_app
 from broker.db import get_session, make_engine
 from broker.migrate import alembic_config
 from tests.databases import fresh_database
+from tests.factories import make_account
 
 ClientFactory = Callable[[str | None], TestClient]
 
@@ -126,3 +129,11 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
     app = create_app(auto_clear=False)
     app.dependency_overrides[get_engine] = lambda: fresh_engine
     yield from _clients(app)
+
+
+def signed_in(db: Session, client_for: ClientFactory, role: Role) -> Any:
+    """A client with a new account's key; the account is at ``client.account``."""
+    account, key = make_account(db, role)
+    client: Any = client_for(key)
+    client.account = account
+    return client

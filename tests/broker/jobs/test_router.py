@@ -8,16 +8,13 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
 from broker.jobs.states import JobState
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, make_account, make_job
 
 
 @pytest.fixture
 def developer(db: Session, client_for: ClientFactory) -> Any:
-    account, key = make_account(db, Role.developer)
-    client = client_for(key)
-    client.account = account
-    return client
+    return signed_in(db, client_for, Role.developer)
 
 
 def test_submit_a_job_with_a_stated_duration(developer: Any) -> None:

@@ -6,16 +6,13 @@ import pytest
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, signed_in
 from tests.factories import make_account, make_offer, offer_body
 
 
 @pytest.fixture
 def provider(db: Session, client_for: ClientFactory) -> Any:
-    account, key = make_account(db, Role.provider)
-    client = client_for(key)
-    client.account = account
-    return client
+    return signed_in(db, client_for, Role.provider)
 
 
 def test_offer_by_model_name_alone_is_filled_from_the_catalog(provider: Any) -> None:
