@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
+from broker.blobs.router import router as blobs_router
 from broker.config import get_settings
 from broker.db import SessionDep, get_engine
 from broker.errors import error_body, install_handlers
@@ -21,6 +22,7 @@ from broker.limits import BodySizeLimit
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.offers.router import router as offers_router
+from broker.runs.router import router as runs_router
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,22 @@ def create_app(auto_clear: bool | None = None) -> FastAPI:
         title="Compute Broker", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
     )
     install_handlers(app)
-    app.add_middleware(BodySizeLimit)
-    for router in (accounts_router, offers_router, jobs_router, market_router):
+    settings = get_settings()
+    app.add_middleware(
+        BodySizeLimit,
+        per_path={
+            "/v1/artifacts": settings.max_artifact_bytes,
+            "/v1/arrays": settings.max_arrays_bytes,
+        },
+    )
+    for router in (
+        accounts_router,
+        offers_router,
+        jobs_router,
+        market_router,
+        blobs_router,
+        runs_router,
+    ):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")

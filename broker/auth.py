@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from broker.accounts.models import Account, Role
 from broker.accounts.service import authenticate
-from broker.db import SessionDep
+from broker.db import EngineDep, SessionDep, transaction
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -31,19 +31,48 @@ def current_account(
 CurrentAccount = Annotated[Account, Depends(current_account)]
 
 
+def streaming_account(
+    engine: EngineDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Account:
+    """The caller, checked in a short transaction of its own: for uploads, which stream
+    their body before they touch the database and must not hold a session meanwhile."""
+    if credentials is None:
+        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
+    with transaction(engine, write=False) as session:
+        account = authenticate(session, credentials.credentials)
+    if account is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return account
+
+
+StreamingAccount = Annotated[Account, Depends(streaming_account)]
+
+
 def require_role(*roles: Role) -> Callable[[Account], Account]:
     """A dependency that admits only the given roles (admins always pass)."""
-    allowed = {*roles, Role.admin}
 
     def check(account: CurrentAccount) -> Account:
-        if account.role not in allowed:
-            names = " or ".join(sorted(r.value for r in allowed))
-            raise Forbidden(f"this needs a {names} account; yours is a {account.role.value}")
-        return account
+        return check_role(account, *roles)
 
     return check
 
 
+def check_role(account: Account, *roles: Role) -> Account:
+    """``account`` if it has one of ``roles`` (admins always pass); Forbidden otherwise."""
+    allowed = {*roles, Role.admin}
+    if account.role not in allowed:
+        names = " or ".join(sorted(r.value for r in allowed))
+        raise Forbidden(f"this needs a {names} account; yours is a {account.role.value}")
+    return account
+
+
+def _streaming_provider(account: StreamingAccount) -> Account:
+    return check_role(account, Role.provider)
+
+
 Developer = Annotated[Account, Depends(require_role(Role.developer))]
+# For long polls: checked in a short transaction, so no session is held while waiting.
+StreamingProvider = Annotated[Account, Depends(_streaming_provider)]
 Provider = Annotated[Account, Depends(require_role(Role.provider))]
 Admin = Annotated[Account, Depends(require_role(Role.admin))]

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
     egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
     latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)
+    max_artifact_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest artifact upload, in bytes"
+    )
+    max_arrays_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest array bundle upload (inputs, checkpoint, result), in bytes",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
@@ -49,6 +57,11 @@ class Settings(BaseSettings):
             # psycopg 3 is the driver we ship; plain URLs would ask for psycopg2.
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
+
+    @property
+    def blob_dir(self) -> Path:
+        """Where artifacts and array bundles are stored, by content address."""
+        return self.data_dir / "blobs"
 
     @property
     def effective_database_url(self) -> str:

@@ -1,4 +1,7 @@
-"""Request-size limit: a body larger than the cap is refused with 413 before it is read."""
+"""Request-size limits: a body larger than its cap is refused with 413 before it is read.
+
+JSON bodies are capped at ``MAX_BODY_BYTES``; upload endpoints have caps of their own.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +21,24 @@ class _TooLarge(Exception):
 class BodySizeLimit:
     """Refuse bodies over ``max_bytes``, by Content-Length or while streaming."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = MAX_BODY_BYTES,
+        per_path: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(send, limit)
                 return
         seen = 0
 
@@ -37,7 +47,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge
             return message
 
@@ -52,11 +62,11 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int) -> None:
         body = json.dumps(
-            error_body("too_large", f"request bodies are limited to {self.max_bytes} bytes")
+            error_body("too_large", f"this request's body is limited to {limit} bytes")
         ).encode()
         await send(
             {

@@ -1,9 +1,20 @@
 """Every table, imported in one place so Alembic and tests see the whole schema."""
 
 from broker.accounts.models import Account, ApiKey
+from broker.blobs.models import Blob, BlobGrant
 from broker.db import Base
 from broker.jobs.models import Job
 from broker.market.models import Allocation, ClearingRound
 from broker.offers.models import Offer
 
-__all__ = ["Account", "Allocation", "ApiKey", "Base", "ClearingRound", "Job", "Offer"]
+__all__ = [
+    "Account",
+    "Allocation",
+    "ApiKey",
+    "Base",
+    "Blob",
+    "BlobGrant",
+    "ClearingRound",
+    "Job",
+    "Offer",
+]

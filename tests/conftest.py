@@ -27,6 +27,26 @@ from tests.factories import make_account
 ClientFactory = Callable[[str | None], TestClient]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Blobs and the compilation cache go to a temporary data directory, never ``var/``."""
+    from broker.blobs.service import get_store
+    from broker.config import get_settings
+
+    path = tmp_path_factory.mktemp("data")
+    previous = os.environ.get("BROKER_DATA_DIR")
+    os.environ["BROKER_DATA_DIR"] = str(path)
+    get_settings.cache_clear()
+    get_store.cache_clear()
+    yield path
+    if previous is None:
+        os.environ.pop("BROKER_DATA_DIR", None)
+    else:
+        os.environ["BROKER_DATA_DIR"] = previous
+    get_settings.cache_clear()
+    get_store.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = os.environ.get("BROKER_TEST_DATABASE_URL")
@@ -129,6 +149,45 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
     app = create_app(auto_clear=False)
     app.dependency_overrides[get_engine] = lambda: fresh_engine
     yield from _clients(app)
+
+
+class LiveServer:
+    """The app served by uvicorn on 127.0.0.1 in a thread of the test process."""
+
+    def __init__(self, app: FastAPI) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the live server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_url(fresh_engine: Engine) -> Iterator[str]:
+    """URL of the app served for real (in this process) on ``fresh_engine``."""
+    from broker.db import get_engine
+
+    app = create_app(auto_clear=False)
+    app.dependency_overrides[get_engine] = lambda: fresh_engine
+    with LiveServer(app) as url:
+        yield url
 
 
 def signed_in(db: Session, client_for: ClientFactory, role: Role) -> Any:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -28,6 +29,8 @@ class Job(Base):
         CheckConstraint("accelerators >= 1", name="accelerators_positive"),
         CheckConstraint("priority >= 1", name="priority_positive"),
         CheckConstraint("max_price_per_hour_micros >= 0", name="price_not_negative"),
+        CheckConstraint("steps >= 1", name="steps_positive"),
+        CheckConstraint("checkpoint_every >= 1", name="checkpoint_every_positive"),
         UniqueConstraint("account_id", "idempotency_key"),
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_state_price", "state", "max_price_per_hour_micros"),
@@ -57,6 +60,19 @@ class Job(Base):
     data_gb: Mapped[float | None] = mapped_column(Float, default=None)
     allowed_countries: Mapped[list[str]] = mapped_column(StrList, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=1)
+    # The program and its inputs (content addresses), for jobs the broker runs.
+    artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
+    inputs_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
+    steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    checkpoint_every: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Progress, reported by the provider running it.
+    steps_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    checkpoint_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
+    checkpoint_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    result_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     # A retried POST with the same key returns this job; the hash spots a reused key.
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -22,11 +22,15 @@ from broker.types import (
 )
 
 Hours = Annotated[float, Field(gt=0, le=100_000)]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
 Work = Annotated[float, Field(ge=0, le=1e30)]
 
 
 class JobCreate(BaseModel):
-    """A bid. Give the runtime either as `duration_hours` or as the work of the whole
+    """A bid. A job the broker runs names its program (`artifact`, uploaded to
+    `/v1/artifacts`) and inputs (`inputs`, uploaded to `/v1/arrays`); its platforms,
+    flops, bytes and dtype then come from the artifact. A bid for capacity alone gives
+    `platforms` and the runtime, either as `duration_hours` or as the work of the whole
     job (`flops` and/or `bytes`, with `dtype`), from which the solver estimates the
     runtime on each offer."""
 
@@ -37,8 +41,20 @@ class JobCreate(BaseModel):
     min_memory_gib: float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
     vendors: list[VendorName] = Field(default_factory=list, max_length=16)
     accelerator_models: list[ModelKey] = Field(default_factory=list, max_length=64)
-    platforms: list[Platform] = Field(
-        min_length=1, max_length=4, description="Backends the job's program was compiled for"
+    platforms: list[Platform] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4,
+        description="Backends the job may run on; with an artifact, a subset of its platforms "
+        "(default: all of them)",
+    )
+    artifact: Digest | None = Field(default=None, description="The program to run")
+    inputs: Digest | None = Field(default=None, description="Its input arrays (flat leaves)")
+    steps: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Iterative artifacts: steps to run"
+    )
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Save the state every this many steps"
     )
     max_price_per_hour: Usd = Field(description="Bid, USD per accelerator-hour")
     duration_hours: Hours | None = None
@@ -78,8 +94,19 @@ class JobOut(BaseModel):
     data_gb: float | None
     allowed_countries: list[str]
     priority: int
+    artifact: str | None
+    inputs: str | None
+    steps: int | None
+    checkpoint_every: int | None
+    steps_done: int = Field(description="Progress the provider reported")
+    checkpoint: str | None = Field(description="Latest checkpoint (array bundle)")
+    checkpoint_step: int
+    result: str | None = Field(description="Output arrays, once the job succeeded")
+    attempts: int = Field(description="Times a provider started the job")
+    error: str | None
     created_at: datetime
     updated_at: datetime
+    started_at: datetime | None
     finished_at: datetime | None
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
+from broker.blobs.models import Blob, BlobKind
+from broker.blobs.service import get_blob, get_store, leaf_specs, load_artifact
 from broker.db import new_id
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.models import Job
@@ -19,6 +22,8 @@ from broker.market.allocations import active_allocation, end_job
 from broker.money import usd_to_micros
 from broker.offers.models import Offer
 from broker.offers.service import resolve_model
+from broker.portable.checks import check_inputs
+from broker.portable.manifest import ArtifactError, Manifest
 
 
 class IdempotencyKeyReused(Conflict):
@@ -34,8 +39,9 @@ def submit_job(
     Returns ``(job, created)``. Reusing a key with a different body is an error,
     so a client bug cannot silently return the wrong job.
     """
-    _check_consistent(data)
-    job = _new_job(account, data)
+    program = _check_program(session, account, data)
+    _check_consistent(data, program)
+    job = _new_job(account, data, program)
     if not idempotency_key:
         session.add(job)
         session.flush()
@@ -62,7 +68,90 @@ def submit_job(
     return job, True
 
 
-def _new_job(account: Account, data: JobCreate) -> Job:
+@dataclass(frozen=True)
+class _Program:
+    """What a job's artifact fixes: where it can run and how much work it is."""
+
+    platforms: list[str]
+    flops: float
+    bytes: float
+    dtype: str
+
+
+def _check_program(session: Session, account: Account, data: JobCreate) -> _Program | None:
+    """Check the job's artifact and inputs; each error names the field to fix."""
+    if data.artifact is None:
+        for name in ("inputs", "steps", "checkpoint_every"):
+            if getattr(data, name) is not None:
+                raise InvalidInput(
+                    f"{name} needs an artifact: the program to run", field=f"body.{name}"
+                )
+        if data.platforms is None:
+            raise InvalidInput(
+                "give platforms (the backends the job runs on), or an artifact",
+                field="body.platforms",
+            )
+        return None
+    for name in ("flops", "bytes"):
+        if getattr(data, name) is not None:
+            raise InvalidInput(
+                f"{name} comes from the artifact's cost analysis; leave it out",
+                field=f"body.{name}",
+            )
+    artifact_blob = _referenced(session, account, data.artifact, BlobKind.artifact, "artifact")
+    manifest = Manifest.model_validate(artifact_blob.meta)
+    if data.inputs is None:
+        raise InvalidInput(
+            "a job with an artifact needs its inputs: upload them to /v1/arrays",
+            field="body.inputs",
+        )
+    inputs_blob = _referenced(session, account, data.inputs, BlobKind.arrays, "inputs")
+    try:
+        check_inputs(load_artifact(get_store(), data.artifact), leaf_specs(inputs_blob))
+    except ArtifactError as e:
+        raise InvalidInput(str(e), field="body.inputs") from None
+    if manifest.kind == "iterative" and data.steps is None:
+        raise InvalidInput("an iterative artifact needs steps: how many to run", field="body.steps")
+    if manifest.kind == "function" and (data.steps or data.checkpoint_every):
+        raise InvalidInput(
+            "steps and checkpoint_every are for iterative artifacts (package_step); "
+            "this artifact is a plain function",
+            field="body.steps",
+        )
+    if data.checkpoint_every and data.steps and data.checkpoint_every > data.steps:
+        raise InvalidInput("checkpoint_every is more than steps", field="body.checkpoint_every")
+    platforms = data.platforms or manifest.platforms
+    missing = sorted(set(platforms) - set(manifest.platforms))
+    if missing:
+        raise InvalidInput(
+            f"the artifact was not exported for {', '.join(missing)} (it has "
+            f"{', '.join(manifest.platforms)})",
+            field="body.platforms",
+        )
+    runs = data.steps or 1
+    return _Program(
+        platforms=list(platforms),
+        flops=manifest.flops * runs,
+        bytes=manifest.bytes * runs,
+        dtype=manifest.dtype,
+    )
+
+
+def _referenced(session: Session, account: Account, sha256: str, kind: BlobKind, name: str) -> Blob:
+    try:
+        return get_blob(session, account, sha256, kind)
+    except NotFound:
+        upload = "/v1/artifacts" if kind == BlobKind.artifact else "/v1/arrays"
+        raise InvalidInput(
+            f"no {kind.value} {sha256} of yours: upload it to {upload} first", field=f"body.{name}"
+        ) from None
+
+
+def _new_job(account: Account, data: JobCreate, program: _Program | None) -> Job:
+    platforms = program.platforms if program else (data.platforms or [])
+    flops = program.flops if program else data.flops
+    work_bytes = program.bytes if program else data.bytes
+    dtype = program.dtype if program else data.dtype
     return Job(
         id=new_id("job"),
         account_id=account.id,
@@ -72,12 +161,12 @@ def _new_job(account: Account, data: JobCreate) -> Job:
         min_memory_gib=data.min_memory_gib,
         vendors=sorted(set(data.vendors)),
         accelerator_models=sorted({resolve_model(m) for m in data.accelerator_models}),
-        platforms=sorted(set(data.platforms)),
+        platforms=sorted(set(platforms)),
         max_price_per_hour_micros=usd_to_micros(data.max_price_per_hour),
         duration_hours=data.duration_hours,
-        flops=data.flops,
-        bytes=data.bytes,
-        dtype=data.dtype or ("bf16" if data.duration_hours is None else None),
+        flops=flops,
+        bytes=work_bytes,
+        dtype=dtype or ("bf16" if data.duration_hours is None else None),
         deadline_hours=data.deadline_hours,
         latency_slo_ms=data.latency_slo_ms,
         user_lat=data.user_lat,
@@ -86,12 +175,16 @@ def _new_job(account: Account, data: JobCreate) -> Job:
         data_gb=data.data_gb,
         allowed_countries=sorted(set(data.allowed_countries)),
         priority=data.priority,
+        artifact_sha256=data.artifact,
+        inputs_sha256=data.inputs,
+        steps=data.steps,
+        checkpoint_every=data.checkpoint_every,
     )
 
 
-def _check_consistent(data: JobCreate) -> None:
+def _check_consistent(data: JobCreate, program: _Program | None) -> None:
     """Rules that span fields; each error names the field to fix."""
-    if data.duration_hours is None and not (data.flops or data.bytes):
+    if data.duration_hours is None and program is None and not (data.flops or data.bytes):
         raise InvalidInput(
             "give the runtime: duration_hours, or the job's work as flops and/or bytes",
             field="body.duration_hours",
@@ -132,6 +225,14 @@ _HASHED_FIELDS = tuple(
         "created_at",
         "updated_at",
         "finished_at",
+        # progress, which changes after the job was created
+        "steps_done",
+        "checkpoint_sha256",
+        "checkpoint_step",
+        "result_sha256",
+        "attempts",
+        "error",
+        "started_at",
     }
 )
 

@@ -1,0 +1,156 @@
+"""What the broker checks before it accepts an artifact or a job's inputs.
+
+The rule for custom calls: a StableHLO custom call names native code that the
+runtime already has, so it cannot carry code of its own, but it can reach any
+routine the runtime registered. Only the routines JAX itself emits for linear
+algebra and random numbers are allowed, per platform; Pallas/Triton/Mosaic
+kernels, TensorFlow calls and anything unknown are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from broker.portable.arrays import DTYPES, LeafSpec
+from broker.portable.manifest import ALL_PLATFORMS, ArtifactError
+
+if TYPE_CHECKING:  # JAX is imported only when an artifact is checked
+    from broker.portable.artifact import Artifact
+
+# Annotations XLA understands on every platform; none runs code of its own.
+_ANY_PLATFORM = {
+    "Sharding",
+    "SPMDFullToShardShape",
+    "SPMDShardToFullShape",
+    "annotate_device_placement",
+    "shape_assertion",  # shape-polymorphism checks, evaluated by XLA
+    "AllocateBuffer",
+}
+_LAPACK = (
+    *("potrf", "geqrf", "orgqr", "ungqr", "syevd", "heevd", "geev", "gesdd", "getrf"),
+    *("sytrd", "hetrd", "gehrd", "gees", "trsm", "gtsv"),
+)
+_SOLVER = ("getrf", "geqrf", "orgqr", "potrf", "syevd", "gesvd", "gesvdj", "sytrd")
+
+ALLOWED_CUSTOM_CALLS: dict[str, frozenset[str]] = {
+    "cpu": frozenset(f"lapack_{t}{r}_ffi" for t in "sdcz" for r in _LAPACK),
+    "cuda": frozenset(
+        {f"cusolver_{r}_ffi" for r in _SOLVER}
+        | {"cu_lu_pivots_to_permutation", "cusparse_gtsv2_ffi", "cu_threefry2x32_ffi"}
+    ),
+    "rocm": frozenset(
+        {f"hipsolver_{r}_ffi" for r in (*_SOLVER, "gesdd")}
+        | {"hip_lu_pivots_to_permutation", "hip_threefry2x32_ffi"}
+    ),
+    "tpu": frozenset(
+        {
+            "Eigh",
+            "Qr",
+            "ProductOfElementaryHouseholderReflectors",
+            "LuDecomposition",
+            "ApproxTopK",
+            "stablehlo.dynamic_approx_top_k",
+        }
+    ),
+}
+
+
+def check_custom_calls(targets: Iterable[str], platforms: Sequence[str]) -> None:
+    """ArtifactError unless every target is allowed on one of ``platforms``."""
+    for target in sorted(targets):
+        if target in _ANY_PLATFORM:
+            continue
+        homes = [p for p in ALL_PLATFORMS if target in ALLOWED_CUSTOM_CALLS[p]]
+        if not homes:
+            raise ArtifactError(
+                f"the program calls native routine {target!r}, which the broker does not "
+                "allow (only the linear-algebra and random-number routines JAX itself "
+                "emits are; custom kernels cannot run on a shared marketplace)"
+            )
+        if not set(homes) & set(platforms):
+            raise ArtifactError(
+                f"the program calls {target!r}, a {'/'.join(homes)} routine, but is "
+                f"exported only for {', '.join(platforms)}"
+            )
+
+
+def verify_artifact(data: bytes) -> Artifact:
+    """Read and check an uploaded artifact; ArtifactError says what is wrong.
+
+    Checks that the program deserializes with ``jax.export``, that the manifest
+    tells the truth about it (platforms, shapes, dtypes, custom calls, cost),
+    and that its custom calls are allowed.
+    """
+    from broker.portable import _xla
+    from broker.portable.artifact import Artifact, tensor_spec, work_dtype
+
+    artifact = Artifact.from_bytes(data)
+    manifest, exported = artifact.manifest, artifact.exported
+    _same("platforms", list(exported.platforms), manifest.platforms)
+    _same("inputs", [tensor_spec(a) for a in exported.in_avals], manifest.inputs)
+    _same("outputs", [tensor_spec(a) for a in exported.out_avals], manifest.outputs)
+    _same("devices", exported.nr_devices, manifest.devices)
+    _same("dtype", work_dtype(exported.in_avals), manifest.dtype)
+    if exported.nr_devices != 1:
+        raise ArtifactError(
+            f"the program is sharded over {exported.nr_devices} devices; the runner runs "
+            "single-device programs (export without shardings)"
+        )
+    if manifest.kind == "iterative":
+        state = manifest.state_leaves or 0
+        if manifest.outputs != manifest.inputs[:state] or state > len(manifest.inputs):
+            raise ArtifactError("an iterative program must return a state like the one it takes")
+    elif manifest.state_leaves is not None:
+        raise ArtifactError("manifest: state_leaves is only for iterative programs")
+    targets = sorted(_xla.custom_call_targets(exported))
+    _same("custom_calls", targets, manifest.custom_calls)
+    check_custom_calls(targets, manifest.platforms)
+    if not manifest.polymorphic:
+        cost = _xla.module_cost(exported)
+        for key in ("flops", "bytes"):
+            _close(key, cost[key], getattr(manifest, key))
+    return artifact
+
+
+def check_inputs(artifact: Artifact, leaves: Sequence[LeafSpec]) -> None:
+    """ArtifactError unless ``leaves`` fit the program's inputs: count, dtypes, and
+    shapes (symbolic dimensions must bind consistently, as ``Exported.call`` checks)."""
+    import jax
+
+    inputs = artifact.manifest.inputs
+    if len(leaves) != len(inputs):
+        raise ArtifactError(f"the program takes {len(inputs)} input arrays; got {len(leaves)}")
+    for i, (leaf, spec) in enumerate(zip(leaves, inputs, strict=True)):
+        if leaf.dtype != spec.dtype or len(leaf.shape) != len(spec.shape):
+            raise ArtifactError(
+                f"input {i} must be {spec.dtype}{spec.shape}; got {leaf.dtype}{list(leaf.shape)}"
+            )
+    exported = artifact.exported
+    structs = [jax.ShapeDtypeStruct(leaf.shape, DTYPES[leaf.dtype]) for leaf in leaves]
+    args, kwargs = jax.tree.unflatten(exported.in_tree, structs)
+    try:
+        jax.eval_shape(exported.call, *args, **kwargs)
+    except ValueError as e:
+        raise ArtifactError(f"inputs do not fit the program: {e}") from None
+
+
+def _same(what: str, actual: Any, claimed: Any) -> None:
+    if actual != claimed:
+        raise ArtifactError(
+            f"the manifest's {what} ({_short(claimed)}) does not match the program "
+            f"({_short(actual)})"
+        )
+
+
+def _close(what: str, actual: float, claimed: float) -> None:
+    if abs(actual - claimed) > 0.01 * max(actual, claimed) + 1.0:
+        raise ArtifactError(
+            f"the manifest's {what} ({claimed:.6g}) is not XLA's cost analysis of the "
+            f"program ({actual:.6g})"
+        )
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "..."

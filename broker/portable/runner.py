@@ -1,0 +1,183 @@
+"""The runner: compile an artifact for this machine's backend and run it.
+
+Provider agents call ``run``. It checks that the artifact was exported for the
+local platform, compiles it through JAX's persistent compilation cache (so a
+program seen before starts without recompiling), runs it, and for iterative
+jobs saves checkpoints through a callback and resumes from one. Inputs,
+checkpoints and outputs are flat lists of arrays in the artifact's leaf order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from broker.portable import _xla
+from broker.portable.arrays import DTYPES
+from broker.portable.artifact import Artifact
+from broker.portable.manifest import ArtifactError, TensorSpec
+
+CheckpointFn = Callable[[int, list[np.ndarray[Any, Any]]], None]
+ProgressFn = Callable[[int], None]
+
+
+class RunError(RuntimeError):
+    """The job cannot run here, or its program failed; the message says why."""
+
+
+class Stopped(RunError):
+    """``should_stop`` asked the run to stop (the job was cancelled or reassigned)."""
+
+
+@dataclass
+class Checkpoint:
+    """The state of an iterative job after ``step`` steps."""
+
+    step: int
+    state: list[np.ndarray[Any, Any]]
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each phase of a run."""
+
+    compile: float = 0.0
+    run: float = 0.0
+    checkpoint_write: float = 0.0
+    checkpoint_restore: float = 0.0
+    checkpoints: int = 0
+
+
+@dataclass
+class RunResult:
+    outputs: list[np.ndarray[Any, Any]]
+    platform: str
+    steps_done: int
+    timings: Timings = field(default_factory=Timings)
+
+
+_cache_lock = threading.Lock()
+_cache_dir: Path | None = None
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """Use ``directory`` as JAX's persistent compilation cache for this process.
+
+    Every compile is cached, however short (JAX by default skips compiles under
+    a second, which are most of a marketplace's small jobs).
+    """
+    global _cache_dir
+    with _cache_lock:
+        if _cache_dir == directory:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        _cache_dir = directory
+
+
+def run(
+    artifact: Artifact,
+    inputs: Sequence[Any],
+    *,
+    steps: int | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint: Checkpoint | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Run ``artifact`` on ``inputs`` (its flat input leaves) on the local backend.
+
+    A ``function`` artifact runs once. An ``iterative`` one runs ``steps`` steps
+    of ``state = step(state, *args)`` from ``checkpoint`` (or from the inputs'
+    state), calls ``on_checkpoint(step, state)`` every ``checkpoint_every``
+    steps, and returns the final state. ``on_progress(step)`` follows each step;
+    ``should_stop()`` is asked between steps.
+    """
+    platform = _xla.local_platform()
+    if platform not in artifact.platforms:
+        raise RunError(
+            f"this machine runs {platform}, but the artifact was exported only for "
+            f"{', '.join(artifact.platforms)}"
+        )
+    manifest = artifact.manifest
+    if len(inputs) != len(manifest.inputs):
+        raise RunError(f"the program takes {len(manifest.inputs)} inputs; got {len(inputs)}")
+    timings = Timings()
+    started = time.perf_counter()
+    device = jax.devices()[0]
+    leaves = [jax.device_put(np.asarray(x), device) for x in inputs]
+    call = _compile(artifact, leaves)
+    timings.compile = time.perf_counter() - started
+
+    if manifest.kind == "function":
+        if steps not in (None, 1):
+            raise RunError("steps is for iterative jobs; this artifact is a plain function")
+        started = time.perf_counter()
+        outputs = [np.asarray(o) for o in call(*leaves)]
+        timings.run = time.perf_counter() - started
+        if on_progress is not None:
+            on_progress(1)
+        return RunResult(outputs, platform, 1, timings)
+
+    total = steps or 1
+    state_n = manifest.state_leaves or 0
+    state, args = leaves[:state_n], leaves[state_n:]
+    step = 0
+    if checkpoint is not None:
+        started = time.perf_counter()
+        state = _restore(checkpoint, manifest.inputs[:state_n], device)
+        step = checkpoint.step
+        timings.checkpoint_restore = time.perf_counter() - started
+    started = time.perf_counter()
+    while step < total:
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {step} of {total} steps")
+        state = call(*state, *args)
+        step += 1
+        if on_progress is not None:
+            on_progress(step)
+        if checkpoint_every and on_checkpoint and step % checkpoint_every == 0 and step < total:
+            # Wait for the queued steps first, so that their time counts as running.
+            jax.block_until_ready(state)
+            saved = time.perf_counter()
+            on_checkpoint(step, [np.asarray(x) for x in state])
+            timings.checkpoint_write += time.perf_counter() - saved
+            timings.checkpoints += 1
+    outputs = [np.asarray(x) for x in state]
+    timings.run = time.perf_counter() - started - timings.checkpoint_write
+    return RunResult(outputs, platform, step, timings)
+
+
+def _compile(artifact: Artifact, leaves: Sequence[jax.Array]) -> Callable[..., Any]:
+    """The program as a compiled function of its flat input leaves, returning flat outputs."""
+    exported = artifact.exported
+
+    def flat(*xs: Any) -> Any:
+        args, kwargs = jax.tree.unflatten(exported.in_tree, xs)
+        return jax.tree.leaves(exported.call(*args, **kwargs))
+
+    try:
+        return jax.jit(flat).lower(*leaves).compile()  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as e:
+        raise RunError(f"the inputs do not fit the program: {e}") from e
+
+
+def _restore(checkpoint: Checkpoint, specs: Sequence[TensorSpec], device: Any) -> list[jax.Array]:
+    if len(checkpoint.state) != len(specs):
+        raise ArtifactError(
+            f"the checkpoint holds {len(checkpoint.state)} arrays; the state has {len(specs)}"
+        )
+    for i, (x, spec) in enumerate(zip(checkpoint.state, specs, strict=True)):
+        if np.dtype(x.dtype) != DTYPES[spec.dtype] or len(x.shape) != len(spec.shape):
+            raise ArtifactError(f"checkpoint leaf {i} does not match the state's {spec}")
+    return [jax.device_put(x, device) for x in checkpoint.state]

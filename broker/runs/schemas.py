@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.jobs.states import JobState
+from broker.market.models import AllocationStatus
+
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
+
+
+class WorkOrder(BaseModel):
+    """A job the market gave to one of the provider's offers: what to run and from where."""
+
+    allocation_id: str
+    status: AllocationStatus
+    job_id: str
+    job_state: JobState
+    offer_id: str
+    platform: str
+    accelerators: int
+    artifact: str | None
+    inputs: str | None
+    steps: int | None
+    checkpoint_every: int | None
+    checkpoint: str | None = Field(description="Resume from this checkpoint, if any")
+    checkpoint_step: int
+    steps_done: int
+    created_at: datetime
+
+
+class WorkQuery(BaseModel):
+    wait: float = Field(
+        default=0,
+        ge=0,
+        le=30,
+        description="Long poll: wait up to this many seconds for work when there is none",
+    )
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps_done: int = Field(ge=0, le=100_000_000)
+
+
+class CheckpointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Digest = Field(description="Array bundle of the state, uploaded to /v1/arrays")
+    step: int = Field(ge=1, le=100_000_000, description="Steps the state has done")
+
+
+class Finish(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Literal["succeeded", "failed"]
+    result: Digest | None = Field(
+        default=None, description="Succeeded: the output arrays, uploaded to /v1/arrays"
+    )
+    error: str | None = Field(
+        default=None, max_length=4000, description="Failed: what went wrong, for the developer"
+    )

@@ -1,0 +1,254 @@
+"""The developer's client: package a JAX function, submit it as a job, wait, read the result."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import jax
+
+from broker.portable import arrays
+from broker.portable.artifact import ALL_PLATFORMS, Artifact, package, package_step
+from broker.sdk.http import BrokerError, Http
+
+_FINAL = {"succeeded", "failed", "cancelled"}
+
+
+class JobFailed(RuntimeError):
+    """The job ended in failure; ``job.error`` says why."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} failed: {job.error}")
+        self.job = job
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled before it finished."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} was cancelled")
+        self.job = job
+
+
+class Client:
+    """A developer's connection to a broker.
+
+    >>> client = Client("http://127.0.0.1:8000", api_key=KEY)
+    >>> job = client.submit(loss_fn, params, batch, max_price_per_hour=4.0)
+    >>> job.wait()
+    >>> out = job.result()
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.http = Http(url, api_key, timeout=timeout, retries=retries, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- submitting -----------------------------------------------------------------
+
+    def submit(
+        self,
+        fn: Any,
+        *args: Any,
+        steps: int | None = None,
+        checkpoint_every: int | None = None,
+        platforms: Sequence[str] = ALL_PLATFORMS,
+        polymorphic_shapes: Any = None,
+        **job_fields: Any,
+    ) -> Job:
+        """Package ``fn`` for ``platforms``, upload it and ``args``, and submit the job.
+
+        Without ``steps`` the job computes ``fn(*args)`` once. With ``steps`` it is
+        iterative: ``state = fn(state, *rest)`` ``steps`` times, where ``args`` is
+        ``(state, *rest)``, checkpointed every ``checkpoint_every`` steps.
+
+        Other keyword arguments are job fields: ``max_price_per_hour`` (required),
+        ``accelerators``, ``min_memory_gib``, ``vendors``, ``accelerator_models``,
+        ``deadline_hours``, ``duration_hours``, ``latency_slo_ms``, ``user_lat``,
+        ``user_lon``, ``data_region``, ``data_gb``, ``allowed_countries``,
+        ``priority``, ``name`` and ``idempotency_key``.
+        """
+        if steps is None:
+            artifact = package(fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes)
+        else:
+            artifact = package_step(
+                fn, args[0], *args[1:], platforms=platforms, polymorphic_shapes=polymorphic_shapes
+            )
+        return self.submit_artifact(
+            artifact, args, steps=steps, checkpoint_every=checkpoint_every, **job_fields
+        )
+
+    def submit_artifact(
+        self,
+        artifact: Artifact,
+        args: Sequence[Any],
+        *,
+        steps: int | None = None,
+        checkpoint_every: int | None = None,
+        idempotency_key: str | None = None,
+        **job_fields: Any,
+    ) -> Job:
+        """Submit a job for an artifact already packaged, on inputs ``args``."""
+        body = {k: _wire(k, v) for k, v in job_fields.items() if v is not None}
+        body["artifact"] = self.upload_artifact(artifact)
+        body["inputs"] = self.upload_arrays(jax.tree.leaves(tuple(args)))
+        if steps is not None:
+            body["steps"] = steps
+        if checkpoint_every is not None:
+            body["checkpoint_every"] = checkpoint_every
+        key = idempotency_key or str(uuid.uuid4())
+        data = self.http.json("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        return Job(self, data, artifact)
+
+    def upload_artifact(self, artifact: Artifact) -> str:
+        """Upload an artifact unless the broker has it already; returns its address."""
+        if not self.http.exists(f"/v1/artifacts/{artifact.sha256}"):
+            self.http.request("POST", "/v1/artifacts", content=artifact.to_bytes(), headers=_BIN)
+        return artifact.sha256
+
+    def upload_arrays(self, leaves: Sequence[Any]) -> str:
+        """Upload arrays (a flat list) as a bundle, unless already there; returns its address."""
+        import hashlib
+
+        data = arrays.encode(leaves)
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.http.exists(f"/v1/arrays/{sha}"):
+            self.http.request("POST", "/v1/arrays", content=data, headers=_BIN)
+        return sha
+
+    # -- reading ----------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.http.json("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        page = self.http.json("GET", "/v1/jobs", params=params)
+        return [Job(self, item) for item in page["items"]]
+
+
+_BIN = {"Content-Type": "application/octet-stream"}
+
+
+class Job:
+    """A submitted job, as last read from the broker (``refresh()`` reads it again)."""
+
+    def __init__(self, client: Client, data: dict[str, Any], artifact: Artifact | None = None):
+        self._client = client
+        self.data = data
+        self._artifact = artifact
+
+    def __repr__(self) -> str:
+        return f"Job({self.id}, {self.state})"
+
+    @property
+    def id(self) -> str:
+        return str(self.data["id"])
+
+    @property
+    def state(self) -> str:
+        return str(self.data["state"])
+
+    @property
+    def error(self) -> str | None:
+        return self.data.get("error")
+
+    def refresh(self) -> Job:
+        self.data = self._client.http.json("GET", f"/v1/jobs/{self.id}")
+        return self
+
+    def cancel(self) -> Job:
+        self.data = self._client.http.json("POST", f"/v1/jobs/{self.id}/cancel")
+        return self
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0, progress: bool = True) -> Job:
+        """Wait until the job ends. Prints progress to stderr (unless ``progress`` is
+        False); raises JobFailed or JobCancelled if it did not succeed, TimeoutError if
+        ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shown = ""
+        while True:
+            line = self._progress_line()
+            if progress and line != shown:
+                print(line, file=sys.stderr, flush=True)
+                shown = line
+            if self.state in _FINAL:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {self.state} after {timeout} s")
+            time.sleep(poll)
+            self.refresh()
+        if self.state == "failed":
+            raise JobFailed(self)
+        if self.state == "cancelled":
+            raise JobCancelled(self)
+        return self
+
+    def result(self) -> Any:
+        """The job's output: the pytree of arrays its function returns (for an iterative
+        job, the final state). The job must have succeeded."""
+        if self.state != "succeeded":
+            self.refresh()
+        if self.state != "succeeded":
+            raise BrokerError(409, "no_result", f"job {self.id} is {self.state}, not succeeded")
+        sha = self.data["result"]
+        data = self._client.http.download(f"/v1/arrays/{sha}/content", sha)
+        leaves = [jax.numpy.asarray(x) for x in arrays.decode(data)]
+        return jax.tree.unflatten(self._output_tree(), leaves)
+
+    def _output_tree(self) -> Any:
+        artifact = self._artifact
+        if artifact is None:
+            sha = self.data["artifact"]
+            artifact = Artifact.from_bytes(
+                self._client.http.download(f"/v1/artifacts/{sha}/content", sha)
+            )
+            self._artifact = artifact
+        exported = artifact.exported
+        if artifact.kind == "function":
+            return exported.out_tree
+        (state, *_), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
+        return jax.tree.structure(state)
+
+    def _progress_line(self) -> str:
+        line = f"{self.id}: {self.state}"
+        steps = self.data.get("steps")
+        if steps:
+            line += f", step {self.data.get('steps_done', 0)}/{steps}"
+        if self.error:
+            line += f": {self.error}"
+        return line
+
+
+_MONEY = {"max_price_per_hour", "budget_usd"}
+
+
+def _wire(name: str, value: Any) -> Any:
+    """Money goes as decimal strings, so that 0.1 stays exactly 0.1."""
+    if name in _MONEY and isinstance(value, float | int | Decimal):
+        return str(Decimal(repr(value)) if isinstance(value, float) else value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    return value

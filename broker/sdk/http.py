@@ -1,0 +1,108 @@
+"""The SDK's HTTP layer: the API key, retries that are safe, and errors that say what happened."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import httpx
+
+_RETRY_STATUS = {502, 503, 504}
+
+
+class BrokerError(Exception):
+    """The broker refused a request. ``status``, ``code`` and ``field`` come from its
+    error body (``{"error": {"code", "message", "field"}}``)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{message} ({code}, HTTP {status})" + (f" [{field}]" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker could not be reached, or kept answering 'try again', after retries."""
+
+
+class Http:
+    """An httpx client for one broker and one API key.
+
+    Requests that are safe to repeat (reads, uploads of content-addressed bytes,
+    job submissions with an Idempotency-Key, and reports the broker deduplicates)
+    are retried with exponential backoff when the broker is unreachable or
+    answers 502/503/504.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retries, self.backoff = retries, backoff
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "broker-sdk/0.1"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request, retrying transient failures; BrokerError for a 4xx/5xx answer."""
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                if last:
+                    raise BrokerUnavailable(0, "unreachable", f"{self.url}: {e}") from e
+                self._sleep(attempt, None)
+                continue
+            if response.status_code in _RETRY_STATUS and not last:
+                self._sleep(attempt, response.headers.get("Retry-After"))
+                continue
+            if response.status_code >= 400:
+                raise _error(response)
+            return response
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.request("GET", path)
+        except BrokerError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def download(self, path: str, sha256: str) -> bytes:
+        """Bytes of a content-addressed blob, checked against their address."""
+        data = self.request("GET", path).content
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BrokerError(200, "corrupt_download", f"{path}: the bytes do not match {sha256}")
+        return data
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * 2**attempt
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, float(retry_after))
+        time.sleep(min(delay, 30.0))
+
+
+def _error(response: httpx.Response) -> BrokerError:
+    try:
+        body = response.json()["error"]
+        return BrokerError(response.status_code, body["code"], body["message"], body.get("field"))
+    except (ValueError, KeyError, TypeError):
+        return BrokerError(response.status_code, "http_error", response.text[:500])
