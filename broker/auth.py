@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from broker.accounts.models import Account, Role
 from broker.accounts.service import authenticate
-from broker.db import EngineDep, SessionDep, transaction
+from broker.db import SessionDep, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -32,14 +32,14 @@ CurrentAccount = Annotated[Account, Depends(current_account)]
 
 
 def streaming_account(
-    engine: EngineDep,
+    transactions: TransactionsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Account:
     """The caller, checked in a short transaction of its own: for uploads, which stream
     their body before they touch the database and must not hold a session meanwhile."""
     if credentials is None:
         raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    with transaction(engine, write=False) as session:
+    with transactions(write=False) as session:
         account = authenticate(session, credentials.credentials)
     if account is None:
         raise Unauthorized("the API key is unknown or revoked")

@@ -41,6 +41,25 @@ def serve(
 
 
 @app.command()
+def calibrate(
+    save: Annotated[
+        bool, typer.Option(help="Save the figures to DATA_DIR/calibration.json")
+    ] = True,
+    quick: Annotated[bool, typer.Option(help="Small problems: a rough figure in seconds")] = False,
+) -> None:
+    """Measure this machine's CPU (FLOP/s, bandwidth) and how well runtimes are predicted."""
+    from broker.config import get_settings
+    from broker.portable import calibrate as calibration
+
+    typer.echo("measuring the cpu backend (about a minute)...", err=True)
+    result = calibration.calibrate(quick=quick)
+    typer.echo(calibration.report(result))
+    if save:
+        path = calibration.save(result, get_settings().data_dir)
+        typer.echo(f"saved to {path}", err=True)
+
+
+@app.command()
 def solve(
     market_file: Annotated[str, typer.Argument(metavar="MARKET.json", help="A market file")],
     time_limit: Annotated[

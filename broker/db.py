@@ -7,7 +7,7 @@ request dependency, a CLI command, a background task) owns the transaction.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
@@ -147,6 +147,22 @@ def get_session(
     with transaction(engine, write=write) as session:
         yield session
 
+
+Transactions = Callable[..., AbstractContextManager[Session]]
+
+
+def get_transactions(engine: Annotated[Engine, Depends(get_engine)]) -> Transactions:
+    """Request dependency for handlers that run short transactions of their own (uploads
+    that stream first, long polls) instead of holding one for the whole request:
+    ``with transactions(write=False) as session: ...``."""
+
+    def begin(*, write: bool = True) -> AbstractContextManager[Session]:
+        return transaction(engine, write=write)
+
+    return begin
+
+
+TransactionsDep = Annotated[Transactions, Depends(get_transactions)]
 
 # scope="function": the transaction commits when the handler returns, before the
 # response is sent, so a failed commit is reported to the client, not hidden.

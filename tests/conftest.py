@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
 from broker.app import create_app
-from broker.db import get_session, make_engine
+from broker.db import get_session, get_transactions, make_engine
 from broker.migrate import alembic_config
 from tests.databases import fresh_database
 from tests.factories import make_account
@@ -100,7 +101,13 @@ def client_for(db: Session) -> Iterator[ClientFactory]:
         with db.begin_nested():
             yield db
 
+    @contextmanager
+    def nested(*, write: bool = True) -> Iterator[Session]:
+        with db.begin_nested():
+            yield db
+
     app.dependency_overrides[get_session] = session_override
+    app.dependency_overrides[get_transactions] = lambda: nested
     yield from _clients(app)
 
 

@@ -10,14 +10,13 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine
 
 from broker.accounts.models import Account, Role
 from broker.auth import CurrentAccount, StreamingAccount, check_role
 from broker.blobs import service
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.store import Upload
-from broker.db import EngineDep, SessionDep, transaction
+from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.portable.manifest import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
@@ -67,7 +66,7 @@ def arrays_out(blob: Blob) -> ArraysOut:
 
 async def _receive(
     request: Request,
-    engine: Engine,
+    transactions: Transactions,
     account: Account,
     kind: BlobKind,
     check: Callable[[Upload], dict[str, Any]],
@@ -81,7 +80,7 @@ async def _receive(
         meta = await run_in_threadpool(check, upload)
 
         def record() -> tuple[Blob, bool]:
-            with transaction(engine) as session:
+            with transactions() as session:
                 return service.record(session, account, upload, kind, meta)
 
         return await run_in_threadpool(record)
@@ -101,11 +100,14 @@ async def _receive(
     openapi_extra=_BINARY_BODY,
 )
 async def upload_artifact(
-    request: Request, response: Response, engine: EngineDep, account: StreamingAccount
+    request: Request,
+    response: Response,
+    transactions: TransactionsDep,
+    account: StreamingAccount,
 ) -> ArtifactOut:
     check_role(account, Role.developer)
     blob, created = await _receive(
-        request, engine, account, BlobKind.artifact, service.check_artifact
+        request, transactions, account, BlobKind.artifact, service.check_artifact
     )
     response.status_code = 201 if created else 200
     return artifact_out(blob)
@@ -120,9 +122,14 @@ async def upload_artifact(
     openapi_extra=_BINARY_BODY,
 )
 async def upload_arrays(
-    request: Request, response: Response, engine: EngineDep, account: StreamingAccount
+    request: Request,
+    response: Response,
+    transactions: TransactionsDep,
+    account: StreamingAccount,
 ) -> ArraysOut:
-    blob, created = await _receive(request, engine, account, BlobKind.arrays, service.check_arrays)
+    blob, created = await _receive(
+        request, transactions, account, BlobKind.arrays, service.check_arrays
+    )
     response.status_code = 201 if created else 200
     return arrays_out(blob)
 

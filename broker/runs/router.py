@@ -8,11 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Engine
 
 from broker.accounts.models import Account
 from broker.auth import Provider, StreamingProvider
-from broker.db import EngineDep, SessionDep, transaction
+from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.jobs.models import Job
 from broker.jobs.router import job_out
 from broker.jobs.schemas import JobOut
@@ -48,8 +47,8 @@ def work_order(allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
     )
 
 
-def _work(engine: Engine, provider: Account) -> list[WorkOrder]:
-    with transaction(engine, write=False) as session:
+def _work(transactions: Transactions, provider: Account) -> list[WorkOrder]:
+    with transactions(write=False) as session:
         return [work_order(*row) for row in service.work_for(session, provider)]
 
 
@@ -61,11 +60,11 @@ def _work(engine: Engine, provider: Account) -> list[WorkOrder]:
     "many seconds for work to appear before answering with an empty list.",
 )
 async def list_work(
-    engine: EngineDep, provider: StreamingProvider, query: Annotated[WorkQuery, Query()]
+    transactions: TransactionsDep, provider: StreamingProvider, query: Annotated[WorkQuery, Query()]
 ) -> list[WorkOrder]:
     deadline = time.monotonic() + query.wait
     while True:
-        orders = await run_in_threadpool(_work, engine, provider)
+        orders = await run_in_threadpool(_work, transactions, provider)
         if orders or time.monotonic() >= deadline:
             return orders
         await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))

@@ -89,7 +89,9 @@ class Client:
         ``priority``, ``name`` and ``idempotency_key``.
         """
         if steps is None:
-            artifact = package(fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes)
+            artifact = package(
+                fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes
+            )
         else:
             artifact = package_step(
                 fn, args[0], *args[1:], platforms=platforms, polymorphic_shapes=polymorphic_shapes

@@ -56,9 +56,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("steps", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("checkpoint_every", sa.Integer(), nullable=True))
         for column in ("steps_done", "checkpoint_step", "attempts"):
-            batch_op.add_column(
-                sa.Column(column, sa.Integer(), nullable=False, server_default="0")
-            )
+            batch_op.add_column(sa.Column(column, sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("error", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("started_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_check_constraint(op.f("ck_jobs_steps_positive"), "steps >= 1")

@@ -19,7 +19,7 @@ from broker.market.clearing import run_round
 from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_work_order
 from tests.factories import make_account, offer_body
 
-PRICE = {"max_price_per_hour": 4.0, "deadline_hours": 6}
+PRICE: dict[str, Any] = {"max_price_per_hour": 4.0, "deadline_hours": 6}
 
 
 def loss_fn(params: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +45,15 @@ def market(live_url: str, fresh_engine: Engine) -> Iterator[dict[str, Any]]:
         "POST",
         "/v1/offers",
         json=offer_body(
-            accelerator="cpu-core", vendor="cpu", platform="cpu", memory_gib=8,
-            tflops_bf16=0.1, tflops_fp32=0.1, mem_bw_gbps=10, count=2, price_per_hour="0.10",
+            accelerator="cpu-core",
+            vendor="cpu",
+            platform="cpu",
+            memory_gib=8,
+            tflops_bf16=0.1,
+            tflops_fp32=0.1,
+            mem_bw_gbps=10,
+            count=2,
+            price_per_hour="0.10",
         ),
     )
     yield {"developer": developer, "provider": provider, "offer": offer, "engine": fresh_engine}
@@ -67,11 +74,13 @@ def test_submit_wait_result_equals_plain_jax(market: dict[str, Any]) -> None:
     params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.zeros(4)}
     batch = {"x": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), "y": jnp.ones((16, 4))}
     client: Client = market["developer"]
-    job = client.submit(loss_fn, params, batch, accelerators=1, data_region="europe-west4",
-                        data_gb=1, **PRICE)
+    job = client.submit(
+        loss_fn, params, batch, accelerators=1, data_region="europe-west4", data_gb=1, **PRICE
+    )
     assert job.state == "open"
     assert job.data["platforms"] == ["cpu", "cuda", "rocm", "tpu"]
-    assert job.data["flops"] > 0 and job.data["dtype"] == "fp32"
+    assert job.data["flops"] > 0
+    assert job.data["dtype"] == "fp32"
 
     clear(market["engine"])
     assert run_all(market["provider"]) == ["succeeded"]
@@ -112,10 +121,10 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
             raise KeyboardInterrupt  # the machine goes away mid-job
         return sha
 
-    provider.checkpoint = dying_checkpoint  # type: ignore[method-assign]
+    provider.checkpoint = dying_checkpoint  # type: ignore[method-assign,assignment]
     with pytest.raises(KeyboardInterrupt):
         run_work_order(provider, order)
-    provider.checkpoint = real_checkpoint  # type: ignore[method-assign]
+    provider.checkpoint = real_checkpoint  # type: ignore[method-assign,assignment]
     assert client.job(job.id).data["checkpoint_step"] == 10
 
     # The market hands the job back (here, by hand) and it resumes on the next run.
@@ -125,7 +134,8 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
     assert order["checkpoint_step"] == 10
     assert run_work_order(provider, order) == "succeeded"
     job.wait(timeout=30, poll=0.05, progress=False)
-    assert job.data["attempts"] == 2 and job.data["steps_done"] == 20
+    assert job.data["attempts"] == 2
+    assert job.data["steps_done"] == 20
 
     plain = state
     for _ in range(20):

@@ -1,0 +1,195 @@
+"""Packaging: one artifact for every backend, checked by the broker before it is accepted."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from broker.portable import arrays
+from broker.portable.artifact import Artifact, ArtifactError, package, package_step
+from broker.portable.checks import check_inputs, verify_artifact
+from broker.portable.manifest import MAGIC, Manifest
+from tests.broker.portable.programs import mlp, mlp_args, sgd_args, sgd_step
+
+
+def test_exports_for_all_four_platforms_on_a_cpu_only_machine() -> None:
+    params, x = mlp_args()
+    artifact = package(mlp, params, x)
+    assert artifact.platforms == ("cpu", "cuda", "rocm", "tpu")
+    assert artifact.exported.platforms == ("cpu", "cuda", "rocm", "tpu")
+    manifest = artifact.manifest
+    assert manifest.kind == "function"
+    assert manifest.devices == 1
+    assert manifest.inputs[-1].shape == [8, 16]
+    assert manifest.inputs[-1].dtype == "float32"
+    assert [o.shape for o in manifest.outputs] == [[8, 16], []]  # dict leaves: out, sum
+    assert manifest.jax_version == jax.__version__
+    assert manifest.custom_calls == []
+    # XLA's cost analysis of the program: at least the two 8x16x16 matmuls.
+    assert artifact.flops >= 2 * 2 * 8 * 16 * 16
+    assert artifact.bytes > 0
+    assert artifact.dtype == "fp32"
+    # The broker's own check agrees with the manifest.
+    assert verify_artifact(artifact.to_bytes()).sha256 == artifact.sha256
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_running_the_artifact_equals_plain_jax(dtype: object) -> None:
+    params, x = mlp_args(dtype)
+    artifact = Artifact.from_bytes(package(mlp, params, x).to_bytes())
+    got, want = artifact(params, x), jax.jit(mlp)(params, x)
+    assert got["out"].dtype == want["out"].dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got["out"]), np.asarray(want["out"]))
+    assert artifact.dtype == ("bf16" if dtype == jnp.bfloat16 else "fp32")
+
+
+def test_shape_polymorphic_batch_dimension() -> None:
+    params, x = mlp_args(batch=8)
+    artifact = package(mlp, params, x, polymorphic_shapes=(None, "b, ..."))
+    assert artifact.manifest.polymorphic
+    assert artifact.manifest.inputs[-1].shape == ["b", 16]
+    verified = verify_artifact(artifact.to_bytes())
+    for batch in (1, 5, 32):
+        _, xb = mlp_args(batch=batch)
+        leaves = arrays.read_header(*_bundle(params, xb))
+        check_inputs(verified, leaves)
+        np.testing.assert_allclose(verified(params, xb)["out"], mlp(params, xb)["out"], rtol=1e-6)
+    _, wrong = mlp_args(batch=3)
+    with pytest.raises(ArtifactError, match=r"do not fit.*shape\[1\]"):
+        check_inputs(verified, arrays.read_header(*_bundle(params, wrong[:, :5])))
+
+
+def _bundle(*args: object) -> tuple[bytes, int]:
+    data = arrays.encode(jax.tree.leaves(args))
+    return data, len(data)
+
+
+def test_inputs_must_match_the_artifact() -> None:
+    params, x = mlp_args()
+    artifact = package(mlp, params, x)
+    with pytest.raises(ArtifactError, match="takes 5 input arrays; got 4"):
+        check_inputs(artifact, arrays.read_header(*_bundle(params[0], params[1][0], x)))
+    with pytest.raises(ArtifactError, match="input 4 must be float32"):
+        check_inputs(artifact, arrays.read_header(*_bundle(params, x.astype(jnp.int32))))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        check_inputs(artifact, arrays.read_header(*_bundle(params, x[:3])))
+
+
+def test_step_functions_must_return_their_state() -> None:
+    state, x, y = sgd_args()
+    artifact = package_step(sgd_step, state, x, y)
+    assert artifact.kind == "iterative"
+    assert artifact.manifest.state_leaves == 2
+    assert artifact.manifest.outputs == artifact.manifest.inputs[:2]
+    with pytest.raises(ArtifactError, match="must return the new state"):
+        package_step(lambda s, x: s[0] + x.sum(), state, x)
+
+
+def test_unknown_platform_is_refused() -> None:
+    with pytest.raises(ArtifactError, match="platforms must be some of"):
+        package(jnp.sin, jnp.ones(3), platforms=("metal",))
+
+
+def _rebuild(artifact: Artifact, **changes: object) -> bytes:
+    manifest = artifact.manifest.model_copy(update=changes)
+    body = manifest.model_dump_json().encode()
+    return MAGIC + struct.pack("<I", len(body)) + body + artifact.program
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"platforms": ["cpu", "cuda"]}, "platforms"),
+        ({"flops": 1.0}, "flops"),
+        ({"dtype": "bf16"}, "dtype"),
+        ({"kind": "iterative", "state_leaves": 1}, "iterative"),
+    ],
+)
+def test_a_manifest_that_lies_is_refused(changes: dict[str, object], message: str) -> None:
+    artifact = package(mlp, *mlp_args())
+    with pytest.raises(ArtifactError, match=message):
+        verify_artifact(_rebuild(artifact, **changes))
+
+
+def test_tampered_bytes_are_refused() -> None:
+    data = bytearray(package(mlp, *mlp_args()).to_bytes())
+    data[-10] ^= 0xFF
+    with pytest.raises(ArtifactError, match="program_sha256"):
+        verify_artifact(bytes(data))
+    with pytest.raises(ArtifactError, match="bad magic"):
+        verify_artifact(b"GIF89a" + bytes(data))
+    with pytest.raises(ArtifactError, match="truncated"):
+        verify_artifact(bytes(data[:-100]))
+
+
+def test_a_program_that_is_not_a_jax_export_is_refused() -> None:
+    artifact = package(mlp, *mlp_args())
+    junk = b"\x00" * 64
+    fake = artifact.manifest.model_copy(
+        update={"program_sha256": hashlib.sha256(junk).hexdigest(), "program_size": len(junk)}
+    )
+    body = fake.model_dump_json().encode()
+    with pytest.raises(ArtifactError, match="does not deserialize"):
+        verify_artifact(MAGIC + struct.pack("<I", len(body)) + body + junk)
+
+
+def _with_custom_call(target: str, platforms: tuple[str, ...] = ("cpu",)) -> export.Exported:
+    def fn(x: jax.Array) -> jax.Array:
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+    checks = [export.DisabledSafetyCheck.custom_call(target)]
+    return export.export(jax.jit(fn), platforms=platforms, disabled_checks=checks)(jnp.ones(3))
+
+
+def _hand_made(exported: export.Exported, custom_calls: list[str]) -> bytes:
+    """An artifact built around ``exported`` without package()'s own checks."""
+    from broker.portable.artifact import tensor_spec, work_dtype
+
+    program = bytes(exported.serialize())
+    manifest = Manifest(
+        kind="function",
+        program_sha256=hashlib.sha256(program).hexdigest(),
+        program_size=len(program),
+        platforms=list(exported.platforms),  # type: ignore[arg-type]
+        fun_name="evil",
+        jax_version=jax.__version__,
+        calling_convention_version=exported.calling_convention_version,
+        devices=1,
+        inputs=[tensor_spec(a) for a in exported.in_avals],
+        outputs=[tensor_spec(a) for a in exported.out_avals],
+        polymorphic=False,
+        flops=0,
+        bytes=0,
+        dtype=work_dtype(exported.in_avals),
+        custom_calls=custom_calls,
+    )
+    return Artifact(manifest, program).to_bytes()
+
+
+def test_a_disallowed_custom_call_is_refused() -> None:
+    exported = _with_custom_call("my_native_kernel")
+    with pytest.raises(ArtifactError, match="does not allow"):
+        verify_artifact(_hand_made(exported, ["my_native_kernel"]))
+    # Hiding it from the manifest does not help.
+    with pytest.raises(ArtifactError, match="custom_calls"):
+        verify_artifact(_hand_made(exported, []))
+
+
+def test_allowed_custom_calls_follow_the_platforms() -> None:
+    artifact = package(jnp.linalg.cholesky, jnp.eye(4), platforms=("cpu", "cuda", "rocm"))
+    assert artifact.manifest.custom_calls == [
+        "cusolver_potrf_ffi",
+        "hipsolver_potrf_ffi",
+        "lapack_spotrf_ffi",
+    ]
+    verify_artifact(artifact.to_bytes())
+    # A cuSOLVER routine in an artifact that claims to be for cpu only is refused.
+    exported = _with_custom_call("cusolver_potrf_ffi")
+    with pytest.raises(ArtifactError, match="a cuda routine, but is exported only for cpu"):
+        verify_artifact(_hand_made(exported, ["cusolver_potrf_ffi"]))
