@@ -1,0 +1,218 @@
+"""Benchmark of the portability layer: `python -m benchmarks.portable`.
+
+Prints, for this machine's cpu backend:
+- packaging for 4 platforms versus one `jax.jit(f).lower()` (both cold: a new
+  function each time, so no trace or lowering cache helps either);
+- warm-cache start (a fresh process, persistent compilation cache filled):
+  artifact bytes to first result through the runner, versus `jax.jit` to first
+  result;
+- per-step time of an iterative job through the runner versus a plain
+  `jax.jit` loop, and checkpoint write (device to host, bundle) and restore;
+- the roofline's predicted over measured runtime for the calibration programs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from broker.portable import arrays, calibrate, runner
+from broker.portable.artifact import package, package_step
+
+
+def make_step(width: int) -> Callable[..., Any]:
+    """A new MLP training step each call (defeats JAX's caches for cold timings)."""
+
+    def loss(params: list[Any], x: Any, y: Any) -> Any:
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        w, b = params[-1]
+        return jnp.mean((x @ w + b - y) ** 2)
+
+    def step(state: tuple[Any, Any], x: Any, y: Any) -> tuple[Any, Any]:
+        params, count = state
+        grads = jax.grad(loss)(params, x, y)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), count + 1
+
+    return step
+
+
+def step_args(width: int, layers: int = 4, batch: int = 64) -> tuple[Any, Any, Any]:
+    rng = np.random.default_rng(0)
+    params = [
+        (jnp.asarray(rng.normal(size=(width, width)) * 0.05, jnp.float32), jnp.zeros(width))
+        for _ in range(layers)
+    ]
+    x = jnp.asarray(rng.normal(size=(batch, width)), jnp.float32)
+    return (params, jnp.int32(0)), x, jnp.zeros((batch, width))
+
+
+def make_attention() -> Callable[..., Any]:
+    def attention(q: Any, k: Any, v: Any) -> Any:
+        return jax.nn.softmax(q @ k.T / 16.0) @ v
+
+    return attention
+
+
+def packaging(repeats: int = 7) -> list[tuple[str, float, float]]:
+    rows = []
+    cases: list[tuple[str, Callable[[], Callable[..., Any]], tuple[Any, ...], bool]] = [
+        ("mlp training step 4x256", lambda: make_step(256), step_args(256), True),
+        ("mlp training step 8x512", lambda: make_step(512), step_args(512, layers=8), True),
+        ("attention 512x128", make_attention, (jnp.ones((512, 128)),) * 3, False),
+    ]
+    for name, factory, args, iterative in cases:
+        lower, pack = [], []
+        for _ in range(repeats):
+            fn = factory()
+            start = time.perf_counter()
+            jax.jit(fn).lower(*args)
+            lower.append(time.perf_counter() - start)
+            fn = factory()
+            start = time.perf_counter()
+            if iterative:
+                package_step(fn, args[0], *args[1:]).to_bytes()
+            else:
+                package(fn, *args).to_bytes()
+            pack.append(time.perf_counter() - start)
+        rows.append((name, statistics.median(lower), statistics.median(pack)))
+    return rows
+
+
+_START = """
+import sys, time, pickle
+import jax, numpy as np
+from pathlib import Path
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+sys.path.insert(0, {root!r})
+from benchmarks.portable import make_step, step_args
+from broker.portable import runner
+from broker.portable.artifact import Artifact
+args = step_args(512, layers=8)
+leaves = jax.tree.leaves(args)
+data = Path(sys.argv[3]).read_bytes()
+start = time.perf_counter()
+if sys.argv[1] == "plain":
+    out = jax.jit(make_step(512))(*args)
+    jax.block_until_ready(out)
+else:
+    runner._cache_dir = Path(sys.argv[2])
+    runner.run(Artifact.from_bytes(data), leaves, steps=1)
+print(time.perf_counter() - start)
+"""
+
+
+def warm_start(repeats: int = 3) -> tuple[float, float]:
+    """Median seconds to the first result in a fresh process with a warm cache."""
+    root = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "step.artifact"
+        args = step_args(512, layers=8)
+        artifact.write_bytes(package_step(make_step(512), args[0], *args[1:]).to_bytes())
+        script = _START.format(root=root)
+        cache = str(Path(tmp) / "cache")
+
+        def once(mode: str) -> float:
+            out = subprocess.run(  # noqa: S603 - our own interpreter and script
+                [sys.executable, "-c", script, mode, cache, str(artifact)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            return float(out.stdout.strip().splitlines()[-1])
+
+        once("plain"), once("layer")  # fill the cache
+        plain = statistics.median(once("plain") for _ in range(repeats))
+        layer = statistics.median(once("layer") for _ in range(repeats))
+    return plain, layer
+
+
+def per_step(steps: int = 2000, repeats: int = 5) -> dict[str, float]:
+    args = step_args(128, layers=2, batch=32)
+    step = make_step(128)
+    artifact = package_step(step, args[0], *args[1:])
+    leaves = jax.tree.leaves(args)
+    jitted = jax.jit(step)
+
+    def plain() -> float:
+        state = jitted(*args)
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        state = args[0]
+        for _ in range(steps):
+            state = jitted(state, args[1], args[2])
+        jax.block_until_ready(state)
+        return time.perf_counter() - start
+
+    def layer() -> float:
+        return runner.run(artifact, leaves, steps=steps).timings.run
+
+    layer()  # compile
+    plain_s = min(plain() for _ in range(repeats))
+    layer_s = min(layer() for _ in range(repeats))
+
+    saved: dict[int, Any] = {}
+
+    def keep(step: int, state: list[Any]) -> None:
+        saved[step] = arrays.encode(state)  # what a provider uploads
+
+    big = step_args(1024, layers=8)
+    big_artifact = package_step(make_step(1024), big[0], *big[1:])
+    big_leaves = jax.tree.leaves(big)
+    run = runner.run(big_artifact, big_leaves, steps=4, checkpoint_every=2, on_checkpoint=keep)
+    restore_from = arrays.decode(saved[2])
+    resumed = runner.run(
+        big_artifact, big_leaves, steps=4, checkpoint=runner.Checkpoint(2, restore_from)
+    )
+    return {
+        "plain_us": plain_s / steps * 1e6,
+        "layer_us": layer_s / steps * 1e6,
+        "checkpoint_mb": len(saved[2]) / 1e6,
+        "checkpoint_write_s": run.timings.checkpoint_write,
+        "checkpoint_restore_s": resumed.timings.checkpoint_restore,
+    }
+
+
+def main() -> None:
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0]}")
+    print("\npackaging for cpu+cuda+rocm+tpu vs one jax.jit(f).lower() (median, cold)")
+    for name, lower, pack in packaging():
+        print(
+            f"  {name:28} lower {lower * 1e3:7.1f} ms  package {pack * 1e3:7.1f} ms  "
+            f"ratio {pack / lower:.2f}"
+        )
+    plain, layer = warm_start()
+    print("\nwarm-cache start, fresh process, to the first result (median of 3)")
+    print(
+        f"  plain jax.jit {plain * 1e3:.0f} ms, through the layer {layer * 1e3:.0f} ms, "
+        f"ratio {layer / plain:.2f}"
+    )
+    steps = per_step()
+    print("\niterative job, per step (best of 5 runs of 2000 steps)")
+    print(
+        f"  plain jax.jit loop {steps['plain_us']:.1f} us, runner {steps['layer_us']:.1f} us, "
+        f"overhead {(steps['layer_us'] / steps['plain_us'] - 1) * 100:+.1f}%"
+    )
+    print(
+        f"  checkpoint of an 8x1024 MLP state ({steps['checkpoint_mb']:.1f} MB): write "
+        f"{steps['checkpoint_write_s'] * 1e3:.1f} ms, restore "
+        f"{steps['checkpoint_restore_s'] * 1e3:.1f} ms"
+    )
+    print("\nruntime prediction on cpu (broker calibrate)")
+    print("  " + calibrate.report(calibrate.calibrate()).replace("\n", "\n  "))
+
+
+if __name__ == "__main__":
+    main()
