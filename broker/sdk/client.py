@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import jax
 
 from broker.portable import arrays
 from broker.portable.artifact import ALL_PLATFORMS, Artifact, package, package_step
-from broker.sdk.http import BrokerError, Http
+from broker.sdk.http import BINARY, BrokerError, Connection
 
 _FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -35,7 +34,7 @@ class JobCancelled(RuntimeError):
         self.job = job
 
 
-class Client:
+class Client(Connection):
     """A developer's connection to a broker.
 
     >>> client = Client("http://127.0.0.1:8000", api_key=KEY)
@@ -43,26 +42,6 @@ class Client:
     >>> job.wait()
     >>> out = job.result()
     """
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        *,
-        timeout: float = 60.0,
-        retries: int = 5,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.http = Http(url, api_key, timeout=timeout, retries=retries, transport=transport)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.http.close()
 
     # -- submitting -----------------------------------------------------------------
 
@@ -125,18 +104,8 @@ class Client:
     def upload_artifact(self, artifact: Artifact) -> str:
         """Upload an artifact unless the broker has it already; returns its address."""
         if not self.http.exists(f"/v1/artifacts/{artifact.sha256}"):
-            self.http.request("POST", "/v1/artifacts", content=artifact.to_bytes(), headers=_BIN)
+            self.http.request("POST", "/v1/artifacts", content=artifact.to_bytes(), headers=BINARY)
         return artifact.sha256
-
-    def upload_arrays(self, leaves: Sequence[Any]) -> str:
-        """Upload arrays (a flat list) as a bundle, unless already there; returns its address."""
-        import hashlib
-
-        data = arrays.encode(leaves)
-        sha = hashlib.sha256(data).hexdigest()
-        if not self.http.exists(f"/v1/arrays/{sha}"):
-            self.http.request("POST", "/v1/arrays", content=data, headers=_BIN)
-        return sha
 
     # -- reading ----------------------------------------------------------------------
 
@@ -149,9 +118,6 @@ class Client:
             params["state"] = state
         page = self.http.json("GET", "/v1/jobs", params=params)
         return [Job(self, item) for item in page["items"]]
-
-
-_BIN = {"Content-Type": "application/octet-stream"}
 
 
 class Job:

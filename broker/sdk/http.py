@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Self
 
 import httpx
 
@@ -98,6 +99,43 @@ class Http:
         if retry_after and retry_after.isdigit():
             delay = max(delay, float(retry_after))
         time.sleep(min(delay, 30.0))
+
+
+class Connection:
+    """What developer and provider clients share: one broker, one key, uploads."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.http = Http(url, api_key, timeout=timeout, retries=retries, transport=transport)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def upload_arrays(self, leaves: Sequence[Any]) -> str:
+        """Upload arrays (a flat list) as a bundle, unless already there; returns its address."""
+        from broker.portable import arrays
+
+        data = arrays.encode(leaves)
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.http.exists(f"/v1/arrays/{sha}"):
+            self.http.request("POST", "/v1/arrays", content=data, headers=BINARY)
+        return sha
+
+
+BINARY = {"Content-Type": "application/octet-stream"}
 
 
 def _error(response: httpx.Response) -> BrokerError:

@@ -8,41 +8,23 @@ The provider agent calls it for each allocation it picks up.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from broker.portable import arrays, runner
 from broker.portable.artifact import Artifact
 from broker.portable.manifest import ArtifactError
-from broker.sdk.http import BrokerError, Http
+from broker.sdk.http import BrokerError, Connection
 
 log = logging.getLogger(__name__)
 
-_BIN = {"Content-Type": "application/octet-stream"}
 
-
-class ProviderClient:
+class ProviderClient(Connection):
     """A provider's connection to a broker (an API key of a provider account)."""
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        *,
-        timeout: float = 60.0,
-        retries: int = 5,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.http = Http(url, api_key, timeout=timeout, retries=retries, transport=transport)
-
-    def close(self) -> None:
-        self.http.close()
 
     def work(self, wait: float = 0) -> list[dict[str, Any]]:
         """Active allocations on my offers; with ``wait``, long-poll for up to that long."""
@@ -81,12 +63,6 @@ class ProviderClient:
             "POST", f"/v1/allocations/{allocation_id}/finish", json=body
         )
         return data
-
-    def upload_arrays(self, leaves: list[np.ndarray[Any, Any]]) -> str:
-        data = arrays.encode(leaves)
-        sha = hashlib.sha256(data).hexdigest()
-        self.http.request("POST", "/v1/arrays", content=data, headers=_BIN)
-        return sha
 
     def artifact(self, sha256: str) -> Artifact:
         return Artifact.from_bytes(self.http.download(f"/v1/artifacts/{sha256}/content", sha256))
