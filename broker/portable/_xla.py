@@ -22,15 +22,19 @@ from jax.interpreters import mlir
 
 
 def export_with_cost(
-    jitted: Any, specs: Sequence[Any], platforms: Sequence[str]
-) -> tuple[export.Exported, dict[str, float] | None]:
-    """Export ``jitted`` for ``platforms`` and, when its shapes are static, XLA's cost
-    analysis of the same lowering (``None`` for symbolic shapes)."""
+    jitted: Any, specs: Sequence[Any], platforms: Sequence[str], example_args: Sequence[Any]
+) -> tuple[export.Exported, dict[str, float]]:
+    """Export ``jitted`` for ``platforms``, with XLA's cost analysis for ``example_args``.
+
+    With static shapes the cost comes from the lowering the export used; with
+    symbolic ones (or a JAX without these internals) from a lowering of the examples.
+    """
     try:
         from jax._src import config
         from jax._src.export import _export
     except ImportError:  # pragma: no cover - a JAX without these internals
-        return export.export(jitted, platforms=tuple(platforms))(*specs), None
+        exported = export.export(jitted, platforms=tuple(platforms))(*specs)
+        return exported, _cost_dict(jitted.lower(*example_args).cost_analysis())
     _export.check_symbolic_scope_errors(jitted, specs, {})
     traced = jitted.trace(*specs)
     lowered = traced.lower(
@@ -42,8 +46,9 @@ def export_with_cost(
         ),
     )
     exported = _export._export_lowered(lowered, traced.jaxpr, traced.fun_name, disabled_checks=())
-    static = all(_static(aval.shape) for aval in exported.in_avals)
-    return exported, _cost_dict(lowered.cost_analysis()) if static else None
+    if all(_static(aval.shape) for aval in exported.in_avals):
+        return exported, _cost_dict(lowered.cost_analysis())
+    return exported, _cost_dict(jitted.lower(*example_args).cost_analysis())
 
 
 def module_cost(exported: export.Exported) -> dict[str, float]:

@@ -155,9 +155,7 @@ def _package(
     else:
         specs = tuple(export.symbolic_args_specs(example_args, polymorphic_shapes))
     try:
-        exported, cost = _xla.export_with_cost(jitted, specs, platforms)
-        if cost is None:
-            cost = _xla._cost_dict(jitted.lower(*example_args).cost_analysis())
+        exported, cost = _xla.export_with_cost(jitted, specs, platforms, example_args)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"cannot export {_name(fn)}: {e}") from e
     if state_leaves is not None:

@@ -72,8 +72,7 @@ async def list_work(
 
 @router.post("/{allocation_id}/start", summary="Start a matched job (provider)")
 def start(session: SessionDep, provider: Provider, allocation_id: ObjectId) -> WorkOrder:
-    service.start(session, provider, allocation_id)
-    return work_order(*service.get_allocation(session, provider, allocation_id))
+    return work_order(*service.start(session, provider, allocation_id))
 
 
 @router.post("/{allocation_id}/progress", summary="Report steps done (provider)")

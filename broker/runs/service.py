@@ -87,9 +87,9 @@ def _active(allocation: Allocation) -> None:
         )
 
 
-def start(session: Session, provider: Account, allocation_id: str) -> tuple[Allocation, Job]:
+def start(session: Session, provider: Account, allocation_id: str) -> tuple[Allocation, Offer, Job]:
     """Mark the job running. Starting again (a retried request) changes nothing."""
-    allocation, _, job = get_allocation(session, provider, allocation_id, lock=True)
+    allocation, offer, job = get_allocation(session, provider, allocation_id, lock=True)
     _active(allocation)
     if job.state == JobState.matched:
         job.move_to(JobState.running)
@@ -97,7 +97,7 @@ def start(session: Session, provider: Account, allocation_id: str) -> tuple[Allo
         job.started_at = job.updated_at
         job.error = None
         session.flush()
-    return allocation, job
+    return allocation, offer, job
 
 
 def progress(session: Session, provider: Account, allocation_id: str, steps_done: int) -> Job:

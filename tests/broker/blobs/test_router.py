@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import jax
 import numpy as np
 import pytest
 from sqlalchemy.orm import Session
@@ -117,7 +116,3 @@ def test_uploads_over_the_limit_get_413(developer: Any, monkeypatch: pytest.Monk
 
 def test_bad_digest_in_the_path_is_a_422(developer: Any) -> None:
     assert developer.get("/v1/artifacts/not-a-digest").status_code == 422
-
-
-def leaves_of(*args: Any) -> list[Any]:
-    return jax.tree.leaves(args)
