@@ -15,12 +15,14 @@ from sqlalchemy import text
 from broker.accounts.router import router as accounts_router
 from broker.blobs.router import router as blobs_router
 from broker.config import get_settings
-from broker.db import SessionDep, get_engine
+from broker.db import SessionDep, get_engine, session_scope
 from broker.errors import error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
+from broker.nodes.router import router as nodes_router
+from broker.nodes.service import sweep
 from broker.offers.router import router as offers_router
 from broker.runs.router import router as runs_router
 
@@ -49,6 +51,24 @@ async def _clear_forever(interval: float) -> None:
             log.exception("automatic clearing round failed")
 
 
+def _sweep_once() -> int:
+    settings = get_settings()
+    with session_scope() as session:
+        return sweep(session, settings.node_timeout_s, settings.max_attempts)
+
+
+async def _sweep_forever() -> None:
+    """Mark nodes that stopped sending heartbeats offline and hand their jobs back."""
+    interval = min(5.0, get_settings().node_timeout_s / 4)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if swept := await asyncio.to_thread(_sweep_once):
+                log.warning("%d node(s) went offline; their jobs went back to the market", swept)
+        except Exception:
+            log.exception("node sweep failed")
+
+
 def create_app(auto_clear: bool | None = None) -> FastAPI:
     """The API. ``auto_clear`` (default: BROKER_CLEAR_INTERVAL_SECONDS > 0) runs
     clearing rounds in the background while the app is served."""
@@ -57,9 +77,11 @@ def create_app(auto_clear: bool | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_clear_forever(interval or 10.0)) if clearing else None
+        tasks = [asyncio.create_task(_sweep_forever())]
+        if clearing:
+            tasks.append(asyncio.create_task(_clear_forever(interval or 10.0)))
         yield
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
@@ -83,6 +105,7 @@ def create_app(auto_clear: bool | None = None) -> FastAPI:
         market_router,
         blobs_router,
         runs_router,
+        nodes_router,
     ):
         app.include_router(router)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.accounts.service import authenticate
+from broker.accounts.service import authenticate, authenticate_key
 from broker.db import SessionDep, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
@@ -67,12 +69,44 @@ def check_role(account: Account, *roles: Role) -> Account:
     return account
 
 
-def _streaming_provider(account: StreamingAccount) -> Account:
-    return check_role(account, Role.provider)
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A provider calling as the agent of one node (a node key), or as itself
+    (``node_id`` None: its own key, which acts for offers listed by hand)."""
+
+    account: Account
+    node_id: str | None
+
+
+def _agent(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Agent:
+    if credentials is None:
+        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
+    found = authenticate_key(session, credentials.credentials)
+    if found is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    check_role(found[0], Role.provider)
+    return Agent(*found)
+
+
+def current_agent(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Agent:
+    return _agent(session, credentials)
+
+
+def streaming_agent(
+    transactions: TransactionsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Agent:
+    with transactions(write=False) as session:
+        return _agent(session, credentials)
 
 
 Developer = Annotated[Account, Depends(require_role(Role.developer))]
-# For long polls: checked in a short transaction, so no session is held while waiting.
-StreamingProvider = Annotated[Account, Depends(_streaming_provider)]
 Provider = Annotated[Account, Depends(require_role(Role.provider))]
 Admin = Annotated[Account, Depends(require_role(Role.admin))]
+# Node agents (or providers themselves) reporting on the work they run; the
+# streaming one is checked in a short transaction, for long polls.
+AgentDep = Annotated[Agent, Depends(current_agent)]
+StreamingAgent = Annotated[Agent, Depends(streaming_agent)]

@@ -45,6 +45,20 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest array bundle upload (inputs, checkpoint, result), in bytes",
     )
+    node_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="A node that sends no heartbeat for this long is offline: its offers "
+        "leave the book and its jobs go back to the market",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Starts a job may have; one that fails or loses its node this many "
+        "times fails for good, with the last reason",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

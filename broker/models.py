@@ -5,6 +5,7 @@ from broker.blobs.models import Blob, BlobGrant
 from broker.db import Base
 from broker.jobs.models import Job
 from broker.market.models import Allocation, ClearingRound
+from broker.nodes.models import Node
 from broker.offers.models import Offer
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "BlobGrant",
     "ClearingRound",
     "Job",
+    "Node",
     "Offer",
 ]

@@ -7,6 +7,7 @@ from sqlalchemy import Enum, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
+from broker.nodes import models as _nodes  # noqa: F401 (api_keys.node_id refers to nodes)
 
 
 class Role(enum.StrEnum):
@@ -39,5 +40,10 @@ class ApiKey(Base):
     # The first characters of the key, so a user can tell keys apart in listings.
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # A node key: issued to a provider's agent when it registers a node, and good
+    # for that node's heartbeats, offers and allocations only (see broker.auth).
+    node_id: Mapped[str | None] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), default=None, index=True
+    )
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

@@ -46,10 +46,17 @@ def create_account(session: Session, name: str, role: Role) -> tuple[Account, st
     return account, issue_key(session, account)
 
 
-def issue_key(session: Session, account: Account) -> str:
+def issue_key(session: Session, account: Account, *, node_id: str | None = None) -> str:
+    """A new API key for ``account``; with ``node_id``, a node key for its agent."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiKey(id=new_id("key"), account_id=account.id, prefix=key[:10], key_hash=hash_key(key))
+        ApiKey(
+            id=new_id("key"),
+            account_id=account.id,
+            prefix=key[:10],
+            key_hash=hash_key(key),
+            node_id=node_id,
+        )
     )
     session.flush()
     return key
@@ -57,17 +64,25 @@ def issue_key(session: Session, account: Account) -> str:
 
 def authenticate(session: Session, key: str) -> Account | None:
     """The enabled account that owns an unrevoked ``key``, or None."""
+    found = authenticate_key(session, key)
+    return found[0] if found else None
+
+
+def authenticate_key(session: Session, key: str) -> tuple[Account, str | None] | None:
+    """The enabled account that owns an unrevoked ``key`` and the node the key is
+    bound to (None for an account's own keys), or None."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
-    return session.scalar(
-        select(Account)
+    row = session.execute(
+        select(Account, ApiKey.node_id)
         .join(ApiKey, ApiKey.account_id == Account.id)
         .where(
             ApiKey.key_hash == hash_key(key),
             ApiKey.revoked_at.is_(None),
             Account.disabled_at.is_(None),
         )
-    )
+    ).first()
+    return (row[0], row[1]) if row else None
 
 
 def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Account], int]:

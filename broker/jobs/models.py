@@ -71,6 +71,8 @@ class Job(Base):
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     result_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Metered accelerator-milliseconds over all its allocations.
+    usage_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     # A retried POST with the same key returns this job; the hash spots a reused key.

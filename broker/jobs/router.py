@@ -67,6 +67,7 @@ def job_out(job: Job) -> JobOut:
         checkpoint_step=job.checkpoint_step,
         result=job.result_sha256,
         attempts=job.attempts,
+        accelerator_seconds=job.usage_ms / 1000,
         error=job.error,
         started_at=job.started_at,
         created_at=job.created_at,

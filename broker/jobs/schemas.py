@@ -103,6 +103,9 @@ class JobOut(BaseModel):
     checkpoint_step: int
     result: str | None = Field(description="Output arrays, once the job succeeded")
     attempts: int = Field(description="Times a provider started the job")
+    accelerator_seconds: float = Field(
+        description="Metered usage over all its runs, as its providers reported it"
+    )
     error: str | None
     created_at: datetime
     updated_at: datetime

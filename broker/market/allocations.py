@@ -29,7 +29,9 @@ def latest_allocation(session: Session, job_id: str) -> Allocation | None:
     )
 
 
-def release(session: Session, job: Job, status: AllocationStatus) -> Allocation | None:
+def release(
+    session: Session, job: Job, status: AllocationStatus, reason: str | None = None
+) -> Allocation | None:
     """End the job's active allocation and return its accelerators to the offer.
 
     The offer's count is raised in SQL (``count = count + n``), so concurrent
@@ -40,6 +42,7 @@ def release(session: Session, job: Job, status: AllocationStatus) -> Allocation 
         return None
     allocation.status = status
     allocation.ended_at = utcnow()
+    allocation.end_reason = reason
     session.execute(
         update(Offer)
         .where(Offer.id == allocation.offer_id)
@@ -49,17 +52,31 @@ def release(session: Session, job: Job, status: AllocationStatus) -> Allocation 
     return allocation
 
 
-def end_job(session: Session, job: Job, state: JobState) -> None:
-    """Move a job to ``state`` and free its capacity if it no longer needs it.
-
-    Used for cancellation now and by the provider agent for completion later.
-    """
+def end_job(session: Session, job: Job, state: JobState, reason: str | None = None) -> None:
+    """Move a job to ``state`` and free its capacity if it no longer needs it
+    (cancelled, finished by its provider, or handed back to the book)."""
     job.move_to(state)
     if state in (JobState.succeeded, JobState.failed):
-        release(session, job, AllocationStatus.finished)
+        release(session, job, AllocationStatus.finished, reason)
     elif state in (JobState.cancelled, JobState.open):
-        release(session, job, AllocationStatus.released)
+        release(session, job, AllocationStatus.released, reason)
     session.flush()
+
+
+def requeue(session: Session, job: Job, reason: str, max_attempts: int) -> None:
+    """Hand a matched or running job back to the order book, because its node was lost,
+    stopped, or the run failed in a way another node may not repeat.
+
+    It resumes from its last checkpoint wherever it lands next. A job that has
+    been started ``max_attempts`` times fails instead, with the reason.
+    """
+    if job.state == JobState.running and job.attempts >= max_attempts:
+        job.error = f"gave up after {job.attempts} attempts; the last: {reason}"
+        end_job(session, job, JobState.failed, reason)
+        return
+    if job.state == JobState.running:
+        job.error = f"attempt {job.attempts} ended: {reason}; back in the order book"
+    end_job(session, job, JobState.open, reason)
 
 
 def release_offer(session: Session, offer: Offer) -> int:
@@ -75,5 +92,5 @@ def release_offer(session: Session, offer: Offer) -> int:
         .with_for_update()
     ).all()
     for job, _ in rows:
-        end_job(session, job, JobState.open)
+        end_job(session, job, JobState.open, "the offer was withdrawn")
     return len(rows)

@@ -62,7 +62,13 @@ class Allocation(Base):
     latency_micros: Mapped[int] = mapped_column(BigInteger)
     cost_micros: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # When the provider started the job, and the accelerator-milliseconds it has
+    # reported since: at most wall time x accelerators, and a replayed report
+    # counts once (reports carry the running total, not increments).
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    usage_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    end_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class ClearingRound(Base):

@@ -28,6 +28,8 @@ class Offer(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     provider_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    # The node whose agent published it; None for offers listed by hand.
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), default=None, index=True)
     status: Mapped[OfferStatus] = mapped_column(
         Enum(OfferStatus, name="offer_status", native_enum=False, length=16),
         default=OfferStatus.active,

@@ -20,6 +20,7 @@ def offer_out(offer: Offer) -> OfferOut:
     return OfferOut(
         id=offer.id,
         provider_id=offer.provider_id,
+        node_id=offer.node_id,
         status=offer.status,
         vendor=offer.vendor,
         accelerator=offer.accelerator,

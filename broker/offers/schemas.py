@@ -68,6 +68,7 @@ class OfferUpdate(BaseModel):
 class OfferOut(BaseModel):
     id: str
     provider_id: str
+    node_id: str | None = Field(description="The node whose agent publishes it, if any")
     status: OfferStatus
     vendor: str
     accelerator: str

@@ -26,7 +26,7 @@ def resolve_model(name: str) -> str:
 
 
 def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offer:
-    hardware = _hardware(data)
+    hardware = hardware_figures(data)
     offer = Offer(
         id=new_id("off"),
         provider_id=provider.id,
@@ -47,7 +47,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
     return offer
 
 
-def _hardware(data: OfferCreate) -> dict[str, object]:
+def hardware_figures(data: OfferCreate) -> dict[str, object]:
     """Fill hardware figures from the catalog; explicit figures override it.
 
     Vendor and platform are facts of the model, so a mismatch is refused rather

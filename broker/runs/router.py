@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from broker.accounts.models import Account
-from broker.auth import Provider, StreamingProvider
+from broker.auth import Agent, AgentDep, StreamingAgent
+from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.jobs.models import Job
 from broker.jobs.router import job_out
@@ -47,51 +47,61 @@ def work_order(allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
     )
 
 
-def _work(transactions: Transactions, provider: Account) -> list[WorkOrder]:
+def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
     with transactions(write=False) as session:
-        return [work_order(*row) for row in service.work_for(session, provider)]
+        return [work_order(*row) for row in service.work_for(session, agent)]
 
 
 @router.get(
     "",
-    summary="My work: active allocations on my offers (provider)",
+    summary="My work: active allocations on my node or offers (agent, provider)",
     description="Jobs the market matched to the caller's offers, oldest first: those to "
-    "start (`job_state` matched) and those running. With `wait`, the call waits up to that "
-    "many seconds for work to appear before answering with an empty list.",
+    "start (`job_state` matched) and those running. A node key sees its node's work only. "
+    "With `wait`, the call waits up to that many seconds for work to appear before "
+    "answering with an empty list.",
 )
 async def list_work(
-    transactions: TransactionsDep, provider: StreamingProvider, query: Annotated[WorkQuery, Query()]
+    transactions: TransactionsDep, agent: StreamingAgent, query: Annotated[WorkQuery, Query()]
 ) -> list[WorkOrder]:
     deadline = time.monotonic() + query.wait
     while True:
-        orders = await run_in_threadpool(_work, transactions, provider)
+        orders = await run_in_threadpool(_work, transactions, agent)
         if orders or time.monotonic() >= deadline:
             return orders
         await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
 @router.post("/{allocation_id}/start", summary="Start a matched job (provider)")
-def start(session: SessionDep, provider: Provider, allocation_id: ObjectId) -> WorkOrder:
-    return work_order(*service.start(session, provider, allocation_id))
+def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> WorkOrder:
+    return work_order(*service.start(session, agent, allocation_id))
 
 
 @router.post("/{allocation_id}/progress", summary="Report steps done (provider)")
 def progress(
-    session: SessionDep, provider: Provider, allocation_id: ObjectId, body: Progress
+    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Progress
 ) -> JobOut:
-    return job_out(service.progress(session, provider, allocation_id, body.steps_done))
+    job = service.progress(session, agent, allocation_id, body.steps_done, body.accelerator_seconds)
+    return job_out(job)
 
 
 @router.post("/{allocation_id}/checkpoint", summary="Record a checkpoint (provider)")
 def checkpoint(
-    session: SessionDep, provider: Provider, allocation_id: ObjectId, body: CheckpointIn
+    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: CheckpointIn
 ) -> JobOut:
-    return job_out(service.checkpoint(session, provider, allocation_id, body.checkpoint, body.step))
+    return job_out(service.checkpoint(session, agent, allocation_id, body.checkpoint, body.step))
 
 
 @router.post("/{allocation_id}/finish", summary="Finish a job: result or error (provider)")
-def finish(
-    session: SessionDep, provider: Provider, allocation_id: ObjectId, body: Finish
-) -> JobOut:
-    job = service.finish(session, provider, allocation_id, body.outcome, body.result, body.error)
+def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Finish) -> JobOut:
+    job = service.finish(
+        session,
+        agent,
+        allocation_id,
+        body.outcome,
+        body.result,
+        body.error,
+        retry=body.retry,
+        accelerator_seconds=body.accelerator_seconds,
+        max_attempts=get_settings().max_attempts,
+    )
     return job_out(job)

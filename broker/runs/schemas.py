@@ -40,10 +40,22 @@ class WorkQuery(BaseModel):
     )
 
 
+AcceleratorSeconds = Annotated[
+    float | None,
+    Field(
+        default=None,
+        ge=0,
+        le=1e10,
+        description="Usage of this allocation so far: a running total, not an increment",
+    ),
+]
+
+
 class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps_done: int = Field(ge=0, le=100_000_000)
+    accelerator_seconds: AcceleratorSeconds = None
 
 
 class CheckpointIn(BaseModel):
@@ -63,3 +75,9 @@ class Finish(BaseModel):
     error: str | None = Field(
         default=None, max_length=4000, description="Failed: what went wrong, for the developer"
     )
+    retry: bool = Field(
+        default=False,
+        description="Failed because of the machine, not the program (out of memory, a "
+        "device error): hand the job back to the market, within its attempts",
+    )
+    accelerator_seconds: AcceleratorSeconds = None

@@ -1,8 +1,9 @@
 """Running matched jobs: the provider side of an allocation's life.
 
-The provider whose offer holds an allocation starts the job, reports progress
-and checkpoints, and finishes it with a result or an error. Only that provider
-may; once the allocation has ended (the developer cancelled, or the job was
+The provider whose offer holds an allocation starts the job, reports progress,
+usage and checkpoints, and finishes it with a result or an error. Only that
+provider may, and for an offer its agent published, only that node's agent
+(the node key); once the allocation has ended (the developer cancelled, or the job was
 handed back to the market) every report is refused, so the provider stops.
 Functions take the session and never commit.
 """
@@ -10,30 +11,35 @@ Functions take the session and never commit.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.accounts.models import Role
+from broker.auth import Agent
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, grant, leaf_specs
 from broker.db import utcnow
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
 from broker.jobs.models import Job
 from broker.jobs.states import JobState
-from broker.market.allocations import end_job
+from broker.market.allocations import end_job, requeue
 from broker.market.models import Allocation, AllocationStatus
 from broker.offers.models import Offer
 from broker.portable.arrays import LeafSpec
 from broker.portable.manifest import Manifest, TensorSpec
+
+_RUN_FAILED = "the run failed: "
 
 
 class AllocationEnded(Conflict):
     code = "allocation_ended"
 
 
-def work_for(session: Session, provider: Account) -> list[tuple[Allocation, Offer, Job]]:
-    """Active allocations on the provider's offers, oldest first."""
+def work_for(session: Session, agent: Agent) -> list[tuple[Allocation, Offer, Job]]:
+    """Active allocations on the agent's node (or, for a provider's own key, on all its
+    offers), oldest first."""
     stmt = (
         select(Allocation, Offer, Job)
         .join(Offer, Offer.id == Allocation.offer_id)
@@ -42,22 +48,36 @@ def work_for(session: Session, provider: Account) -> list[tuple[Allocation, Offe
         .order_by(Allocation.created_at, Allocation.id)
         .limit(1000)
     )
-    if provider.role != Role.admin:
-        stmt = stmt.where(Offer.provider_id == provider.id)
+    if agent.node_id is not None:
+        stmt = stmt.where(Offer.node_id == agent.node_id)
+    elif agent.account.role != Role.admin:
+        stmt = stmt.where(Offer.provider_id == agent.account.id)
     return [(a, o, j) for a, o, j in session.execute(stmt).all()]
 
 
 def get_allocation(
-    session: Session, provider: Account, allocation_id: str, *, lock: bool = False
+    session: Session, agent: Agent, allocation_id: str, *, lock: bool = False
 ) -> tuple[Allocation, Offer, Job]:
-    """One of the provider's allocations; with ``lock``, its offer and job rows are
-    locked, offer first, as everywhere else."""
+    """One of the agent's allocations; with ``lock``, its offer and job rows are
+    locked, offer first, as everywhere else.
+
+    A node's allocations answer only to that node's key: another node of the same
+    provider gets 404, and the provider's own key is told to use the node's.
+    """
     allocation = session.get(Allocation, allocation_id)
     offer = session.get(Offer, allocation.offer_id) if allocation else None
     if allocation is None or offer is None:
         raise NotFound(f"no allocation {allocation_id!r} on your offers")
-    if provider.role != Role.admin and offer.provider_id != provider.id:
+    admin = agent.account.role == Role.admin
+    if agent.node_id is not None and offer.node_id != agent.node_id:
+        raise NotFound(f"no allocation {allocation_id!r} on this node")
+    if not admin and offer.provider_id != agent.account.id:
         raise NotFound(f"no allocation {allocation_id!r} on your offers")
+    if agent.node_id is None and offer.node_id is not None and not admin:
+        raise Forbidden(
+            f"allocation {allocation_id} runs on node {offer.node_id}: only that node's agent "
+            "(its node key) may report on it",
+        )
     if lock:
         session.scalar(
             select(Offer)
@@ -87,23 +107,53 @@ def _active(allocation: Allocation) -> None:
         )
 
 
-def start(session: Session, provider: Account, allocation_id: str) -> tuple[Allocation, Offer, Job]:
+def start(session: Session, agent: Agent, allocation_id: str) -> tuple[Allocation, Offer, Job]:
     """Mark the job running. Starting again (a retried request) changes nothing."""
-    allocation, offer, job = get_allocation(session, provider, allocation_id, lock=True)
+    allocation, offer, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
     if job.state == JobState.matched:
         job.move_to(JobState.running)
         job.attempts += 1
-        job.started_at = job.updated_at
-        job.error = None
+        job.started_at = allocation.started_at = job.updated_at
         session.flush()
     return allocation, offer, job
 
 
-def progress(session: Session, provider: Account, allocation_id: str, steps_done: int) -> Job:
-    allocation, _, job = get_allocation(session, provider, allocation_id, lock=True)
+def meter(
+    session: Session,
+    allocation: Allocation,
+    job: Job,
+    accelerator_seconds: float | None,
+    now: datetime | None = None,
+) -> None:
+    """Record the running total of accelerator-seconds the provider reports for an
+    allocation (rows locked by the caller).
+
+    Totals only grow, so a replayed or late report changes nothing, and a total
+    is capped at the wall time since the start times the accelerators held, so a
+    provider cannot bill for more than it could have run.
+    """
+    if accelerator_seconds is None or allocation.started_at is None:
+        return
+    wall = ((now or utcnow()) - allocation.started_at).total_seconds()
+    cap_ms = max(0, int(wall * 1000)) * allocation.accelerators
+    total_ms = min(round(accelerator_seconds * 1000), cap_ms)
+    if total_ms > allocation.usage_ms:
+        job.usage_ms += total_ms - allocation.usage_ms
+        allocation.usage_ms = total_ms
+
+
+def progress(
+    session: Session,
+    agent: Agent,
+    allocation_id: str,
+    steps_done: int,
+    accelerator_seconds: float | None = None,
+) -> Job:
+    allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
     _running(job)
+    meter(session, allocation, job, accelerator_seconds)
     limit = job.steps or 1
     if steps_done > limit:
         raise InvalidInput(f"the job has {limit} steps", field="body.steps_done")
@@ -113,12 +163,10 @@ def progress(session: Session, provider: Account, allocation_id: str, steps_done
     return job
 
 
-def checkpoint(
-    session: Session, provider: Account, allocation_id: str, sha256: str, step: int
-) -> Job:
+def checkpoint(session: Session, agent: Agent, allocation_id: str, sha256: str, step: int) -> Job:
     """Record the job's state after ``step`` steps, so that it can resume from there on
     any provider. The same checkpoint again is a no-op; an older one is refused."""
-    allocation, _, job = get_allocation(session, provider, allocation_id, lock=True)
+    allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
     _running(job)
     manifest = _manifest(session, job)
@@ -132,7 +180,7 @@ def checkpoint(
             f"last step ({job.steps})",
             field="body.step",
         )
-    blob = _uploaded(session, provider, sha256, "body.checkpoint")
+    blob = _uploaded(session, agent, sha256, "body.checkpoint")
     _fits(leaf_specs(blob), manifest.inputs[: manifest.state_leaves], "checkpoint")
     job.checkpoint_sha256, job.checkpoint_step = sha256, step
     job.steps_done = max(job.steps_done, step)
@@ -143,28 +191,34 @@ def checkpoint(
 
 def finish(
     session: Session,
-    provider: Account,
+    agent: Agent,
     allocation_id: str,
     outcome: str,
     result: str | None,
     error: str | None,
+    *,
+    retry: bool = False,
+    accelerator_seconds: float | None = None,
+    max_attempts: int = 1,
 ) -> Job:
-    """End the job with its result (succeeded) or the reason (failed), and free the
-    capacity. A retried report of the same outcome changes nothing."""
-    allocation, _, job = get_allocation(session, provider, allocation_id, lock=True)
+    """End the run with its result (succeeded) or the reason (failed), and free the
+    capacity. A failure the provider marks ``retry`` (the machine, not the program)
+    hands the job back to the market until it has had ``max_attempts`` starts.
+    A retried report of the same outcome changes nothing."""
+    allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
     state = JobState(outcome)
-    replayed = allocation.status == AllocationStatus.finished and job.state == state
-    if replayed and (state == JobState.failed or job.result_sha256 == result):
+    if allocation.status != AllocationStatus.active and _reported(allocation, job, state, result):
         return job
     _active(allocation)
     if job.state == JobState.matched:
         raise Conflict("start the job before finishing it", field="body.outcome")
+    meter(session, allocation, job, accelerator_seconds)
     if state == JobState.succeeded:
         manifest = _manifest(session, job)
         if manifest is not None:
             if result is None:
                 raise InvalidInput("a succeeded job needs its result", field="body.result")
-            blob = _uploaded(session, provider, result, "body.result")
+            blob = _uploaded(session, agent, result, "body.result")
             expected = (
                 manifest.inputs[: manifest.state_leaves]
                 if manifest.kind == "iterative"
@@ -176,9 +230,23 @@ def finish(
         job.steps_done = job.steps or 1
         job.error = None
     else:
-        job.error = error or "the provider reported a failure without a reason"
+        reason = error or "the provider reported a failure without a reason"
+        if retry:
+            requeue(session, job, f"{_RUN_FAILED}{reason}", max_attempts)
+            return job
+        job.error = reason
+        end_job(session, job, state, f"{_RUN_FAILED}{reason}")
+        return job
     end_job(session, job, state)
     return job
+
+
+def _reported(allocation: Allocation, job: Job, state: JobState, result: str | None) -> bool:
+    """Whether this allocation already ended with this outcome (a retried report)."""
+    if state == JobState.succeeded:
+        return job.state == state and job.result_sha256 == result
+    # A failure ends the allocation whether the job failed or went back to the book.
+    return (allocation.end_reason or "").startswith(_RUN_FAILED)
 
 
 def _running(job: Job) -> None:
@@ -194,9 +262,9 @@ def _manifest(session: Session, job: Job) -> Manifest | None:
     return Manifest.model_validate(blob.meta)
 
 
-def _uploaded(session: Session, provider: Account, sha256: str, field: str) -> Blob:
+def _uploaded(session: Session, agent: Agent, sha256: str, field: str) -> Blob:
     try:
-        return get_blob(session, provider, sha256, BlobKind.arrays)
+        return get_blob(session, agent.account, sha256, BlobKind.arrays)
     except NotFound:
         raise InvalidInput(
             f"no array bundle {sha256} of yours: upload it to /v1/arrays first", field=field

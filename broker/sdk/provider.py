@@ -1,15 +1,19 @@
-"""The provider's client: fetch the work the market matched to my offers and run it.
+"""The provider's client: register a node, fetch the work the market matched to it
+and run it.
 
 ``run_work_order`` is one job's whole life on a provider's machine: start it,
 download its artifact, inputs and latest checkpoint, run it with the
-portability runner, upload checkpoints as it goes and the result at the end.
-The provider agent calls it for each allocation it picks up.
+portability runner, upload checkpoints as it goes and the result at the end,
+and report the accelerator-seconds it used. The provider agent
+(``broker.agent``) calls it for each allocation it picks up.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,59 @@ from broker.sdk.http import BrokerError, Connection
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class RunHandle:
+    """One allocation running here: how long it has held its accelerators, and a switch
+    to stop it between steps (the agent stopping, or the broker saying it ended)."""
+
+    allocation_id: str
+    accelerators: int
+    started: float | None = None  # time.monotonic() when the broker confirmed the start
+    ended: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def accelerator_seconds(self) -> float:
+        """Usage so far: wall time since the start, times the accelerators held."""
+        if self.started is None:
+            return 0.0
+        end = self.ended if self.ended is not None else time.monotonic()
+        return (end - self.started) * self.accelerators
+
+
 class ProviderClient(Connection):
-    """A provider's connection to a broker (an API key of a provider account)."""
+    """A provider's connection to a broker: the provider's API key, or a node key for
+    the agent of one node (what ``register`` returns)."""
+
+    def register(self, node: dict[str, Any]) -> dict[str, Any]:
+        """Sign a node on (``NodeRegister`` fields); the answer holds its node key."""
+        result: dict[str, Any] = self.http.json("POST", "/v1/nodes", json=node)
+        return result
+
+    def heartbeat(
+        self,
+        node_id: str,
+        usage: dict[str, float],
+        devices: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "usage": [{"allocation_id": a, "accelerator_seconds": s} for a, s in usage.items()]
+        }
+        if devices is not None:
+            body["devices"] = devices
+        result: dict[str, Any] = self.http.json("POST", f"/v1/nodes/{node_id}/heartbeat", json=body)
+        return result
+
+    def publish(self, node_id: str, offers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Make the node's offers these (``NodeOffer`` fields); the rest are withdrawn."""
+        result: dict[str, Any] = self.http.json(
+            "PUT", f"/v1/nodes/{node_id}/offers", json={"offers": offers}
+        )
+        return list(result["offers"])
+
+    def sign_off(self, node_id: str) -> dict[str, Any]:
+        """Withdraw the node's offers and hand its jobs back to the market."""
+        result: dict[str, Any] = self.http.json("DELETE", f"/v1/nodes/{node_id}")
+        return result
 
     def work(self, wait: float = 0) -> list[dict[str, Any]]:
         """Active allocations on my offers; with ``wait``, long-poll for up to that long."""
@@ -37,10 +92,11 @@ class ProviderClient(Connection):
         result: dict[str, Any] = self.http.json("POST", f"/v1/allocations/{allocation_id}/start")
         return result
 
-    def progress(self, allocation_id: str, steps_done: int) -> None:
-        self.http.request(
-            "POST", f"/v1/allocations/{allocation_id}/progress", json={"steps_done": steps_done}
-        )
+    def progress(
+        self, allocation_id: str, steps_done: int, accelerator_seconds: float | None = None
+    ) -> None:
+        body = {"steps_done": steps_done, "accelerator_seconds": accelerator_seconds}
+        self.http.request("POST", f"/v1/allocations/{allocation_id}/progress", json=body)
 
     def checkpoint(self, allocation_id: str, state: list[np.ndarray[Any, Any]], step: int) -> str:
         sha = self.upload_arrays(state)
@@ -57,8 +113,17 @@ class ProviderClient(Connection):
         outcome: str,
         result: str | None = None,
         error: str | None = None,
+        *,
+        retry: bool = False,
+        accelerator_seconds: float | None = None,
     ) -> dict[str, Any]:
-        body = {"outcome": outcome, "result": result, "error": error}
+        body = {
+            "outcome": outcome,
+            "result": result,
+            "error": error,
+            "retry": retry,
+            "accelerator_seconds": accelerator_seconds,
+        }
         data: dict[str, Any] = self.http.json(
             "POST", f"/v1/allocations/{allocation_id}/finish", json=body
         )
@@ -77,16 +142,24 @@ def run_work_order(
     *,
     cache_dir: Path | None = None,
     progress_seconds: float = 1.0,
+    handle: RunHandle | None = None,
 ) -> str:
-    """Run one allocation to its end and report it; returns the job's final state.
+    """Run one allocation to its end and report it; returns how it ended: the job's
+    final state (succeeded, failed), ``requeued`` (a failure another machine may not
+    repeat, handed back to the market), ``ended`` (the broker ended the allocation
+    meanwhile: the developer cancelled, or the node was declared lost) or
+    ``stopped`` (``handle.stop`` was set; the job resumes from its last checkpoint
+    when the market hands it out again).
 
     The program failing, or the artifact not fitting this machine, ends the job as
-    failed with the reason. The allocation ending meanwhile (the developer
-    cancelled) stops the run between steps. The broker being unreachable raises
-    BrokerUnavailable after retries, leaving the job for the agent to pick up again.
+    failed with the reason. The broker being unreachable raises BrokerUnavailable
+    after retries.
     """
     allocation = order["allocation_id"]
+    handle = handle or RunHandle(allocation, int(order["accelerators"]))
     order = client.start(allocation)
+    if handle.started is None:
+        handle.started = time.monotonic()
     if order["artifact"] is None:
         raise ArtifactError(f"allocation {allocation} has no program to run")
     if cache_dir is not None:
@@ -99,11 +172,25 @@ def run_work_order(
         now = time.monotonic()
         if now - last_report >= progress_seconds:
             last_report = now
-            ended = ended or _ended(lambda: client.progress(allocation, step))
+            used = handle.accelerator_seconds()
+            ended = ended or _ended(lambda: client.progress(allocation, step, used))
 
     def on_checkpoint(step: int, state: list[np.ndarray[Any, Any]]) -> None:
         nonlocal ended
         ended = ended or _ended(lambda: client.checkpoint(allocation, state, step))
+
+    def finish(outcome: str, **report: Any) -> str:
+        handle.ended = time.monotonic()
+        try:
+            job = client.finish(
+                allocation, outcome, accelerator_seconds=handle.accelerator_seconds(), **report
+            )
+        except BrokerError as e:
+            if e.code == "allocation_ended":
+                return "ended"
+            raise
+        requeued = outcome == "failed" and job["state"] == "open"
+        return "requeued" if requeued else str(job["state"])
 
     try:
         artifact = client.artifact(order["artifact"])
@@ -120,26 +207,21 @@ def run_work_order(
             checkpoint=checkpoint,
             on_checkpoint=on_checkpoint,
             on_progress=on_progress,
-            should_stop=lambda: ended,
+            should_stop=lambda: ended or handle.stop.is_set(),
         )
     except runner.Stopped:
-        log.info("allocation %s ended while it ran; stopped", allocation)
-        return "cancelled"
+        handle.ended = time.monotonic()
+        log.info("allocation %s stopped before its end", allocation)
+        return "ended" if ended else "stopped"
     except (runner.RunError, ArtifactError, arrays.BundleError) as e:
-        return str(client.finish(allocation, "failed", error=str(e))["state"])
+        # The program or its inputs do not fit: another machine would fail the same way.
+        return finish("failed", error=str(e))
     except BrokerError:
         raise
-    except Exception as e:  # the program itself failed (XLA runtime error, out of memory)
+    except Exception as e:  # XLA runtime error, out of memory: may not happen elsewhere
         log.exception("allocation %s: the program failed", allocation)
-        message = f"{type(e).__name__}: {e}"[:4000]
-        return str(client.finish(allocation, "failed", error=message)["state"])
-    sha = client.upload_arrays(result.outputs)
-    try:
-        return str(client.finish(allocation, "succeeded", result=sha)["state"])
-    except BrokerError as e:
-        if e.code == "allocation_ended":
-            return "cancelled"
-        raise
+        return finish("failed", error=f"{type(e).__name__}: {e}"[:4000], retry=True)
+    return finish("succeeded", result=client.upload_arrays(result.outputs))
 
 
 def _ended(report: Any) -> bool:

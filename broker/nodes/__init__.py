@@ -1,0 +1,1 @@
+"""Provider nodes: the machines agents run on, their health, and the offers they publish."""

@@ -1,0 +1,120 @@
+"""Nodes: provider agents sign on, stay alive, publish their capacity and sign off."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from broker.auth import AgentDep, CurrentAccount, Provider
+from broker.config import get_settings
+from broker.db import SessionDep
+from broker.nodes import service
+from broker.nodes.models import Node
+from broker.nodes.schemas import (
+    DeviceReport,
+    Heartbeat,
+    HeartbeatOut,
+    NodeOffers,
+    NodeOffersOut,
+    NodeOut,
+    NodeQuery,
+    NodeRegister,
+    NodeRegistered,
+)
+from broker.offers.router import offer_out
+from broker.pagination import Page
+from broker.types import ObjectId
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+
+def node_out(node: Node) -> NodeOut:
+    return NodeOut(
+        id=node.id,
+        provider_id=node.provider_id,
+        name=node.name,
+        status=node.status,
+        status_reason=node.status_reason,
+        adapters=node.adapters,
+        region=node.region,
+        country=node.country,
+        lat=node.lat,
+        lon=node.lon,
+        devices=[DeviceReport.model_validate(d) for d in node.devices],
+        agent_version=node.agent_version,
+        last_heartbeat_at=node.last_heartbeat_at,
+        created_at=node.created_at,
+        updated_at=node.updated_at,
+    )
+
+
+@router.post(
+    "",
+    response_model=NodeRegistered,
+    status_code=201,
+    summary="Register a node (provider's agent)",
+    description="Signs a machine on and returns its node key, shown once. Registering a "
+    "name again (the agent restarted) answers 200, revokes the earlier key and hands the "
+    "jobs the node held back to the market.",
+    responses={200: {"model": NodeRegistered, "description": "The node existed"}},
+)
+def register(
+    session: SessionDep, provider: Provider, body: NodeRegister, response: Response
+) -> NodeRegistered:
+    settings = get_settings()
+    node, key, created = service.register(session, provider, body, settings.max_attempts)
+    if not created:
+        response.status_code = 200
+    return NodeRegistered(
+        node=node_out(node),
+        api_key=key,
+        heartbeat_seconds=round(settings.node_timeout_s / 4, 3),
+        timeout_seconds=settings.node_timeout_s,
+    )
+
+
+@router.get("", response_model=Page[NodeOut], summary="My nodes (provider; admin: all)")
+def list_nodes(
+    session: SessionDep, account: CurrentAccount, query: Annotated[NodeQuery, Query()]
+) -> Page[NodeOut]:
+    rows, total = service.list_nodes(session, account, query)
+    return Page.of([node_out(n) for n in rows], total, query)
+
+
+@router.get("/{node_id}", response_model=NodeOut, summary="Read a node (its provider)")
+def get_node(session: SessionDep, account: CurrentAccount, node_id: ObjectId) -> NodeOut:
+    return node_out(service.get_node(session, account, node_id))
+
+
+@router.post("/{node_id}/heartbeat", response_model=HeartbeatOut, summary="Heartbeat (agent)")
+def heartbeat(
+    session: SessionDep, agent: AgentDep, node_id: ObjectId, body: Heartbeat
+) -> HeartbeatOut:
+    node, resync, ended = service.heartbeat(session, agent, node_id, body)
+    return HeartbeatOut(node=node_out(node), resync=resync, ended=ended)
+
+
+@router.put(
+    "/{node_id}/offers",
+    response_model=NodeOffersOut,
+    summary="Publish the node's capacity as offers (agent)",
+    description="The whole list each time: one entry per model with its count and price. "
+    "Models left out are withdrawn. Offers take the node's location.",
+)
+def sync_offers(
+    session: SessionDep, agent: AgentDep, node_id: ObjectId, body: NodeOffers
+) -> NodeOffersOut:
+    offers = service.sync_offers(session, agent, node_id, body.offers)
+    return NodeOffersOut(offers=[offer_out(o) for o in offers])
+
+
+@router.delete(
+    "/{node_id}",
+    response_model=NodeOut,
+    summary="Sign a node off (agent or provider)",
+    description="Withdraws its offers and hands its jobs back to the market, where they "
+    "resume from their last checkpoint; its node key stops working.",
+)
+def stop(session: SessionDep, agent: AgentDep, node_id: ObjectId) -> NodeOut:
+    return node_out(service.stop(session, agent, node_id, get_settings().max_attempts))

@@ -1,0 +1,285 @@
+"""Nodes over HTTP: register, publish offers, heartbeats with usage, sign-off, and the
+sweep that hands a silent node's jobs back to the market."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, update
+
+from broker.accounts.models import Role
+from broker.config import get_settings
+from broker.db import transaction, utcnow
+from broker.market.clearing import run_round
+from broker.market.models import Allocation
+from broker.nodes.models import Node
+from broker.nodes.service import sweep
+from tests.conftest import ClientFactory
+from tests.factories import job_body, make_account
+
+NODE = {"name": "box-1", "region": "europe-west4", "country": "NL", "lat": 53.44, "lon": 6.84}
+H100 = {"accelerator": "h100-sxm", "count": 4, "price_per_hour": "2.00"}
+
+
+def _client(engine: Engine, clients: ClientFactory, role: Role) -> Any:
+    with transaction(engine) as session:
+        account, key = make_account(session, role)
+    client: Any = clients(key)
+    client.account = account
+    return client
+
+
+@pytest.fixture
+def market(fresh_engine: Engine, fresh_client_for: ClientFactory) -> dict[str, Any]:
+    provider = _client(fresh_engine, fresh_client_for, Role.provider)
+    developer = _client(fresh_engine, fresh_client_for, Role.developer)
+    return {
+        "engine": fresh_engine,
+        "clients": fresh_client_for,
+        "provider": provider,
+        "developer": developer,
+    }
+
+
+def register(market: dict[str, Any], **overrides: Any) -> tuple[Any, str]:
+    """Register a node; returns a client holding its node key, and its id."""
+    response = market["provider"].post("/v1/nodes", json={**NODE, **overrides})
+    assert response.status_code in (200, 201), response.text
+    body = response.json()
+    return market["clients"](body["api_key"]), body["node"]["id"]
+
+
+def publish(agent: Any, node_id: str, *offers: dict[str, Any]) -> list[dict[str, Any]]:
+    response = agent.put(f"/v1/nodes/{node_id}/offers", json={"offers": list(offers)})
+    assert response.status_code == 200, response.text
+    return list(response.json()["offers"])
+
+
+def matched_job(market: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    body = job_body(platforms=["cuda"], max_price_per_hour="5.00", **overrides)
+    job = market["developer"].post("/v1/jobs", json=body)
+    assert job.status_code == 201, job.text
+    run_round(market["engine"], get_settings(), "manual")
+    return dict(market["developer"].get(f"/v1/jobs/{job.json()['id']}").json())
+
+
+def age_heartbeat(engine: Engine, node_id: str, seconds: float) -> None:
+    with transaction(engine) as session:
+        session.execute(
+            update(Node)
+            .where(Node.id == node_id)
+            .values(last_heartbeat_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_register_gives_a_node_key_and_again_revokes_the_old_one(market: dict[str, Any]) -> None:
+    first = market["provider"].post("/v1/nodes", json=NODE)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["node"]["status"] == "online"
+    assert body["timeout_seconds"] == get_settings().node_timeout_s
+    assert body["heartbeat_seconds"] < body["timeout_seconds"]
+    old = market["clients"](body["api_key"])
+    node_id = body["node"]["id"]
+    assert old.post(f"/v1/nodes/{node_id}/heartbeat", json={}).status_code == 200
+
+    again = market["provider"].post("/v1/nodes", json=NODE)
+    assert again.status_code == 200
+    assert again.json()["node"]["id"] == node_id
+    assert old.post(f"/v1/nodes/{node_id}/heartbeat", json={}).status_code == 401
+
+    listed = market["provider"].get("/v1/nodes").json()
+    assert [n["id"] for n in listed["items"]] == [node_id]
+    other = _client(market["engine"], market["clients"], Role.provider)
+    assert other.get(f"/v1/nodes/{node_id}").status_code == 404
+    assert other.get("/v1/nodes").json()["total"] == 0
+
+
+def test_bad_registrations_are_refused(market: dict[str, Any]) -> None:
+    provider, developer = market["provider"], market["developer"]
+    assert developer.post("/v1/nodes", json=NODE).status_code == 403
+    for bad in ({"name": "a b"}, {"country": "nl"}, {"lat": 91}, {"devices": [{"id": "0"}]}):
+        response = provider.post("/v1/nodes", json={**NODE, **bad})
+        assert response.status_code == 422, (bad, response.text)
+
+
+def test_publish_makes_the_offers_what_the_node_has(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    (offer,) = publish(agent, node_id, H100)
+    assert offer["node_id"] == node_id
+    assert (offer["accelerator"], offer["count"], offer["price_per_hour"]) == (
+        "h100-sxm",
+        4,
+        "2.00",
+    )
+    assert (offer["region"], offer["country"], offer["lat"]) == ("europe-west4", "NL", 53.44)
+    assert offer["memory_gib"] == 80  # from the catalog
+
+    # The same list again changes nothing; a new count or price updates in place.
+    assert publish(agent, node_id, H100)[0]["updated_at"] == offer["updated_at"]
+    (changed,) = publish(agent, node_id, {**H100, "count": 2, "price_per_hour": "1.50"})
+    assert (changed["id"], changed["count"], changed["price_per_hour"]) == (offer["id"], 2, "1.50")
+
+    # A model left out, or listed with count 0, is withdrawn.
+    cpu = {"accelerator": "cpu", "count": 1, "price_per_hour": "0.05", "tflops_fp32": 0.2}
+    (only,) = publish(agent, node_id, {**H100, "count": 0}, cpu)
+    assert (only["accelerator"], only["tflops_fp32"]) == ("cpu", 0.2)
+    withdrawn = market["provider"].get(f"/v1/offers/{offer['id']}").json()
+    assert withdrawn["status"] == "withdrawn"
+
+    twice = agent.put(f"/v1/nodes/{node_id}/offers", json={"offers": [H100, H100]})
+    assert twice.status_code == 409
+
+
+def test_a_node_key_acts_for_its_own_node_only(market: dict[str, Any]) -> None:
+    agent_a, node_a = register(market, name="a")
+    agent_b, _node_b = register(market, name="b")
+    publish(agent_a, node_a, H100)
+    assert agent_b.post(f"/v1/nodes/{node_a}/heartbeat", json={}).status_code == 403
+    assert agent_b.put(f"/v1/nodes/{node_a}/offers", json={"offers": []}).status_code == 403
+    assert agent_b.delete(f"/v1/nodes/{node_a}").status_code == 403
+    other = _client(market["engine"], market["clients"], Role.provider)
+    assert other.post(f"/v1/nodes/{node_a}/heartbeat", json={}).status_code == 404
+
+    job = matched_job(market)
+    (order,) = agent_a.get("/v1/allocations").json()
+    assert order["job_id"] == job["id"]
+    assert agent_b.get("/v1/allocations").json() == []
+    allocation = order["allocation_id"]
+    assert agent_b.post(f"/v1/allocations/{allocation}/start").status_code == 404
+    # The provider's own key is told to leave the node's work to its agent.
+    refused = market["provider"].post(f"/v1/allocations/{allocation}/start")
+    assert refused.status_code == 403
+    assert "node key" in refused.json()["error"]["message"]
+    assert agent_a.post(f"/v1/allocations/{allocation}/start").status_code == 200
+
+
+def test_usage_is_capped_by_wall_time_and_counted_once(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    publish(agent, node_id, H100)
+    job = matched_job(market, accelerators=2)
+    (order,) = agent.get("/v1/allocations").json()
+    allocation = order["allocation_id"]
+    assert agent.post(f"/v1/allocations/{allocation}/start").status_code == 200
+    with transaction(market["engine"]) as session:  # the job started 100 s ago
+        session.execute(
+            update(Allocation)
+            .where(Allocation.id == allocation)
+            .values(started_at=utcnow() - timedelta(seconds=100))
+        )
+
+    def seconds() -> float:
+        return float(market["developer"].get(f"/v1/jobs/{job['id']}").json()["accelerator_seconds"])
+
+    progress = f"/v1/allocations/{allocation}/progress"
+    assert (
+        agent.post(progress, json={"steps_done": 0, "accelerator_seconds": 50}).status_code == 200
+    )
+    assert seconds() == 50
+    agent.post(progress, json={"steps_done": 0, "accelerator_seconds": 50})  # replayed
+    agent.post(progress, json={"steps_done": 0, "accelerator_seconds": 20})  # late
+    assert seconds() == 50
+    # 2 accelerators for ~100 s: a claim of 10,000 s is cut to the wall time.
+    beat = {"usage": [{"allocation_id": allocation, "accelerator_seconds": 10_000}]}
+    answer = agent.post(f"/v1/nodes/{node_id}/heartbeat", json=beat).json()
+    assert answer["ended"] == []
+    assert 200 <= seconds() < 210
+    finish = {"outcome": "succeeded", "accelerator_seconds": 1}
+    assert agent.post(f"/v1/allocations/{allocation}/finish", json=finish).status_code == 200
+    assert 200 <= seconds() < 210
+
+    # Reports on an ended allocation count nothing and tell the agent to stop.
+    beat = {"usage": [{"allocation_id": allocation, "accelerator_seconds": 10_000}]}
+    answer = agent.post(f"/v1/nodes/{node_id}/heartbeat", json=beat).json()
+    assert answer["ended"] == [allocation]
+    assert 200 <= seconds() < 210
+
+
+def test_a_silent_node_goes_offline_and_its_jobs_go_back(market: dict[str, Any]) -> None:
+    engine = market["engine"]
+    agent, node_id = register(market)
+    (offer,) = publish(agent, node_id, H100)
+    running = matched_job(market)
+    waiting = matched_job(market)
+    orders = {o["job_id"]: o for o in agent.get("/v1/allocations").json()}
+    assert agent.post(f"/v1/allocations/{orders[running['id']]['allocation_id']}/start").is_success
+
+    timeout = get_settings().node_timeout_s
+    with transaction(engine) as session:
+        assert sweep(session, timeout, max_attempts=3) == 0  # still fresh
+    age_heartbeat(engine, node_id, timeout + 1)
+    with transaction(engine) as session:
+        assert sweep(session, timeout, max_attempts=3) == 1
+    node = market["provider"].get(f"/v1/nodes/{node_id}").json()
+    assert node["status"] == "offline"
+    assert "no heartbeat" in node["status_reason"]
+    assert market["provider"].get(f"/v1/offers/{offer['id']}").json()["status"] == "withdrawn"
+    developer = market["developer"]
+    back = developer.get(f"/v1/jobs/{running['id']}").json()
+    assert (back["state"], back["attempts"]) == ("open", 1)
+    assert "no heartbeat" in back["error"]
+    assert "back in the order book" in back["error"]
+    assert developer.get(f"/v1/jobs/{waiting['id']}").json()["state"] == "open"
+    started = f"/v1/allocations/{orders[running['id']]['allocation_id']}/progress"
+    assert agent.post(started, json={"steps_done": 1}).status_code == 409
+
+    # The agent comes back: its heartbeat says to publish again.
+    answer = agent.post(f"/v1/nodes/{node_id}/heartbeat", json={}).json()
+    assert (answer["node"]["status"], answer["resync"]) == ("online", True)
+    assert agent.post(f"/v1/nodes/{node_id}/heartbeat", json={}).json()["resync"] is False
+    (again,) = publish(agent, node_id, H100)
+    assert again["id"] != offer["id"]
+
+
+def test_a_job_lost_too_often_fails_with_the_reason(market: dict[str, Any]) -> None:
+    engine = market["engine"]
+    agent, node_id = register(market)
+    job = matched_job(market)
+    for attempt in (1, 2):
+        publish(agent, node_id, H100)
+        run_round(engine, get_settings(), "manual")
+        (order,) = agent.get("/v1/allocations").json()
+        assert agent.post(f"/v1/allocations/{order['allocation_id']}/start").is_success
+        age_heartbeat(engine, node_id, 1000)
+        with transaction(engine) as session:
+            sweep(session, 60, max_attempts=2)
+        agent.post(f"/v1/nodes/{node_id}/heartbeat", json={})
+        state = market["developer"].get(f"/v1/jobs/{job['id']}").json()
+        assert state["attempts"] == attempt
+    assert state["state"] == "failed"
+    assert state["error"].startswith("gave up after 2 attempts; the last: node box-1 sent no")
+
+
+def test_a_failure_marked_retry_goes_back_to_the_market(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    publish(agent, node_id, H100)
+    job = matched_job(market)
+    (order,) = agent.get("/v1/allocations").json()
+    allocation = order["allocation_id"]
+    agent.post(f"/v1/allocations/{allocation}/start")
+    failed = {"outcome": "failed", "error": "CUDA error: out of memory", "retry": True}
+    assert agent.post(f"/v1/allocations/{allocation}/finish", json=failed).status_code == 200
+    assert agent.post(f"/v1/allocations/{allocation}/finish", json=failed).status_code == 200
+    back = market["developer"].get(f"/v1/jobs/{job['id']}").json()
+    assert back["state"] == "open"
+    assert "out of memory" in back["error"]
+
+
+def test_signing_off_withdraws_offers_and_hands_jobs_back(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    (offer,) = publish(agent, node_id, H100)
+    job = matched_job(market)
+    (order,) = agent.get("/v1/allocations").json()
+    agent.post(f"/v1/allocations/{order['allocation_id']}/start")
+    stopped = agent.delete(f"/v1/nodes/{node_id}")
+    assert stopped.status_code == 200
+    assert stopped.json()["status"] == "stopped"
+    assert market["provider"].get(f"/v1/offers/{offer['id']}").json()["status"] == "withdrawn"
+    back = market["developer"].get(f"/v1/jobs/{job['id']}").json()
+    assert back["state"] == "open"
+    assert "agent stopped" in back["error"]
+    assert agent.post(f"/v1/nodes/{node_id}/heartbeat", json={}).status_code == 401
+    # The provider may sign a node off too, and twice is harmless.
+    assert market["provider"].delete(f"/v1/nodes/{node_id}").status_code == 200
