@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -58,10 +59,21 @@ def _sweep_once() -> int:
 
 
 async def _sweep_forever() -> None:
-    """Mark nodes that stopped sending heartbeats offline and hand their jobs back."""
-    interval = min(5.0, get_settings().node_timeout_s / 4)
+    """Mark nodes that stopped sending heartbeats offline and hand their jobs back.
+
+    The first sweep waits one node timeout after the server starts, so agents
+    that kept running while the broker was down get to report in first; and a
+    tick that comes late (this process was starved) is skipped, since the
+    heartbeats it would judge may be waiting behind it.
+    """
+    timeout = get_settings().node_timeout_s
+    interval = min(5.0, timeout / 4)
+    await asyncio.sleep(timeout)
     while True:
+        before = time.monotonic()
         await asyncio.sleep(interval)
+        if time.monotonic() - before > interval + timeout / 4:
+            continue
         try:
             if swept := await asyncio.to_thread(_sweep_once):
                 log.warning("%d node(s) went offline; their jobs went back to the market", swept)

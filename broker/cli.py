@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -57,6 +58,108 @@ def calibrate(
     if save:
         path = calibration.save(result, get_settings().data_dir)
         typer.echo(f"saved to {path}", err=True)
+
+
+@app.command()
+def agent(
+    broker: Annotated[
+        str, typer.Option(envvar="BROKER_URL", help="The broker's URL [BROKER_URL]")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str,
+        typer.Option(envvar="BROKER_API_KEY", help="A provider account's API key [BROKER_API_KEY]"),
+    ] = "",
+    adapter: Annotated[
+        str, typer.Option(help="auto, or one of: nvidia, amd, tpu, edge, cpu")
+    ] = "auto",
+    price: Annotated[
+        list[str] | None,
+        typer.Option(help="MODEL=USD per accelerator-hour; repeat; '*' for any model"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Node name [this host's name]")] = None,
+    region: Annotated[str, typer.Option(help="Region the node is in")] = "local",
+    country: Annotated[str, typer.Option(help="ISO country code")] = "US",
+    lat: Annotated[float, typer.Option(min=-90, max=90, help="Latitude")] = 0.0,
+    lon: Annotated[float, typer.Option(min=-180, max=180, help="Longitude")] = 0.0,
+    cpu_slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs the CPU runs at once")] = 1,
+    edge_config: Annotated[
+        str | None, typer.Option(help="JSON file describing edge devices and where they are")
+    ] = None,
+    tpu_project: Annotated[str | None, typer.Option(help="GCP project of a TPU fleet")] = None,
+    tpu_zone: Annotated[str | None, typer.Option(help="Zone of a TPU fleet")] = None,
+    tpu_token: Annotated[
+        str | None,
+        typer.Option(envvar="BROKER_TPU_TOKEN", help="OAuth bearer token [BROKER_TPU_TOKEN]"),
+    ] = None,
+    discover_seconds: Annotated[
+        float, typer.Option(min=1, help="Seconds between hardware discoveries")
+    ] = 60.0,
+    verbose: Annotated[bool, typer.Option(help="Log debug detail")] = False,
+) -> None:
+    """Run a provider agent: offer this machine's accelerators and run the jobs matched to them."""
+    import logging
+    import os
+    import signal
+    import socket
+    import threading
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not api_key:
+        typer.echo("error: give a provider API key: --api-key or BROKER_API_KEY", err=True)
+        raise typer.Exit(2)
+    if adapter == "cpu":
+        # Run jobs on the CPU backend even where JAX would pick a GPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from adapters import registry
+    from broker.agent import AgentConfig, AgentStopped, NodeAgent, parse_prices
+    from broker.config import get_settings
+
+    if adapter != "auto" and adapter not in registry.names():
+        typer.echo(
+            f"error: --adapter must be auto or one of {', '.join(registry.names())}", err=True
+        )
+        raise typer.Exit(2)
+    try:
+        prices = parse_prices(price or [])
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = get_settings()
+    options = registry.Options(
+        data_dir=settings.data_dir,
+        cpu_slots=cpu_slots,
+        edge_config=Path(edge_config) if edge_config else None,
+        tpu_project=tpu_project,
+        tpu_zone=tpu_zone,
+        tpu_token=tpu_token,
+    )
+    config = AgentConfig(
+        broker=broker,
+        api_key=api_key,
+        name=name or socket.gethostname().split(".")[0] or "node",
+        region=region,
+        country=country.upper(),
+        lat=lat,
+        lon=lon,
+        prices=prices,
+        adapter=adapter,
+        options=options,
+        discover_seconds=discover_seconds,
+        cache_dir=settings.data_dir / "xla-cache",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        NodeAgent(config).run(stop)
+    except AgentStopped as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

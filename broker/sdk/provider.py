@@ -199,6 +199,12 @@ def run_work_order(
         if order["checkpoint"]:
             state = client.arrays(order["checkpoint"])
             checkpoint = runner.Checkpoint(order["checkpoint_step"], state)
+            log.info(
+                "allocation %s resumes job %s from its checkpoint at step %d",
+                allocation,
+                order["job_id"],
+                order["checkpoint_step"],
+            )
         result = runner.run(
             artifact,
             inputs,

@@ -1,0 +1,359 @@
+"""One node's agent: discover, register, publish offers, beat, pick up work, run it.
+
+The agent talks to the broker over HTTP only (the broker never reaches into
+the provider's network). Three kinds of thread share the work:
+
+- the main loop long-polls the broker for allocations on this node and starts a
+  runner thread for each, while the node has free accelerators for it;
+- a heartbeat thread keeps the node online, reports the usage of every running
+  allocation, re-publishes the offers when the broker had declared the node
+  lost, and re-runs discovery now and then so offers follow the hardware;
+- runner threads run one allocation each through ``run_work_order``.
+
+An allocation is run at most once per agent. A restarted agent registers the
+node again, and the broker hands the earlier agent's jobs back to the market
+first, so no allocation is ever run twice. On the way out (``stop`` set), the
+agent stops its runs between steps and signs the node off: the jobs go back to
+the market and resume from their last checkpoint elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapters import catalog, registry
+from adapters.base import Device
+from broker.sdk.http import BrokerError, BrokerUnavailable
+from broker.sdk.provider import ProviderClient, RunHandle, run_work_order
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+ANY_MODEL = "*"
+
+
+class AgentStopped(Exception):
+    """The agent cannot go on: its node key was revoked, or nothing can be offered."""
+
+
+def parse_prices(items: list[str]) -> dict[str, Decimal]:
+    """``MODEL=USD_PER_HOUR`` pairs (``*`` for any model) into catalog keys and prices."""
+    prices: dict[str, Decimal] = {}
+    for item in items:
+        model, sep, usd = item.partition("=")
+        try:
+            price = Decimal(usd.strip())
+        except InvalidOperation:
+            price = Decimal(-1)
+        if not sep or not model.strip() or not price.is_finite() or price < 0:
+            raise ValueError(f"--price {item!r}: write MODEL=USD_PER_HOUR, e.g. h100-sxm=2.50")
+        spec = catalog.lookup(model)
+        key = ANY_MODEL if model.strip() == ANY_MODEL else (spec.key if spec else model.strip())
+        prices[key] = price
+    return prices
+
+
+@dataclass
+class AgentConfig:
+    broker: str
+    api_key: str  # the provider's key; the agent swaps it for a node key on registering
+    name: str
+    region: str
+    country: str
+    lat: float
+    lon: float
+    prices: dict[str, Decimal]  # catalog key (or "*") -> USD per accelerator-hour
+    adapter: str = "auto"
+    options: registry.Options = field(default_factory=registry.Options)
+    discover_seconds: float = 60.0
+    poll_seconds: float = 5.0
+    stop_seconds: float = 30.0  # how long runs may take to stop when the agent exits
+    cache_dir: Path | None = None
+    transport: httpx.BaseTransport | None = None  # tests
+
+
+@dataclass
+class _Run:
+    handle: RunHandle
+    thread: threading.Thread
+
+
+class NodeAgent:
+    """The agent of one node. ``run`` blocks until ``stop`` is set."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.adapters = registry.detect(config.adapter, config.options)
+        self.node_id: str | None = None
+        self.client: ProviderClient | None = None
+        self.capacity = 0
+        self.heartbeat_seconds = 15.0
+        self._devices: list[Device] = []
+        self._offers: list[dict[str, Any]] = []
+        self._runs: dict[str, _Run] = {}
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._unpriced: set[str] = set()
+
+    # -- discovery and offers -------------------------------------------------
+
+    def discover(self) -> list[Device]:
+        # The per-call timeout bounds each tool; an adapter may call a few (AMD falls
+        # back from amd-smi to rocm-smi), so the whole discovery gets several.
+        found = registry.discover(self.adapters, 4 * self.config.options.timeout)
+        devices: list[Device] = []
+        for discovery in found:
+            if discovery.error:
+                log.warning("adapter %s: %s", discovery.adapter, discovery.error)
+            devices.extend(discovery.devices)
+        return devices
+
+    def offers(self, devices: list[Device]) -> list[dict[str, Any]]:
+        """What to publish: each offerable model at the provider's price."""
+        offers = []
+        for model, count in sorted(registry.offerable_counts(devices).items()):
+            price = self.config.prices.get(model, self.config.prices.get(ANY_MODEL))
+            if price is None:
+                if model not in self._unpriced:
+                    self._unpriced.add(model)
+                    log.warning(
+                        "no --price for %s; its %d accelerator(s) are not offered", model, count
+                    )
+                continue
+            offer: dict[str, Any] = {
+                "accelerator": model,
+                "count": count,
+                "price_per_hour": str(price),
+            }
+            first = next(d for d in devices if d.model == model and d.offerable)
+            for name in ("memory_gib", "tflops_fp32", "tflops_bf16", "mem_bw_gbps"):
+                value = getattr(first, name)
+                if value is not None and value > 0:
+                    offer[name] = value
+            offers.append(offer)
+        return offers
+
+    @staticmethod
+    def device_reports(devices: list[Device]) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": d.id[:64],
+                "name": d.name[:200],
+                "model": d.model,
+                "platform": d.platform,
+                "count": d.count,
+                "memory_gib": d.memory_gib,
+                "healthy": d.healthy,
+                "utilization": d.utilization,
+                "offerable": d.offerable,
+                "reason": (d.reason or None) and d.reason[:200],
+            }
+            for d in devices[:1024]
+        ]
+
+    # -- the broker -----------------------------------------------------------
+
+    def register(self) -> None:
+        """Sign the node on (with the provider's key) and publish its offers."""
+        self._devices = self.discover()
+        config = self.config
+        with ProviderClient(config.broker, config.api_key, transport=config.transport) as provider:
+            answer = provider.register(
+                {
+                    "name": config.name,
+                    "region": config.region,
+                    "country": config.country,
+                    "lat": config.lat,
+                    "lon": config.lon,
+                    "adapters": [a.name for a in self.adapters],
+                    "devices": self.device_reports(self._devices),
+                    "agent_version": VERSION,
+                }
+            )
+        self.node_id = answer["node"]["id"]
+        self.heartbeat_seconds = float(answer["heartbeat_seconds"])
+        self.client = ProviderClient(config.broker, answer["api_key"], transport=config.transport)
+        self.publish(self.offers(self._devices))
+        log.info(
+            "node %s (%s) registered; offering %s",
+            config.name,
+            self.node_id,
+            ", ".join(
+                f"{o['count']} x {o['accelerator']} at ${o['price_per_hour']}/h"
+                for o in self._offers
+            )
+            or "nothing",
+        )
+
+    def publish(self, offers: list[dict[str, Any]]) -> None:
+        assert self.client is not None
+        assert self.node_id is not None
+        self.client.publish(self.node_id, offers)
+        with self._lock:
+            self._offers = offers
+            self.capacity = sum(int(o["count"]) for o in offers)
+
+    def beat(self) -> None:
+        """One heartbeat: usage of running allocations; re-publish if the node was lost."""
+        assert self.client is not None
+        assert self.node_id is not None
+        with self._lock:
+            runs = dict(self._runs)
+        usage = {a: r.handle.accelerator_seconds() for a, r in runs.items() if r.handle.started}
+        answer = self.client.heartbeat(self.node_id, usage)
+        for allocation in answer["ended"]:
+            if allocation in runs:
+                log.info("the broker ended allocation %s; stopping it", allocation)
+                runs[allocation].handle.stop.set()
+        if answer["resync"]:
+            log.warning(
+                "the broker had declared node %s lost; publishing offers again", self.config.name
+            )
+            self.publish(self._offers)
+
+    def rediscover(self) -> None:
+        devices = self.discover()
+        offers = self.offers(devices)
+        if offers != self._offers or devices != self._devices:
+            assert self.client is not None
+            assert self.node_id is not None
+            self._devices = devices
+            self.client.heartbeat(self.node_id, {}, self.device_reports(devices))
+            if offers != self._offers:
+                log.info("capacity changed; publishing %d offer(s)", len(offers))
+                self.publish(offers)
+
+    # -- running work ---------------------------------------------------------
+
+    def take(self, orders: list[dict[str, Any]]) -> int:
+        """Start a runner thread for each new allocation that fits; returns how many."""
+        started = 0
+        for order in orders:
+            allocation = order["allocation_id"]
+            with self._lock:
+                if allocation in self._seen:
+                    continue
+                busy = sum(r.handle.accelerators for r in self._runs.values())
+                if busy + int(order["accelerators"]) > max(self.capacity, 1):
+                    continue  # the market matched more than is free now; take it later
+                self._seen.add(allocation)
+                handle = RunHandle(allocation, int(order["accelerators"]))
+                thread = threading.Thread(
+                    target=self._run, args=(order, handle), name=f"run-{allocation}", daemon=True
+                )
+                self._runs[allocation] = _Run(handle, thread)
+            thread.start()
+            started += 1
+        return started
+
+    def _run(self, order: dict[str, Any], handle: RunHandle) -> None:
+        assert self.client is not None
+        allocation = order["allocation_id"]
+        log.info("running job %s (allocation %s)", order["job_id"], allocation)
+        try:
+            outcome = run_work_order(
+                self.client, order, cache_dir=self.config.cache_dir, handle=handle
+            )
+            log.info("allocation %s: %s", allocation, outcome)
+        except BrokerError as e:
+            # The broker was unreachable or refused a report: the allocation stays
+            # ours until the node is declared lost or signs off, and goes back then.
+            log.error("allocation %s: could not report to the broker: %s", allocation, e)
+        except Exception:
+            log.exception("allocation %s: the run failed", allocation)
+        finally:
+            with self._lock:
+                self._runs.pop(allocation, None)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
+
+    # -- the whole life -------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Register, then pick up work until ``stop`` is set; then stop the runs and
+        sign off. Waits out an unreachable broker with backoff."""
+        self._retrying(stop, self.register)
+        if stop.is_set():
+            return
+        beats = threading.Thread(
+            target=self._beat_forever, args=(stop,), name="heartbeat", daemon=True
+        )
+        beats.start()
+        delay = 1.0
+        try:
+            while not stop.is_set():
+                assert self.client is not None
+                try:
+                    orders = self.client.work(wait=self.config.poll_seconds)
+                    delay = 1.0
+                except BrokerUnavailable as e:
+                    log.warning("broker unreachable (%s); retrying in %.0f s", e, delay)
+                    stop.wait(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                except BrokerError as e:
+                    if e.status == 401:
+                        raise AgentStopped(
+                            f"the broker revoked this node's key ({e}): another agent registered "
+                            f"node {self.config.name}"
+                        ) from None
+                    raise
+                if orders and not self.take(orders):
+                    stop.wait(1.0)  # nothing new fits yet; don't spin on the same orders
+        finally:
+            stop.set()
+            self.shutdown()
+            beats.join(timeout=5)
+
+    def shutdown(self) -> None:
+        """Stop the runs between steps, then sign the node off so their jobs resume
+        elsewhere from their last checkpoint."""
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.handle.stop.set()
+        deadline = time.monotonic() + self.config.stop_seconds
+        for run in runs:
+            run.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.client is not None and self.node_id is not None:
+            try:
+                self.client.sign_off(self.node_id)
+                log.info("node %s signed off", self.config.name)
+            except BrokerError as e:
+                log.warning("could not sign off (%s); the broker will declare the node lost", e)
+            self.client.close()
+
+    def _beat_forever(self, stop: threading.Event) -> None:
+        last_discovery = time.monotonic()
+        while not stop.wait(self.heartbeat_seconds):
+            try:
+                self.beat()
+                if time.monotonic() - last_discovery >= self.config.discover_seconds:
+                    last_discovery = time.monotonic()
+                    self.rediscover()
+            except BrokerError as e:
+                log.warning("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    @staticmethod
+    def _retrying(stop: threading.Event, action: Any) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                action()
+                return
+            except BrokerUnavailable as e:
+                log.warning("broker unreachable (%s); retrying in %.0f s", e, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)

@@ -1,0 +1,164 @@
+"""The agent in this process against a live server: it registers, publishes this CPU,
+runs what the market matches to it, reports usage, and on stopping hands running
+work back to the market with its checkpoint."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sqlalchemy import Engine
+
+from adapters.base import Device
+from broker.accounts.models import Role
+from broker.agent import AgentConfig, NodeAgent, parse_prices
+from broker.config import get_settings
+from broker.db import transaction
+from broker.market.clearing import run_round
+from broker.sdk import Client
+from tests.factories import make_account
+
+PRICE: dict[str, Any] = {"max_price_per_hour": 1.0}
+
+
+def slow_step(state: tuple[Any, Any], m: Any) -> tuple[Any, Any]:
+    w, count = state
+    return jax.lax.fori_loop(0, 4, lambda _, w: jnp.tanh(w @ m), w), count + 1
+
+
+def _wait(check: Any, timeout: float = 60) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def agent(live_url: str, fresh_engine: Engine) -> Iterator[dict[str, Any]]:
+    with transaction(fresh_engine) as session:
+        _, dev_key = make_account(session, Role.developer)
+        _, prov_key = make_account(session, Role.provider)
+    config = AgentConfig(
+        broker=live_url,
+        api_key=prov_key,
+        name="test-node",
+        region="europe-west4",
+        country="NL",
+        lat=53.44,
+        lon=6.84,
+        prices=parse_prices(["cpu=0.10"]),
+        adapter="cpu",
+        poll_seconds=0.5,
+    )
+    node = NodeAgent(config)
+    stop = threading.Event()
+    thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
+    thread.start()
+    developer = Client(live_url, dev_key, retries=1)
+    _wait(lambda: developer.http.json("GET", "/v1/offers")["total"] == 1)
+    yield {
+        "node": node,
+        "stop": stop,
+        "thread": thread,
+        "developer": developer,
+        "engine": fresh_engine,
+    }
+    stop.set()
+    thread.join(timeout=60)
+    developer.close()
+
+
+def clear(engine: Engine) -> None:
+    run_round(engine, get_settings(), "manual")
+
+
+def test_the_agent_runs_what_the_market_matches(agent: dict[str, Any]) -> None:
+    developer: Client = agent["developer"]
+    (offer,) = developer.http.json("GET", "/v1/offers")["items"]
+    assert (offer["accelerator"], offer["price_per_hour"], offer["node_id"]) == (
+        "cpu",
+        "0.10",
+        agent["node"].node_id,
+    )
+    job = developer.submit(lambda x: x @ x.T, jnp.ones((4, 3)), **PRICE)
+    clear(agent["engine"])
+    job.wait(timeout=60, poll=0.05, progress=False)
+    np.testing.assert_array_equal(job.result(), np.full((4, 4), 3.0))
+    assert job.data["accelerator_seconds"] > 0
+
+    agent["stop"].set()
+    agent["thread"].join(timeout=60)
+    assert not agent["thread"].is_alive()
+    assert developer.http.json("GET", "/v1/offers")["total"] == 0
+
+
+def test_stopping_hands_running_work_back_with_its_checkpoint(agent: dict[str, Any]) -> None:
+    developer: Client = agent["developer"]
+    m = jnp.eye(64) * 0.5
+    job = developer.submit(
+        slow_step,
+        (jnp.ones((64, 64)), jnp.int32(0)),
+        m,
+        steps=100_000,
+        checkpoint_every=20,
+        **PRICE,
+    )
+    clear(agent["engine"])
+    _wait(lambda: job.refresh().data["checkpoint_step"] >= 20)
+    agent["stop"].set()
+    agent["thread"].join(timeout=60)
+    assert not agent["thread"].is_alive()
+    back = job.refresh().data
+    assert back["state"] == "open"
+    assert "agent stopped" in back["error"]
+    assert back["checkpoint_step"] >= 20
+    assert back["accelerator_seconds"] > 0
+
+
+def test_offers_follow_devices_and_prices() -> None:
+    config = AgentConfig(
+        broker="http://127.0.0.1:9",
+        api_key="bk_x",
+        name="n",
+        region="r",
+        country="NL",
+        lat=0,
+        lon=0,
+        prices={"h100-sxm": Decimal("2.5"), "*": Decimal("1")},
+        adapter="cpu",
+    )
+    node = NodeAgent(config)
+    devices = [
+        Device(id="0", name="NVIDIA H100 80GB HBM3", model="h100-sxm", platform="cuda"),
+        Device(id="1", name="NVIDIA H100 80GB HBM3", model="h100-sxm", platform="cuda"),
+        Device(id="2", name="busy", model="h100-sxm", platform="cuda", offerable=False),
+        Device(id="3", name="?", model=None, platform="cuda", offerable=False),
+        Device(id="cpu", name="host", model="cpu", platform="cpu", tflops_fp32=0.3),
+    ]
+    assert node.offers(devices) == [
+        {"accelerator": "cpu", "count": 1, "price_per_hour": "1", "tflops_fp32": 0.3},
+        {"accelerator": "h100-sxm", "count": 2, "price_per_hour": "2.5"},
+    ]
+    config.prices = {"cpu": Decimal("0.1")}
+    assert [o["accelerator"] for o in node.offers(devices)] == ["cpu"]  # h100 unpriced
+
+
+def test_prices_parse_to_catalog_keys() -> None:
+    assert parse_prices(["h100=2.50", "*=1", "MI300X=3"]) == {
+        "h100-sxm": Decimal("2.50"),
+        "*": Decimal("1"),
+        "mi300x": Decimal("3"),
+    }
+    for bad in ("h100", "h100=", "h100=-1", "=2", "h100=abc", "h100=nan"):
+        with pytest.raises(ValueError, match="MODEL=USD_PER_HOUR"):
+            parse_prices([bad])
