@@ -102,6 +102,8 @@ class NodeAgent:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self._unpriced: set[str] = set()
+        # Runs whose end could not be reported: handed back once the broker answers.
+        self._unreported: dict[str, str] = {}
 
     # -- discovery and offers -------------------------------------------------
 
@@ -218,6 +220,22 @@ class NodeAgent:
                 "the broker had declared node %s lost; publishing offers again", self.config.name
             )
             self.publish(self._offers)
+        self.hand_back_unreported()
+
+    def hand_back_unreported(self) -> None:
+        """Report runs that ended without reaching the broker as failures to retry."""
+        assert self.client is not None
+        with self._lock:
+            pending = dict(self._unreported)
+        for allocation, reason in pending.items():
+            try:
+                self.client.finish(allocation, "failed", error=reason, retry=True)
+            except BrokerError as e:
+                if e.status not in (404, 409):  # 404/409: it ended meanwhile anyway
+                    raise
+            with self._lock:
+                self._unreported.pop(allocation, None)
+            log.info("allocation %s handed back to the market", allocation)
 
     def rediscover(self) -> None:
         devices = self.discover()
@@ -264,9 +282,14 @@ class NodeAgent:
             )
             log.info("allocation %s: %s", allocation, outcome)
         except BrokerError as e:
-            # The broker was unreachable or refused a report: the allocation stays
-            # ours until the node is declared lost or signs off, and goes back then.
+            # The broker was unreachable or refused a report. The run is over here;
+            # hand the job back (to resume from its last checkpoint) once it answers.
             log.error("allocation %s: could not report to the broker: %s", allocation, e)
+            with self._lock:
+                if handle.started is None:
+                    self._seen.discard(allocation)  # never started here: take it again
+                else:
+                    self._unreported[allocation] = f"the agent lost contact with the broker: {e}"
         except Exception:
             log.exception("allocation %s: the run failed", allocation)
         finally:

@@ -162,3 +162,28 @@ def test_prices_parse_to_catalog_keys() -> None:
     for bad in ("h100", "h100=", "h100=-1", "=2", "h100=abc", "h100=nan"):
         with pytest.raises(ValueError, match="MODEL=USD_PER_HOUR"):
             parse_prices([bad])
+
+
+def test_a_run_whose_end_cannot_be_reported_is_handed_back(agent: dict[str, Any]) -> None:
+    from broker.sdk.http import BrokerUnavailable
+
+    node: NodeAgent = agent["node"]
+    assert node.client is not None
+    real_finish = node.client.finish
+
+    def broker_down_at_the_end(allocation: str, outcome: str, *args: Any, **kw: Any) -> Any:
+        if outcome == "succeeded":
+            raise BrokerUnavailable(503, "unavailable", "the broker is down")
+        return real_finish(allocation, outcome, *args, **kw)
+
+    node.client.finish = broker_down_at_the_end  # type: ignore[method-assign,assignment]
+    developer: Client = agent["developer"]
+    job = developer.submit(lambda x: x + 1, jnp.ones(3), **PRICE)
+    clear(agent["engine"])
+    _wait(lambda: node._unreported)
+    assert job.refresh().data["state"] == "running"
+    node.hand_back_unreported()  # the next heartbeat does this
+    back = job.refresh().data
+    assert back["state"] == "open"
+    assert "lost contact with the broker" in back["error"]
+    assert not node._unreported
