@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from broker.auth import AgentDep, CurrentAccount, Provider
+from broker.auth import AgentDep, CurrentAccount
 from broker.config import get_settings
 from broker.db import SessionDep
+from broker.errors import Forbidden
 from broker.nodes import service
 from broker.nodes.models import Node
 from broker.nodes.schemas import (
@@ -60,10 +61,12 @@ def node_out(node: Node) -> NodeOut:
     responses={200: {"model": NodeRegistered, "description": "The node existed"}},
 )
 def register(
-    session: SessionDep, provider: Provider, body: NodeRegister, response: Response
+    session: SessionDep, agent: AgentDep, body: NodeRegister, response: Response
 ) -> NodeRegistered:
+    if agent.node_id is not None:
+        raise Forbidden("register nodes with the provider's own API key, not a node key")
     settings = get_settings()
-    node, key, created = service.register(session, provider, body, settings.max_attempts)
+    node, key, created = service.register(session, agent.account, body, settings.max_attempts)
     if not created:
         response.status_code = 200
     return NodeRegistered(

@@ -65,11 +65,7 @@ def register(
     else:
         _describe(node, data)
         _hand_back(session, node, "the node's agent restarted", max_attempts)
-        session.execute(
-            update(ApiKey)
-            .where(ApiKey.node_id == node.id, ApiKey.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
-        )
+        _revoke_keys(session, node)
     node.status, node.status_reason = NodeStatus.online, None
     node.last_heartbeat_at = node.updated_at = utcnow()
     session.flush()
@@ -258,13 +254,17 @@ def stop(session: Session, agent: Agent, node_id: str, max_attempts: int) -> Nod
         _hand_back(session, node, "the node's agent stopped", max_attempts)
         node.status, node.status_reason = NodeStatus.stopped, "the agent signed off"
         node.updated_at = utcnow()
-        session.execute(
-            update(ApiKey)
-            .where(ApiKey.node_id == node.id, ApiKey.revoked_at.is_(None))
-            .values(revoked_at=node.updated_at)
-        )
+        _revoke_keys(session, node)
         session.flush()
     return node
+
+
+def _revoke_keys(session: Session, node: Node) -> None:
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.node_id == node.id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
 
 
 def _hand_back(session: Session, node: Node, reason: str, max_attempts: int) -> int:

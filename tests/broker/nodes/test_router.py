@@ -83,6 +83,7 @@ def test_register_gives_a_node_key_and_again_revokes_the_old_one(market: dict[st
     assert body["heartbeat_seconds"] < body["timeout_seconds"]
     old = market["clients"](body["api_key"])
     node_id = body["node"]["id"]
+    assert old.post("/v1/nodes", json={**NODE, "name": "other"}).status_code == 403
     assert old.post(f"/v1/nodes/{node_id}/heartbeat", json={}).status_code == 200
 
     again = market["provider"].post("/v1/nodes", json=NODE)
