@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
+from adapters import registry
 from adapters.base import Device
 from broker.accounts.models import Role
 from broker.agent import AgentConfig, NodeAgent, parse_prices
@@ -44,7 +45,10 @@ def _wait(check: Any, timeout: float = 60) -> Any:
 
 
 @pytest.fixture
-def agent(live_url: str, fresh_engine: Engine) -> Iterator[dict[str, Any]]:
+def agent(
+    live_url: str, fresh_engine: Engine, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
+    """An agent offering this CPU (``cpu_slots`` from the test's param, 1 by default)."""
     with transaction(fresh_engine) as session:
         _, dev_key = make_account(session, Role.developer)
         _, prov_key = make_account(session, Role.provider)
@@ -58,6 +62,7 @@ def agent(live_url: str, fresh_engine: Engine) -> Iterator[dict[str, Any]]:
         lon=6.84,
         prices=parse_prices(["cpu=0.10"]),
         adapter="cpu",
+        options=registry.Options(cpu_slots=getattr(request, "param", 1)),
         poll_seconds=0.5,
     )
     node = NodeAgent(config)
@@ -123,6 +128,31 @@ def test_stopping_hands_running_work_back_with_its_checkpoint(agent: dict[str, A
     assert "agent stopped" in back["error"]
     assert back["checkpoint_step"] >= 20
     assert back["accelerator_seconds"] > 0
+
+
+@pytest.mark.parametrize("agent", [2], indirect=True)
+def test_jobs_run_side_by_side_when_the_node_has_room(agent: dict[str, Any]) -> None:
+    developer: Client = agent["developer"]
+    (offer,) = developer.http.json("GET", "/v1/offers")["items"]
+    assert offer["count"] == 2
+    m = jnp.eye(64) * 0.5
+    jobs = [
+        developer.submit(
+            slow_step,
+            (jnp.ones((64, 64)), jnp.int32(0)),
+            m,
+            steps=100_000,
+            checkpoint_every=50,
+            **PRICE,
+        )
+        for _ in range(2)
+    ]
+    clear(agent["engine"])
+    _wait(lambda: all(j.refresh().data["steps_done"] > 0 for j in jobs))
+    assert len(agent["node"].running()) == 2
+    for job in jobs:
+        job.cancel()
+    _wait(lambda: not agent["node"].running())
 
 
 def test_offers_follow_devices_and_prices() -> None:
