@@ -31,6 +31,7 @@ import httpx
 
 from adapters import catalog, registry
 from adapters.base import Device
+from broker.portable import _xla
 from broker.sdk.http import BrokerError, BrokerUnavailable
 from broker.sdk.provider import ProviderClient, RunHandle, run_work_order
 
@@ -77,6 +78,8 @@ class AgentConfig:
     poll_seconds: float = 5.0
     stop_seconds: float = 30.0  # how long runs may take to stop when the agent exits
     cache_dir: Path | None = None
+    # The backend jobs run on here; None: JAX's default backend in this process.
+    platform: str | None = None
     transport: httpx.BaseTransport | None = None  # tests
 
 
@@ -102,6 +105,7 @@ class NodeAgent:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
         self._unpriced: set[str] = set()
+        self._remote: set[str] = set()
         # Runs whose end could not be reported: handed back once the broker answers.
         self._unreported: dict[str, str] = {}
 
@@ -119,9 +123,23 @@ class NodeAgent:
         return devices
 
     def offers(self, devices: list[Device]) -> list[dict[str, Any]]:
-        """What to publish: each offerable model at the provider's price."""
+        """What to publish: each offerable model at the provider's price, for devices
+        this agent can run jobs on (its own backend). Others, such as a TPU fleet
+        listed through the cloud API from elsewhere, are reported, not offered."""
+        platform = self.config.platform or _xla.local_platform()
+        local = [d for d in devices if d.platform == platform]
+        for d in devices:
+            if d.offerable and d.platform != platform and d.id not in self._remote:
+                self._remote.add(d.id)
+                log.warning(
+                    "%s (%s) is listed, not offered: this agent runs jobs on %s; "
+                    "run an agent on the machine that has it",
+                    d.name,
+                    d.platform,
+                    platform,
+                )
         offers = []
-        for model, count in sorted(registry.offerable_counts(devices).items()):
+        for model, count in sorted(registry.offerable_counts(local).items()):
             price = self.config.prices.get(model, self.config.prices.get(ANY_MODEL))
             if price is None:
                 if model not in self._unpriced:
@@ -135,7 +153,7 @@ class NodeAgent:
                 "count": count,
                 "price_per_hour": str(price),
             }
-            first = next(d for d in devices if d.model == model and d.offerable)
+            first = next(d for d in local if d.model == model and d.offerable)
             for name in ("memory_gib", "tflops_fp32", "tflops_bf16", "mem_bw_gbps"):
                 value = getattr(first, name)
                 if value is not None and value > 0:

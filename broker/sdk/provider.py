@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.portable import arrays, runner
+from broker.portable import _xla, arrays, runner
 from broker.portable.artifact import Artifact
 from broker.portable.manifest import ArtifactError
 from broker.sdk.http import BrokerError, Connection
@@ -192,6 +192,11 @@ def run_work_order(
         requeued = outcome == "failed" and job["state"] == "open"
         return "requeued" if requeued else str(job["state"])
 
+    here = _xla.local_platform()
+    if order["platform"] != here:
+        # Never run (and bill) a job as an offer's platform on another backend.
+        error = f"the offer is {order['platform']} but this machine runs jobs on {here}"
+        return finish("failed", error=error, retry=True)
     try:
         artifact = client.artifact(order["artifact"])
         inputs = client.arrays(order["inputs"])

@@ -166,6 +166,7 @@ def test_offers_follow_devices_and_prices() -> None:
         lon=0,
         prices={"h100-sxm": Decimal("2.5"), "*": Decimal("1")},
         adapter="cpu",
+        platform="cuda",
     )
     node = NodeAgent(config)
     devices = [
@@ -173,14 +174,19 @@ def test_offers_follow_devices_and_prices() -> None:
         Device(id="1", name="NVIDIA H100 80GB HBM3", model="h100-sxm", platform="cuda"),
         Device(id="2", name="busy", model="h100-sxm", platform="cuda", offerable=False),
         Device(id="3", name="?", model=None, platform="cuda", offerable=False),
-        Device(id="cpu", name="host", model="cpu", platform="cpu", tflops_fp32=0.3),
+        Device(id="tpu", name="v5litepod-8", model="tpu-v5e", platform="tpu", count=8),
     ]
+    # Only what this agent's backend (cuda here) runs is offered: not the TPU.
     assert node.offers(devices) == [
-        {"accelerator": "cpu", "count": 1, "price_per_hour": "1", "tflops_fp32": 0.3},
-        {"accelerator": "h100-sxm", "count": 2, "price_per_hour": "2.5"},
+        {"accelerator": "h100-sxm", "count": 2, "price_per_hour": "2.5"}
     ]
     config.prices = {"cpu": Decimal("0.1")}
-    assert [o["accelerator"] for o in node.offers(devices)] == ["cpu"]  # h100 unpriced
+    assert node.offers(devices) == []  # h100 has no price
+    config.platform, config.prices = "cpu", {"*": Decimal("1")}
+    cpu = Device(id="cpu", name="host", model="cpu", platform="cpu", tflops_fp32=0.3)
+    assert node.offers([*devices, cpu]) == [
+        {"accelerator": "cpu", "count": 1, "price_per_hour": "1", "tflops_fp32": 0.3}
+    ]
 
 
 def test_prices_parse_to_catalog_keys() -> None:

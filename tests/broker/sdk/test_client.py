@@ -182,3 +182,24 @@ def test_cpu_only_offer_never_gets_a_cuda_only_job(market: dict[str, Any]) -> No
     assert detail["state"] == "open"
     assert detail["unmatched"]["ruled_out"]["platform"] == 1
     assert detail["unmatched"]["feasible"] == 0
+
+
+def test_a_job_is_never_run_as_another_platform(market: dict[str, Any]) -> None:
+    """A cuda offer's job handed to this CPU machine goes back to the market, unrun."""
+    provider: ProviderClient = market["provider"]
+    gone = provider.http.json("DELETE", f"/v1/offers/{market['offer']['id']}")
+    assert gone["status"] == "withdrawn"
+    provider.http.json(
+        "POST",
+        "/v1/offers",
+        json=offer_body(accelerator="h100-sxm", count=1, price_per_hour="0.01"),
+    )
+    client: Client = market["developer"]
+    job = client.submit(lambda x: x * 2, jnp.ones(3), platforms=("cpu", "cuda"), **PRICE)
+    clear(market["engine"])
+    (order,) = provider.work()
+    assert order["platform"] == "cuda"
+    assert run_work_order(provider, order) == "requeued"
+    back = job.refresh().data
+    assert back["state"] == "open"
+    assert "the offer is cuda but this machine runs jobs on cpu" in back["error"]
