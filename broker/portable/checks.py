@@ -103,7 +103,7 @@ def verify_artifact(data: bytes) -> Artifact:
             raise ArtifactError("an iterative program must return a state like the one it takes")
     elif manifest.state_leaves is not None:
         raise ArtifactError("manifest: state_leaves is only for iterative programs")
-    targets = sorted(_xla.custom_call_targets(exported))
+    targets = _xla.custom_call_targets(exported)
     _same("custom_calls", targets, manifest.custom_calls)
     check_custom_calls(targets, manifest.platforms)
     if not manifest.polymorphic:
