@@ -8,7 +8,9 @@ a public fallback or a test that fails loudly if the internal moved:
   calls read that same lowering, in memory;
 - XLA's cost analysis of an exported module (StableHLO to HLO, then
   ``hlo_module_cost_analysis``), which the broker uses to check a manifest;
-- reading an exported module's operations to list its custom calls.
+- reading an exported module's operations to list its custom calls;
+- initializing the CPU's LAPACK routines, which a cached executable needs
+  before it runs when nothing was lowered in this process.
 """
 
 from __future__ import annotations
@@ -215,3 +217,14 @@ def local_platform() -> str:
     version = jax.devices()[0].client.platform_version.lower()
     return "rocm" if "rocm" in version or "hip" in version else "cuda"
 
+
+def initialize_cpu_routines() -> None:
+    """Load the LAPACK routines behind JAX's CPU linear algebra (``lapack_*_ffi``).
+
+    Lowering a call of an exported program does this; a cached executable that
+    skips lowering must do it itself before it runs one of them. It imports
+    SciPy, a noticeable part of a fresh process's start, so it is done only then.
+    """
+    from jax._src.lax import linalg
+
+    linalg.initialize_lapack()
