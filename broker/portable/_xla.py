@@ -8,7 +8,8 @@ a public fallback or a test that fails loudly if the internal moved:
   calls read that same lowering, in memory;
 - XLA's cost analysis of an exported module (StableHLO to HLO, then
   ``hlo_module_cost_analysis``), which the broker uses to check a manifest;
-- reading an exported module's operations to list its custom calls;
+- reading an exported module's operations to list its custom calls and to
+  merge identical platform branches before that cost analysis;
 - initializing the CPU's LAPACK routines, which a cached executable needs
   before it runs when nothing was lowered in this process.
 """
@@ -51,7 +52,7 @@ def export_program(
     except ImportError:  # pragma: no cover - a JAX without these internals
         exported = export.export(jitted, platforms=tuple(platforms))(*specs)
         cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-        return Export(exported, cost, custom_call_targets(exported))
+        return Export(exported, cost, program_facts(exported, with_cost=False)[0])
     _export.check_symbolic_scope_errors(jitted, specs, {})
     traced = jitted.trace(*specs)
     lowered = traced.lower(
@@ -70,27 +71,50 @@ def export_program(
         module = lowered.compiler_ir("stablehlo")
         with module.context:
             copy = module.operation.clone()  # JAX may cache the lowering: leave it as is
-        return Export(exported, _cost(copy), _targets(module))
+        targets, cases = _scan(copy)
+        return Export(exported, _cost(copy, cases), targets)
     cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-    return Export(exported, cost, custom_call_targets(exported))
+    return Export(exported, cost, program_facts(exported, with_cost=False)[0])
 
 
-def module_cost(exported: export.Exported) -> dict[str, float]:
-    """XLA's cost analysis (flops, bytes accessed) of an exported module, for the
-    CPU cost model. Needs static shapes."""
+def program_facts(
+    exported: export.Exported, *, with_cost: bool
+) -> tuple[list[str], dict[str, float] | None]:
+    """The sorted target names of the module's custom calls and, ``with_cost``,
+    XLA's cost analysis (flops, bytes accessed) for the CPU cost model, which
+    needs static shapes. Both as ``export_program`` computes them."""
     from jax._src.lib import _jax  # type: ignore[attr-defined]
 
     with mlir.make_ir_context():
         module = _jax.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
-        return _cost(module.operation)
+        targets, cases = _scan(module.operation)
+        return targets, _cost(module.operation, cases) if with_cost else None
 
 
-def _cost(module: Any) -> dict[str, float]:
-    """XLA's cost analysis of ``module`` (an operation this function may change)."""
+def _scan(module: Any) -> tuple[list[str], list[Any]]:
+    """The custom calls' targets, and the ``stablehlo.case`` operations, inner ones
+    first: one pass over the module."""
+    targets: set[str] = set()
+    cases: list[Any] = []
+
+    def visit(op: Any) -> Any:
+        name = op.name
+        if name == "stablehlo.custom_call":
+            targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
+        elif name == "stablehlo.case":
+            cases.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.walk(visit, ir.WalkOrder.POST_ORDER)
+    return sorted(targets), cases
+
+
+def _cost(module: Any, cases: list[Any]) -> dict[str, float]:
+    """XLA's cost analysis of ``module``, whose ``cases`` this function may merge."""
     from jax._src import xla_bridge
     from jax._src.lib import _jax  # type: ignore[attr-defined]
 
-    _merge_identical_branches(module)
+    _merge_identical_branches(cases)
     computation = _jax.mlir.mlir_module_to_xla_computation(
         mlir.module_to_bytecode(module), use_tuple_args=False, return_tuple=False
     )
@@ -98,24 +122,16 @@ def _cost(module: Any) -> dict[str, float]:
     return _cost_dict(_jax.hlo_module_cost_analysis(backend, computation.as_hlo_module()))
 
 
-def _merge_identical_branches(module: Any) -> None:
+def _merge_identical_branches(cases: list[Any]) -> None:
     """Replace each ``stablehlo.case`` whose branches are all the same by that branch.
 
     A multi-platform export puts every operation whose lowering differs between
     platforms under a case on the platform; most branches come out identical
     (a matmul is one op on every platform). The result is the same program, but
     XLA converts it to HLO in half the time, and its cost analysis (which takes
-    the most expensive branch of a conditional) gives the same flops.
+    the most expensive branch of a conditional) gives the same flops. ``cases``
+    lists inner cases first, so that an outer one compares its branches merged.
     """
-    cases: list[Any] = []
-
-    def visit(op: Any) -> Any:
-        if op.name == "stablehlo.case":
-            cases.append(op)
-        return ir.WalkResult.ADVANCE
-
-    # Inner cases first, so that an outer one compares its branches as merged.
-    module.walk(visit, ir.WalkOrder.POST_ORDER)
     for case in cases:
         first, *others = case.regions
         if not others or not all(_same_region(first, other, {}) for other in others):
@@ -173,27 +189,6 @@ def _same_op(a: Any, b: Any, seen: dict[Any, Any]) -> bool:
 def _attributes(op: Any) -> dict[str, Any]:
     attributes = op.attributes
     return {attributes[i].name: attributes[i].attr for i in range(len(attributes))}
-
-
-def custom_call_targets(exported: export.Exported) -> list[str]:
-    """The sorted target names of every ``stablehlo.custom_call`` in the module."""
-    from jax._src.lib import _jax  # type: ignore[attr-defined]
-
-    with mlir.make_ir_context():
-        module = _jax.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
-        return _targets(module)
-
-
-def _targets(module: Any) -> list[str]:
-    targets: set[str] = set()
-
-    def visit(op: Any) -> Any:
-        if op.name == "stablehlo.custom_call":
-            targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
-        return ir.WalkResult.ADVANCE
-
-    module.operation.walk(visit)
-    return sorted(targets)
 
 
 def _cost_dict(cost: Any) -> dict[str, float]:
