@@ -109,6 +109,7 @@ def _key(artifact: Artifact, kind: Kind, leaves: Sequence[jax.Array], device: An
         device.device_kind,
         device.client.platform_version,
         os.environ.get("XLA_FLAGS", ""),
+        os.environ.get("LIBTPU_INIT_ARGS", ""),
         str(jax.config.read("jax_enable_x64")),
         *(f"{x.dtype}{x.shape}" for x in leaves),
     ]
@@ -153,16 +154,18 @@ def _write(path: Path, program: Any, kind: Kind, leaves: Sequence[jax.Array]) ->
         return
     if (in_tree, out_tree) != _trees(kind, len(leaves), out_tree.num_leaves):
         return  # a JAX that builds these programs differently: _read could not rebuild them
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed, so that a concurrent run never reads half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:  # a full or read-only disk costs the next start, not this run
         log.warning("cannot cache compiled program %s: %s", path.name, e)
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _uses_lapack(artifact: Artifact) -> bool:

@@ -170,3 +170,15 @@ def test_a_fresh_process_loads_the_compiled_program(
 def test_cached_programs_know_when_cpu_linear_algebra_must_be_loaded() -> None:
     assert executables._uses_lapack(package(jnp.linalg.cholesky, jnp.eye(4)))
     assert not executables._uses_lapack(package(jnp.sin, jnp.ones(3)))
+
+
+def test_a_cache_directory_that_cannot_be_written_only_costs_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    monkeypatch.setattr(runner, "_cache_dir", blocked)
+    executables.clear_memory()
+    artifact = package(jnp.sin, jnp.ones(3))
+    result = runner.run(artifact, [np.ones(3, np.float32)])
+    np.testing.assert_allclose(result.outputs[0], np.sin(np.ones(3)), rtol=1e-6)
