@@ -183,8 +183,8 @@ the provider's one-second progress reports."""
 def _next_chunk(steps: int, seconds: float) -> int:
     """How many steps the next chunk runs, after ``steps`` took ``seconds``.
 
-    Grows at most eightfold a chunk, so that one fast step (or a first chunk
-    slowed by a cold start) cannot commit the runner to a long chunk.
+    Grows at most eightfold a chunk, so that steps that turn slower than the
+    ones timed cannot commit the runner to a chunk far over its budget.
     """
     per_step = seconds / steps
     fit = int(CHUNK_SECONDS / per_step) if per_step > 0 else steps * 8
