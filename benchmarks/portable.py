@@ -7,7 +7,9 @@ Prints, for this machine's cpu backend:
   artifact bytes to first result through the runner, versus `jax.jit` to first
   result;
 - per-step time of an iterative job through the runner versus a plain
-  `jax.jit` loop, and checkpoint write (device to host, bundle) and restore;
+  `jax.jit` loop (one dispatch a step) and versus one `jax.jit` of a
+  `lax.fori_loop` over all the steps (what the runner does, in chunks), and
+  checkpoint write (device to host, bundle) and restore;
 - the roofline's predicted over measured runtime for the calibration programs.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from broker.portable import arrays, calibrate, runner
 from broker.portable.artifact import package, package_step
@@ -156,11 +159,19 @@ def per_step(steps: int = 2000, repeats: int = 5) -> dict[str, float]:
         jax.block_until_ready(state)
         return time.perf_counter() - start
 
+    looped = jax.jit(lambda state, x, y: lax.fori_loop(0, steps, lambda _, s: step(s, x, y), state))
+
+    def fori() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(looped(*args))
+        return time.perf_counter() - start
+
     def layer() -> float:
         return runner.run(artifact, leaves, steps=steps).timings.run
 
-    layer()  # compile
+    fori(), layer()  # compile
     plain_s = min(plain() for _ in range(repeats))
+    fori_s = min(fori() for _ in range(repeats))
     layer_s = min(layer() for _ in range(repeats))
 
     saved: dict[int, Any] = {}
@@ -178,6 +189,7 @@ def per_step(steps: int = 2000, repeats: int = 5) -> dict[str, float]:
     )
     return {
         "plain_us": plain_s / steps * 1e6,
+        "fori_us": fori_s / steps * 1e6,
         "layer_us": layer_s / steps * 1e6,
         "checkpoint_mb": len(saved[2]) / 1e6,
         "checkpoint_write_s": run.timings.checkpoint_write,
@@ -204,6 +216,10 @@ def main() -> None:
     print(
         f"  plain jax.jit loop {steps['plain_us']:.1f} us, runner {steps['layer_us']:.1f} us, "
         f"overhead {(steps['layer_us'] / steps['plain_us'] - 1) * 100:+.1f}%"
+    )
+    print(
+        f"  plain jax.jit of a fori_loop {steps['fori_us']:.1f} us, runner (chunked loop) "
+        f"{(steps['layer_us'] / steps['fori_us'] - 1) * 100:+.1f}% against it"
     )
     print(
         f"  checkpoint of an 8x1024 MLP state ({steps['checkpoint_mb']:.1f} MB): write "

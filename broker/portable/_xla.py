@@ -4,15 +4,20 @@ Kept in one module so that a JAX upgrade has one file to check. Each use has
 a public fallback or a test that fails loudly if the internal moved:
 
 - exporting from one lowering (``_export_lowered``) so that packaging traces
-  and lowers the program once, and XLA's cost analysis reads that same lowering;
+  and lowers the program once, and XLA's cost analysis and the list of custom
+  calls read that same lowering, in memory;
 - XLA's cost analysis of an exported module (StableHLO to HLO, then
   ``hlo_module_cost_analysis``), which the broker uses to check a manifest;
-- walking a module's operations to list its custom calls.
+- reading an exported module's operations to list its custom calls and to
+  merge identical platform branches before that cost analysis;
+- initializing the CPU's LAPACK routines, which a cached executable needs
+  before it runs when nothing was lowered in this process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -21,20 +26,33 @@ from jax.extend.mlir import ir
 from jax.interpreters import mlir
 
 
-def export_with_cost(
-    jitted: Any, specs: Sequence[Any], platforms: Sequence[str], example_args: Sequence[Any]
-) -> tuple[export.Exported, dict[str, float]]:
-    """Export ``jitted`` for ``platforms``, with XLA's cost analysis for ``example_args``.
+@dataclass(frozen=True)
+class Export:
+    """An exported program with what the manifest says about it."""
 
-    With static shapes the cost comes from the lowering the export used; with
-    symbolic ones (or a JAX without these internals) from a lowering of the examples.
+    exported: export.Exported
+    cost: dict[str, float]  # XLA's cost analysis: flops, bytes
+    custom_calls: list[str]  # sorted target names of its custom calls
+
+
+def export_program(
+    jitted: Any, specs: Sequence[Any], platforms: Sequence[str], example_args: Sequence[Any]
+) -> Export:
+    """Export ``jitted`` for ``platforms``, with XLA's cost analysis for ``example_args``
+    and the custom calls the module makes.
+
+    With static shapes both come from the lowering the export used, read in
+    memory (parsing the exported module again costs as much as lowering); with
+    symbolic ones (or a JAX without these internals) the cost comes from a
+    lowering of the examples and the custom calls from the exported module.
     """
     try:
         from jax._src import config
         from jax._src.export import _export
     except ImportError:  # pragma: no cover - a JAX without these internals
         exported = export.export(jitted, platforms=tuple(platforms))(*specs)
-        return exported, _cost_dict(jitted.lower(*example_args).cost_analysis())
+        cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
+        return Export(exported, cost, program_facts(exported, with_cost=False)[0])
     _export.check_symbolic_scope_errors(jitted, specs, {})
     traced = jitted.trace(*specs)
     lowered = traced.lower(
@@ -46,42 +64,131 @@ def export_with_cost(
         ),
     )
     exported = _export._export_lowered(lowered, traced.jaxpr, traced.fun_name, disabled_checks=())
-    if all(_static(aval.shape) for aval in exported.in_avals):
-        return exported, _cost_dict(lowered.cost_analysis())
-    return exported, _cost_dict(jitted.lower(*example_args).cost_analysis())
+    if all(_static(aval.shape) for aval in exported.in_avals) and not exported.ordered_effects:
+        # The exported module is then this module, copied, with one more attribute:
+        # no operation is added (export wraps "main" only for symbolic shapes or
+        # ordered effects).
+        module = lowered.compiler_ir("stablehlo")
+        with module.context:
+            copy = module.operation.clone()  # JAX may cache the lowering: leave it as is
+        targets, cases = _scan(copy)
+        return Export(exported, _cost(copy, cases), targets)
+    cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
+    return Export(exported, cost, program_facts(exported, with_cost=False)[0])
 
 
-def module_cost(exported: export.Exported) -> dict[str, float]:
-    """XLA's cost analysis (flops, bytes accessed) of an exported module, for the
-    CPU cost model. Needs static shapes."""
+def program_facts(
+    exported: export.Exported, *, with_cost: bool
+) -> tuple[list[str], dict[str, float] | None]:
+    """The sorted target names of the module's custom calls and, ``with_cost``,
+    XLA's cost analysis (flops, bytes accessed) for the CPU cost model, which
+    needs static shapes. Both as ``export_program`` computes them."""
+    from jax._src.lib import _jax  # type: ignore[attr-defined]
+
+    with mlir.make_ir_context():
+        module = _jax.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
+        targets, cases = _scan(module.operation)
+        return targets, _cost(module.operation, cases) if with_cost else None
+
+
+def _scan(module: Any) -> tuple[list[str], list[Any]]:
+    """The custom calls' targets, and the ``stablehlo.case`` operations, inner ones
+    first: one pass over the module."""
+    targets: set[str] = set()
+    cases: list[Any] = []
+
+    def visit(op: Any) -> Any:
+        name = op.name
+        if name == "stablehlo.custom_call":
+            targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
+        elif name == "stablehlo.case":
+            cases.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.walk(visit, ir.WalkOrder.POST_ORDER)
+    return sorted(targets), cases
+
+
+def _cost(module: Any, cases: list[Any]) -> dict[str, float]:
+    """XLA's cost analysis of ``module``, whose ``cases`` this function may merge."""
     from jax._src import xla_bridge
     from jax._src.lib import _jax  # type: ignore[attr-defined]
 
-    text = exported.mlir_module()
+    _merge_identical_branches(cases)
     computation = _jax.mlir.mlir_module_to_xla_computation(
-        text, use_tuple_args=False, return_tuple=False
+        mlir.module_to_bytecode(module), use_tuple_args=False, return_tuple=False
     )
     backend = xla_bridge.get_backend("cpu")
     return _cost_dict(_jax.hlo_module_cost_analysis(backend, computation.as_hlo_module()))
 
 
-def custom_call_targets(exported: export.Exported) -> set[str]:
-    """The target names of every ``stablehlo.custom_call`` in the module."""
-    targets: set[str] = set()
-    with mlir.make_ir_context():
-        module = ir.Module.parse(exported.mlir_module())
-        for op in _operations(module.operation):
-            if op.name == "stablehlo.custom_call":
-                targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
-    return targets
+def _merge_identical_branches(cases: list[Any]) -> None:
+    """Replace each ``stablehlo.case`` whose branches are all the same by that branch.
+
+    A multi-platform export puts every operation whose lowering differs between
+    platforms under a case on the platform; most branches come out identical
+    (a matmul is one op on every platform). The result is the same program, but
+    XLA converts it to HLO in half the time, and its cost analysis (which takes
+    the most expensive branch of a conditional) gives the same flops. ``cases``
+    lists inner cases first, so that an outer one compares its branches merged.
+    """
+    for case in cases:
+        first, *others = case.regions
+        if not others or not all(_same_region(first, other, {}) for other in others):
+            continue
+        body = list(first.blocks[0].operations)
+        for op in body[:-1]:
+            op.move_before(case)
+        for result, value in zip(case.results, body[-1].operands, strict=True):
+            result.replace_all_uses_with(value)
+        case.erase()
 
 
-def _operations(op: Any) -> Iterator[Any]:
-    for region in op.regions:
-        for block in region:
-            for inner in block:
-                yield inner.operation
-                yield from _operations(inner.operation)
+def _same_region(a: Any, b: Any, seen: dict[Any, Any]) -> bool:
+    """Whether regions ``a`` and ``b`` compute the same thing from the same values;
+    ``seen`` maps the values ``b`` defines to their twins in ``a``."""
+    blocks_a, blocks_b = list(a.blocks), list(b.blocks)
+    if len(blocks_a) != len(blocks_b):
+        return False
+    for block_a, block_b in zip(blocks_a, blocks_b, strict=True):
+        args_a, args_b = list(block_a.arguments), list(block_b.arguments)
+        if [x.type for x in args_a] != [y.type for y in args_b]:
+            return False
+        seen.update(zip(args_b, args_a, strict=True))
+        ops_a, ops_b = list(block_a.operations), list(block_b.operations)
+        if len(ops_a) != len(ops_b):
+            return False
+        if not all(_same_op(x, y, seen) for x, y in zip(ops_a, ops_b, strict=True)):
+            return False
+    return True
+
+
+def _same_op(a: Any, b: Any, seen: dict[Any, Any]) -> bool:
+    if a.name != b.name:
+        return False
+    a, b = a.operation, b.operation
+    operands_a, operands_b = a.operands, b.operands
+    results_a, results_b = a.results, b.results
+    if (
+        len(operands_a) != len(operands_b)
+        or len(results_a) != len(results_b)
+        or any(seen.get(y, y) != x for x, y in zip(operands_a, operands_b, strict=True))
+        or any(x.type != y.type for x, y in zip(results_a, results_b, strict=True))
+        or _attributes(a) != _attributes(b)
+    ):
+        return False
+    regions_a, regions_b = a.regions, b.regions
+    if len(regions_a) != len(regions_b) or not all(
+        _same_region(x, y, seen) for x, y in zip(regions_a, regions_b, strict=True)
+    ):
+        return False
+    seen.update(zip(results_b, results_a, strict=True))
+    return True
+
+
+def _attributes(op: Any) -> dict[str, Any]:
+    attributes = op.attributes
+    return {attributes[i].name: attributes[i].attr for i in range(len(attributes))}
 
 
 def _cost_dict(cost: Any) -> dict[str, float]:
@@ -104,3 +211,15 @@ def local_platform() -> str:
         return backend
     version = jax.devices()[0].client.platform_version.lower()
     return "rocm" if "rocm" in version or "hip" in version else "cuda"
+
+
+def initialize_cpu_routines() -> None:
+    """Load the LAPACK routines behind JAX's CPU linear algebra (``lapack_*_ffi``).
+
+    Lowering a call of an exported program does this; a cached executable that
+    skips lowering must do it itself before it runs one of them. It imports
+    SciPy, a noticeable part of a fresh process's start, so it is done only then.
+    """
+    from jax._src.lax import linalg
+
+    linalg.initialize_lapack()

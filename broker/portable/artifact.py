@@ -86,6 +86,11 @@ class Artifact:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def to_bytes(self) -> builtins.bytes:
+        return self._file
+
+    @cached_property
+    def _file(self) -> builtins.bytes:
+        # Built once: the manifest is frozen and the program is bytes.
         manifest = self.manifest.model_dump_json().encode()
         return MAGIC + struct.pack("<I", len(manifest)) + manifest + self.program
 
@@ -155,14 +160,14 @@ def _package(
     else:
         specs = tuple(export.symbolic_args_specs(example_args, polymorphic_shapes))
     try:
-        exported, cost = _xla.export_with_cost(jitted, specs, platforms, example_args)
+        result = _xla.export_program(jitted, specs, platforms, example_args)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"cannot export {_name(fn)}: {e}") from e
+    exported, cost, custom_calls = result.exported, result.cost, result.custom_calls
     if state_leaves is not None:
         _check_step(exported, state_leaves, fn)
     from broker.portable.checks import check_custom_calls
 
-    custom_calls = sorted(_xla.custom_call_targets(exported))
     check_custom_calls(custom_calls, platforms)
     program = bytes(exported.serialize())
     manifest = Manifest(

@@ -103,11 +103,10 @@ def verify_artifact(data: bytes) -> Artifact:
             raise ArtifactError("an iterative program must return a state like the one it takes")
     elif manifest.state_leaves is not None:
         raise ArtifactError("manifest: state_leaves is only for iterative programs")
-    targets = sorted(_xla.custom_call_targets(exported))
+    targets, cost = _xla.program_facts(exported, with_cost=not manifest.polymorphic)
     _same("custom_calls", targets, manifest.custom_calls)
     check_custom_calls(targets, manifest.platforms)
-    if not manifest.polymorphic:
-        cost = _xla.module_cost(exported)
+    if cost is not None:
         for key in ("flops", "bytes"):
             _close(key, cost[key], getattr(manifest, key))
     return artifact

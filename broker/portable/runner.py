@@ -1,9 +1,9 @@
 """The runner: compile an artifact for this machine's backend and run it.
 
 Provider agents call ``run``. It checks that the artifact was exported for the
-local platform, compiles it through JAX's persistent compilation cache (so a
-program seen before starts without recompiling), runs it, and for iterative
-jobs saves checkpoints through a callback and resumes from one. Inputs,
+local platform, compiles it (or loads it from the compilation cache, see
+``executables``), runs it, and for iterative jobs runs the steps in chunks on
+the device, saves checkpoints through a callback and resumes from one. Inputs,
 checkpoints and outputs are flat lists of arrays in the artifact's leaf order.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from broker.portable import _xla
+from broker.portable import _xla, executables
 from broker.portable.arrays import DTYPES
 from broker.portable.artifact import Artifact
 from broker.portable.manifest import ArtifactError, TensorSpec
@@ -71,7 +71,9 @@ def enable_compilation_cache(directory: Path) -> None:
     """Use ``directory`` as JAX's persistent compilation cache for this process.
 
     Every compile is cached, however short (JAX by default skips compiles under
-    a second, which are most of a marketplace's small jobs).
+    a second, which are most of a marketplace's small jobs), and the runner
+    keeps its compiled programs there too, so that a fresh process starts a
+    program it has run before without lowering it again.
     """
     global _cache_dir
     with _cache_lock:
@@ -100,8 +102,9 @@ def run(
     A ``function`` artifact runs once. An ``iterative`` one runs ``steps`` steps
     of ``state = step(state, *args)`` from ``checkpoint`` (or from the inputs'
     state), calls ``on_checkpoint(step, state)`` every ``checkpoint_every``
-    steps, and returns the final state. ``on_progress(step)`` follows each step;
-    ``should_stop()`` is asked between steps.
+    steps, and returns the final state. The steps run in chunks, each one loop
+    on the device of up to about ``CHUNK_SECONDS``: ``on_progress(step)``
+    follows each chunk and ``should_stop()`` is asked before each one.
     """
     platform = _xla.local_platform()
     if platform not in artifact.platforms:
@@ -112,18 +115,21 @@ def run(
     manifest = artifact.manifest
     if len(inputs) != len(manifest.inputs):
         raise RunError(f"the program takes {len(manifest.inputs)} inputs; got {len(inputs)}")
+    if manifest.kind == "function" and steps not in (None, 1):
+        raise RunError("steps is for iterative jobs; this artifact is a plain function")
     timings = Timings()
     started = time.perf_counter()
     device = jax.devices()[0]
-    leaves = [jax.device_put(np.asarray(x), device) for x in inputs]
-    call = _compile(artifact, leaves)
+    leaves = [_on_device(x, device) for x in inputs]
+    try:
+        program = executables.load(artifact, leaves, device, _cache_dir)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"the inputs do not fit the program: {e}") from e
     timings.compile = time.perf_counter() - started
 
     if manifest.kind == "function":
-        if steps not in (None, 1):
-            raise RunError("steps is for iterative jobs; this artifact is a plain function")
         started = time.perf_counter()
-        outputs = [np.asarray(o) for o in call(*leaves)]
+        outputs = [np.asarray(o) for o in program(*leaves)]
         timings.run = time.perf_counter() - started
         if on_progress is not None:
             on_progress(1)
@@ -138,19 +144,27 @@ def run(
         state = _restore(checkpoint, manifest.inputs[:state_n], device)
         step = checkpoint.step
         timings.checkpoint_restore = time.perf_counter() - started
+    every = checkpoint_every or 0
+    save = on_checkpoint if every else None
+    chunk = 1  # grows once the time of a step is known
     started = time.perf_counter()
     while step < total:
         if should_stop is not None and should_stop():
             raise Stopped(f"stopped after {step} of {total} steps")
-        state = call(*state, *args)
-        step += 1
+        end = min(total, step + chunk)
+        if save is not None:  # a chunk ends at each checkpoint
+            end = min(end, (step // every + 1) * every)
+        began = time.perf_counter()
+        state = program(np.int32(end - step), *state, *args)
+        # Waiting for the chunk times it, and makes the progress report true.
+        jax.block_until_ready(state)
+        chunk = _next_chunk(end - step, time.perf_counter() - began)
+        step = end
         if on_progress is not None:
             on_progress(step)
-        if checkpoint_every and on_checkpoint and step % checkpoint_every == 0 and step < total:
-            # Wait for the queued steps first, so that their time counts as running.
-            jax.block_until_ready(state)
+        if save is not None and step % every == 0 and step < total:
             saved = time.perf_counter()
-            on_checkpoint(step, [np.asarray(x) for x in state])
+            save(step, [np.asarray(x) for x in state])
             timings.checkpoint_write += time.perf_counter() - saved
             timings.checkpoints += 1
     outputs = [np.asarray(x) for x in state]
@@ -158,18 +172,32 @@ def run(
     return RunResult(outputs, platform, step, timings)
 
 
-def _compile(artifact: Artifact, leaves: Sequence[jax.Array]) -> Callable[..., Any]:
-    """The program as a compiled function of its flat input leaves, returning flat outputs."""
-    exported = artifact.exported
+CHUNK_SECONDS = 0.25
+"""About how long one chunk of steps runs on the device before the runner reports
+progress and asks ``should_stop``: long enough that the pause between chunks
+(dispatch, then waiting for the device: up to a millisecond on a busy machine)
+costs nothing measurable, short enough that a cancelled job stops well within
+the provider's one-second progress reports."""
 
-    def flat(*xs: Any) -> Any:
-        args, kwargs = jax.tree.unflatten(exported.in_tree, xs)
-        return jax.tree.leaves(exported.call(*args, **kwargs))
 
-    try:
-        return jax.jit(flat).lower(*leaves).compile()  # type: ignore[no-any-return]
-    except (TypeError, ValueError) as e:
-        raise RunError(f"the inputs do not fit the program: {e}") from e
+def _next_chunk(steps: int, seconds: float) -> int:
+    """How many steps the next chunk runs, after ``steps`` took ``seconds``.
+
+    Grows at most eightfold a chunk, so that steps that turn slower than the
+    ones timed cannot commit the runner to a chunk far over its budget.
+    """
+    per_step = seconds / steps
+    fit = int(CHUNK_SECONDS / per_step) if per_step > 0 else steps * 8
+    return max(1, min(fit, steps * 8))
+
+
+def _on_device(x: Any, device: Any) -> jax.Array:
+    # An array already on the device is used as it is: the programs never
+    # donate their inputs. Weakly typed ones are rebuilt, as numpy would.
+    if isinstance(x, jax.Array) and not x.weak_type and x.devices() == {device}:
+        return x
+    moved: jax.Array = jax.device_put(np.asarray(x), device)
+    return moved
 
 
 def _restore(checkpoint: Checkpoint, specs: Sequence[TensorSpec], device: Any) -> list[jax.Array]:

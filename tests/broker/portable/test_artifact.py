@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,38 @@ def test_inputs_must_match_the_artifact() -> None:
         check_inputs(artifact, arrays.read_header(*_bundle(params, x.astype(jnp.int32))))
     with pytest.raises(ArtifactError, match="do not fit"):
         check_inputs(artifact, arrays.read_header(*_bundle(params, x[:3])))
+
+
+def test_the_cost_is_xla_cost_analysis_of_the_program() -> None:
+    params, x = mlp_args()
+    artifact = package(mlp, params, x)
+    plain = jax.jit(mlp).lower(params, x).cost_analysis()
+    assert plain is not None
+    assert artifact.flops == plain["flops"]
+    assert artifact.bytes == pytest.approx(plain["bytes accessed"], rel=0.01)
+
+
+def test_only_identical_platform_branches_are_merged_for_the_cost() -> None:
+    from jax._src.lib import _jax  # type: ignore[attr-defined]
+    from jax.interpreters import mlir
+
+    from broker.portable import _xla
+
+    def fn(x: jax.Array) -> Any:
+        return jax.lax.platform_dependent(x, cpu=jnp.sin, default=jnp.cos) @ x
+
+    artifact = package(fn, jnp.ones((4, 4)))
+    with mlir.make_ir_context():
+        module = _jax.mlir.deserialize_portable_artifact(artifact.exported.mlir_module_serialized)
+        before = str(module)
+        _xla._merge_identical_branches(_xla._scan(module.operation)[1])
+        after = str(module)
+    # The matmul lowers alike on every platform: its case goes. sin-or-cos stays.
+    assert before.count("stablehlo.dot_general") > 1
+    assert after.count("stablehlo.dot_general") == 1
+    assert "stablehlo.sine" in after
+    assert "stablehlo.cosine" in after
+    assert after.count("stablehlo.case") == before.count("stablehlo.case") - 1
 
 
 def test_step_functions_must_return_their_state() -> None:

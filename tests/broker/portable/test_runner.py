@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from broker.portable import runner
-from broker.portable.artifact import package, package_step
+from broker.portable import executables, runner
+from broker.portable.artifact import Artifact, package, package_step
 from tests.broker.portable.programs import mlp, mlp_args, plain_steps, sgd_args, sgd_step
 
 
@@ -49,7 +49,9 @@ def test_iterative_job_checkpoints_and_resumes_to_the_same_result() -> None:
         on_progress=progress.append,
     )
     assert sorted(saved) == [4, 8]
-    assert progress == list(range(1, 13))
+    # Progress follows each chunk of steps; chunks end at checkpoints.
+    assert progress == sorted(set(progress))
+    assert {4, 8, 12} <= set(progress)
     assert full.timings.checkpoints == 2
 
     # Interrupted after step 8: resume from that checkpoint.
@@ -62,18 +64,57 @@ def test_iterative_job_checkpoints_and_resumes_to_the_same_result() -> None:
         np.testing.assert_allclose(b, c, rtol=1e-6)
 
 
-def test_should_stop_is_asked_between_steps() -> None:
+def test_resuming_from_any_step_gives_the_same_result() -> None:
+    state, x, y = sgd_args()
+    artifact = package_step(sgd_step, state, x, y)
+    leaves = jax.tree.leaves((state, x, y))
+    saved: dict[int, list[Any]] = {}
+    full = runner.run(
+        artifact,
+        leaves,
+        steps=9,
+        checkpoint_every=1,
+        on_checkpoint=lambda step, st: saved.__setitem__(step, st),
+    )
+    assert sorted(saved) == list(range(1, 9))
+    for step, state_then in saved.items():
+        from_there = runner.Checkpoint(step, state_then)
+        resumed = runner.run(artifact, leaves, steps=9, checkpoint=from_there)
+        assert resumed.steps_done == 9
+        for a, b in zip(full.outputs, resumed.outputs, strict=True):
+            np.testing.assert_array_equal(a, b)  # the same executable does every step
+
+
+def test_should_stop_is_asked_between_chunks() -> None:
     state, x, y = sgd_args()
     artifact = package_step(sgd_step, state, x, y)
     done: list[int] = []
-    with pytest.raises(runner.Stopped, match="after 3 of 10 steps"):
+    asked_before: list[int] = []
+
+    def should_stop() -> bool:
+        asked_before.append(done[-1] if done else 0)
+        return bool(done) and done[-1] >= 3
+
+    with pytest.raises(runner.Stopped) as stopped:
         runner.run(
             artifact,
             jax.tree.leaves((state, x, y)),
-            steps=10,
+            steps=1_000_000,
             on_progress=done.append,
-            should_stop=lambda: len(done) >= 3,
+            should_stop=should_stop,
         )
+    assert asked_before[0] == 0  # before the first step
+    assert 3 <= done[-1] < 1_000_000
+    assert str(stopped.value) == f"stopped after {done[-1]} of 1000000 steps"
+
+
+def test_chunks_grow_to_the_time_budget_and_shrink_when_steps_are_slow() -> None:
+    budget = runner.CHUNK_SECONDS
+    assert runner._next_chunk(1, budget / 1000) == 8  # at most eightfold
+    assert runner._next_chunk(800, budget / 10) == 6400
+    assert runner._next_chunk(1000, budget) == 1000  # on budget
+    assert runner._next_chunk(1000, budget * 10) == 100
+    assert runner._next_chunk(1, budget * 10) == 1  # never below one step
 
 
 def test_a_checkpoint_of_the_wrong_shape_is_refused() -> None:
@@ -93,3 +134,51 @@ def test_persistent_compilation_cache_is_used(tmp_path: Path) -> None:
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
         runner._cache_dir = None
+
+
+def test_a_fresh_process_loads_the_compiled_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, x, y = sgd_args()
+    artifact = package_step(sgd_step, state, x, y)
+    leaves = jax.tree.leaves((state, x, y))
+    monkeypatch.setattr(runner, "_cache_dir", tmp_path)
+    executables.clear_memory()  # compiled by an earlier test, without a cache directory
+    first = runner.run(artifact, leaves, steps=5)
+    assert len(list((tmp_path / "broker-executables").iterdir())) == 1
+
+    def no_compiling(*args: object) -> None:
+        raise AssertionError("compiled again")
+
+    executables.clear_memory()  # as in a new process
+    with monkeypatch.context() as patched:
+        patched.setattr(executables, "_compile", no_compiling)
+        again = runner.run(Artifact.from_bytes(artifact.to_bytes()), leaves, steps=5)
+    for a, b in zip(first.outputs, again.outputs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # A torn file is compiled again and replaced.
+    for entry in (tmp_path / "broker-executables").iterdir():
+        entry.write_bytes(entry.read_bytes()[:100])
+    executables.clear_memory()
+    torn = runner.run(artifact, leaves, steps=5)
+    assert all(e.stat().st_size > 100 for e in (tmp_path / "broker-executables").iterdir())
+    for a, b in zip(first.outputs, torn.outputs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cached_programs_know_when_cpu_linear_algebra_must_be_loaded() -> None:
+    assert executables._uses_lapack(package(jnp.linalg.cholesky, jnp.eye(4)))
+    assert not executables._uses_lapack(package(jnp.sin, jnp.ones(3)))
+
+
+def test_a_cache_directory_that_cannot_be_written_only_costs_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    monkeypatch.setattr(runner, "_cache_dir", blocked)
+    executables.clear_memory()
+    artifact = package(jnp.sin, jnp.ones(3))
+    result = runner.run(artifact, [np.ones(3, np.float32)])
+    np.testing.assert_allclose(result.outputs[0], np.sin(np.ones(3)), rtol=1e-6)
