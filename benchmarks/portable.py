@@ -117,7 +117,7 @@ print(time.perf_counter() - start)
 """
 
 
-def warm_start(repeats: int = 3) -> tuple[float, float]:
+def warm_start(repeats: int = 5) -> tuple[float, float]:
     """Median seconds to the first result in a fresh process with a warm cache."""
     root = str(Path(__file__).resolve().parent.parent)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +206,7 @@ def main() -> None:
             f"ratio {pack / lower:.2f}"
         )
     plain, layer = warm_start()
-    print("\nwarm-cache start, fresh process, to the first result (median of 3)")
+    print("\nwarm-cache start, fresh process, to the first result (median of 5)")
     print(
         f"  plain jax.jit {plain * 1e3:.0f} ms, through the layer {layer * 1e3:.0f} ms, "
         f"ratio {layer / plain:.2f}"

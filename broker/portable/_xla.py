@@ -11,12 +11,14 @@ a public fallback or a test that fails loudly if the internal moved:
 - reading an exported module's operations to list its custom calls and to
   merge identical platform branches before that cost analysis;
 - initializing the CPU's LAPACK routines, which a cached executable needs
-  before it runs when nothing was lowered in this process.
+  before it runs when nothing was lowered in this process;
+- compiling without writing JAX's persistent compilation cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,3 +225,13 @@ def initialize_cpu_routines() -> None:
     from jax._src.lax import linalg
 
     linalg.initialize_lapack()
+
+
+@contextmanager
+def no_persistent_cache_writes() -> Iterator[None]:
+    """In this thread, compiles read JAX's persistent compilation cache but do not
+    write it (its threshold on compile time is set out of reach)."""
+    from jax._src import config
+
+    with config.persistent_cache_min_compile_time_secs(float("inf")):
+        yield

@@ -13,6 +13,12 @@ keyed by everything it depends on, in memory and under the compilation cache
 directory; a later run loads it directly. Those files are as trusted as JAX's
 own cache entries beside them: loading either runs native code from the
 machine's cache directory, which only the provider's agent writes.
+
+Only an executable this process compiled is written: XLA:CPU cannot serialize
+again one it loaded from JAX's cache (the copy lacks some of its functions,
+which shows only when another process runs it). So these programs are compiled
+without leaving JAX's cache a copy of its own, and one that JAX served anyway
+(an entry from before) is used but not written.
 """
 
 from __future__ import annotations
@@ -39,10 +45,19 @@ from broker.portable.artifact import Artifact
 log = logging.getLogger(__name__)
 
 Kind = Literal["function", "iterative"]
-_FORMAT = "1"  # bump when the programs built here change
+_FORMAT = "2"  # bump when the programs built here, or how they are kept, change
 _MEMORY_ENTRIES = 16
 _memory: OrderedDict[str, Callable[..., Any]] = OrderedDict()
 _lock = threading.Lock()
+_compiling = threading.local()  # .from_jax_cache: this thread's compile was a JAX cache hit
+
+
+def _on_jax_event(event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _compiling.from_jax_cache = True
+
+
+jax.monitoring.register_event_listener(_on_jax_event)
 
 
 def load(
@@ -66,9 +81,14 @@ def load(
     if path is not None:
         program = _read(path, artifact, kind, leaves, device)
     if program is None:
-        program = _compile(artifact, kind, leaves)
-        if path is not None:
-            _write(path, program, kind, leaves)
+        if path is None:
+            program = _compile(artifact, kind, leaves)
+        else:
+            _compiling.from_jax_cache = False
+            with _xla.no_persistent_cache_writes():
+                program = _compile(artifact, kind, leaves)
+            if not _compiling.from_jax_cache:
+                _write(path, program, kind, leaves)
     with _lock:
         _memory[key] = program
         while len(_memory) > _MEMORY_ENTRIES:

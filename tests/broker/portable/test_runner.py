@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,60 @@ def test_a_fresh_process_loads_the_compiled_program(
     assert all(e.stat().st_size > 100 for e in (tmp_path / "broker-executables").iterdir())
     for a, b in zip(first.outputs, torn.outputs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+cache = Path(sys.argv[1])
+jax.config.update("jax_compilation_cache_dir", str(cache))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from broker.portable import runner
+from broker.portable.artifact import Artifact
+from tests.broker.portable.programs import sgd_args
+
+if sys.argv[3] == "runner":
+    runner._cache_dir = cache
+artifact = Artifact.from_bytes(Path(sys.argv[2]).read_bytes())
+result = runner.run(artifact, jax.tree.leaves(sgd_args()), steps=7)
+print(float(np.sum(result.outputs[0])))
+"""
+
+
+def test_fresh_processes_run_programs_from_both_caches(tmp_path: Path) -> None:
+    state, x, y = sgd_args()
+    artifact_file = tmp_path / "step.artifact"
+    artifact_file.write_bytes(package_step(sgd_step, state, x, y).to_bytes())
+    root = Path(__file__).resolve().parents[3]
+
+    def fresh(cache: Path, whose: str) -> float:
+        done = subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS, str(cache), str(artifact_file), whose],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
+
+    want = float(np.sum(jax.tree.leaves(plain_steps(7))[0]))
+    # JAX's cache holds the program (a run without the runner's cache): the runner
+    # uses that entry, but keeps no copy of it (XLA:CPU's copy would not run elsewhere).
+    shared = tmp_path / "shared"
+    results = [fresh(shared, "jax"), fresh(shared, "runner"), fresh(shared, "runner")]
+    assert not list(shared.glob("broker-executables/*.bin"))
+    # A cache of its own: compiled once, then loaded by the next process.
+    own = tmp_path / "own"
+    results += [fresh(own, "runner"), fresh(own, "runner")]
+    assert len(list(own.glob("broker-executables/*.bin"))) == 1
+    assert not list(own.glob("jit_steps*"))  # no second copy in JAX's cache
+    np.testing.assert_allclose(results, want, rtol=1e-5)
 
 
 def test_cached_programs_know_when_cpu_linear_algebra_must_be_loaded() -> None:
