@@ -5,19 +5,16 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.money import Usd
 from broker.nodes.models import NodeStatus
-from broker.offers.schemas import Efficiency, Hours, OfferOut, PositiveFigure
+from broker.offers.schemas import OfferOut, OfferTerms
 from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,
     Label,
     Latitude,
     Longitude,
-    ModelKey,
     Platform,
     RegionName,
-    VendorName,
 )
 
 NodeName = Annotated[
@@ -87,23 +84,11 @@ class Heartbeat(BaseModel):
     usage: list[UsageReport] = Field(default_factory=list, max_length=1024)
 
 
-class NodeOffer(BaseModel):
+class NodeOffer(OfferTerms):
     """One model's accelerators on the node, at the provider's price. The node's
     location fills the offer's; the catalog fills the hardware figures unless given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    accelerator: ModelKey
     count: int = Field(ge=0, le=100_000, description="Accelerators offered; 0 withdraws")
-    price_per_hour: Usd = Field(description="Ask, USD per accelerator-hour")
-    vendor: VendorName | None = None
-    platform: Platform | None = None
-    memory_gib: PositiveFigure | None = None
-    tflops_bf16: PositiveFigure | None = None
-    tflops_fp32: PositiveFigure | None = None
-    mem_bw_gbps: PositiveFigure | None = None
-    available_hours: Hours | None = None
-    efficiency: Efficiency = 0.4
 
 
 class NodeOffers(BaseModel):

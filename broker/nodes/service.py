@@ -31,8 +31,6 @@ from broker.offers.schemas import OfferCreate
 from broker.offers.service import create_offer, hardware_figures, resolve_model, withdraw_offer
 from broker.runs.service import meter
 
-_HARDWARE = ("memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
-
 
 def register(
     session: Session, provider: Account, data: NodeRegister, max_attempts: int
@@ -237,7 +235,7 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "count": capacity - held,
         "available_hours": data.available_hours,
         "efficiency": data.efficiency,
-        **{f: figures[f] for f in _HARDWARE},
+        **{f: v for f, v in figures.items() if f != "accelerator"},
     }
     if any(getattr(offer, k) != v for k, v in changes.items()):
         for k, v in changes.items():

@@ -27,20 +27,15 @@ Efficiency = Annotated[
 ]
 
 
-class OfferCreate(BaseModel):
-    """An ask. Give `accelerator` by its catalog key and the broker fills the hardware
-    figures (vendor, platform, memory, throughput, bandwidth); a model outside the
-    catalog needs all of them."""
+class OfferTerms(BaseModel):
+    """What an ask offers, wherever it is: the model, how many, the price, and hardware
+    figures where they differ from the catalog's."""
 
     model_config = ConfigDict(extra="forbid")
 
     accelerator: ModelKey
     count: Count
     price_per_hour: Usd = Field(description="Ask, USD per accelerator-hour")
-    region: RegionName
-    country: CountryCode
-    lat: Latitude
-    lon: Longitude
     vendor: VendorName | None = None
     platform: Platform | None = None
     memory_gib: PositiveFigure | None = None
@@ -49,6 +44,17 @@ class OfferCreate(BaseModel):
     mem_bw_gbps: PositiveFigure | None = None
     available_hours: Hours | None = None
     efficiency: Efficiency = 0.4
+
+
+class OfferCreate(OfferTerms):
+    """An ask. Give `accelerator` by its catalog key and the broker fills the hardware
+    figures (vendor, platform, memory, throughput, bandwidth); a model outside the
+    catalog needs all of them."""
+
+    region: RegionName
+    country: CountryCode
+    lat: Latitude
+    lon: Longitude
 
 
 class OfferUpdate(BaseModel):

@@ -14,7 +14,7 @@ from broker.errors import Conflict, InvalidInput, NotFound
 from broker.market.allocations import release_offer
 from broker.money import usd_to_micros
 from broker.offers.models import Offer, OfferStatus
-from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferUpdate
+from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
 
 _HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
 
@@ -47,7 +47,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
     return offer
 
 
-def hardware_figures(data: OfferCreate) -> dict[str, object]:
+def hardware_figures(data: OfferTerms) -> dict[str, object]:
     """Fill hardware figures from the catalog; explicit figures override it.
 
     Vendor and platform are facts of the model, so a mismatch is refused rather
