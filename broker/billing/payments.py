@@ -127,11 +127,12 @@ class Stripe:
 
 
 def _invoice(obj: Any) -> StripeInvoice:
+    data = obj.to_dict()
     return StripeInvoice(
-        id=str(obj.id),
-        status=str(obj.status),
-        hosted_invoice_url=obj.get("hosted_invoice_url"),
-        amount_due=int(obj.get("amount_due") or 0),
+        id=str(data["id"]),
+        status=str(data.get("status")),
+        hosted_invoice_url=data.get("hosted_invoice_url"),
+        amount_due=int(data.get("amount_due") or 0),
     )
 
 
