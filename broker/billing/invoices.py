@@ -172,7 +172,9 @@ def _invoice(
         id=invoice_id,
         account_id=account_id,
         status=InvoiceStatus.draft,
-        period_start=min(period_start, cutoff),
+        # A run left unbilled from an earlier period (the server was down when it
+        # ended) widens the period rather than hiding in it.
+        period_start=min([period_start, cutoff, *(r.allocation.ended_at or cutoff for r in runs)]),
         period_end=cutoff,
         subtotal_cents=subtotal,
         fee_cents=fee,

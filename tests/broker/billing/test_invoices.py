@@ -7,14 +7,16 @@ from fractions import Fraction
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
-from broker.billing import invoices
+from broker.billing import invoices, sync
 from broker.billing.amounts import fee_on, to_cents, usage_charge
 from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus
 from broker.billing.statements import statement
+from broker.config import get_settings
+from broker.db import transaction
 from broker.market.models import Allocation, AllocationStatus
 from tests.factories import make_account, make_job, make_offer, make_run
 
@@ -193,3 +195,26 @@ def test_two_generations_of_the_same_runs_bill_them_once(db: Session) -> None:
     assert invoices.generate(db, period_start=T0, cutoff=cutoff) == []
     assert invoices.generate(db, period_start=T0, cutoff=cutoff + timedelta(days=30)) == []
     assert db.scalar(select(Allocation.id).where(Allocation.usage_ms == 0)) is None
+
+
+def test_the_server_invoices_a_period_once_it_has_ended(fresh_engine: Engine) -> None:
+    """The billing pass run in April bills March's runs, as March's invoice, once."""
+    with transaction(fresh_engine) as db:
+        developer, _ = make_account(db, Role.developer)
+        provider, _ = make_account(db, Role.provider)
+        offer = make_offer(db, provider, price_per_hour="1.20")
+        make_run(db, make_job(db, developer), offer, 3_600_000, ended_at=T0 + timedelta(days=3))
+        make_run(db, make_job(db, developer), offer, 1_800_000, ended_at=None)  # still going
+    transactions = lambda write=True: transaction(fresh_engine, write=write)  # noqa: E731
+    settings = get_settings()
+    assert settings.billing_period == "month"
+    in_march = sync.generate(transactions, settings, now=T0 + timedelta(days=20))
+    assert in_march.invoices == []  # March has not ended
+    april = datetime(2026, 4, 1, 1, tzinfo=UTC)
+    (invoice_id,) = sync.generate(transactions, settings, now=april).invoices
+    assert sync.generate(transactions, settings, now=april).invoices == []
+    with transaction(fresh_engine, write=False) as db:
+        invoice = db.get_one(Invoice, invoice_id)
+        assert (invoice.period_start, invoice.period_end) == (T0, datetime(2026, 4, 1, tzinfo=UTC))
+        assert invoice.total_cents == 120  # an hour at $1.20 (this run locked no fee)
+        assert invoice.status == InvoiceStatus.open
