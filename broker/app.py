@@ -22,6 +22,7 @@ from broker.db import SessionDep, get_engine, session_scope
 from broker.errors import error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
+from broker.market.cache import BookCache
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.nodes.router import router as nodes_router
@@ -133,6 +134,7 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     )
     install_handlers(app)
     settings = get_settings()
+    app.state.book_cache = BookCache(settings.book_cache_seconds)
     app.add_middleware(
         BodySizeLimit,
         per_path={

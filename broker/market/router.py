@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from adapters import catalog
 from broker.auth import Admin, CurrentAccount
@@ -11,6 +12,7 @@ from broker.config import get_settings
 from broker.db import EngineDep, SessionDep, read_only_session
 from broker.errors import NotFound
 from broker.market import service
+from broker.market.cache import BookCache
 from broker.market.clearing import run_round
 from broker.market.models import ClearingRound
 from broker.market.schemas import BookQuery, CatalogEntry, OrderBook, RoundOut
@@ -20,11 +22,23 @@ from broker.types import ObjectId
 router = APIRouter(tags=["market"])
 
 
-@router.get("/v1/market/book", response_model=OrderBook, summary="The order book, by model")
-def order_book(
-    session: SessionDep, _: CurrentAccount, query: Annotated[BookQuery, Query()]
+@router.get(
+    "/v1/market/book",
+    response_model=OrderBook,
+    summary="The order book, by model",
+    description="At most `BROKER_BOOK_CACHE_SECONDS` (1) old: `generated_at` says when it "
+    "was computed.",
+)
+async def order_book(
+    session: SessionDep, _: CurrentAccount, query: Annotated[BookQuery, Query()], request: Request
 ) -> OrderBook:
-    return service.order_book(session, query.accelerator, query.depth)
+    # async with its work in one worker thread: see jobs.router.submit_job.
+    cache: BookCache = request.app.state.book_cache
+    return await run_in_threadpool(
+        cache.get,
+        (query.accelerator, query.depth),
+        lambda: service.order_book(session, query.accelerator, query.depth),
+    )
 
 
 @router.get("/v1/catalog", response_model=list[CatalogEntry], summary="The hardware catalog")
