@@ -1,14 +1,16 @@
-"""The order book's short-lived cache: fresh copies are reused, old ones recomputed,
-and a copy being recomputed is served meanwhile instead of waited for."""
+"""The order book's short-lived cache: fresh copies are reused, and an old one is
+served at once while a background thread computes the next."""
 
 from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from broker.accounts.models import Role
+from broker.db import transaction
+from broker.market import service
 from broker.market.cache import BookCache
 from broker.market.schemas import OrderBook
 from tests.conftest import ClientFactory
@@ -19,51 +21,67 @@ def _book() -> OrderBook:
     return OrderBook(books=[], generated_at=datetime.now(UTC))
 
 
-def test_fresh_copies_are_reused_and_old_ones_recomputed() -> None:
+def test_fresh_copies_are_reused() -> None:
     cache = BookCache(60)
-    first = cache.get("all", _book)
-    assert cache.get("all", _book) is first
-    assert cache.get("h100", _book) is not first  # another query, another copy
-    cache.seconds = 1e-9
-    assert cache.get("all", _book) is not first
+    first = cache.get(50, _book)
+    assert cache.get(50, _book) is first
+    assert cache.get(10, _book) is not first  # another depth, another copy
 
 
-def test_no_cache_computes_every_time() -> None:
-    cache = BookCache(0)
-    assert cache.get("all", _book) is not cache.get("all", _book)
-
-
-def test_the_old_copy_is_served_while_one_request_recomputes() -> None:
+def test_an_old_copy_is_served_while_the_next_is_computed() -> None:
     cache = BookCache(60)
-    old = cache.get("all", _book)
+    old = cache.get(50, _book)
     cache.seconds = 1e-9
     computing, release = threading.Event(), threading.Event()
-    fresh: list[OrderBook] = []
+    computed: list[OrderBook] = []
 
     def slow() -> OrderBook:
         computing.set()
         release.wait(10)
-        return _book()
+        computed.append(_book())
+        return computed[-1]
 
-    refresher = threading.Thread(target=lambda: fresh.append(cache.get("all", slow)))
-    refresher.start()
+    assert cache.get(50, slow) is old  # answered at once
     assert computing.wait(10)
-    assert cache.get("all", _book) is old  # not blocked, not computed twice
+    assert cache.get(50, slow) is old  # not computed twice meanwhile
     release.set()
-    refresher.join(10)
-    assert len(fresh) == 1
-    assert fresh[0] is not old
+    cache._refresher.submit(lambda: None).result(10)  # the refresh has finished
+    assert len(computed) == 1
+    cache.seconds = 60
+    assert cache.get(50, _book) is computed[0]
 
 
-def test_the_api_serves_a_recent_copy(db: Session, client_for: ClientFactory) -> None:
-    seller, _ = make_account(db, Role.provider)
-    make_offer(db, seller, accelerator="h100-sxm", price_per_hour="2.00")
-    _, key = make_account(db, Role.developer)
-    client = client_for(key)
+def test_a_failed_refresh_keeps_the_old_copy() -> None:
+    cache = BookCache(60)
+    old = cache.get(50, _book)
+    cache.seconds = 1e-9
+
+    def broken() -> OrderBook:
+        raise RuntimeError("the database went away")
+
+    assert cache.get(50, broken) is old
+    cache._refresher.submit(lambda: None).result(10)
+    assert cache.get(50, _book) is old  # served again, and a new refresh started
+
+
+def test_the_api_serves_a_recent_copy(
+    fresh_engine: Engine, fresh_client_for: ClientFactory
+) -> None:
+    with transaction(fresh_engine) as s:
+        seller, _ = make_account(s, Role.provider)
+        make_offer(s, seller, accelerator="h100-sxm", price_per_hour="2.00")
+        _, key = make_account(s, Role.developer)
+    client = fresh_client_for(key)
     client.app.state.book_cache = BookCache(60)  # type: ignore[attr-defined]
     first = client.get("/v1/market/book").json()
-    make_offer(db, seller, accelerator="mi300x", price_per_hour="2.10")
-    again = client.get("/v1/market/book").json()
-    assert again == first  # the copy from a moment ago, generated_at and all
-    other_depth = client.get("/v1/market/book", params={"depth": 10}).json()
-    assert {b["accelerator"] for b in other_depth["books"]} == {"h100-sxm", "mi300x"}
+    with transaction(fresh_engine) as s:
+        make_offer(s, s.merge(seller), accelerator="mi300x", price_per_hour="2.10")
+    assert client.get("/v1/market/book").json() == first  # generated_at and all
+    deeper = client.get("/v1/market/book", params={"depth": 10}).json()
+    assert {b["accelerator"] for b in deeper["books"]} == {"h100-sxm", "mi300x"}
+
+    # One model's book is cut from the cached one, and is what it would be alone.
+    one = client.get("/v1/market/book", params={"accelerator": "MI300X", "depth": 10}).json()
+    with transaction(fresh_engine, write=False) as s:
+        alone = service.order_book(s, "MI300X", 10).model_dump(mode="json")
+    assert one["books"] == alone["books"]
