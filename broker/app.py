@@ -177,4 +177,10 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     return app
 
 
+def create_served_app() -> FastAPI:
+    """The app as ``broker serve``'s workers run it: clearing rounds run in a process
+    of their own (``clearing.clear_in_process``), not in the workers."""
+    return create_app(auto_clear=False)
+
+
 app = create_app()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,14 +20,24 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(invoices_app, name="invoices")
 
 
+def recommended_workers() -> int:
+    """Worker processes ``broker serve`` starts unless told otherwise: one per core."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind [BROKER_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [BROKER_PORT]")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes [one per core]", show_default=False),
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
     migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
 ) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API; with BROKER_CLEAR_INTERVAL_SECONDS > 0, clear the market in a
+    process of its own."""
     import uvicorn
 
     from broker.config import get_settings
@@ -34,13 +46,31 @@ def serve(
     settings = get_settings()
     if migrate:
         upgrade()
-    uvicorn.run(
-        "broker.app:app",
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers,
-        log_level="info",
-    )
+    clearing = None
+    if settings.clear_interval_seconds > 0:
+        from broker.market.clearing import clear_in_process
+
+        context = multiprocessing.get_context("spawn")
+        clearing = context.Process(
+            target=clear_in_process, args=(settings.clear_interval_seconds,), name="clearing"
+        )
+        clearing.start()
+    try:
+        uvicorn.run(
+            "broker.app:create_served_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=workers or recommended_workers(),
+            log_level="info",
+            access_log=access_log,
+        )
+    finally:
+        if clearing is not None:
+            clearing.terminate()  # it finishes the round it is in
+            clearing.join(settings.clear_time_limit_seconds + 60)
+            if clearing.is_alive():
+                clearing.kill()
 
 
 @app.command()
