@@ -67,7 +67,10 @@ def make_engine(url: str) -> Engine:
     """An engine with the per-backend settings the broker relies on."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # Connections kept open: enough for the requests a busy worker has in its
+        # threads at once (a connection opened past the pool is closed after one
+        # request, and a new PostgreSQL connection costs a process and milliseconds).
+        return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=10)
 
     if parsed.database and parsed.database != ":memory:":
         from pathlib import Path
