@@ -7,10 +7,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
@@ -19,7 +20,7 @@ from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
 from broker.config import get_settings
 from broker.db import SessionDep, get_engine, session_scope
-from broker.errors import error_body, install_handlers
+from broker.errors import ERROR_RESPONSES, ErrorOut, error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
 from broker.market.clearing import RoundInProgress, run_round
@@ -30,6 +31,11 @@ from broker.offers.router import router as offers_router
 from broker.runs.router import router as runs_router
 
 log = logging.getLogger(__name__)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
 
 DESCRIPTION = """
 The compute broker's API. Providers list accelerator capacity as **offers**
@@ -129,7 +135,11 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
                 await task
 
     app = FastAPI(
-        title="Compute Broker", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+        title="Compute Broker",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     install_handlers(app)
     settings = get_settings()
@@ -152,22 +162,28 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     ):
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        summary="Liveness: the process answers",
+    )
+    def healthz() -> Health:
+        return Health(status="ok")
 
     @app.get(
         "/readyz",
+        response_model=Health,
         tags=["health"],
         summary="Readiness: the database answers",
-        responses={503: {"description": "The database does not answer"}},
+        responses={503: {"model": ErrorOut, "description": "The database does not answer"}},
     )
     def readyz(session: SessionDep) -> Any:
         try:
             session.execute(text("SELECT 1"))
         except Exception:
             return JSONResponse(error_body("not_ready", "the database does not answer"), 503)
-        return {"status": "ok"}
+        return Health(status="ok")
 
     # Some probes use HEAD; answer it without a second entry in the API description.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)

@@ -161,10 +161,11 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
 class LiveServer:
     """The app served by uvicorn on 127.0.0.1 in a thread of the test process."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **options: Any) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        options = {"log_level": "warning", "lifespan": "on", **options}
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, **options)
         self.server = uvicorn.Server(config)
 
     def __enter__(self) -> str:

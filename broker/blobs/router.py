@@ -99,6 +99,7 @@ async def _receive(
     "bytes again answers 200 with the stored artifact. Size limit: "
     "BROKER_MAX_ARTIFACT_BYTES.",
     openapi_extra=_BINARY_BODY,
+    responses={200: {"model": ArtifactOut, "description": "These bytes were stored before"}},
 )
 async def upload_artifact(
     request: Request,
@@ -121,6 +122,7 @@ async def upload_artifact(
     description="The body is an array bundle as `broker.portable.arrays.encode` writes it. "
     "Uploading the same bytes again answers 200. Size limit: BROKER_MAX_ARRAYS_BYTES.",
     openapi_extra=_BINARY_BODY,
+    responses={200: {"model": ArraysOut, "description": "These bytes were stored before"}},
 )
 async def upload_arrays(
     request: Request,

@@ -14,16 +14,19 @@ from broker.types import (
     Latitude,
     Longitude,
     ModelKey,
+    NotBool,
     Platform,
     RegionName,
     VendorName,
 )
 
-Count = Annotated[int, Field(ge=1, le=100_000, description="Accelerators offered")]
-PositiveFigure = Annotated[float, Field(gt=0, le=1_000_000)]
-Hours = Annotated[float, Field(gt=0, le=1_000_000)]
+Count = Annotated[int, NotBool, Field(ge=1, le=100_000, description="Accelerators offered")]
+PositiveFigure = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
+Hours = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
 Efficiency = Annotated[
-    float, Field(gt=0, le=1, description="Fraction of peak a job reaches (default 0.4)")
+    float,
+    NotBool,
+    Field(gt=0, le=1, description="Fraction of peak a job reaches (default 0.4)"),
 ]
 
 
