@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -80,6 +81,16 @@ Label = Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Text = Annotated[str, Field(max_length=4000, pattern=r"^[^\x00]*$")]
 
 
+_ISO_TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]")
+
+
+def _iso_time(value: object) -> object:
+    # pydantic would also read a number as seconds since 1970: a typo, not a time.
+    if isinstance(value, datetime) or (isinstance(value, str) and _ISO_TIME.match(value)):
+        return value
+    raise ValueError("must be an ISO 8601 time with its UTC offset, e.g. 2026-01-01T00:00:00Z")
+
+
 def _to_utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
@@ -90,6 +101,7 @@ def _to_utc(value: datetime) -> datetime:
 # A moment given as input: with its UTC offset (a naive time is ambiguous), kept in UTC.
 Moment = Annotated[
     AwareDatetime,
+    BeforeValidator(_iso_time),
     AfterValidator(_to_utc),
     Field(examples=["2026-01-01T00:00:00Z"], description="ISO 8601 with its UTC offset"),
 ]

@@ -137,6 +137,51 @@ def test_operation(
     run()
 
 
+def test_stateful_workflows(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences of calls that feed each other: schemathesis infers the links from the
+    description (an offer's id from POST /v1/offers to PATCH /v1/offers/{offer_id}, a
+    node's from POST /v1/nodes to its heartbeat, an invoice's to pay and void, ...).
+    Each step is sent as the first caller the matrix lets through (the one that owns
+    what the step before created); each scenario is rolled back."""
+    world = build_world(db)
+    monkeypatch.setattr(
+        "broker.market.router.run_round",
+        lambda engine, settings, trigger: db.get_one(ClearingRound, world.ids["round"]),
+    )
+    schema = schemathesis.openapi.from_dict(_without_security(SPEC))
+    schema.app = client_for(None).app
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            self.savepoint = db.begin_nested()
+
+        def teardown(self) -> None:
+            self.savepoint.rollback()
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            caller = _callers(case.operation.method.upper(), case.operation.path)[0]
+            return {"headers": {"Authorization": f"Bearer {world.keys[caller]}"}}
+
+        def validate_response(
+            self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any
+        ) -> None:
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=max(10, EXAMPLES),
+            stateful_step_count=8,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.explicit, Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
+    )
+
+
 NUL = "\x00"
 # Requests that once answered 500 (on PostgreSQL, which cannot store NUL in text,
 # or on any database, for times without a UTC offset), and other malformed or
@@ -181,6 +226,7 @@ BAD: list[tuple[str, str, str, Any, int, str | None]] = [
         "query.start",
     ),
     ("provider", "GET", "/v1/statements?end=9999-12-31T23:59:59-05:00", None, 422, "query.end"),
+    ("provider", "GET", "/v1/statements?start=0.5", None, 422, "query.start"),
     ("provider", "GET", "/v1/allocations?wait=1&unknown=1", None, 422, "query.unknown"),
     ("developer", "GET", "/v1/jobs?limit=1000", None, 422, "query.limit"),
     ("developer", "GET", "/v1/jobs?offset=-1", None, 422, "query.offset"),
