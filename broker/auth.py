@@ -77,12 +77,14 @@ def streaming_caller(
         return _caller(session, credentials)
 
 
-def current_account(caller: Annotated[Caller, Depends(current_caller)]) -> Account:
+# The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather
+# than sending each to a worker thread.
+async def current_account(caller: Annotated[Caller, Depends(current_caller)]) -> Account:
     """The account behind one of its own keys (node keys are refused)."""
     return _own_key(caller)
 
 
-def streaming_account(caller: Annotated[Caller, Depends(streaming_caller)]) -> Account:
+async def streaming_account(caller: Annotated[Caller, Depends(streaming_caller)]) -> Account:
     return _own_key(caller)
 
 
@@ -115,11 +117,11 @@ def _agent(caller: Caller) -> Agent:
     return caller
 
 
-def current_agent(caller: CallerDep) -> Agent:
+async def current_agent(caller: CallerDep) -> Agent:
     return _agent(caller)
 
 
-def streaming_agent(caller: StreamingCaller) -> Agent:
+async def streaming_agent(caller: StreamingCaller) -> Agent:
     return _agent(caller)
 
 
