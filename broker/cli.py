@@ -108,6 +108,13 @@ def agent(
         str | None,
         typer.Option(envvar="BROKER_TPU_TOKEN", help="OAuth bearer token [BROKER_TPU_TOKEN]"),
     ] = None,
+    emulate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --adapter emulated (demos): MODEL=COUNT of a catalog model to "
+            "emulate on this CPU, labelled as emulated; repeat for several"
+        ),
+    ] = None,
     discover_seconds: Annotated[
         float, typer.Option(min=1, help="Seconds between hardware discoveries")
     ] = 60.0,
@@ -128,7 +135,7 @@ def agent(
     if not api_key:
         typer.echo("error: give a provider API key: --api-key or BROKER_API_KEY", err=True)
         raise typer.Exit(2)
-    if adapter == "cpu":
+    if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -141,9 +148,16 @@ def agent(
             f"error: --adapter must be auto or one of {', '.join(registry.names())}", err=True
         )
         raise typer.Exit(2)
+    from adapters.base import AdapterError
+    from adapters.emulated import parse_emulate
+
+    if bool(emulate) != (adapter == "emulated"):
+        typer.echo("error: --emulate goes with --adapter emulated, and it needs one", err=True)
+        raise typer.Exit(2)
     try:
         prices = parse_prices(price or [])
-    except ValueError as exc:
+        emulated = parse_emulate(emulate or [])
+    except (ValueError, AdapterError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     settings = get_settings()
@@ -154,6 +168,7 @@ def agent(
         tpu_project=tpu_project,
         tpu_zone=tpu_zone,
         tpu_token=tpu_token,
+        emulate=emulated,
     )
     config = AgentConfig(
         broker=broker,

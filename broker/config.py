@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="broker serve's logs: JSON lines, or text for people"
     )
+    allow_emulation: bool = Field(
+        default=False,
+        description="Accept offers of hardware emulated on a CPU (labelled as such): for "
+        "demos and tests, never for a real market",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
