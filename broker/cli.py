@@ -26,13 +26,25 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [BROKER_PORT]")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the demo market (broker.demo): providers at real cloud prices, "
+            "emulated on this CPU and labelled so, a real CPU agent and demo developers"
+        ),
+    ] = False,
 ) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API (and the dashboard)."""
     import uvicorn
 
     from broker.config import get_settings
     from broker.migrate import upgrade
 
+    if demo:
+        # The demo's providers are emulated; a broker accepts them only when told to.
+        os.environ["BROKER_ALLOW_EMULATION"] = "1"
+        os.environ.setdefault("BROKER_CLEAR_INTERVAL_SECONDS", "3")
+        get_settings.cache_clear()
     settings = get_settings()
     if migrate:
         upgrade()
@@ -47,15 +59,30 @@ def serve(
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
-    uvicorn.run(
-        "broker.app:app",
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers,
-        log_level="info",
-        log_config=None,
-        access_log=False,
-    )
+    bind_host, bind_port = host or settings.host, port or settings.port
+    demo_process = None
+    if demo:
+        import subprocess
+        import sys
+
+        url = f"http://{'127.0.0.1' if bind_host in ('0.0.0.0', '::') else bind_host}:{bind_port}"  # noqa: S104
+        demo_process = subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "broker.demo", "--url", url]
+        )
+    try:
+        uvicorn.run(
+            "broker.app:app",
+            host=bind_host,
+            port=bind_port,
+            workers=workers,
+            log_level="info",
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        if demo_process is not None:
+            demo_process.terminate()
+            demo_process.wait(timeout=60)
 
 
 @app.command()
