@@ -6,7 +6,7 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +59,24 @@ class Settings(BaseSettings):
         description="Starts a job may have; one that fails or loses its node this many "
         "times fails for good, with the last reason",
     )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        min_length=32,
+        description="Signs the dashboard's session cookies and CSRF tokens; empty means a "
+        "random key generated once and kept in DATA_DIR/secret_key",
+    )
+    cookie_secure: bool = Field(
+        default=False,
+        description="Mark the dashboard's cookies Secure even when the request looks like "
+        "plain http (a TLS proxy that does not forward the scheme); over https they always are",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("database_url")
     @classmethod
