@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
+from broker.billing import sync
+from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
 from broker.config import get_settings
 from broker.db import SessionDep, get_engine, session_scope
@@ -82,15 +84,43 @@ async def _sweep_forever() -> None:
             log.exception("node sweep failed")
 
 
-def create_app(auto_clear: bool | None = None) -> FastAPI:
+def _bill_once() -> sync.PassReport:
+    return sync.generate(lambda write=True: session_scope(write=write), get_settings())
+
+
+async def _bill_forever(interval: float) -> None:
+    """Billing passes: invoices for the period that ended, Stripe sync and retries of
+    webhook events (each idempotent, so several processes may run them)."""
+    while True:
+        try:
+            report = await asyncio.to_thread(_bill_once)
+            if report.invoices or report.sync_errors:
+                log.info(
+                    "billing pass: %d invoice(s), %d synced to Stripe, %d sync error(s)",
+                    len(report.invoices),
+                    len(report.synced),
+                    len(report.sync_errors),
+                )
+        except Exception:
+            log.exception("billing pass failed")
+        await asyncio.sleep(interval)
+
+
+def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) -> FastAPI:
     """The API. ``auto_clear`` (default: BROKER_CLEAR_INTERVAL_SECONDS > 0) runs
-    clearing rounds in the background while the app is served."""
+    clearing rounds in the background while the app is served; ``auto_bill``
+    (default: BROKER_BILLING_INTERVAL_SECONDS > 0), billing passes."""
     interval = get_settings().clear_interval_seconds
     clearing = interval > 0 if auto_clear is None else auto_clear
+    billing_interval = get_settings().billing_interval_seconds
+    if auto_bill is False:
+        billing_interval = 0.0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_sweep_forever())]
+        if billing_interval > 0:
+            tasks.append(asyncio.create_task(_bill_forever(billing_interval)))
         if clearing:
             tasks.append(asyncio.create_task(_clear_forever(interval or 10.0)))
         yield
@@ -119,6 +149,7 @@ def create_app(auto_clear: bool | None = None) -> FastAPI:
         blobs_router,
         runs_router,
         nodes_router,
+        billing_router,
     ):
         app.include_router(router)
 

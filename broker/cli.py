@@ -12,8 +12,10 @@ from broker.accounts.models import Role
 app = typer.Typer(help="The compute broker.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts and API keys.", no_args_is_help=True)
+invoices_app = typer.Typer(help="Invoices for developers' usage.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(invoices_app, name="invoices")
 
 
 @app.command()
@@ -199,6 +201,41 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="e.g. -1 or base")
 
     downgrade(revision)
     typer.echo(f"database at {revision}")
+
+
+@invoices_app.command("generate")
+def invoices_generate(
+    account: Annotated[
+        str | None, typer.Option(help="Only this account (default: every account)")
+    ] = None,
+    period_end: Annotated[
+        bool,
+        typer.Option(
+            "--period-end",
+            help="Bill only runs that ended before this billing period began, as the "
+            "server's pass does at each period's end (default: everything up to now)",
+        ),
+    ] = False,
+) -> None:
+    """Invoice every ended, unbilled run, now; with Stripe configured, push the new
+    invoices to Stripe. Running it again creates nothing new."""
+    from broker.billing import sync
+    from broker.config import get_settings
+    from broker.db import session_scope
+
+    report = sync.generate(
+        lambda write=True: session_scope(write=write),
+        get_settings(),
+        account_id=account,
+        period_end=period_end,
+    )
+    typer.echo(f"{len(report.invoices)} invoice(s) created")
+    for invoice_id in report.invoices:
+        typer.echo(invoice_id)
+    for invoice_id, error in report.sync_errors.items():
+        typer.echo(f"error: invoice {invoice_id} was not synced to Stripe: {error}", err=True)
+    if report.sync_errors:
+        raise typer.Exit(1)
 
 
 @accounts_app.command("create")

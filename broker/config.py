@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,34 @@ class Settings(BaseSettings):
         le=100,
         description="Starts a job may have; one that fails or loses its node this many "
         "times fails for good, with the last reason",
+    )
+    fee_percent: Decimal = Field(
+        default=Decimal("5"),
+        ge=0,
+        le=100,
+        decimal_places=4,
+        description="The broker's fee, as a percentage of usage charges, until an admin "
+        "sets one (PUT /v1/billing/fee)",
+    )
+    billing_period: Literal["month", "week", "day"] = Field(
+        default="month", description="Invoices cover calendar periods of this length (UTC)"
+    )
+    billing_interval_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between the server's billing passes (invoices for ended periods, "
+        "Stripe sync, webhook retries); 0 turns them off",
+    )
+    stripe_api_key: SecretStr | None = Field(
+        default=None, description="Stripe secret key; unset means invoices stay local"
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None, description="Signing secret of the Stripe webhook endpoint (whsec_...)"
+    )
+    stripe_api_base: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Where the Stripe SDK sends requests (default: Stripe's API)",
     )
     secret_key: SecretStr | None = Field(
         default=None,

@@ -1,6 +1,7 @@
 """Every table, imported in one place so Alembic and tests see the whole schema."""
 
 from broker.accounts.models import Account, ApiKey
+from broker.billing.models import FeeSetting, Invoice, InvoiceLine, StripeCustomer, StripeEvent
 from broker.blobs.models import Blob, BlobGrant
 from broker.db import Base
 from broker.jobs.models import Job
@@ -16,7 +17,12 @@ __all__ = [
     "Blob",
     "BlobGrant",
     "ClearingRound",
+    "FeeSetting",
+    "Invoice",
+    "InvoiceLine",
     "Job",
     "Node",
     "Offer",
+    "StripeCustomer",
+    "StripeEvent",
 ]

@@ -56,6 +56,7 @@ class Job:
     data_gb: float | None = None
     allowed_countries: tuple[str, ...] = ()
     priority: int = 1
+    budget_usd: float | None = None  # the most its run may cost, the broker's fee included
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class Weights:
     placement_value_usd: float = 10_000.0
     egress_usd_per_gb: float = 0.09
     latency_usd_per_ms: float = 0.0
+    fee_rate: float = 0.0  # the broker's fee, a fraction of the compute charge (0.05 = 5 %)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "flops": (lambda v: v >= 0, "at least 0"),
     "bytes": (lambda v: v >= 0, "at least 0"),
     "data_gb": (lambda v: v >= 0, "at least 0"),
+    "budget_usd": (lambda v: v >= 0, "at least 0"),
+    "fee_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dtype": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
     "platforms": (lambda v: len(v) > 0, "a non-empty list"),
 }

@@ -28,6 +28,7 @@ RULES = (
     "platform",
     "residency",
     "price",
+    "budget",
     "deadline",
     "latency",
     "value",
@@ -105,6 +106,7 @@ class MarketArrays:
     j_bytes: Floats
     j_fp32: Bools
     j_deadline: Floats  # inf when none
+    j_budget: Floats  # USD, fee included; inf when none
     j_slo: Floats  # inf when none
     j_has_user: Bools
     j_xyz: Floats
@@ -157,6 +159,7 @@ class MarketArrays:
             j_bytes=_opt([j.bytes for j in jobs], 0.0),
             j_fp32=np.array([j.dtype == "fp32" for j in jobs], dtype=bool),
             j_deadline=_opt([j.deadline_hours for j in jobs], np.inf),
+            j_budget=_opt([j.budget_usd for j in jobs], np.inf),
             j_slo=_opt([j.latency_slo_ms for j in jobs], np.inf),
             j_has_user=~no_user,
             j_xyz=_unit_vectors(
@@ -255,6 +258,9 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
         "platform": _allowed(a.j_platform_ok, a.o_platform, ji, oi),
         "residency": _allowed(a.j_country_ok, a.o_country, ji, oi),
         "price": a.o_price_micros[oi] <= a.j_price_micros[ji],
+        # What the developer would pay, fee included; the broker checks it again
+        # exactly before it writes the match.
+        "budget": compute * (1 + w.fee_rate) <= a.j_budget[ji],
         "deadline": (runtime <= a.j_deadline[ji]) & (runtime <= a.o_available[oi]),
         "latency": rtt <= a.j_slo[ji],
         "value": cost < a.j_value[ji],

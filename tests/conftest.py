@@ -94,7 +94,7 @@ def db(engine: Engine) -> Iterator[Session]:
 @pytest.fixture
 def client_for(db: Session) -> Iterator[ClientFactory]:
     """``client_for(api_key)``: an HTTP client for the app, bound to the test transaction."""
-    app = create_app(auto_clear=False)
+    app = create_app(auto_clear=False, auto_bill=False)
 
     def session_override() -> Iterator[Session]:
         # Like the real dependency: all or nothing per request, here as a savepoint.
@@ -153,7 +153,7 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
     """``client_for`` against ``fresh_engine``: every request commits."""
     from broker.db import get_engine
 
-    app = create_app(auto_clear=False)
+    app = create_app(auto_clear=False, auto_bill=False)
     app.dependency_overrides[get_engine] = lambda: fresh_engine
     yield from _clients(app)
 
@@ -191,7 +191,7 @@ def live_url(fresh_engine: Engine) -> Iterator[str]:
     """URL of the app served for real (in this process) on ``fresh_engine``."""
     from broker.db import get_engine
 
-    app = create_app(auto_clear=False)
+    app = create_app(auto_clear=False, auto_bill=False)
     app.dependency_overrides[get_engine] = lambda: fresh_engine
     with LiveServer(app) as url:
         yield url

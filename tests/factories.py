@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
 from broker.accounts.service import create_account
+from broker.db import new_id, utcnow
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
 from broker.jobs.service import submit_job
+from broker.market.models import Allocation, AllocationStatus
 from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate
 from broker.offers.service import create_offer
@@ -57,3 +60,43 @@ def make_offer(db: Session, provider: Account, **overrides: Any) -> Offer:
 def make_job(db: Session, developer: Account, **overrides: Any) -> Job:
     job, _ = submit_job(db, developer, JobCreate.model_validate(job_body(**overrides)))
     return job
+
+
+def make_run(
+    db: Session,
+    job: Job,
+    offer: Offer,
+    usage_ms: int,
+    *,
+    price_per_hour_micros: int | None = None,
+    fee_ppm: int = 0,
+    ended_at: datetime | None = None,
+    status: AllocationStatus = AllocationStatus.finished,
+) -> Allocation:
+    """A run of ``job`` on ``offer`` that metered ``usage_ms`` accelerator-milliseconds
+    and ended at ``ended_at`` (None: still running), as a clearing round and an agent
+    would have left it."""
+    now = utcnow()
+    price = offer.price_per_hour_micros if price_per_hour_micros is None else price_per_hour_micros
+    allocation = Allocation(
+        id=new_id("alc"),
+        job_id=job.id,
+        offer_id=offer.id,
+        status=status if ended_at is not None else AllocationStatus.active,
+        accelerators=job.accelerators,
+        price_per_hour_micros=price,
+        runtime_hours=1.0,
+        rtt_ms=0.0,
+        compute_micros=price * job.accelerators,
+        egress_micros=0,
+        latency_micros=0,
+        cost_micros=price * job.accelerators,
+        fee_ppm=fee_ppm,
+        started_at=(ended_at or now) - timedelta(milliseconds=usage_ms),
+        usage_ms=usage_ms,
+        ended_at=ended_at,
+    )
+    job.usage_ms += usage_ms
+    db.add(allocation)
+    db.flush()
+    return allocation

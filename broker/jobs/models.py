@@ -31,6 +31,7 @@ class Job(Base):
         CheckConstraint("max_price_per_hour_micros >= 0", name="price_not_negative"),
         CheckConstraint("steps >= 1", name="steps_positive"),
         CheckConstraint("checkpoint_every >= 1", name="checkpoint_every_positive"),
+        CheckConstraint("budget_micros > 0", name="budget_positive"),
         UniqueConstraint("account_id", "idempotency_key"),
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_state_price", "state", "max_price_per_hour_micros"),
@@ -60,6 +61,8 @@ class Job(Base):
     data_gb: Mapped[float | None] = mapped_column(Float, default=None)
     allowed_countries: Mapped[list[str]] = mapped_column(StrList, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=1)
+    # The most the developer will pay for the job, fee included, over all its runs.
+    budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # The program and its inputs (content addresses), for jobs the broker runs.
     artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)
     inputs_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), default=None)

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.orm import Session
 
 from broker.auth import CurrentAccount, Developer
+from broker.billing import service as billing
+from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
 from broker.db import SessionDep
 from broker.jobs import service
@@ -34,7 +39,21 @@ IdempotencyKey = Annotated[
 ]
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(session: Session, job: Job) -> JobOut:
+    return job_outs(session, [job])[0]
+
+
+def job_outs(session: Session, jobs: Sequence[Job]) -> list[JobOut]:
+    """Jobs as the API shows them, with their costs (one query for all of them)."""
+    costs = billing.job_costs(session, [j.id for j in jobs])
+    return [_job_out(j, costs[j.id]) for j in jobs]
+
+
+def _usd(micros: int | None) -> Decimal | None:
+    return None if micros is None else micros_to_usd(micros)
+
+
+def _job_out(job: Job, cost: billing.JobCost) -> JobOut:
     return JobOut(
         id=job.id,
         account_id=job.account_id,
@@ -46,6 +65,11 @@ def job_out(job: Job) -> JobOut:
         accelerator_models=job.accelerator_models,
         platforms=job.platforms,
         max_price_per_hour=micros_to_usd(job.max_price_per_hour_micros),
+        budget_usd=_usd(job.budget_micros),
+        price_per_hour=_usd(cost.price_per_hour_micros),
+        fee_percent=None if cost.fee_ppm is None else ppm_to_percent(cost.fee_ppm),
+        estimated_cost_usd=_usd(cost.estimated_micros),
+        cost_usd=micros_to_usd(cost.metered_micros),
         duration_hours=job.duration_hours,
         flops=job.flops,
         bytes=job.bytes,
@@ -94,7 +118,7 @@ def submit_job(
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return job_out(job)
+    return job_out(session, job)
 
 
 @router.get("", response_model=Page[JobOut], summary="List my jobs (admins: all)")
@@ -102,7 +126,7 @@ def list_jobs(
     session: SessionDep, account: CurrentAccount, query: Annotated[JobQuery, Query()]
 ) -> Page[JobOut]:
     rows, total = service.list_jobs(session, account, query)
-    return Page.of([job_out(j) for j in rows], total, query)
+    return Page.of(job_outs(session, rows), total, query)
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Read one of my jobs")
@@ -110,7 +134,7 @@ def get_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> J
     job = service.get_job(session, account, job_id)
     allocation = latest_allocation(session, job.id)
     return JobDetail(
-        **job_out(job).model_dump(),
+        **job_out(session, job).model_dump(),
         allocation=allocation_out(allocation) if allocation else None,
         unmatched=unmatched(session, job, get_settings()) if job.state == JobState.open else None,
     )
@@ -139,4 +163,4 @@ def allocation_out(a: Allocation) -> AllocationOut:
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")
 def cancel_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobOut:
-    return job_out(service.cancel_job(session, account, job_id))
+    return job_out(session, service.cancel_job(session, account, job_id))

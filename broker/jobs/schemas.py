@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +58,12 @@ class JobCreate(BaseModel):
         default=None, ge=1, le=100_000_000, description="Save the state every this many steps"
     )
     max_price_per_hour: Usd = Field(description="Bid, USD per accelerator-hour")
+    budget_usd: Usd | None = Field(
+        default=None,
+        description="The most the job may cost over all its runs, the broker's fee included: "
+        "it is never matched where its estimated cost is higher, and it is stopped (failed) "
+        "when its metered cost reaches it",
+    )
     duration_hours: Hours | None = None
     flops: Work | None = None
     bytes: Work | None = None
@@ -82,6 +89,19 @@ class JobOut(BaseModel):
     accelerator_models: list[str]
     platforms: list[str]
     max_price_per_hour: Usd
+    budget_usd: Usd | None
+    price_per_hour: Usd | None = Field(
+        description="The ask locked when the market matched the job (its latest match): "
+        "what it pays per accelerator-hour, before the broker's fee"
+    )
+    fee_percent: Decimal | None = Field(description="The broker's fee locked with that match")
+    estimated_cost_usd: Usd | None = Field(
+        description="That match's estimated compute cost, fee included"
+    )
+    cost_usd: Usd = Field(
+        description="Metered cost over all its runs at their locked asks, fee included, to "
+        "the micro-dollar (invoices round each line to the cent once)"
+    )
     duration_hours: float | None
     flops: float | None
     bytes: float | None

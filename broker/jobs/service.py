@@ -176,6 +176,7 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> Job
         data_gb=data.data_gb,
         allowed_countries=sorted(set(data.allowed_countries)),
         priority=data.priority,
+        budget_micros=None if data.budget_usd is None else usd_to_micros(data.budget_usd),
         artifact_sha256=data.artifact,
         inputs_sha256=data.inputs,
         steps=data.steps,
@@ -189,6 +190,10 @@ def _check_consistent(data: JobCreate, program: _Program | None) -> None:
         raise InvalidInput(
             "give the runtime: duration_hours, or the job's work as flops and/or bytes",
             field="body.duration_hours",
+        )
+    if data.budget_usd is not None and data.budget_usd <= 0:
+        raise InvalidInput(
+            "budget_usd must be more than 0 (leave it out for no budget)", field="body.budget_usd"
         )
     if (data.user_lat is None) != (data.user_lon is None):
         raise InvalidInput("give both user_lat and user_lon, or neither", field="body.user_lon")

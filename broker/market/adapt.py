@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 
+from broker.billing.amounts import PPM
 from broker.config import Settings
 from broker.jobs.models import Job
 from broker.money import MICROS_PER_USD
@@ -11,11 +13,12 @@ from broker.offers.models import Offer
 from solver import market as sm
 
 
-def weights(settings: Settings) -> sm.Weights:
+def weights(settings: Settings, fee_ppm: int) -> sm.Weights:
     return sm.Weights(
         placement_value_usd=float(settings.placement_value_usd),
         egress_usd_per_gb=float(settings.egress_usd_per_gb),
         latency_usd_per_ms=float(settings.latency_usd_per_ms),
+        fee_rate=fee_ppm / PPM,
     )
 
 
@@ -40,7 +43,9 @@ def offer(row: Offer) -> sm.Offer:
     )
 
 
-def job(row: Job) -> sm.Job:
+def job(row: Job, budget_left_micros: Fraction | None = None) -> sm.Job:
+    """``budget_left_micros``: what is left of the job's budget after its earlier runs
+    (None: no budget)."""
     return sm.Job(
         id=row.id,
         platforms=tuple(row.platforms),
@@ -61,6 +66,7 @@ def job(row: Job) -> sm.Job:
         data_gb=row.data_gb,
         allowed_countries=tuple(row.allowed_countries),
         priority=row.priority,
+        budget_usd=None if budget_left_micros is None else float(budget_left_micros) / 1e6,
     )
 
 

@@ -21,15 +21,18 @@ from __future__ import annotations
 import fcntl
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 
 from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from broker.billing import service as billing
+from broker.billing.amounts import with_fee
 from broker.config import Settings
 from broker.db import new_id, transaction, utcnow
 from broker.errors import Conflict
@@ -111,10 +114,12 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
             .where(Offer.status == OfferStatus.active, Offer.count > 0)
             .order_by(Offer.created_at, Offer.id)
         ).all()
+        fee_ppm, _ = billing.current_fee(session, settings)
+        budgets = _budgets_left(session, jobs)
         market = Market(
             offers=tuple(adapt.offer(o) for o in offers),
-            jobs=tuple(adapt.job(j) for j in jobs),
-            weights=adapt.weights(settings),
+            jobs=tuple(adapt.job(j, budgets.get(j.id)) for j in jobs),
+            weights=adapt.weights(settings, fee_ppm),
         )
         # Any change a provider makes to an offer, or a developer to a job's bid,
         # moves its updated_at; a match computed from an older version is stale.
@@ -134,7 +139,7 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
     try:
         result = solve(market, time_limit=settings.clear_time_limit_seconds)
         with transaction(engine) as session:
-            matched, stale = _apply(session, round_id, result, versions, settings)
+            matched, stale = _apply(session, round_id, result, versions, settings, fee_ppm)
             record = session.get_one(ClearingRound, round_id)
             record.status = result.status
             record.matched, record.stale = matched, stale
@@ -150,12 +155,21 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
         return session.get_one(ClearingRound, round_id)
 
 
+def _budgets_left(session: Session, jobs: Iterable[Job]) -> dict[str, Fraction]:
+    """What is left of each budgeted job's budget after its earlier runs."""
+    budgeted = [j for j in jobs if j.budget_micros is not None]
+    spent = billing.spent(session, [j.id for j in budgeted])
+    left = {j.id: billing.budget_left(j, spent.get(j.id, Fraction(0))) for j in budgeted}
+    return {job_id: amount for job_id, amount in left.items() if amount is not None}
+
+
 def _apply(
     session: Session,
     round_id: str,
     result: Result,
     versions: dict[str, datetime],
     settings: Settings,
+    fee_ppm: int,
 ) -> tuple[int, int]:
     """Create the round's allocations against the rows as they are now."""
     if not result.assignments:
@@ -176,6 +190,7 @@ def _apply(
             select(Job).where(Job.id.in_(job_ids)).order_by(Job.id).with_for_update()
         )
     }
+    budgets = _budgets_left(session, jobs.values())
     matched = stale = 0
     for a in result.assignments:
         job, offer = jobs.get(a.job), offers.get(a.offer)
@@ -191,6 +206,11 @@ def _apply(
             stale += 1
             continue
         compute, egress, latency = adapt.exact_cost(job, offer, a.runtime_hours, a.rtt_ms, settings)
+        left = budgets.get(job.id)
+        if left is not None and with_fee(Fraction(compute), fee_ppm) > left:
+            # The solver's budget rule is in floats; this is the exact check.
+            stale += 1
+            continue
         session.add(
             Allocation(
                 id=new_id("alc"),
@@ -205,6 +225,7 @@ def _apply(
                 egress_micros=egress,
                 latency_micros=latency,
                 cost_micros=compute + egress + latency,
+                fee_ppm=fee_ppm,
             )
         )
         offer.count -= job.accelerators

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.billing import service as billing
 from broker.config import Settings
 from broker.jobs.models import Job
 from broker.market import adapt
@@ -20,6 +23,7 @@ RULE_TEXT = {
     "platform": "a platform the job was not built for",
     "residency": "a country outside allowed_countries",
     "price": "ask above the job's max_price_per_hour",
+    "budget": "estimated cost, fee included, above what is left of the job's budget_usd",
     "deadline": "would not finish within deadline_hours, or the offer's available_hours",
     "latency": "round trip to the users above latency_slo_ms",
     "value": "would cost more than the job's priority x placement value",
@@ -28,7 +32,11 @@ RULE_TEXT = {
 
 def unmatched(session: Session, job: Job, settings: Settings) -> Unmatched:
     offers = session.scalars(select(Offer).where(Offer.status == OfferStatus.active)).all()
-    counts = explain(adapt.job(job), [adapt.offer(o) for o in offers], adapt.weights(settings))
+    fee_ppm, _ = billing.current_fee(session, settings)
+    left = billing.budget_left(job, billing.spent(session, [job.id]).get(job.id, Fraction(0)))
+    counts = explain(
+        adapt.job(job, left), [adapt.offer(o) for o in offers], adapt.weights(settings, fee_ppm)
+    )
     feasible = counts.pop("feasible")
     last = session.scalar(
         select(ClearingRound)

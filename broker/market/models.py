@@ -67,6 +67,9 @@ class Allocation(Base):
     # counts once (reports carry the running total, not increments).
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     usage_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The broker's fee in force when the round matched the job, in parts per
+    # million of the usage charge (broker.billing.amounts): locked, like the ask.
+    fee_ppm: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     end_reason: Mapped[str | None] = mapped_column(Text, default=None)
 

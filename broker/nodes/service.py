@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from broker.accounts.models import Account, ApiKey, Role
 from broker.accounts.service import issue_key
 from broker.auth import Agent
+from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.jobs.models import Job
@@ -136,8 +137,9 @@ def heartbeat(
         row = _node_allocation(session, node, report.allocation_id)
         if row is None:
             ended.append(report.allocation_id)
-        else:
-            meter(session, row[0], row[1], report.accelerator_seconds)
+        elif meter(session, *row, report.accelerator_seconds):
+            billing.stop_at_budget(session, row[1])
+            ended.append(report.allocation_id)
     session.flush()
     return node, resync, ended
 

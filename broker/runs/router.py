@@ -8,8 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from broker.auth import Agent, AgentDep, StreamingAgent
+from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.jobs.models import Job
@@ -27,7 +29,8 @@ router = APIRouter(prefix="/v1/allocations", tags=["runs"])
 _POLL_SECONDS = 0.5
 
 
-def work_order(allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
+def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
+    cap_ms = billing.usage_cap_ms(session, allocation, job)
     return WorkOrder(
         allocation_id=allocation.id,
         status=allocation.status,
@@ -43,13 +46,14 @@ def work_order(allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
         checkpoint=job.checkpoint_sha256,
         checkpoint_step=job.checkpoint_step,
         steps_done=job.steps_done,
+        usage_limit_seconds=None if cap_ms is None else cap_ms / 1000,
         created_at=allocation.created_at,
     )
 
 
 def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
     with transactions(write=False) as session:
-        return [work_order(*row) for row in service.work_for(session, agent)]
+        return [work_order(session, *row) for row in service.work_for(session, agent)]
 
 
 @router.get(
@@ -73,7 +77,7 @@ async def list_work(
 
 @router.post("/{allocation_id}/start", summary="Start a matched job (provider)")
 def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> WorkOrder:
-    return work_order(*service.start(session, agent, allocation_id))
+    return work_order(session, *service.start(session, agent, allocation_id))
 
 
 @router.post("/{allocation_id}/progress", summary="Report steps done (provider)")
@@ -81,14 +85,16 @@ def progress(
     session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Progress
 ) -> JobOut:
     job = service.progress(session, agent, allocation_id, body.steps_done, body.accelerator_seconds)
-    return job_out(job)
+    return job_out(session, job)
 
 
 @router.post("/{allocation_id}/checkpoint", summary="Record a checkpoint (provider)")
 def checkpoint(
     session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: CheckpointIn
 ) -> JobOut:
-    return job_out(service.checkpoint(session, agent, allocation_id, body.checkpoint, body.step))
+    return job_out(
+        session, service.checkpoint(session, agent, allocation_id, body.checkpoint, body.step)
+    )
 
 
 @router.post("/{allocation_id}/finish", summary="Finish a job: result or error (provider)")
@@ -104,4 +110,4 @@ def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: 
         accelerator_seconds=body.accelerator_seconds,
         max_attempts=get_settings().max_attempts,
     )
-    return job_out(job)
+    return job_out(session, job)

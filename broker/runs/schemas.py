@@ -28,6 +28,10 @@ class WorkOrder(BaseModel):
     checkpoint: str | None = Field(description="Resume from this checkpoint, if any")
     checkpoint_step: int
     steps_done: int
+    usage_limit_seconds: float | None = Field(
+        description="Accelerator-seconds this run may use before the job's budget is spent: "
+        "stop it there (null: no budget). Usage past it is not billed"
+    )
     created_at: datetime
 
 

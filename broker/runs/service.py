@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
 from broker.auth import Agent
+from broker.billing import service as billing
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, grant, leaf_specs
 from broker.db import utcnow
@@ -125,22 +126,28 @@ def meter(
     job: Job,
     accelerator_seconds: float | None,
     now: datetime | None = None,
-) -> None:
+) -> bool:
     """Record the running total of accelerator-seconds the provider reports for an
-    allocation (rows locked by the caller).
+    allocation (rows locked by the caller); returns whether the job has now used
+    up its budget.
 
-    Totals only grow, so a replayed or late report changes nothing, and a total
-    is capped at the wall time since the start times the accelerators held, so a
-    provider cannot bill for more than it could have run.
+    Totals only grow, so a replayed or late report changes nothing. A total is
+    capped at the wall time since the start times the accelerators held, so a
+    provider cannot bill for more than it could have run, and at what the job's
+    budget still buys, so a developer never pays past the budget.
     """
     if accelerator_seconds is None or allocation.started_at is None:
-        return
+        return False
     wall = ((now or utcnow()) - allocation.started_at).total_seconds()
     cap_ms = max(0, int(wall * 1000)) * allocation.accelerators
+    budget_ms = billing.usage_cap_ms(session, allocation, job)
+    if budget_ms is not None:
+        cap_ms = min(cap_ms, budget_ms)
     total_ms = min(round(accelerator_seconds * 1000), cap_ms)
     if total_ms > allocation.usage_ms:
         job.usage_ms += total_ms - allocation.usage_ms
         allocation.usage_ms = total_ms
+    return budget_ms is not None and allocation.usage_ms >= budget_ms
 
 
 def progress(
@@ -153,7 +160,9 @@ def progress(
     allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
     _running(job)
-    meter(session, allocation, job, accelerator_seconds)
+    if meter(session, allocation, job, accelerator_seconds):
+        billing.stop_at_budget(session, job)
+        return job
     limit = job.steps or 1
     if steps_done > limit:
         raise InvalidInput(f"the job has {limit} steps", field="body.steps_done")
@@ -212,7 +221,10 @@ def finish(
     _active(allocation)
     if job.state == JobState.matched:
         raise Conflict("start the job before finishing it", field="body.outcome")
-    meter(session, allocation, job, accelerator_seconds)
+    over_budget = meter(session, allocation, job, accelerator_seconds)
+    if state == JobState.failed and over_budget:
+        billing.stop_at_budget(session, job)
+        return job
     if state == JobState.succeeded:
         manifest = _manifest(session, job)
         if manifest is not None:

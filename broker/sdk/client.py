@@ -65,7 +65,8 @@ class Client(Connection):
         ``accelerators``, ``min_memory_gib``, ``vendors``, ``accelerator_models``,
         ``deadline_hours``, ``duration_hours``, ``latency_slo_ms``, ``user_lat``,
         ``user_lon``, ``data_region``, ``data_gb``, ``allowed_countries``,
-        ``priority``, ``name`` and ``idempotency_key``.
+        ``priority``, ``budget_usd`` (the most the job may cost, fee included), ``name``
+        and ``idempotency_key``.
         """
         if steps is None:
             artifact = package(
@@ -118,6 +119,27 @@ class Client(Connection):
             params["state"] = state
         page = self.http.json("GET", "/v1/jobs", params=params)
         return [Job(self, item) for item in page["items"]]
+
+    # -- billing ----------------------------------------------------------------------
+
+    def invoices(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """My invoices, newest first (without their lines)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        page = self.http.json("GET", "/v1/invoices", params=params)
+        return list(page["items"])
+
+    def invoice(self, invoice_id: str) -> dict[str, Any]:
+        """One invoice with its lines, fee and total."""
+        result: dict[str, Any] = self.http.json("GET", f"/v1/invoices/{invoice_id}")
+        return result
+
+    def generate_invoice(self) -> list[dict[str, Any]]:
+        """Invoice my runs that ended and are not billed yet, now; returns the new
+        invoices (none if there was nothing to bill)."""
+        result = self.http.json("POST", "/v1/invoices/generate", json={})
+        return list(result["invoices"])
 
 
 class Job:
@@ -205,6 +227,8 @@ class Job:
         steps = self.data.get("steps")
         if steps:
             line += f", step {self.data.get('steps_done', 0)}/{steps}"
+        if self.data.get("cost_usd") not in (None, "0.00"):
+            line += f", cost ${self.data['cost_usd']}"
         if self.error:
             line += f": {self.error}"
         return line

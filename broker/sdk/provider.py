@@ -149,7 +149,9 @@ def run_work_order(
     repeat, handed back to the market), ``ended`` (the broker ended the allocation
     meanwhile: the developer cancelled, or the node was declared lost) or
     ``stopped`` (``handle.stop`` was set; the job resumes from its last checkpoint
-    when the market hands it out again).
+    when the market hands it out again). A run that reaches the work order's
+    ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
+    broker then ends the job as failed, over budget.
 
     The program failing, or the artifact not fitting this machine, ends the job as
     failed with the reason. The broker being unreachable raises BrokerUnavailable
@@ -166,6 +168,10 @@ def run_work_order(
         runner.enable_compilation_cache(cache_dir)
     ended = False
     last_report = 0.0
+    limit = order.get("usage_limit_seconds")
+
+    def over_budget() -> bool:
+        return limit is not None and handle.accelerator_seconds() >= limit
 
     def on_progress(step: int) -> None:
         nonlocal last_report, ended
@@ -218,9 +224,12 @@ def run_work_order(
             checkpoint=checkpoint,
             on_checkpoint=on_checkpoint,
             on_progress=on_progress,
-            should_stop=lambda: ended or handle.stop.is_set(),
+            should_stop=lambda: ended or handle.stop.is_set() or over_budget(),
         )
     except runner.Stopped:
+        if not ended and over_budget():
+            log.info("allocation %s used the job's budget; stopping it", allocation)
+            return finish("failed", error="the run used up the job's budget")
         handle.ended = time.monotonic()
         log.info("allocation %s stopped before its end", allocation)
         return "ended" if ended else "stopped"

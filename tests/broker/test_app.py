@@ -46,7 +46,7 @@ def test_a_failed_commit_is_reported_not_hidden() -> None:
     from broker.app import create_app
     from broker.db import get_session
 
-    app = create_app()
+    app = create_app(auto_bill=False)
 
     def failing_commit() -> Iterator[object]:
         yield object()
@@ -83,7 +83,7 @@ def test_deadlocks_and_serialisation_failures_ask_for_a_retry() -> None:
     class Deadlock(Exception):
         sqlstate = "40P01"
 
-    app = create_app(auto_clear=False)
+    app = create_app(auto_clear=False, auto_bill=False)
 
     @app.get("/boom")
     def boom() -> None:

@@ -46,3 +46,33 @@ def test_accounts_create_prints_the_key_last(empty_database_url: str) -> None:
     assert "already exists" in again.stderr
     bad_role = broker("accounts", "create", "x", "--role", "king", url=empty_database_url)
     assert bad_role.returncode == 2
+
+
+def test_invoices_generate_bills_ended_runs_once(empty_database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from broker.billing.models import Invoice
+    from broker.db import transaction
+    from tests.factories import make_account, make_job, make_offer, make_run
+
+    assert broker("db", "upgrade", url=empty_database_url).returncode == 0
+    engine = make_engine(empty_database_url)
+    try:
+        with transaction(engine) as db:
+            developer, _ = make_account(db, Role.developer)
+            provider, _ = make_account(db, Role.provider)
+            offer = make_offer(db, provider, price_per_hour="3.00")
+            ended = datetime(2026, 3, 2, tzinfo=UTC)
+            make_run(db, make_job(db, developer), offer, 1_200_000, ended_at=ended)
+        first = broker("invoices", "generate", url=empty_database_url)
+        assert first.returncode == 0, first.stderr
+        lines = first.stdout.strip().splitlines()
+        assert lines[0] == "1 invoice(s) created"
+        with Session(engine) as session:
+            invoice = session.get(Invoice, lines[1])
+            assert invoice is not None
+            assert (invoice.account_id, invoice.total_cents) == (developer.id, 100)
+        again = broker("invoices", "generate", url=empty_database_url)
+        assert again.stdout.strip() == "0 invoice(s) created"
+    finally:
+        engine.dispose()

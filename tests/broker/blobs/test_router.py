@@ -104,7 +104,7 @@ def test_uploads_over_the_limit_get_413(developer: Any, monkeypatch: pytest.Monk
     from broker.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_arrays_bytes", 4096)
-    app = create_app(auto_clear=False)
+    app = create_app(auto_clear=False, auto_bill=False)
     from fastapi.testclient import TestClient
 
     with TestClient(app, headers=developer.headers) as small:
