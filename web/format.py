@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from broker.money import format_usd
+from broker.billing.amounts import cents_to_usd, ppm_to_percent
+from broker.money import format_usd, micros_to_usd
 
 DASH = "\u2014"  # an em dash: no value
 
@@ -27,6 +28,26 @@ def per_hour(amount: Decimal | None) -> str:
 def _trim(value: float, digits: int) -> str:
     text = f"{value:,.{digits}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def micros(value: int | None) -> Decimal | None:
+    """Stored micro-dollars as dollars, for the other money filters."""
+    return None if value is None else micros_to_usd(value)
+
+
+def cents(value: int | None) -> str:
+    """Invoice amounts, kept in cents: ``$1,234.50``."""
+    return DASH if value is None else usd(cents_to_usd(value))
+
+
+def fee(ppm: int | None) -> str:
+    """A fee locked in parts per million: ``5 %``, ``7.5 %``."""
+    return DASH if ppm is None else f"{ppm_to_percent(ppm)} %"
+
+
+def usage(ms: int | None) -> str:
+    """Metered accelerator-milliseconds as accelerator-hours."""
+    return DASH if ms is None else accelerator_hours(ms / 1000)
 
 
 def hours(value: float | None) -> str:
@@ -104,6 +125,10 @@ def amount(value: Decimal | None) -> str:
 FILTERS = {
     "amount": amount,
     "usd": usd,
+    "cents": cents,
+    "micros": micros,
+    "fee": fee,
+    "usage": usage,
     "per_hour": per_hour,
     "hours": hours,
     "accelerator_hours": accelerator_hours,

@@ -47,13 +47,25 @@ SECURITY_HEADERS = {
 
 # What each role finds in the menu: (path, label). Admins see everything.
 NAV = {
-    Role.developer: [("/market", "Market"), ("/jobs", "My jobs"), ("/jobs/new", "New bid")],
-    Role.provider: [("/market", "Market"), ("/nodes", "My nodes"), ("/offers", "My offers")],
+    Role.developer: [
+        ("/market", "Market"),
+        ("/jobs", "My jobs"),
+        ("/jobs/new", "New bid"),
+        ("/invoices", "Invoices"),
+    ],
+    Role.provider: [
+        ("/market", "Market"),
+        ("/nodes", "My nodes"),
+        ("/offers", "My offers"),
+        ("/earnings", "Earnings"),
+    ],
     Role.admin: [
         ("/market", "Market"),
         ("/jobs", "Jobs"),
         ("/nodes", "Nodes"),
         ("/offers", "Offers"),
+        ("/invoices", "Invoices"),
+        ("/earnings", "Earnings"),
         ("/admin", "Admin"),
     ],
 }

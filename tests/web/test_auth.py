@@ -161,6 +161,8 @@ ROLE_PAGES = {
     "/jobs/new": {Role.developer, Role.admin},
     "/nodes": {Role.provider, Role.admin},
     "/offers": {Role.provider, Role.admin},
+    "/invoices": {Role.developer, Role.admin},
+    "/earnings": {Role.provider, Role.admin},
     "/admin": {Role.admin},
 }
 

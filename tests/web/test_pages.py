@@ -254,7 +254,16 @@ def test_lists_paginate(db: Session, browser_for: Any) -> None:
 def test_pages_load_only_what_the_app_serves(browser_for: Any) -> None:
     """No CDN: every script, style and icon is a local file, and the policy says so."""
     admin: Browser = browser_for(Role.admin)
-    for url in ("/market", "/jobs", "/offers", "/nodes", "/admin", "/signin"):
+    for url in (
+        "/market",
+        "/jobs",
+        "/offers",
+        "/nodes",
+        "/invoices",
+        "/earnings",
+        "/admin",
+        "/signin",
+    ):
         response = admin.get(url)
         assert response.status_code == 200
         policy = response.headers["content-security-policy"]

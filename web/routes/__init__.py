@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from web.routes import admin, auth, jobs, market, provider
+from web.routes import admin, auth, billing, jobs, market, provider
 
 router = APIRouter(include_in_schema=False)
-for area in (auth, market, jobs, provider, admin):
+for area in (auth, market, jobs, provider, billing, admin):
     router.include_router(area.router)

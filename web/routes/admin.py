@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import ValidationError
 
 from broker.accounts.models import Account, Role
 from broker.accounts.service import create_account, list_accounts
 from broker.auth import check_role
+from broker.billing import service as billing
+from broker.billing.schemas import FeeIn
 from broker.config import get_settings
 from broker.db import EngineDep, SessionDep, read_only_session
 from broker.errors import BrokerError, InvalidInput
@@ -36,8 +39,11 @@ def _admin_page(
 ) -> Response:
     _admin(user)
     accounts, total = list_accounts(session, limit=PER_PAGE, offset=offset)
+    fee_ppm, fee_setting = billing.current_fee(session, get_settings())
     context.setdefault("form", {})
     context.setdefault("errors", {})
+    context.setdefault("fee_form", {})
+    context.setdefault("fee_errors", {})
     return page(
         request,
         "admin.html",
@@ -48,6 +54,8 @@ def _admin_page(
         limit=PER_PAGE,
         offset=offset,
         roles=[r.value for r in Role],
+        fee_ppm=fee_ppm,
+        fee_setting=fee_setting,
         **context,
     )
 
@@ -58,8 +66,9 @@ def admin(
     session: SessionDep,
     user: WebUserDep,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    notice: Annotated[str, Query(pattern="^(fee)?$")] = "",
 ) -> Response:
-    return _admin_page(request, session, user, offset)
+    return _admin_page(request, session, user, offset, notice=notice)
 
 
 @router.post("/admin/accounts")
@@ -87,6 +96,20 @@ def new_account(
         )
     # The key is shown on this page once, like `broker accounts create` prints it.
     return _admin_page(request, session, user, created=account, api_key=key)
+
+
+@router.post("/admin/fee")
+def set_fee(request: Request, session: SessionDep, user: WebUserDep, form: CheckedForm) -> Response:
+    """The fee for matches from now on; matches made already keep the fee they locked."""
+    admin = _admin(user)
+    try:
+        fee = FeeIn.model_validate({"percent": text(form, "percent")})
+    except ValidationError as e:
+        return _admin_page(
+            request, session, user, status=422, fee_form=values(form), fee_errors=form_errors(e)
+        )
+    billing.set_fee(session, admin, fee.percent)
+    return redirect("/admin", notice="fee")
 
 
 @router.post("/admin/clear", dependencies=[Depends(read_only_session)])

@@ -19,7 +19,7 @@ from broker.config import get_settings
 from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
 from broker.jobs import service
-from broker.jobs.router import allocation_out, job_out
+from broker.jobs.router import allocation_out, job_out, job_outs
 from broker.jobs.schemas import JobCreate, JobOut, JobQuery
 from broker.jobs.states import FINAL_STATES, JobState
 from broker.market.allocations import latest_placements
@@ -87,11 +87,11 @@ def jobs(
     placed = latest_placements(session, [job.id for job in rows])
     settings = get_settings()
     views = []
-    for job in rows:
+    for job, shown in zip(rows, job_outs(session, rows), strict=True):
         allocation, offer = placed.get(job.id, (None, None))
         views.append(
             JobView(
-                job_out(job),
+                shown,
                 allocation_out(allocation) if allocation else None,
                 offer_out(offer) if offer else None,
                 unmatched(session, job, settings) if job.state == JobState.open else None,
@@ -147,6 +147,7 @@ def submit_job(
             "accelerators",
             "min_memory_gib",
             "max_price_per_hour",
+            "budget_usd",
             "duration_hours",
             "deadline_hours",
             "priority",
@@ -173,7 +174,7 @@ def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
     allocation, offer = latest_placements(session, [job.id]).get(job.id, (None, None))
     waiting = unmatched(session, job, get_settings()) if job.state == JobState.open else None
     return JobView(
-        job_out(job),
+        job_out(session, job),
         allocation_out(allocation) if allocation else None,
         offer_out(offer) if offer else None,
         waiting,
