@@ -85,10 +85,11 @@ def page(
         request,
         template,
         {
-            "user": user,
-            "account": user.account if user else None,
+            # Templates see plain values, never ORM rows: an error page is drawn
+            # after the request's transaction rolled back.
+            "account": user.viewer if user else None,
             "csrf": user.csrf if user else None,
-            "nav": NAV[user.account.role] if user else [],
+            "nav": NAV[user.viewer.role] if user else [],
             "path": request.url.path,
             **context,
         },

@@ -27,7 +27,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Response
 from starlette.datastructures import FormData
 
-from broker.accounts.models import Account
+from broker.accounts.models import Account, Role
 from broker.accounts.service import session_account
 from broker.config import Settings, get_settings
 from broker.db import SessionDep
@@ -151,10 +151,22 @@ def set_cookie(
 
 
 @dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who is signed in, as pages show it: plain values, still readable when a
+    refused request's transaction has rolled back and its rows are gone."""
+
+    id: str
+    name: str
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
 class WebUser:
-    """The person signed in: their account and the CSRF token their forms carry."""
+    """The person signed in: their account (for the services), who they are (for the
+    pages), and the CSRF token their forms carry."""
 
     account: Account
+    viewer: Viewer
     csrf: str
 
 
@@ -166,7 +178,8 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     if token is None or account is None:
         next_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise SignInRequired(next_url)
-    user = WebUser(account, csrf_token(secret, token.nonce))
+    viewer = Viewer(account.id, account.name, account.role)
+    user = WebUser(account, viewer, csrf_token(secret, token.nonce))
     request.state.web_user = user  # for error pages rendered after the route gave up
     return user
 

@@ -309,3 +309,22 @@ def test_nodes_show_heartbeat_and_utilisation(db: Session, browser_for: Any) -> 
     assert "s ago" in page
     assert "37.5 %" in page  # mean utilisation of the devices that report it
     assert "1 unhealthy" in page
+
+
+def test_refusals_render_after_the_transaction_rolled_back(
+    fresh_engine: Engine, fresh_client_for: ClientFactory
+) -> None:
+    """With real transactions: the request's rows are gone when the error page is drawn."""
+    with transaction(fresh_engine) as s:
+        alice, _ = make_account(s, Role.developer)
+        bob, bob_key = make_account(s, Role.developer)
+        job = make_job(s, alice)
+    other = Browser(fresh_client_for(None), bob, bob_key)
+    for response in (
+        other.get(f"/jobs/{job.id}"),
+        other.post(f"/jobs/{job.id}/cancel"),
+        other.get("/admin"),
+        other.get("/jobs?state=nope"),
+    ):
+        assert response.status_code in (403, 404, 422), response.text
+        assert bob.name in response.text  # the page still knows who is signed in
