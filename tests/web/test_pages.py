@@ -328,3 +328,18 @@ def test_refusals_render_after_the_transaction_rolled_back(
     ):
         assert response.status_code in (403, 404, 422), response.text
         assert bob.name in response.text  # the page still knows who is signed in
+
+
+def test_pages_update_themselves_until_nothing_can_change(db: Session, browser_for: Any) -> None:
+    developer: Browser = browser_for(Role.developer)
+    job = make_job(db, developer.account)
+    polling = 'hx-trigger="every 3s" hx-select="#live"'
+    assert polling in developer.get("/jobs").text
+    assert polling in developer.get("/market").text
+    assert polling in developer.get(f"/jobs/{job.id}").text
+    # What a poll fetches is the same page; htmx swaps in its live part only.
+    assert 'id="live"' in developer.get(f"/jobs/{job.id}", headers={"HX-Request": "true"}).text
+    developer.post(f"/jobs/{job.id}/cancel")
+    final = developer.get(f"/jobs/{job.id}").text
+    assert 'id="live"' in final
+    assert "hx-trigger" not in final  # cancelled: the last poll ends the polling
