@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from broker.accounts.service import sign_in
 from broker.config import get_settings
-from broker.db import SessionDep
+from broker.db import SessionDep, read_only_session
 from web import session as web_session
 from web.render import HOME, WebRoute, page, redirect
 from web.session import (
@@ -65,7 +65,7 @@ def signin_form(request: Request, next: str = "") -> Response:
     return _signin_page(request, safe_next(next))
 
 
-@router.post("/signin")
+@router.post("/signin", dependencies=[Depends(read_only_session)])
 def signin(request: Request, session: SessionDep, form: PlainForm) -> Response:
     secret = secret_key(get_settings())
     if not csrf_ok(secret, request.cookies.get(SIGNIN_COOKIE, ""), form.get(CSRF_FIELD)):
@@ -84,7 +84,7 @@ def signin(request: Request, session: SessionDep, form: PlainForm) -> Response:
     return response
 
 
-@router.post("/signout")
+@router.post("/signout", dependencies=[Depends(read_only_session)])
 def signout(_: CheckedForm) -> Response:
     response = redirect("/signin")
     response.delete_cookie(SESSION_COOKIE, path="/")

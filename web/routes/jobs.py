@@ -23,7 +23,7 @@ from broker.jobs.router import allocation_out, job_out, job_outs
 from broker.jobs.schemas import JobCreate, JobOut, JobQuery
 from broker.jobs.states import FINAL_STATES, JobState
 from broker.market.allocations import latest_placements
-from broker.market.explain import RULE_TEXT, unmatched
+from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
 from broker.market.schemas import AllocationOut, Unmatched
 from broker.money import Usd
 from broker.offers.router import offer_out
@@ -85,7 +85,7 @@ def jobs(
         session, account, JobQuery(state=wanted, limit=PER_PAGE, offset=offset)
     )
     placed = latest_placements(session, [job.id for job in rows])
-    settings = get_settings()
+    waiting = unmatched_many(session, [j for j in rows if j.state == JobState.open], get_settings())
     views = []
     for job, shown in zip(rows, job_outs(session, rows), strict=True):
         allocation, offer = placed.get(job.id, (None, None))
@@ -94,7 +94,7 @@ def jobs(
                 shown,
                 allocation_out(allocation) if allocation else None,
                 offer_out(offer) if offer else None,
-                unmatched(session, job, settings) if job.state == JobState.open else None,
+                waiting.get(job.id),
             )
         )
     return page(
