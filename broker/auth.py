@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 
 
 def current_account(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Account:
@@ -27,6 +28,7 @@ def current_account(
     account = authenticate(session, credentials.credentials)
     if account is None:
         raise Unauthorized("the API key is unknown or revoked")
+    request.state.account_id = account.id  # for the access log (never the key)
     return account
 
 
@@ -34,6 +36,7 @@ CurrentAccount = Annotated[Account, Depends(current_account)]
 
 
 def streaming_account(
+    request: Request,
     transactions: TransactionsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Account:
@@ -45,6 +48,7 @@ def streaming_account(
         account = authenticate(session, credentials.credentials)
     if account is None:
         raise Unauthorized("the API key is unknown or revoked")
+    request.state.account_id = account.id
     return account
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -34,12 +36,25 @@ def serve(
     settings = get_settings()
     if migrate:
         upgrade()
+    os.environ["BROKER_CONFIGURE_LOGGING"] = "1"
+    from broker.observability import configure_logging
+
+    configure_logging(settings.log_format)
+    if workers > 1:
+        # The workers share their metrics through files (prometheus_client's
+        # multiprocess mode); start each server with an empty directory.
+        shared = settings.data_dir / "prometheus"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     uvicorn.run(
         "broker.app:app",
         host=host or settings.host,
         port=port or settings.port,
         workers=workers,
         log_level="info",
+        log_config=None,
+        access_log=False,
     )
 
 

@@ -88,6 +88,18 @@ class Settings(BaseSettings):
         pattern=r"^https?://",
         description="Where the Stripe SDK sends requests (default: Stripe's API)",
     )
+    rate_limit_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="Requests a second one API key may send on average, per server process; "
+        "0 turns rate limits off",
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, description="Requests one API key may send at once"
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="broker serve's logs: JSON lines, or text for people"
+    )
     secret_key: SecretStr | None = Field(
         default=None,
         min_length=32,

@@ -15,8 +15,7 @@ exact (unrounded) sum of its usage lines, rounded once in the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from fractions import Fraction
 
 MS_PER_HOUR = 3_600_000
@@ -82,11 +81,3 @@ def percent_to_ppm(percent: Decimal) -> int:
 def ppm_to_percent(ppm: int) -> Decimal:
     text = format((Decimal(ppm) / 10_000).normalize(), "f")
     return Decimal(text)
-
-
-def total(amounts: Iterable[Fraction]) -> Fraction:
-    return sum(amounts, Fraction(0))
-
-
-def round_decimal(amount: Decimal) -> Decimal:
-    return amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)

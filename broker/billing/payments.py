@@ -106,9 +106,6 @@ class Stripe:
             )
         )
 
-    def retrieve(self, invoice: str) -> StripeInvoice:
-        return _invoice(self._call(self._client.v1.invoices.retrieve, invoice))
-
     def void(self, invoice: str) -> StripeInvoice:
         return _invoice(
             self._call(

@@ -31,7 +31,7 @@ from broker.billing.schemas import (
 )
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, utcnow
-from broker.errors import BrokerError, InvalidInput, NotFound
+from broker.errors import BrokerError, Conflict, InvalidInput, NotFound
 from broker.money import micros_to_usd
 from broker.pagination import Page
 from broker.types import ObjectId
@@ -123,10 +123,9 @@ def generate_invoices(
 def pay_invoice(session: SessionDep, admin: Admin, invoice_id: ObjectId) -> InvoiceOut:
     invoice, lines = invoices.get_invoice(session, admin, invoice_id, lock=True)
     if invoice.stripe_invoice_id is not None:
-        raise InvalidInput(
+        raise Conflict(
             f"invoice {invoice.id} is collected by Stripe ({invoice.stripe_invoice_id}); "
-            "it is marked paid when Stripe reports the payment",
-            field="invoice_id",
+            "it is marked paid when Stripe reports the payment"
         )
     invoices.mark_paid(invoice)
     return _invoice_out(invoice, lines)

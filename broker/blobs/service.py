@@ -8,6 +8,7 @@ from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import exists, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
@@ -64,12 +65,11 @@ def record(
     """Store a checked upload and let ``account`` read it. Returns ``(blob, created)``:
     the same bytes uploaded again are not stored twice."""
     sha = upload.commit()
-    blob = session.get(Blob, sha)
-    created = blob is None
-    if blob is None:
-        blob = Blob(sha256=sha, kind=kind, size=upload.size, meta=meta)
-        session.add(blob)
-    elif blob.kind != kind:
+    created = session.get(Blob, sha) is None and _insert(
+        session, Blob(sha256=sha, kind=kind, size=upload.size, meta=meta)
+    )
+    blob = session.get_one(Blob, sha)
+    if blob.kind != kind:
         raise InvalidInput(f"these bytes were uploaded before as {blob.kind.value}", field="body")
     grant(session, sha, account.id)
     session.flush()
@@ -78,7 +78,18 @@ def record(
 
 def grant(session: Session, sha256: str, account_id: str) -> None:
     if session.get(BlobGrant, (sha256, account_id)) is None:
-        session.add(BlobGrant(sha256=sha256, account_id=account_id))
+        _insert(session, BlobGrant(sha256=sha256, account_id=account_id))
+
+
+def _insert(session: Session, row: Blob | BlobGrant) -> bool:
+    """Insert a row that a concurrent request may insert first (the same bytes uploaded
+    twice at once): True if this one did, False if the other won."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        return False
+    return True
 
 
 def get_blob(session: Session, viewer: Account, sha256: str, kind: BlobKind) -> Blob:

@@ -40,6 +40,7 @@ from broker.jobs.models import Job
 from broker.jobs.states import JobState
 from broker.market import adapt
 from broker.market.models import Allocation, ClearingRound
+from broker.observability import observe_round
 from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, solve
 
@@ -100,10 +101,14 @@ def run_round(engine: Engine, settings: Settings, trigger: str = "manual") -> Cl
     with leader(engine) as got:
         if not got:
             raise RoundInProgress("a clearing round is already running; try again shortly")
-        return _run(engine, settings, trigger)
+        record = _run(engine, settings, trigger)
+    if record is not None:
+        observe_round(trigger, record.status, record.solve_seconds, record.matched)
+    return record
 
 
 def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | None:
+    _close_interrupted(engine)
     round_id = new_id("rnd")
     with transaction(engine, write=False) as session:
         jobs = session.scalars(
@@ -153,6 +158,18 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
             record.status, record.error, record.finished_at = "failed", str(exc)[:2000], utcnow()
     with transaction(engine, write=False) as session:
         return session.get_one(ClearingRound, round_id)
+
+
+def _close_interrupted(engine: Engine) -> None:
+    """Rounds still marked running while this process is the leader died with their
+    process (the broker was stopped mid-round). A round writes its matches in one
+    transaction, so such a round matched nothing: say so."""
+    with transaction(engine) as session:
+        for record in session.scalars(
+            select(ClearingRound).where(ClearingRound.status == "running").with_for_update()
+        ):
+            record.status, record.finished_at = "failed", utcnow()
+            record.error = "interrupted: the broker stopped during the round; nothing was matched"
 
 
 def _budgets_left(session: Session, jobs: Iterable[Job]) -> dict[str, Fraction]:

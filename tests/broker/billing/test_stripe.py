@@ -129,3 +129,26 @@ def test_a_dropped_connection_is_retried_with_the_same_idempotency_key(
     with transaction(fresh_engine, write=False) as db:
         (row,) = db.scalars(select(Invoice).where(Invoice.account_id == developer.account.id))
         assert row.status == InvoiceStatus.open
+
+
+def test_an_admin_voids_an_invoice_in_stripe_too(
+    fresh_engine: Engine, fresh_client_for: ClientFactory, with_stripe: FakeStripe
+) -> None:
+    developer = _developer_with_runs(fresh_engine, fresh_client_for, [3_600_000])
+    with transaction(fresh_engine) as db:
+        _, admin_key = make_account(db, Role.admin)
+    admin = fresh_client_for(admin_key)
+    (summary,) = developer.post("/v1/invoices/generate", json={}).json()["invoices"]
+    invoice = developer.get(f"/v1/invoices/{summary['id']}").json()
+    assert admin.post(f"/v1/invoices/{invoice['id']}/pay").status_code == 409  # Stripe collects
+    voided = admin.post(f"/v1/invoices/{invoice['id']}/void")
+    assert voided.status_code == 200, voided.text
+    assert voided.json()["status"] == "void"
+    assert with_stripe.invoices[invoice["stripe_invoice_id"]]["status"] == "void"
+    # Stripe's own event about it changes nothing more.
+    event = invoice_event(
+        "evt_void_1", "invoice.voided", with_stripe.invoices[invoice["stripe_invoice_id"]]
+    )
+    body, headers = signed(event)
+    answer = fresh_client_for(None).post("/v1/stripe/webhook", content=body, headers=headers)
+    assert answer.json()["outcome"] == f"invoice {invoice['id']} unchanged (void)"

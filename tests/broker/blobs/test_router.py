@@ -116,3 +116,27 @@ def test_uploads_over_the_limit_get_413(developer: Any, monkeypatch: pytest.Monk
 
 def test_bad_digest_in_the_path_is_a_422(developer: Any) -> None:
     assert developer.get("/v1/artifacts/not-a-digest").status_code == 422
+
+
+def test_the_same_bytes_uploaded_at_once_are_stored_once(live_url: str, fresh_engine: Any) -> None:
+    """Concurrent uploads of one bundle (two runs of a node finishing together) race to
+    insert the same row; the loser finds the winner's row instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from broker.db import transaction
+    from tests.factories import make_account
+
+    with transaction(fresh_engine) as session:
+        keys = [make_account(session, Role.developer)[1] for _ in range(2)]
+    bundle = arrays.encode([np.arange(1000, dtype=np.float32)])
+
+    def upload(i: int) -> int:
+        headers = {**BIN, "Authorization": f"Bearer {keys[i % 2]}"}
+        return httpx.post(f"{live_url}/v1/arrays", content=bundle, headers=headers).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(upload, range(16)))
+    assert set(codes) <= {200, 201}
+    assert codes.count(201) == 1
