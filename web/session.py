@@ -181,6 +181,7 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     viewer = Viewer(account.id, account.name, account.role)
     user = WebUser(account, viewer, csrf_token(secret, token.nonce))
     request.state.web_user = user  # for error pages rendered after the route gave up
+    request.state.account_id = account.id  # for the access log, as the API's requests
     return user
 
 
