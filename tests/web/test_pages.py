@@ -343,3 +343,8 @@ def test_pages_update_themselves_until_nothing_can_change(db: Session, browser_f
     final = developer.get(f"/jobs/{job.id}").text
     assert 'id="live"' in final
     assert "hx-trigger" not in final  # cancelled: the last poll ends the polling
+
+
+def test_the_api_description_stays_the_apis(client_for: ClientFactory) -> None:
+    paths = client_for(None).get("/openapi.json").json()["paths"]
+    assert all(p.startswith("/v1/") or p in ("/healthz", "/readyz") for p in paths), paths
