@@ -177,7 +177,7 @@ async def on_sign_in_required(request: Request, exc: Exception) -> Response:
     """To the sign-in page, and back here after. htmx requests (polling, boosted
     links) are told to navigate there, rather than swap the form into the page."""
     assert isinstance(exc, SignInRequired)
-    target = "/signin?" + urlencode({"next": exc.next_url})
+    target = "/signin?" + urlencode({"next": exc.next_url}) if exc.next_url else "/signin"
     response: Response
     if request.headers.get("HX-Request"):
         response = Response(status_code=204, headers={"HX-Redirect": target})

@@ -88,6 +88,12 @@ def _mac(secret: bytes, purpose: str, message: str) -> str:
     return _b64(hmac.new(secret, f"{purpose}:{message}".encode(), hashlib.sha256).digest())
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of anything a client sent (bytes: a str with non-ASCII
+    characters would make ``compare_digest`` raise)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class SessionToken:
     key_id: str
@@ -109,7 +115,7 @@ def issue(secret: bytes, key_id: str, now: float | None = None) -> str:
 def verify(secret: bytes, token: str, now: float | None = None) -> SessionToken | None:
     """The token's contents if its signature holds and it has not expired; else None."""
     body, _, mac = token.partition(".")
-    if not body or not hmac.compare_digest(mac, _mac(secret, "session", body)):
+    if not body or not _same(mac, _mac(secret, "session", body)):
         return None
     try:
         payload = json.loads(_unb64(body))
@@ -127,11 +133,7 @@ def csrf_token(secret: bytes, nonce: str) -> str:
 
 def csrf_ok(secret: bytes, nonce: str, token: object) -> bool:
     """Whether ``token`` is the CSRF token of ``nonce`` (a form field: any type)."""
-    return (
-        bool(nonce)
-        and isinstance(token, str)
-        and hmac.compare_digest(token, csrf_token(secret, nonce))
-    )
+    return bool(nonce) and isinstance(token, str) and _same(token, csrf_token(secret, nonce))
 
 
 def set_cookie(
@@ -176,8 +178,9 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     token = verify(secret, request.cookies.get(SESSION_COOKIE, ""))
     account = session_account(session, token.key_id) if token else None
     if token is None or account is None:
+        # Back to this page after signing in; a form's target is no page to go back to.
         next_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise SignInRequired(next_url)
+        raise SignInRequired(next_url if request.method in ("GET", "HEAD") else "")
     viewer = Viewer(account.id, account.name, account.role)
     user = WebUser(account, viewer, csrf_token(secret, token.nonce))
     request.state.web_user = user  # for error pages rendered after the route gave up
@@ -192,7 +195,7 @@ async def checked_form(request: Request, user: WebUserDep) -> FormData:
     """Route dependency for every POST: the form, once its CSRF token is checked."""
     form = await request.form()
     given = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
-    if not isinstance(given, str) or not hmac.compare_digest(given, user.csrf):
+    if not isinstance(given, str) or not _same(given, user.csrf):
         raise CsrfFailed
     return form
 

@@ -91,6 +91,9 @@ def test_signing_out_ends_the_session(browser_for: Any) -> None:
     assert response.headers["location"] == "/signin"
     assert 'broker_session=""' in _cookie_header(response, "broker_session")  # deleted
     assert provider.get("/offers", follow_redirects=False).status_code == 303
+    # A form sent after the session ended goes to sign in, then home (not to its target).
+    late = provider.client.post("/offers/off_x/withdraw", follow_redirects=False)
+    assert late.headers["location"] == "/signin"
 
 
 def test_a_tampered_cookie_is_refused(browser_for: Any) -> None:
@@ -127,6 +130,10 @@ def test_every_post_needs_the_sessions_csrf_token(db: Session, browser_for: Any)
         "/offers", data={**offer, "csrf_token": other.csrf}, follow_redirects=False
     )
     assert stolen.status_code == 403
+    odd = provider.client.post(
+        "/offers", data={**offer, "csrf_token": "\u00e9"}, follow_redirects=False
+    )
+    assert odd.status_code == 403
     assert provider.post("/offers", offer).status_code == 303
     # The header works too (htmx requests may send it instead of a field).
     header = provider.client.post(

@@ -35,6 +35,8 @@ def test_csrf_tokens_belong_to_one_session() -> None:
     assert not session.csrf_ok(secret, "", session.csrf_token(secret, ""))  # no nonce cookie
     assert not session.csrf_ok(secret, "nonce-a", None)
     assert not session.csrf_ok(secret, "nonce-a", 12345)
+    assert not session.csrf_ok(secret, "nonce-a", "é" * 43)  # refused, not an error
+    assert session.verify(secret, "é.é") is None
 
 
 def test_the_secret_is_made_once_and_kept_private(tmp_path: Path) -> None:
