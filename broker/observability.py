@@ -176,7 +176,11 @@ class _Forward(Collector):
 
 # ---- logs -------------------------------------------------------------------------
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
 
 
 class RequestIdFilter(logging.Filter):

@@ -255,3 +255,55 @@ def test_a_lost_database_connection_is_reconnected(empty_database_url: str, tmp_
     finally:
         server.stop()
         engine.dispose()
+
+
+def test_a_crash_while_an_agent_reports_counts_its_usage_once(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """The broker is killed (SIGKILL) between an agent's reports, and the agent sends its
+    last report again once the broker is back: the usage is counted once."""
+    from broker.config import get_settings
+    from broker.market.clearing import run_round
+
+    upgrade("head", url=empty_database_url)
+    engine = make_engine(empty_database_url)
+    with transaction(engine) as db:
+        dev_key = make_account(db, Role.developer)[1]
+        provider_key = make_account(db, Role.provider)[1]
+    server = Server(empty_database_url, tmp_path)
+    server.start()
+    dev = httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {dev_key}"})
+    agent = httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {provider_key}"})
+    try:
+        assert agent.post("/v1/offers", json=offer_body(count=1)).status_code == 201
+        job = dev.post("/v1/jobs", json=job_body()).json()
+        run_round(engine, get_settings(), "manual")
+        (order,) = agent.get("/v1/allocations").json()
+        alloc = order["allocation_id"]
+        assert agent.post(f"/v1/allocations/{alloc}/start").status_code == 200
+        time.sleep(0.7)
+        report = {"steps_done": 0, "accelerator_seconds": 0.5}
+        assert agent.post(f"/v1/allocations/{alloc}/progress", json=report).status_code == 200
+
+        assert server.process is not None
+        server.process.kill()  # no shutdown: mid-flight state is whatever was committed
+        server.process.wait()
+        server.start()
+        again = agent.post(f"/v1/allocations/{alloc}/progress", json=report)
+        assert again.status_code == 200
+        assert again.json()["accelerator_seconds"] == 0.5
+        time.sleep(0.3)
+        done = agent.post(
+            f"/v1/allocations/{alloc}/finish",
+            json={"outcome": "succeeded", "accelerator_seconds": 0.9},
+        )
+        assert done.status_code == 200, done.text
+        assert dev.get(f"/v1/jobs/{job['id']}").json()["accelerator_seconds"] == 0.9
+        (invoice,) = dev.post("/v1/invoices/generate", json={}).json()["invoices"]
+        assert invoice["line_count"] == 1
+        assert dev.post("/v1/invoices/generate", json={}).json()["invoices"] == []
+    finally:
+        dev.close()
+        agent.close()
+        server.stop()
+        engine.dispose()

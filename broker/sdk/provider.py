@@ -227,7 +227,9 @@ def run_work_order(
             should_stop=lambda: ended or handle.stop.is_set() or over_budget(),
         )
     except runner.Stopped:
-        if not ended and over_budget():
+        # Over budget, the run ends as a failure whichever noticed first: this agent, or
+        # the broker from the last progress report (then the report is a repeat).
+        if over_budget():
             log.info("allocation %s used the job's budget; stopping it", allocation)
             return finish("failed", error="the run used up the job's budget")
         handle.ended = time.monotonic()
