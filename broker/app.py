@@ -31,6 +31,7 @@ from broker.observability import RequestContext, configure_logging, metrics_text
 from broker.offers.router import router as offers_router
 from broker.ratelimit import RateLimit
 from broker.runs.router import router as runs_router
+from web import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     # Some probes use HEAD; answer it without a second entry in the API description.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+    install_web(app)  # the dashboard, at / (the API stays under /v1)
     return app
 
 

@@ -6,11 +6,11 @@ A round runs in three steps so that the solve (seconds) holds no locks:
 2. **Solve**: the pure ``solver`` package, outside any transaction.
 3. **Apply** (one write transaction): every match is checked again against the
    rows as they are now, locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
-   serialises writers). A job that is no longer open, or an offer that was
-   changed in any way (repriced, withdrawn, its limits edited) or no longer has
-   the room, is skipped and counted as ``stale``; its job simply waits for the
-   next round. So capacity is never
-   oversold and no job is matched twice, whatever runs at the same time.
+   serialises writers). A job that is no longer open or whose bid changed, or an
+   offer that was changed in any way (repriced, withdrawn, its limits edited) or
+   no longer has the room, is skipped and counted as ``stale``; its job simply
+   waits for the next round. So capacity is never oversold, no job is matched
+   twice and none above its current bid, whatever runs at the same time.
 
 Only one round runs at a time per database (``leader``); a second caller is
 told so instead of waiting.
@@ -126,9 +126,9 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
             jobs=tuple(adapt.job(j, budgets.get(j.id)) for j in jobs),
             weights=adapt.weights(settings, fee_ppm),
         )
-        # Any change a provider makes to an offer moves its updated_at; a match
-        # computed from an older version of the offer is stale.
-        versions = {o.id: o.updated_at for o in offers}
+        # Any change a provider makes to an offer, or a developer to a job's bid,
+        # moves its updated_at; a match computed from an older version is stale.
+        versions = {o.id: o.updated_at for o in offers} | {j.id: j.updated_at for j in jobs}
     if trigger == "auto" and not (market.jobs and market.offers):
         return None
     with transaction(engine) as session:
@@ -215,6 +215,7 @@ def _apply(
             job is None
             or offer is None
             or job.state != JobState.open
+            or job.updated_at != versions.get(job.id)
             or offer.status != OfferStatus.active
             or offer.updated_at != versions.get(offer.id)
             or offer.count < job.accelerators
