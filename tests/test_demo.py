@@ -72,6 +72,10 @@ def test_serve_demo_shows_a_working_market(tmp_path: Path) -> None:
             emulated = {o["accelerator"] for o in offers if o["emulated"]}
             assert emulated == {p.model for p in PROVIDERS}
             assert [o["accelerator"] for o in offers if not o["emulated"]] == ["cpu"]
+            # The dashboard answers at the root: its sign-in page, then the market.
+            home = client.get("/", follow_redirects=True)
+            assert home.status_code == 200
+            assert "text/html" in home.headers["content-type"]
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -348,3 +348,21 @@ def test_pages_update_themselves_until_nothing_can_change(db: Session, browser_f
 def test_the_api_description_stays_the_apis(client_for: ClientFactory) -> None:
     paths = client_for(None).get("/openapi.json").json()["paths"]
     assert all(p.startswith("/v1/") or p in ("/healthz", "/readyz") for p in paths), paths
+
+
+def test_emulated_capacity_is_labelled_wherever_it_shows(db: Session, browser_for: Any) -> None:
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    emulated = make_offer(db, provider.account)
+    emulated.emulated = True  # as an agent run with --emulate publishes it (demos)
+    real = make_offer(db, provider.account, accelerator="mi300x")
+    db.flush()
+    listing = provider.get("/offers").text
+    row = re.search(rf'<tr data-offer="{emulated.id}">.*?</tr>', listing, re.S)
+    assert row is not None
+    assert ">emulated</span>" in row.group(0)
+    plain = re.search(rf'<tr data-offer="{real.id}">.*?</tr>', listing, re.S)
+    assert plain is not None
+    assert "emulated" not in plain.group(0)
+    assert ">emulated</span>" in provider.get(f"/offers/{emulated.id}").text
+    assert developer.get("/jobs").status_code == 200
