@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
@@ -27,8 +28,11 @@ from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.nodes.router import router as nodes_router
 from broker.nodes.service import sweep
+from broker.observability import RequestContext, configure_logging, metrics_text
 from broker.offers.router import router as offers_router
+from broker.ratelimit import RateLimit
 from broker.runs.router import router as runs_router
+from web import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,8 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if os.environ.get("BROKER_CONFIGURE_LOGGING") == "1":  # set by `broker serve`
+            configure_logging(get_settings().log_format)
         tasks = [asyncio.create_task(_sweep_forever())]
         if billing_interval > 0:
             tasks.append(asyncio.create_task(_bill_forever(billing_interval)))
@@ -150,6 +156,11 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
             "/v1/arrays": settings.max_arrays_bytes,
         },
     )
+    app.add_middleware(
+        RateLimit, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst
+    )
+    # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
+    app.add_middleware(RequestContext)
     for router in (
         accounts_router,
         offers_router,
@@ -185,9 +196,16 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
             return JSONResponse(error_body("not_ready", "the database does not answer"), 503)
         return Health(status="ok")
 
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(session: SessionDep) -> Response:
+        """Prometheus' text format (see broker.observability)."""
+        body, content_type = metrics_text(session)
+        return Response(body, media_type=content_type)
+
     # Some probes use HEAD; answer it without a second entry in the API description.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+    install_web(app)  # the dashboard, at / (the API stays under /v1)
     return app
 
 

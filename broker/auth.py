@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -61,20 +61,26 @@ def _own_key(caller: Caller) -> Account:
 
 
 def current_caller(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    return _caller(session, credentials)
+    caller = _caller(session, credentials)
+    request.state.account_id = caller.account.id  # for the access log (never the key)
+    return caller
 
 
 def streaming_caller(
+    request: Request,
     transactions: TransactionsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """The caller, checked in a short transaction of its own: for uploads, which stream
     their body before they touch the database and must not hold a session meanwhile."""
     with transactions(write=False) as session:
-        return _caller(session, credentials)
+        caller = _caller(session, credentials)
+    request.state.account_id = caller.account.id
+    return caller
 
 
 # The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -24,23 +26,63 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [BROKER_PORT]")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the demo market (broker.demo): providers at real cloud prices, "
+            "emulated on this CPU and labelled so, a real CPU agent and demo developers"
+        ),
+    ] = False,
 ) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API (and the dashboard)."""
     import uvicorn
 
     from broker.config import get_settings
     from broker.migrate import upgrade
 
+    if demo:
+        # The demo's providers are emulated; a broker accepts them only when told to.
+        os.environ["BROKER_ALLOW_EMULATION"] = "1"
+        os.environ.setdefault("BROKER_CLEAR_INTERVAL_SECONDS", "3")
+        get_settings.cache_clear()
     settings = get_settings()
     if migrate:
         upgrade()
-    uvicorn.run(
-        "broker.app:app",
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers,
-        log_level="info",
-    )
+    os.environ["BROKER_CONFIGURE_LOGGING"] = "1"
+    from broker.observability import configure_logging
+
+    configure_logging(settings.log_format)
+    if workers > 1:
+        # The workers share their metrics through files (prometheus_client's
+        # multiprocess mode); start each server with an empty directory.
+        shared = settings.data_dir / "prometheus"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+    bind_host, bind_port = host or settings.host, port or settings.port
+    demo_process = None
+    if demo:
+        import subprocess
+        import sys
+
+        url = f"http://{'127.0.0.1' if bind_host in ('0.0.0.0', '::') else bind_host}:{bind_port}"  # noqa: S104
+        demo_process = subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "broker.demo", "--url", url]
+        )
+    try:
+        uvicorn.run(
+            "broker.app:app",
+            host=bind_host,
+            port=bind_port,
+            workers=workers,
+            log_level="info",
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        if demo_process is not None:
+            demo_process.terminate()
+            demo_process.wait(timeout=60)
 
 
 @app.command()
@@ -93,6 +135,13 @@ def agent(
         str | None,
         typer.Option(envvar="BROKER_TPU_TOKEN", help="OAuth bearer token [BROKER_TPU_TOKEN]"),
     ] = None,
+    emulate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --adapter emulated (demos): MODEL=COUNT of a catalog model to "
+            "emulate on this CPU, labelled as emulated; repeat for several"
+        ),
+    ] = None,
     discover_seconds: Annotated[
         float, typer.Option(min=1, help="Seconds between hardware discoveries")
     ] = 60.0,
@@ -113,7 +162,7 @@ def agent(
     if not api_key:
         typer.echo("error: give a provider API key: --api-key or BROKER_API_KEY", err=True)
         raise typer.Exit(2)
-    if adapter == "cpu":
+    if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -126,9 +175,16 @@ def agent(
             f"error: --adapter must be auto or one of {', '.join(registry.names())}", err=True
         )
         raise typer.Exit(2)
+    from adapters.base import AdapterError
+    from adapters.emulated import parse_emulate
+
+    if bool(emulate) != (adapter == "emulated"):
+        typer.echo("error: --emulate goes with --adapter emulated, and it needs one", err=True)
+        raise typer.Exit(2)
     try:
         prices = parse_prices(price or [])
-    except ValueError as exc:
+        emulated = parse_emulate(emulate or [])
+    except (ValueError, AdapterError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     settings = get_settings()
@@ -139,6 +195,7 @@ def agent(
         tpu_project=tpu_project,
         tpu_zone=tpu_zone,
         tpu_token=tpu_token,
+        emulate=emulated,
     )
     config = AgentConfig(
         broker=broker,

@@ -37,6 +37,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("data")
     previous = os.environ.get("BROKER_DATA_DIR")
     os.environ["BROKER_DATA_DIR"] = str(path)
+    # Tests send requests as fast as they can; tests/broker/test_ops.py turns limits on.
+    os.environ.setdefault("BROKER_RATE_LIMIT_PER_SECOND", "0")
     get_settings.cache_clear()
     get_store.cache_clear()
     yield path

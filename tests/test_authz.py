@@ -198,6 +198,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("HEAD", "/healthz"): Rule(PUBLIC),
     ("GET", "/readyz"): Rule(PUBLIC),
     ("HEAD", "/readyz"): Rule(PUBLIC),
+    # Aggregate counters only (no ids, no accounts), for a scraper without a key.
+    ("GET", "/metrics"): Rule(PUBLIC),
 }
 
 # Path parameters and the world object that fills them, unless a rule says otherwise.

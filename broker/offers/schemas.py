@@ -47,6 +47,12 @@ class OfferTerms(BaseModel):
     mem_bw_gbps: PositiveFigure | None = None
     available_hours: Hours | None = None
     efficiency: Efficiency = 0.4
+    emulated: bool = Field(
+        default=False,
+        description="Capacity of this model emulated on a CPU (demos): the agent runs its "
+        "jobs on the CPU, and the offer says so everywhere. Accepted only by a broker "
+        "started with BROKER_ALLOW_EMULATION=1",
+    )
 
 
 class OfferCreate(OfferTerms):
@@ -95,6 +101,7 @@ class OfferOut(BaseModel):
     lon: float
     available_hours: float | None
     efficiency: float
+    emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime
     updated_at: datetime
     withdrawn_at: datetime | None

@@ -21,6 +21,7 @@ class WorkOrder(BaseModel):
     job_state: JobState
     offer_id: str
     platform: str
+    emulated: bool = Field(description="The offer is emulated: run the job on the CPU")
     accelerators: int
     artifact: str | None
     inputs: str | None
