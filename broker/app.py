@@ -24,6 +24,7 @@ from broker.db import SessionDep, get_engine, session_scope
 from broker.errors import ERROR_RESPONSES, ErrorOut, error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
+from broker.market.cache import BookCache
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.nodes.router import router as nodes_router
@@ -149,6 +150,7 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     )
     install_handlers(app)
     settings = get_settings()
+    app.state.book_cache = BookCache(settings.book_cache_seconds)
     app.add_middleware(
         BodySizeLimit,
         per_path={
@@ -207,6 +209,12 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
     install_web(app)  # the dashboard, at / (the API stays under /v1)
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app as ``broker serve``'s workers run it: clearing rounds run in a process
+    of their own (``clearing.clear_in_process``), not in the workers."""
+    return create_app(auto_clear=False)
 
 
 app = create_app()

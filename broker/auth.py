@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -100,10 +100,11 @@ CallerDep = Annotated[Caller, Depends(current_caller)]
 StreamingCaller = Annotated[Caller, Depends(streaming_caller)]
 
 
-def require_role(*roles: Role) -> Callable[[Account], Account]:
+def require_role(*roles: Role) -> Callable[[Account], Awaitable[Account]]:
     """A dependency that admits only the given roles (admins always pass)."""
 
-    def check(account: CurrentAccount) -> Account:
+    # async: no I/O here, so FastAPI runs it on the event loop instead of a thread.
+    async def check(account: CurrentAccount) -> Account:
         return check_role(account, *roles)
 
     return check

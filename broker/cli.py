@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -20,11 +21,20 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(invoices_app, name="invoices")
 
 
+def recommended_workers() -> int:
+    """Worker processes ``broker serve`` starts unless told otherwise: one per core."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind [BROKER_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [BROKER_PORT]")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes [one per core]", show_default=False),
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
     migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
     demo: Annotated[
         bool,
@@ -34,7 +44,8 @@ def serve(
         ),
     ] = False,
 ) -> None:
-    """Serve the HTTP API (and the dashboard)."""
+    """Serve the HTTP API and the dashboard; with BROKER_CLEAR_INTERVAL_SECONDS > 0,
+    clear the market in a process of its own."""
     import uvicorn
 
     from broker.config import get_settings
@@ -49,10 +60,12 @@ def serve(
     if migrate:
         upgrade()
     os.environ["BROKER_CONFIGURE_LOGGING"] = "1"
+    os.environ["BROKER_ACCESS_LOG"] = "1" if access_log else "0"
     from broker.observability import configure_logging
 
     configure_logging(settings.log_format)
-    if workers > 1:
+    count = workers or recommended_workers()
+    if count > 1:
         # The workers share their metrics through files (prometheus_client's
         # multiprocess mode); start each server with an empty directory.
         shared = settings.data_dir / "prometheus"
@@ -60,29 +73,44 @@ def serve(
         shared.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     bind_host, bind_port = host or settings.host, port or settings.port
+    clearing = None
+    if settings.clear_interval_seconds > 0:
+        from broker.market.clearing import clear_in_process
+
+        context = multiprocessing.get_context("spawn")
+        clearing = context.Process(
+            target=clear_in_process, args=(settings.clear_interval_seconds,), name="clearing"
+        )
+        clearing.start()
     demo_process = None
     if demo:
         import subprocess
         import sys
 
-        url = f"http://{'127.0.0.1' if bind_host in ('0.0.0.0', '::') else bind_host}:{bind_port}"  # noqa: S104
+        local = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host  # noqa: S104
         demo_process = subprocess.Popen(  # noqa: S603 - our own module
-            [sys.executable, "-m", "broker.demo", "--url", url]
+            [sys.executable, "-m", "broker.demo", "--url", f"http://{local}:{bind_port}"]
         )
     try:
         uvicorn.run(
-            "broker.app:app",
+            "broker.app:create_served_app",
+            factory=True,
             host=bind_host,
             port=bind_port,
-            workers=workers,
+            workers=count,
             log_level="info",
             log_config=None,
-            access_log=False,
+            access_log=False,  # the broker's own access line has the request id
         )
     finally:
         if demo_process is not None:
             demo_process.terminate()
             demo_process.wait(timeout=60)
+        if clearing is not None:
+            clearing.terminate()  # it finishes the round it is in
+            clearing.join(settings.clear_time_limit_seconds + 60)
+            if clearing.is_alive():
+                clearing.kill()
 
 
 @app.command()

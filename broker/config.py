@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     clear_time_limit_seconds: float = Field(
         default=10.0, gt=0, le=600, description="Time the solver may take per round"
     )
+    book_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="How old the order book served by GET /v1/market/book may be: each "
+        "worker computes it at most once in this time; 0 computes it on every request",
+    )
     placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
     egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
     latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)

@@ -7,12 +7,14 @@ request dependency, a CLI command, a background task) owns the transaction.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
@@ -137,15 +139,34 @@ def read_only_session(request: Request) -> None:
     request.state.read_only_session = True
 
 
-def get_session(
+async def get_session(
     request: Request, engine: Annotated[Engine, Depends(get_engine)]
-) -> Iterator[Session]:
-    """Request dependency: one transaction per request, committed if the handler succeeds."""
+) -> AsyncIterator[Session]:
+    """Request dependency: one transaction per request, committed if the handler succeeds.
+
+    Opening the session does no I/O (it connects on its first query), so it runs on
+    the event loop; only the commit or rollback goes to a worker thread. A sync
+    dependency would cost a thread hop each way.
+    """
     write = request.method not in _READ_METHODS and not getattr(
         request.state, "read_only_session", False
     )
-    with transaction(engine, write=write) as session:
+    scope = transaction(engine, write=write)
+    session = scope.__enter__()
+    # As FastAPI does for sync generator dependencies: the exit is shielded from
+    # cancellation and takes no token of the shared thread pool, so a pool full of
+    # requests waiting for a database connection cannot keep one from being returned.
+    exit_limiter = anyio.CapacityLimiter(1)
+    try:
         yield session
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                scope.__exit__, type(exc), exc, exc.__traceback__, limiter=exit_limiter
+            )
+        raise
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(scope.__exit__, None, None, None, limiter=exit_limiter)
 
 
 Transactions = Callable[..., AbstractContextManager[Session]]

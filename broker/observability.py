@@ -229,3 +229,4 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     # Our access line has the request id and route; uvicorn's would repeat it without.
     logging.getLogger("uvicorn.access").disabled = True
+    access_log.disabled = os.environ.get("BROKER_ACCESS_LOG") == "0"  # serve --no-access-log

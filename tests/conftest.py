@@ -35,17 +35,20 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from broker.config import get_settings
 
     path = tmp_path_factory.mktemp("data")
-    previous = os.environ.get("BROKER_DATA_DIR")
-    os.environ["BROKER_DATA_DIR"] = str(path)
+    # Tests read the book right after changing the market: no cached copy.
+    overrides = {"BROKER_DATA_DIR": str(path), "BROKER_BOOK_CACHE_SECONDS": "0"}
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     # Tests send requests as fast as they can; tests/broker/test_ops.py turns limits on.
     os.environ.setdefault("BROKER_RATE_LIMIT_PER_SECOND", "0")
     get_settings.cache_clear()
     get_store.cache_clear()
     yield path
-    if previous is None:
-        os.environ.pop("BROKER_DATA_DIR", None)
-    else:
-        os.environ["BROKER_DATA_DIR"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     get_settings.cache_clear()
     get_store.cache_clear()
 

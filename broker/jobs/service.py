@@ -6,10 +6,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import cast
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from broker.accounts.models import Account, Role
 from broker.blobs.models import Blob, BlobKind
@@ -51,22 +53,51 @@ def submit_job(
     # The hash covers the job as stored, so equivalent bodies (reordered lists,
     # model aliases) count as the same request.
     request_hash = _request_hash(job)
-    existing = _by_idempotency_key(session, account, idempotency_key)
-    if existing is not None:
-        return _replay(existing, request_hash), False
     job.idempotency_key, job.request_hash = idempotency_key, request_hash
-    try:
-        # A concurrent retry may insert the same key first; the unique constraint
-        # decides, and the loser returns the winner's job.
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        existing = _by_idempotency_key(session, account, idempotency_key)
-        if existing is None:
-            raise
-        return _replay(existing, request_hash), False
-    return job, True
+    # One statement, INSERT ... ON CONFLICT DO NOTHING: the unique constraint on
+    # (account, key) decides. A concurrent retry waits for the first to commit and
+    # inserts nothing; then it, like any later retry, returns the first one's job.
+    if _insert_unless_key_used(session, job):
+        return job, True
+    existing = _by_idempotency_key(session, account, idempotency_key)
+    if existing is None:  # the first one rolled back between the insert and this read
+        raise Conflict(
+            "a request with this Idempotency-Key was being handled and failed; send it again",
+            field="header.Idempotency-Key",
+        )
+    return _replay(existing, request_hash), False
+
+
+def _insert_unless_key_used(session: Session, job: Job) -> bool:
+    """Insert ``job`` unless its account already used its key; whether it did.
+
+    A Core INSERT, several times cheaper than the ORM's flush or its INSERT ...
+    RETURNING of the whole row. Every column is set on the object first, as the
+    column defaults would set it, so once inserted the object joins the session
+    fully loaded, as if read back.
+    """
+    job.steps_done = job.checkpoint_step = job.attempts = job.usage_ms = 0
+    job.checkpoint_sha256 = job.result_sha256 = job.error = None
+    job.started_at = job.finished_at = None
+    job.created_at = job.updated_at = utcnow()
+    values = {column.key: job.__dict__[column.key] for column in _JOBS.columns}
+    stmt = _INSERT_UNLESS_KEY_USED[session.get_bind().dialect.name]
+    if session.execute(stmt, values).first() is None:
+        return False
+    make_transient_to_detached(job)
+    session.add(job)
+    return True
+
+
+# Built once per dialect (both spell ON CONFLICT alike): building it per request costs
+# about as much as running it.
+_JOBS = cast(Table, Job.__table__)
+_INSERT_UNLESS_KEY_USED = {
+    name: insert(_JOBS)
+    .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
+    .returning(_JOBS.c.id)
+    for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,33 @@ def run_round(engine: Engine, settings: Settings, trigger: str = "manual") -> Cl
     return record
 
 
+def clear_in_process(interval: float) -> None:
+    """Automatic rounds every ``interval`` seconds, as the body of a process of their
+    own (``broker serve`` starts one): a round is seconds of solver CPU, which in a
+    web worker would hold up that worker's requests. The process runs at a lower
+    priority so that requests come first, and on SIGTERM or SIGINT it finishes the
+    round it is in, then exits."""
+    import os
+    import signal
+
+    import broker.models  # noqa: F401 - every table, so the ORM can resolve foreign keys
+    from broker.config import get_settings
+    from broker.db import get_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     clearing: %(message)s")
+    os.nice(10)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(interval):
+        try:
+            run_round(get_engine(), get_settings(), "auto")
+        except RoundInProgress:
+            pass  # another process is clearing; it covers this tick
+        except Exception:
+            log.exception("automatic clearing round failed")
+
+
 def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | None:
     _close_interrupted(engine)
     round_id = new_id("rnd")

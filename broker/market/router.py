@@ -2,28 +2,58 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from adapters import catalog
 from broker.auth import Admin, CurrentAccount
 from broker.config import get_settings
-from broker.db import EngineDep, SessionDep, read_only_session
+from broker.db import EngineDep, SessionDep, read_only_session, transaction
 from broker.errors import NotFound
 from broker.market import service
+from broker.market.cache import BookCache
 from broker.market.clearing import run_round
 from broker.market.models import ClearingRound
 from broker.market.schemas import BookQuery, CatalogEntry, OrderBook, RoundOut
+from broker.offers.service import resolve_model
 from broker.pagination import Page, PageQuery
 from broker.types import ObjectId
 
 router = APIRouter(tags=["market"])
 
 
-@router.get("/v1/market/book", response_model=OrderBook, summary="The order book, by model")
-def order_book(
-    session: SessionDep, _: CurrentAccount, query: Annotated[BookQuery, Query()]
+@router.get(
+    "/v1/market/book",
+    response_model=OrderBook,
+    summary="The order book, by model",
+    description="At most `BROKER_BOOK_CACHE_SECONDS` (1) old: `generated_at` says when it "
+    "was computed.",
+)
+async def order_book(
+    session: SessionDep,
+    _: CurrentAccount,
+    query: Annotated[BookQuery, Query()],
+    request: Request,
+    engine: EngineDep,
 ) -> OrderBook:
-    return service.order_book(session, query.accelerator, query.depth)
+    cache: BookCache = request.app.state.book_cache
+    if cache.seconds <= 0:
+        # async with its work in one worker thread: see jobs.router.submit_job.
+        return await run_in_threadpool(service.order_book, session, query.accelerator, query.depth)
+
+    def compute() -> OrderBook:
+        with transaction(engine, write=False) as own:
+            return service.order_book(own, None, query.depth)
+
+    # One cached book per depth; a model's book is the same whether asked for alone
+    # or with the others, so one model's is cut from it.
+    book = await run_in_threadpool(cache.get, query.depth, compute)
+    if query.accelerator is None:
+        return book
+    key = resolve_model(query.accelerator)
+    return OrderBook(
+        books=[b for b in book.books if b.accelerator == key], generated_at=book.generated_at
+    )
 
 
 @router.get("/v1/catalog", response_model=list[CatalogEntry], summary="The hardware catalog")

@@ -12,10 +12,13 @@ job names explicitly.
 
 from __future__ import annotations
 
+import heapq
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import Text, cast, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
@@ -28,6 +31,9 @@ from broker.money import micros_to_usd
 from broker.offers.models import Offer, OfferStatus
 from broker.offers.service import resolve_model
 
+# A price level before it is shown: (price in micro-dollars, accelerators, orders).
+_Level = tuple[int, int, int]
+
 
 @dataclass
 class _Model:
@@ -36,19 +42,19 @@ class _Model:
     vendors: set[str] = field(default_factory=set)
     platforms: set[str] = field(default_factory=set)
     memory_gib: float = 0.0
-    asks: list[PriceLevel] = field(default_factory=list)
-    bids: dict[int, list[int]] = field(default_factory=dict)  # price -> [quantity, orders]
+    asks: list[_Level] = field(default_factory=list)  # cheapest first, at most depth
 
 
-@dataclass(frozen=True)
+@dataclass
 class _BidGroup:
-    price_micros: int
+    """Open jobs with the same static needs: they join the same books. ``levels``
+    are their limit prices, highest first."""
+
     min_memory_gib: float
     vendors: tuple[str, ...]
     models: tuple[str, ...]
     platforms: tuple[str, ...]
-    accelerators: int
-    jobs: int
+    levels: list[_Level] = field(default_factory=list)
 
     def accepts(self, m: _Model) -> bool:
         return (
@@ -61,7 +67,7 @@ class _BidGroup:
 
 def order_book(session: Session, accelerator: str | None = None, depth: int = 50) -> OrderBook:
     key = resolve_model(accelerator) if accelerator else None
-    models = _ask_side(session, key)
+    models = _ask_side(session, key, depth)
     groups = _bid_groups(session)
     for group in groups:
         for name in group.models:
@@ -74,97 +80,122 @@ def order_book(session: Session, accelerator: str | None = None, depth: int = 50
                     platforms={spec.platform},
                     memory_gib=spec.memory_gib,
                 )
-    for model in models.values():
-        for group in groups:
-            if group.accepts(model):
-                level = model.bids.setdefault(group.price_micros, [0, 0])
-                level[0] += group.accelerators
-                level[1] += group.jobs
-    return OrderBook(
-        books=[_book(m, depth) for m in sorted(models.values(), key=lambda m: m.key)],
-        generated_at=utcnow(),
-    )
+    books = []
+    for model in sorted(models.values(), key=lambda m: m.key):
+        bids = _best_levels([g.levels for g in groups if g.accepts(model)], depth)
+        books.append(_book(model, bids))
+    return OrderBook(books=books, generated_at=utcnow())
 
 
-def _ask_side(session: Session, key: str | None) -> dict[str, _Model]:
-    stmt = (
-        select(
-            Offer.accelerator,
-            Offer.vendor,
-            Offer.platform,
-            Offer.price_per_hour_micros,
-            func.sum(Offer.count),
-            func.count(),
-            func.max(Offer.memory_gib),
-        )
-        .where(Offer.status == OfferStatus.active)
-        .group_by(Offer.accelerator, Offer.vendor, Offer.platform, Offer.price_per_hour_micros)
-        .order_by(Offer.accelerator, Offer.price_per_hour_micros)
-    )
+def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model]:
+    """Each model's cheapest ``depth`` ask levels, and what its offers are."""
+    condition = Offer.status == OfferStatus.active
     if key:
-        stmt = stmt.where(Offer.accelerator == key)
+        condition = condition & (Offer.accelerator == key)
     models: dict[str, _Model] = {}
-    for accel, vendor, platform, price, quantity, orders, memory in session.execute(stmt):
-        spec = catalog.lookup(accel)
-        model = models.setdefault(accel, _Model(key=accel, name=spec.name if spec else None))
+    kinds = (
+        select(Offer.accelerator, Offer.vendor, Offer.platform, func.max(Offer.memory_gib))
+        .where(condition)
+        .group_by(Offer.accelerator, Offer.vendor, Offer.platform)
+    )
+    for accel, vendor, platform, memory in session.execute(kinds):
+        if accel not in models:
+            spec = catalog.lookup(accel)
+            models[accel] = _Model(key=accel, name=spec.name if spec else None)
+        model = models[accel]
         model.vendors.add(vendor)
         model.platforms.add(platform)
         model.memory_gib = max(model.memory_gib, memory)
-        if model.asks and model.asks[-1].price_per_hour == micros_to_usd(price):
-            # Same price from a second vendor/platform spelling: one level.
-            last = model.asks[-1]
-            last.quantity += int(quantity)
-            last.orders += int(orders)
-        else:
-            model.asks.append(
-                PriceLevel(
-                    price_per_hour=micros_to_usd(price), quantity=int(quantity), orders=int(orders)
-                )
-            )
+    # One level per price, whatever vendor or platform spelling the offers use; only
+    # the levels shown leave the database.
+    levels = (
+        select(
+            Offer.accelerator,
+            Offer.price_per_hour_micros.label("price"),
+            func.sum(Offer.count).label("quantity"),
+            func.count().label("orders"),
+            func.row_number()
+            .over(partition_by=Offer.accelerator, order_by=Offer.price_per_hour_micros)
+            .label("rank"),
+        )
+        .where(condition)
+        .group_by(Offer.accelerator, Offer.price_per_hour_micros)
+        .subquery()
+    )
+    stmt = (
+        select(levels.c.accelerator, levels.c.price, levels.c.quantity, levels.c.orders)
+        .where(levels.c.rank <= depth)
+        .order_by(levels.c.accelerator, levels.c.price)
+    )
+    for accel, price, quantity, orders in session.execute(stmt):
+        models[accel].asks.append((price, int(quantity), int(orders)))
     return models
 
 
 def _bid_groups(session: Session) -> list[_BidGroup]:
-    """Open jobs, grouped by everything that decides which books they join."""
+    """Open jobs, grouped by everything that decides which books they join, with their
+    limit prices. The lists are read as JSON text and decoded once per distinct value:
+    thousands of rows share a handful of them."""
+    needs = (
+        Job.min_memory_gib,
+        cast(Job.vendors, Text),
+        cast(Job.accelerator_models, Text),
+        cast(Job.platforms, Text),
+    )
     stmt = (
         select(
+            needs[0],
+            needs[1],
+            needs[2],
+            needs[3],
             Job.max_price_per_hour_micros,
-            Job.min_memory_gib,
-            Job.vendors,
-            Job.accelerator_models,
-            Job.platforms,
             func.sum(Job.accelerators),
             func.count(),
         )
         .where(Job.state == JobState.open)
-        .group_by(
-            Job.max_price_per_hour_micros,
-            Job.min_memory_gib,
-            Job.vendors,
-            Job.accelerator_models,
-            Job.platforms,
-        )
+        .group_by(*needs, Job.max_price_per_hour_micros)
+        .order_by(Job.max_price_per_hour_micros.desc())
     )
+    decoded: dict[str, tuple[str, ...]] = {}
+
+    def decode(text: str) -> tuple[str, ...]:
+        if text not in decoded:
+            decoded[text] = tuple(json.loads(text))
+        return decoded[text]
+
+    groups: dict[tuple[float, str, str, str], _BidGroup] = {}
+    for memory, vendors, models, platforms, price, accelerators, jobs in session.execute(stmt):
+        group = (memory, vendors, models, platforms)
+        if group not in groups:
+            groups[group] = _BidGroup(memory, decode(vendors), decode(models), decode(platforms))
+        groups[group].levels.append((price, int(accelerators), int(jobs)))
+    return list(groups.values())
+
+
+def _best_levels(sides: Iterable[list[_Level]], depth: int) -> list[_Level]:
+    """The ``depth`` highest prices over several highest-first lists, equal prices summed."""
+    best: list[_Level] = []
+    for price, quantity, orders in heapq.merge(*sides, key=lambda level: -level[0]):
+        if best and best[-1][0] == price:
+            _, q, n = best[-1]
+            best[-1] = (price, q + quantity, n + orders)
+        elif len(best) == depth:
+            break
+        else:
+            best.append((price, quantity, orders))
+    return best
+
+
+def _levels(levels: list[_Level]) -> list[PriceLevel]:
     return [
-        _BidGroup(
-            price_micros=price,
-            min_memory_gib=memory,
-            vendors=tuple(vendors),
-            models=tuple(models),
-            platforms=tuple(platforms),
-            accelerators=int(accelerators),
-            jobs=int(jobs),
-        )
-        for price, memory, vendors, models, platforms, accelerators, jobs in session.execute(stmt)
-    ]
-
-
-def _book(model: _Model, depth: int) -> Book:
-    bids = [
         PriceLevel(price_per_hour=micros_to_usd(price), quantity=q, orders=n)
-        for price, (q, n) in sorted(model.bids.items(), reverse=True)
+        for price, q, n in levels
     ]
-    best_ask = model.asks[0].price_per_hour if model.asks else None
+
+
+def _book(model: _Model, bid_levels: list[_Level]) -> Book:
+    asks, bids = _levels(model.asks), _levels(bid_levels)
+    best_ask = asks[0].price_per_hour if asks else None
     best_bid = bids[0].price_per_hour if bids else None
     spread: Decimal | None = None
     if best_ask is not None and best_bid is not None and best_ask >= best_bid:
@@ -175,8 +206,8 @@ def _book(model: _Model, depth: int) -> Book:
         vendors=sorted(model.vendors),
         platforms=sorted(model.platforms),
         memory_gib=model.memory_gib,
-        asks=model.asks[:depth],
-        bids=bids[:depth],
+        asks=asks,
+        bids=bids,
         best_ask=best_ask,
         best_bid=best_bid,
         spread=spread,

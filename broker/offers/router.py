@@ -3,7 +3,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from broker.accounts.models import Account
 from broker.auth import CurrentAccount, Provider
 from broker.db import SessionDep
 from broker.money import micros_to_usd
@@ -51,9 +54,14 @@ def create_offer(session: SessionDep, provider: Provider, body: OfferCreate) -> 
 
 
 @router.get("", response_model=Page[OfferOut], summary="Search offers")
-def search_offers(
+async def search_offers(
     session: SessionDep, account: CurrentAccount, query: Annotated[OfferQuery, Query()]
 ) -> Page[OfferOut]:
+    # async with its work in one worker thread: see jobs.router.submit_job.
+    return await run_in_threadpool(_search_offers, session, account, query)
+
+
+def _search_offers(session: Session, account: Account, query: OfferQuery) -> Page[OfferOut]:
     rows, total = service.search_offers(session, account, query)
     return Page.of([offer_out(o) for o in rows], total, query)
 

@@ -99,6 +99,29 @@ def test_one_model_and_limited_depth(db: Session, client_for: ClientFactory) -> 
     assert client_for(key).get("/v1/market/book", params={"depth": 0}).status_code == 422
 
 
+def test_bid_depth_counts_prices_over_every_kind_of_job(
+    db: Session, client_for: ClientFactory
+) -> None:
+    """Bids of jobs with different needs share price levels; depth cuts the merged list."""
+    seller, _ = make_account(db, Role.provider)
+    make_offer(db, seller, accelerator="h100-sxm", price_per_hour="1.00")
+    buyer, key = make_account(db, Role.developer)
+    for price, platforms in (
+        ("4.00", ["cuda"]),
+        ("3.00", ["cuda", "rocm"]),
+        ("3.00", ["cuda"]),
+        ("2.00", ["cuda", "tpu"]),
+        ("1.50", ["cuda"]),
+    ):
+        make_job(db, buyer, platforms=platforms, max_price_per_hour=price, accelerators=2)
+    make_job(db, buyer, platforms=["cuda"], min_memory_gib=40, max_price_per_hour="3.00")
+    make_job(db, buyer, platforms=["rocm"], max_price_per_hour="9.00")  # not an H100 bid
+
+    books = _book(client_for(key), depth=3)
+    assert _levels(books["h100-sxm"]["bids"]) == [("4.00", 2, 1), ("3.00", 5, 3), ("2.00", 2, 1)]
+    assert books["h100-sxm"]["best_bid"] == "4.00"
+
+
 def test_catalog_is_public(client_for: ClientFactory) -> None:
     entries = client_for(None).get("/v1/catalog").json()
     keys = {e["key"] for e in entries}
