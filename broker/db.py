@@ -6,12 +6,14 @@ request dependency, a CLI command, a background task) owns the transaction.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.to_thread
@@ -67,7 +69,10 @@ def make_engine(url: str) -> Engine:
     """An engine with the per-backend settings the broker relies on."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # Connections kept open: enough for the requests a busy worker has in its
+        # threads at once (a connection opened past the pool is closed after one
+        # request, and a new PostgreSQL connection costs a process and milliseconds).
+        return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=10)
 
     if parsed.database and parsed.database != ":memory:":
         from pathlib import Path
@@ -151,22 +156,48 @@ async def get_session(
     write = request.method not in _READ_METHODS and not getattr(
         request.state, "read_only_session", False
     )
-    scope = transaction(engine, write=write)
-    session = scope.__enter__()
-    # As FastAPI does for sync generator dependencies: the exit is shielded from
-    # cancellation and takes no token of the shared thread pool, so a pool full of
-    # requests waiting for a database connection cannot keep one from being returned.
-    exit_limiter = anyio.CapacityLimiter(1)
-    try:
-        yield session
-    except BaseException as exc:
+    async with _sqlite_writer_turn(engine, write):
+        scope = transaction(engine, write=write)
+        session = scope.__enter__()
+        # As FastAPI does for sync generator dependencies: the exit is shielded from
+        # cancellation and takes no token of the shared thread pool, so a pool full of
+        # requests waiting for a database connection cannot keep one from being returned.
+        exit_limiter = anyio.CapacityLimiter(1)
+        try:
+            yield session
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    scope.__exit__, type(exc), exc, exc.__traceback__, limiter=exit_limiter
+                )
+            raise
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                scope.__exit__, type(exc), exc, exc.__traceback__, limiter=exit_limiter
-            )
-        raise
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(scope.__exit__, None, None, None, limiter=exit_limiter)
+            await anyio.to_thread.run_sync(scope.__exit__, None, None, None, limiter=exit_limiter)
+
+
+_sqlite_writers: WeakKeyDictionary[
+    Engine, WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Semaphore]
+] = WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def _sqlite_writer_turn(engine: Engine, write: bool) -> AsyncIterator[None]:
+    """On SQLite, one writing request at a time per process waits for the database.
+
+    SQLite has one writer. A writing request takes its lock with its first query
+    (in the key check) and needs a worker thread again for its handler; were the
+    thread pool full of requests blocked on that lock, it would get none until
+    they timed out. So writers queue here, on the event loop, holding no thread.
+    """
+    if not write or engine.dialect.name != "sqlite":
+        yield
+        return
+    turns = _sqlite_writers.setdefault(engine, WeakKeyDictionary())
+    loop = asyncio.get_running_loop()  # one per event loop (test clients run several)
+    if loop not in turns:
+        turns[loop] = anyio.Semaphore(1)
+    async with turns[loop]:
+        yield
 
 
 Transactions = Callable[..., AbstractContextManager[Session]]

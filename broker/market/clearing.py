@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import multiprocessing
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime
 from fractions import Fraction
@@ -92,28 +95,39 @@ def leader(engine: Engine) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_round(engine: Engine, settings: Settings, trigger: str = "manual") -> ClearingRound | None:
+Solve = Callable[[Market, float], Result]
+
+
+def run_round(
+    engine: Engine, settings: Settings, trigger: str = "manual", solver: Solve | None = None
+) -> ClearingRound | None:
     """Clear the market once. Raises RoundInProgress if another round is running.
 
     An automatic round with nothing to clear (no open job, or no free capacity)
-    is not recorded and returns None; a manual one always is.
+    is not recorded and returns None; a manual one always is. ``solver`` runs the
+    solve (default: ``solver.solve`` in this thread).
     """
     with leader(engine) as got:
         if not got:
             raise RoundInProgress("a clearing round is already running; try again shortly")
-        record = _run(engine, settings, trigger)
+        record = _run(engine, settings, trigger, solver)
     if record is not None:
         observe_round(trigger, record.status, record.solve_seconds, record.matched)
     return record
 
 
+def _solve_here(market: Market, time_limit: float) -> Result:
+    return solve(market, time_limit=time_limit)
+
+
 def clear_in_process(interval: float) -> None:
     """Automatic rounds every ``interval`` seconds, as the body of a process of their
     own (``broker serve`` starts one): a round is seconds of solver CPU, which in a
-    web worker would hold up that worker's requests. The process runs at a lower
-    priority so that requests come first, and on SIGTERM or SIGINT it finishes the
-    round it is in, then exits."""
-    import os
+    web worker would hold up that worker's requests. The solve runs in a child
+    process at a lower priority, so requests come first; reading and writing run
+    at normal priority, so a round never holds database locks while starved (on
+    SQLite its write lock would stop every submission). On SIGTERM or SIGINT the
+    process finishes the round it is in, then exits."""
     import signal
 
     import broker.models  # noqa: F401 - every table, so the ORM can resolve foreign keys
@@ -121,20 +135,58 @@ def clear_in_process(interval: float) -> None:
     from broker.db import get_engine
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     clearing: %(message)s")
-    os.nice(10)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(interval):
+    solver = _BackgroundSolver()
+    try:
+        while not stop.wait(interval):
+            try:
+                run_round(get_engine(), get_settings(), "auto", solver)
+            except RoundInProgress:
+                pass  # another process is clearing; it covers this tick
+            except Exception:
+                log.exception("automatic clearing round failed")
+    finally:
+        solver.close()
+
+
+class _BackgroundSolver:
+    """``solver.solve`` in a child process at a lower CPU priority (started on first use,
+    and again after it died)."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, market: Market, time_limit: float) -> Result:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority,
+            )
         try:
-            run_round(get_engine(), get_settings(), "auto")
-        except RoundInProgress:
-            pass  # another process is clearing; it covers this tick
-        except Exception:
-            log.exception("automatic clearing round failed")
+            return self._pool.submit(solve, market, time_limit=time_limit).result()
+        except BrokenProcessPool:
+            self._pool = None
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
-def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | None:
+def _lower_priority() -> None:
+    import os
+    import signal
+
+    os.nice(10)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the clearing process, not this
+
+
+def _run(
+    engine: Engine, settings: Settings, trigger: str, solver: Solve | None = None
+) -> ClearingRound | None:
     _close_interrupted(engine)
     round_id = new_id("rnd")
     with transaction(engine, write=False) as session:
@@ -169,7 +221,7 @@ def _run(engine: Engine, settings: Settings, trigger: str) -> ClearingRound | No
             )
         )
     try:
-        result = solve(market, time_limit=settings.clear_time_limit_seconds)
+        result = (solver or _solve_here)(market, settings.clear_time_limit_seconds)
         with transaction(engine) as session:
             matched, stale = _apply(session, round_id, result, versions, settings, fee_ppm)
             record = session.get_one(ClearingRound, round_id)
