@@ -19,10 +19,12 @@ $(VENV)/.dev-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.run-deps
 
-## Start the broker on http://127.0.0.1:8000 (SQLite under var/ unless BROKER_DATABASE_URL is set).
+## Start the broker and its dashboard on http://127.0.0.1:8000 (SQLite under var/ unless
+## BROKER_DATABASE_URL is set), with the demo market; DEMO=0 starts an empty broker.
+DEMO ?= 1
 run: $(VENV)/.run-deps
 	$(BIN)/broker db upgrade
-	$(BIN)/broker serve --no-migrate
+	$(BIN)/broker serve --no-migrate $(if $(filter 0,$(DEMO)),,--demo)
 
 ## Lint, type-check, and run the tests on SQLite and (when installed) PostgreSQL.
 test: lint typecheck pytest pytest-postgres
@@ -32,7 +34,7 @@ lint: $(VENV)/.dev-deps
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.dev-deps
-	$(BIN)/mypy broker adapters solver web migrations benchmarks tests
+	$(BIN)/mypy broker adapters solver web migrations benchmarks tests examples
 
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest

@@ -61,6 +61,9 @@ class Device:
     location: Location | None = None
     power_w: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # Set only by the emulated adapter (demos): the backend this device's jobs
+    # really run on, such as "cpu" for an emulated H100.
+    emulated_on: str | None = None
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from adapters.amd import AmdAdapter
 from adapters.base import Adapter, AdapterError, Device
 from adapters.cpu import CpuAdapter
 from adapters.edge import EdgeAdapter
+from adapters.emulated import EmulatedAdapter
 from adapters.nvidia import NvidiaAdapter
 from adapters.tpu import API_BASE, METADATA_URL, TpuAdapter
 
@@ -43,6 +44,8 @@ class Options:
     rocm_smi: str = "rocm-smi"
     tegrastats: str = "tegrastats"
     timeout: float = 10.0  # per tool call or HTTP request
+    # --emulate MODEL=COUNT: catalog models the emulated adapter stands in for (demos).
+    emulate: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,7 @@ register(
     EdgeAdapter,
     lambda o: EdgeAdapter(config=o.edge_config, tegrastats=o.tegrastats, timeout=o.timeout),
 )
+register(EmulatedAdapter, lambda o: EmulatedAdapter(o.emulate))
 register(CpuAdapter, lambda o: CpuAdapter(data_dir=o.data_dir, slots=o.cpu_slots))
 
 CPU = "cpu"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
@@ -19,7 +21,7 @@ from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
 from broker.config import get_settings
 from broker.db import SessionDep, get_engine, session_scope
-from broker.errors import error_body, install_handlers
+from broker.errors import ERROR_RESPONSES, ErrorOut, error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
 from broker.market.cache import BookCache
@@ -27,10 +29,18 @@ from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.nodes.router import router as nodes_router
 from broker.nodes.service import sweep
+from broker.observability import RequestContext, configure_logging, metrics_text
 from broker.offers.router import router as offers_router
+from broker.ratelimit import RateLimit
 from broker.runs.router import router as runs_router
+from web import install as install_web
 
 log = logging.getLogger(__name__)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
 
 DESCRIPTION = """
 The compute broker's API. Providers list accelerator capacity as **offers**
@@ -118,6 +128,8 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if os.environ.get("BROKER_CONFIGURE_LOGGING") == "1":  # set by `broker serve`
+            configure_logging(get_settings().log_format)
         tasks = [asyncio.create_task(_sweep_forever())]
         if billing_interval > 0:
             tasks.append(asyncio.create_task(_bill_forever(billing_interval)))
@@ -130,7 +142,11 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
                 await task
 
     app = FastAPI(
-        title="Compute Broker", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+        title="Compute Broker",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     install_handlers(app)
     settings = get_settings()
@@ -142,6 +158,11 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
             "/v1/arrays": settings.max_arrays_bytes,
         },
     )
+    app.add_middleware(
+        RateLimit, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst
+    )
+    # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
+    app.add_middleware(RequestContext)
     for router in (
         accounts_router,
         offers_router,
@@ -154,26 +175,39 @@ def create_app(auto_clear: bool | None = None, auto_bill: bool | None = None) ->
     ):
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        summary="Liveness: the process answers",
+    )
+    def healthz() -> Health:
+        return Health(status="ok")
 
     @app.get(
         "/readyz",
+        response_model=Health,
         tags=["health"],
         summary="Readiness: the database answers",
-        responses={503: {"description": "The database does not answer"}},
+        responses={503: {"model": ErrorOut, "description": "The database does not answer"}},
     )
     def readyz(session: SessionDep) -> Any:
         try:
             session.execute(text("SELECT 1"))
         except Exception:
             return JSONResponse(error_body("not_ready", "the database does not answer"), 503)
-        return {"status": "ok"}
+        return Health(status="ok")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(session: SessionDep) -> Response:
+        """Prometheus' text format (see broker.observability)."""
+        body, content_type = metrics_text(session)
+        return Response(body, media_type=content_type)
 
     # Some probes use HEAD; answer it without a second entry in the API description.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+    install_web(app)  # the dashboard, at / (the API stays under /v1)
     return app
 
 

@@ -6,49 +6,98 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.accounts.service import authenticate, authenticate_key
+from broker.accounts.service import authenticate_key
 from broker.db import SessionDep, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
 
 
-def current_account(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Account:
+class NodeKeyNotAllowed(Forbidden):
+    code = "node_key_not_allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the account behind the key and, for a node key, the node the
+    key acts for (``node_id`` None: one of the account's own keys).
+
+    A node key authenticates as its provider but may act only for its node: the
+    node's heartbeats, offers and allocations (``AgentDep``), and the files the jobs
+    on it need (``CallerDep``). Every other endpoint refuses it (``CurrentAccount``).
+    """
+
+    account: Account
+    node_id: str | None
+
+
+# A provider calling as the agent of one node (a node key), or as itself (its own
+# key, which acts for offers listed by hand).
+Agent = Caller
+
+
+def _caller(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None:
         raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    account = authenticate(session, credentials.credentials)
-    if account is None:
+    found = authenticate_key(session, credentials.credentials)
+    if found is None:
         raise Unauthorized("the API key is unknown or revoked")
-    return account
+    return Caller(*found)
+
+
+def _own_key(caller: Caller) -> Account:
+    if caller.node_id is not None:
+        raise NodeKeyNotAllowed(
+            f"this is node {caller.node_id}'s key: it acts only for that node (heartbeats, "
+            "offers, allocations and the files its jobs need); use the provider's own API "
+            "key for this"
+        )
+    return caller.account
+
+
+def current_caller(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    caller = _caller(session, credentials)
+    request.state.account_id = caller.account.id  # for the access log (never the key)
+    return caller
+
+
+def streaming_caller(
+    request: Request,
+    transactions: TransactionsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The caller, checked in a short transaction of its own: for uploads, which stream
+    their body before they touch the database and must not hold a session meanwhile."""
+    with transactions(write=False) as session:
+        caller = _caller(session, credentials)
+    request.state.account_id = caller.account.id
+    return caller
+
+
+# The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather
+# than sending each to a worker thread.
+async def current_account(caller: Annotated[Caller, Depends(current_caller)]) -> Account:
+    """The account behind one of its own keys (node keys are refused)."""
+    return _own_key(caller)
+
+
+async def streaming_account(caller: Annotated[Caller, Depends(streaming_caller)]) -> Account:
+    return _own_key(caller)
 
 
 CurrentAccount = Annotated[Account, Depends(current_account)]
-
-
-def streaming_account(
-    transactions: TransactionsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Account:
-    """The caller, checked in a short transaction of its own: for uploads, which stream
-    their body before they touch the database and must not hold a session meanwhile."""
-    if credentials is None:
-        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    with transactions(write=False) as session:
-        account = authenticate(session, credentials.credentials)
-    if account is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return account
-
-
 StreamingAccount = Annotated[Account, Depends(streaming_account)]
+CallerDep = Annotated[Caller, Depends(current_caller)]
+StreamingCaller = Annotated[Caller, Depends(streaming_caller)]
 
 
 def require_role(*roles: Role) -> Callable[[Account], Awaitable[Account]]:
@@ -70,38 +119,17 @@ def check_role(account: Account, *roles: Role) -> Account:
     return account
 
 
-@dataclass(frozen=True, slots=True)
-class Agent:
-    """A provider calling as the agent of one node (a node key), or as itself
-    (``node_id`` None: its own key, which acts for offers listed by hand)."""
-
-    account: Account
-    node_id: str | None
+def _agent(caller: Caller) -> Agent:
+    check_role(caller.account, Role.provider)
+    return caller
 
 
-def _agent(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Agent:
-    if credentials is None:
-        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    found = authenticate_key(session, credentials.credentials)
-    if found is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    check_role(found[0], Role.provider)
-    return Agent(*found)
+async def current_agent(caller: CallerDep) -> Agent:
+    return _agent(caller)
 
 
-def current_agent(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Agent:
-    return _agent(session, credentials)
-
-
-def streaming_agent(
-    transactions: TransactionsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Agent:
-    with transactions(write=False) as session:
-        return _agent(session, credentials)
+async def streaming_agent(caller: StreamingCaller) -> Agent:
+    return _agent(caller)
 
 
 Developer = Annotated[Account, Depends(require_role(Role.developer))]

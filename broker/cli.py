@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -35,17 +36,43 @@ def serve(
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
     migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the demo market (broker.demo): providers at real cloud prices, "
+            "emulated on this CPU and labelled so, a real CPU agent and demo developers"
+        ),
+    ] = False,
 ) -> None:
-    """Serve the HTTP API; with BROKER_CLEAR_INTERVAL_SECONDS > 0, clear the market in a
-    process of its own."""
+    """Serve the HTTP API and the dashboard; with BROKER_CLEAR_INTERVAL_SECONDS > 0,
+    clear the market in a process of its own."""
     import uvicorn
 
     from broker.config import get_settings
     from broker.migrate import upgrade
 
+    if demo:
+        # The demo's providers are emulated; a broker accepts them only when told to.
+        os.environ["BROKER_ALLOW_EMULATION"] = "1"
+        os.environ.setdefault("BROKER_CLEAR_INTERVAL_SECONDS", "3")
+        get_settings.cache_clear()
     settings = get_settings()
     if migrate:
         upgrade()
+    os.environ["BROKER_CONFIGURE_LOGGING"] = "1"
+    os.environ["BROKER_ACCESS_LOG"] = "1" if access_log else "0"
+    from broker.observability import configure_logging
+
+    configure_logging(settings.log_format)
+    count = workers or recommended_workers()
+    if count > 1:
+        # The workers share their metrics through files (prometheus_client's
+        # multiprocess mode); start each server with an empty directory.
+        shared = settings.data_dir / "prometheus"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+    bind_host, bind_port = host or settings.host, port or settings.port
     clearing = None
     if settings.clear_interval_seconds > 0:
         from broker.market.clearing import clear_in_process
@@ -55,17 +82,30 @@ def serve(
             target=clear_in_process, args=(settings.clear_interval_seconds,), name="clearing"
         )
         clearing.start()
+    demo_process = None
+    if demo:
+        import subprocess
+        import sys
+
+        local = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host  # noqa: S104
+        demo_process = subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "broker.demo", "--url", f"http://{local}:{bind_port}"]
+        )
     try:
         uvicorn.run(
             "broker.app:create_served_app",
             factory=True,
-            host=host or settings.host,
-            port=port or settings.port,
-            workers=workers or recommended_workers(),
+            host=bind_host,
+            port=bind_port,
+            workers=count,
             log_level="info",
-            access_log=access_log,
+            log_config=None,
+            access_log=False,  # the broker's own access line has the request id
         )
     finally:
+        if demo_process is not None:
+            demo_process.terminate()
+            demo_process.wait(timeout=60)
         if clearing is not None:
             clearing.terminate()  # it finishes the round it is in
             clearing.join(settings.clear_time_limit_seconds + 60)
@@ -123,6 +163,13 @@ def agent(
         str | None,
         typer.Option(envvar="BROKER_TPU_TOKEN", help="OAuth bearer token [BROKER_TPU_TOKEN]"),
     ] = None,
+    emulate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --adapter emulated (demos): MODEL=COUNT of a catalog model to "
+            "emulate on this CPU, labelled as emulated; repeat for several"
+        ),
+    ] = None,
     discover_seconds: Annotated[
         float, typer.Option(min=1, help="Seconds between hardware discoveries")
     ] = 60.0,
@@ -143,7 +190,7 @@ def agent(
     if not api_key:
         typer.echo("error: give a provider API key: --api-key or BROKER_API_KEY", err=True)
         raise typer.Exit(2)
-    if adapter == "cpu":
+    if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -156,9 +203,16 @@ def agent(
             f"error: --adapter must be auto or one of {', '.join(registry.names())}", err=True
         )
         raise typer.Exit(2)
+    from adapters.base import AdapterError
+    from adapters.emulated import parse_emulate
+
+    if bool(emulate) != (adapter == "emulated"):
+        typer.echo("error: --emulate goes with --adapter emulated, and it needs one", err=True)
+        raise typer.Exit(2)
     try:
         prices = parse_prices(price or [])
-    except ValueError as exc:
+        emulated = parse_emulate(emulate or [])
+    except (ValueError, AdapterError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     settings = get_settings()
@@ -169,6 +223,7 @@ def agent(
         tpu_project=tpu_project,
         tpu_zone=tpu_zone,
         tpu_token=tpu_token,
+        emulate=emulated,
     )
     config = AgentConfig(
         broker=broker,

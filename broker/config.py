@@ -95,8 +95,41 @@ class Settings(BaseSettings):
         pattern=r"^https?://",
         description="Where the Stripe SDK sends requests (default: Stripe's API)",
     )
+    rate_limit_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="Requests a second one API key may send on average, per server process; "
+        "0 turns rate limits off",
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, description="Requests one API key may send at once"
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="broker serve's logs: JSON lines, or text for people"
+    )
+    allow_emulation: bool = Field(
+        default=False,
+        description="Accept offers of hardware emulated on a CPU (labelled as such): for "
+        "demos and tests, never for a real market",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        min_length=32,
+        description="Signs the dashboard's session cookies and CSRF tokens; empty means a "
+        "random key generated once and kept in DATA_DIR/secret_key",
+    )
+    cookie_secure: bool = Field(
+        default=False,
+        description="Mark the dashboard's cookies Secure even when the request looks like "
+        "plain http (a TLS proxy that does not forward the scheme); over https they always are",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("database_url")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,6 +60,38 @@ class InvalidInput(BrokerError):
     code = "validation_error"
 
 
+class FieldError(BaseModel):
+    field: str = Field(description="Where: body.count, query.limit, path.job_id, ...")
+    message: str
+    type: str = Field(description="pydantic's error type, e.g. greater_than_equal")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(
+        description="Stable and machine-readable: validation_error, unauthorized, forbidden, "
+        "not_found, conflict, too_large, ..."
+    )
+    message: str = Field(description="For people: what is wrong and what to do")
+    field: str | None = Field(description="The input at fault, if one is")
+    details: list[FieldError] | None = Field(
+        default=None, description="validation_error: every input at fault"
+    )
+
+
+class ErrorOut(BaseModel):
+    """The shape of every error response."""
+
+    error: ErrorDetail
+
+
+# Every operation documents its errors with this one shape (FastAPI would otherwise
+# describe 422 as its own HTTPValidationError, which the broker never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorOut, "description": "Refused: `error.code` says why"},
+    "5XX": {"model": ErrorOut, "description": "The broker or a service it needs failed"},
+}
+
+
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "field": field, **extra}}
 
@@ -70,6 +103,19 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
 def _clean(message: str) -> str:
     # pydantic prefixes messages of custom validators with "Value error, ".
     return message.removeprefix("Value error, ")
+
+
+def _detail(error: dict[str, Any]) -> dict[str, Any]:
+    if error["type"] == "json_invalid":
+        # FastAPI puts the character offset in the location: ("body", 17).
+        reason = error.get("ctx", {}).get("error", "cannot be parsed")
+        message = f"the body is not valid JSON: {reason} (character {error['loc'][-1]})"
+        return {"field": "body", "message": message, "type": error["type"]}
+    return {
+        "field": _field_path(error["loc"]),
+        "message": _clean(error["msg"]),
+        "type": error["type"],
+    }
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -84,10 +130,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": _field_path(e["loc"]), "message": _clean(e["msg"]), "type": e["type"]}
-            for e in exc.errors()
-        ]
+        details = [_detail(e) for e in exc.errors()]
         field = details[0]["field"] if details else None
         message = f"{field}: {details[0]['message']}" if details else "invalid request"
         return JSONResponse(error_body("validation_error", message, field, details=details), 422)

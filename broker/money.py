@@ -72,10 +72,14 @@ Usd = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d{1,6})?$"},
+                {
+                    "type": "string",
+                    "pattern": r"^(?:[0-9]{1,6}(?:\.[0-9]{1,6})?|1000000(?:\.0{1,6})?)$",
+                },
                 {"type": "number", "minimum": 0, "maximum": 1000000},
             ],
-            "description": "US dollars, exact to 6 decimal places; sent back as a string",
+            "description": "US dollars, at most 1000000 and exact to 6 decimal places (a "
+            "number with more is refused); sent back as a string",
             "examples": ["2.50"],
         },
         mode="validation",

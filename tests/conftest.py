@@ -39,6 +39,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     overrides = {"BROKER_DATA_DIR": str(path), "BROKER_BOOK_CACHE_SECONDS": "0"}
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
+    # Tests send requests as fast as they can; tests/broker/test_ops.py turns limits on.
+    os.environ.setdefault("BROKER_RATE_LIMIT_PER_SECOND", "0")
     get_settings.cache_clear()
     get_store.cache_clear()
     yield path
@@ -164,10 +166,11 @@ def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
 class LiveServer:
     """The app served by uvicorn on 127.0.0.1 in a thread of the test process."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **options: Any) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        options = {"log_level": "warning", "lifespan": "on", **options}
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, **options)
         self.server = uvicorn.Server(config)
 
     def __enter__(self) -> str:

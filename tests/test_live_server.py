@@ -61,15 +61,18 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
+        # Generous: a shared CI machine under load can take long to import and migrate.
+        deadline = time.monotonic() + 120
         with httpx.Client(base_url=self.base, timeout=1) as client:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and self.process.poll() is None:
                 try:
                     if client.get("/healthz").status_code == 200:
                         return
                 except httpx.TransportError:
                     time.sleep(0.1)
-        raise RuntimeError("broker serve did not come up in 30 s")
+        self.process.kill()
+        self.process.wait()
+        raise RuntimeError("broker serve did not come up in 120 s (or exited)")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -127,9 +127,9 @@ class NodeAgent:
         this agent can run jobs on (its own backend). Others, such as a TPU fleet
         listed through the cloud API from elsewhere, are reported, not offered."""
         platform = self.config.platform or _xla.local_platform()
-        local = [d for d in devices if d.platform == platform]
+        local = [d for d in devices if platform in (d.platform, d.emulated_on)]
         for d in devices:
-            if d.offerable and d.platform != platform and d.id not in self._remote:
+            if d.offerable and d not in local and d.id not in self._remote:
                 self._remote.add(d.id)
                 log.warning(
                     "%s (%s) is listed, not offered: this agent runs jobs on %s; "
@@ -158,6 +158,8 @@ class NodeAgent:
                 value = getattr(first, name)
                 if value is not None and value > 0:
                     offer[name] = value
+            if first.emulated_on is not None:
+                offer["emulated"] = True
             offers.append(offer)
         return offers
 
@@ -296,7 +298,11 @@ class NodeAgent:
         log.info("running job %s (allocation %s)", order["job_id"], allocation)
         try:
             outcome = run_work_order(
-                self.client, order, cache_dir=self.config.cache_dir, handle=handle
+                self.client,
+                order,
+                cache_dir=self.config.cache_dir,
+                handle=handle,
+                emulate=bool(self.config.options.emulate),
             )
             log.info("allocation %s: %s", allocation, outcome)
         except BrokerError as e:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker.billing.models import InvoiceStatus
 from broker.money import Usd
 from broker.pagination import PageQuery
+from broker.types import IdField, Moment
 
 
 class FeeIn(BaseModel):
@@ -76,17 +77,16 @@ class InvoiceOut(InvoiceSummary):
 
 class InvoiceQuery(PageQuery):
     status: InvoiceStatus | None = Field(default=None, description="Only invoices in this state")
-    account_id: str | None = Field(
-        default=None, max_length=64, description="Admins: only this account's invoices"
+    account_id: IdField | None = Field(
+        default=None, description="Admins: only this account's invoices"
     )
 
 
 class GenerateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    account_id: str | None = Field(
+    account_id: IdField | None = Field(
         default=None,
-        max_length=64,
         description="Admins: only this account (default: every account). A developer "
         "always generates its own",
     )
@@ -101,10 +101,10 @@ class GenerateOut(BaseModel):
 class StatementQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    start: datetime | None = Field(default=None, description="Default: this billing period's")
-    end: datetime | None = Field(default=None, description="Default: now")
-    provider_id: str | None = Field(
-        default=None, max_length=64, description="Admins: whose statement (default: yours)"
+    start: Moment | None = Field(default=None, description="Default: this billing period's")
+    end: Moment | None = Field(default=None, description="Default: now")
+    provider_id: IdField | None = Field(
+        default=None, description="Admins: whose statement (default: yours)"
     )
 
 

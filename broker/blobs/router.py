@@ -10,9 +10,10 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.auth import CurrentAccount, StreamingAccount, check_role
+from broker.auth import Caller, CallerDep, StreamingAccount, StreamingCaller, check_role
 from broker.blobs import service
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.store import Upload
@@ -98,6 +99,7 @@ async def _receive(
     "bytes again answers 200 with the stored artifact. Size limit: "
     "BROKER_MAX_ARTIFACT_BYTES.",
     openapi_extra=_BINARY_BODY,
+    responses={200: {"model": ArtifactOut, "description": "These bytes were stored before"}},
 )
 async def upload_artifact(
     request: Request,
@@ -120,28 +122,30 @@ async def upload_artifact(
     description="The body is an array bundle as `broker.portable.arrays.encode` writes it. "
     "Uploading the same bytes again answers 200. Size limit: BROKER_MAX_ARRAYS_BYTES.",
     openapi_extra=_BINARY_BODY,
+    responses={200: {"model": ArraysOut, "description": "These bytes were stored before"}},
 )
 async def upload_arrays(
     request: Request,
     response: Response,
     transactions: TransactionsDep,
-    account: StreamingAccount,
+    caller: StreamingCaller,
 ) -> ArraysOut:
+    # Node keys may upload too: their checkpoints and results (granted to the provider).
     blob, created = await _receive(
-        request, transactions, account, BlobKind.arrays, service.check_arrays
+        request, transactions, caller.account, BlobKind.arrays, service.check_arrays
     )
     response.status_code = 201 if created else 200
     return arrays_out(blob)
 
 
 @router.get("/artifacts/{sha256}", summary="An artifact's manifest")
-def get_artifact(sha256: Sha256, session: SessionDep, account: CurrentAccount) -> ArtifactOut:
-    return artifact_out(service.get_blob(session, account, sha256, BlobKind.artifact))
+def get_artifact(sha256: Sha256, session: SessionDep, caller: CallerDep) -> ArtifactOut:
+    return artifact_out(_readable(session, caller, sha256, BlobKind.artifact))
 
 
 @router.get("/arrays/{sha256}", summary="An array bundle's leaves (dtype and shape)")
-def get_arrays(sha256: Sha256, session: SessionDep, account: CurrentAccount) -> ArraysOut:
-    return arrays_out(service.get_blob(session, account, sha256, BlobKind.arrays))
+def get_arrays(sha256: Sha256, session: SessionDep, caller: CallerDep) -> ArraysOut:
+    return arrays_out(_readable(session, caller, sha256, BlobKind.arrays))
 
 
 _CONTENT: dict[int | str, dict[str, Any]] = {
@@ -150,17 +154,17 @@ _CONTENT: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/artifacts/{sha256}/content", summary="Download an artifact", responses=_CONTENT)
-def download_artifact(
-    sha256: Sha256, session: SessionDep, account: CurrentAccount
-) -> StreamingResponse:
-    return _download(service.get_blob(session, account, sha256, BlobKind.artifact))
+def download_artifact(sha256: Sha256, session: SessionDep, caller: CallerDep) -> StreamingResponse:
+    return _download(_readable(session, caller, sha256, BlobKind.artifact))
 
 
 @router.get("/arrays/{sha256}/content", summary="Download an array bundle", responses=_CONTENT)
-def download_arrays(
-    sha256: Sha256, session: SessionDep, account: CurrentAccount
-) -> StreamingResponse:
-    return _download(service.get_blob(session, account, sha256, BlobKind.arrays))
+def download_arrays(sha256: Sha256, session: SessionDep, caller: CallerDep) -> StreamingResponse:
+    return _download(_readable(session, caller, sha256, BlobKind.arrays))
+
+
+def _readable(session: Session, caller: Caller, sha256: str, kind: BlobKind) -> Blob:
+    return service.get_blob(session, caller.account, sha256, kind, node_id=caller.node_id)
 
 
 def _download(blob: Blob) -> StreamingResponse:

@@ -92,20 +92,22 @@ def _insert(session: Session, row: Blob | BlobGrant) -> bool:
     return True
 
 
-def get_blob(session: Session, viewer: Account, sha256: str, kind: BlobKind) -> Blob:
+def get_blob(
+    session: Session, viewer: Account, sha256: str, kind: BlobKind, *, node_id: str | None = None
+) -> Blob:
     """A blob the viewer may read: one it uploaded or was given (a result of its job),
     or one a job it runs needs (as the provider holding the job's active allocation).
+    With ``node_id`` (a node key), only what the jobs active on that node need.
     Others answer 404, as if they did not exist."""
     blob = session.get(Blob, sha256)
-    if blob is None or blob.kind != kind or not _may_read(session, viewer, sha256):
+    if blob is None or blob.kind != kind or not _may_read(session, viewer, sha256, node_id):
         raise NotFound(f"no {kind.value} {sha256!r} of yours")
     return blob
 
 
-def _may_read(session: Session, viewer: Account, sha256: str) -> bool:
-    if viewer.role == Role.admin:
+def _may_read(session: Session, viewer: Account, sha256: str, node_id: str | None) -> bool:
+    if viewer.role == Role.admin and node_id is None:
         return True
-    granted = exists().where(BlobGrant.sha256 == sha256, BlobGrant.account_id == viewer.id)
     running = (
         exists()
         .where(
@@ -122,6 +124,11 @@ def _may_read(session: Session, viewer: Account, sha256: str) -> bool:
             )
         )
     )
+    if node_id is not None:
+        # A node key: grants are the provider's, shared by all its nodes; a node
+        # reads only what its own work needs.
+        return bool(session.scalar(select(running.where(Offer.node_id == node_id))))
+    granted = exists().where(BlobGrant.sha256 == sha256, BlobGrant.account_id == viewer.id)
     return bool(session.scalar(select(or_(granted, running))))
 
 

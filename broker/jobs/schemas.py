@@ -13,18 +13,22 @@ from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,
     Dtype,
+    Float,
+    IdField,
+    Int,
     Label,
     Latitude,
     Longitude,
     ModelKey,
+    NotBool,
     Platform,
     RegionName,
     VendorName,
 )
 
-Hours = Annotated[float, Field(gt=0, le=100_000)]
+Hours = Annotated[float, NotBool, Field(gt=0, le=100_000)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
-Work = Annotated[float, Field(ge=0, le=1e30)]
+Work = Annotated[float, NotBool, Field(ge=0, le=1e30)]
 
 
 class JobCreate(BaseModel):
@@ -38,8 +42,8 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Label | None = None
-    accelerators: int = Field(default=1, ge=1, le=1024, description="All on one offer")
-    min_memory_gib: float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
+    accelerators: Int = Field(default=1, ge=1, le=1024, description="All on one offer")
+    min_memory_gib: Float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
     vendors: list[VendorName] = Field(default_factory=list, max_length=16)
     accelerator_models: list[ModelKey] = Field(default_factory=list, max_length=64)
     platforms: list[Platform] | None = Field(
@@ -51,11 +55,17 @@ class JobCreate(BaseModel):
     )
     artifact: Digest | None = Field(default=None, description="The program to run")
     inputs: Digest | None = Field(default=None, description="Its input arrays (flat leaves)")
-    steps: int | None = Field(
-        default=None, ge=1, le=100_000_000, description="Iterative artifacts: steps to run"
+    steps: Int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Iterative artifacts: steps to run",
     )
-    checkpoint_every: int | None = Field(
-        default=None, ge=1, le=100_000_000, description="Save the state every this many steps"
+    checkpoint_every: Int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Save the state every this many steps",
     )
     max_price_per_hour: Usd = Field(description="Bid, USD per accelerator-hour")
     budget_usd: Usd | None = Field(
@@ -69,13 +79,13 @@ class JobCreate(BaseModel):
     bytes: Work | None = None
     dtype: Dtype | None = Field(default=None, description="bf16 (default with flops) or fp32")
     deadline_hours: Hours | None = None
-    latency_slo_ms: float | None = Field(default=None, gt=0, le=1_000_000)
+    latency_slo_ms: Float | None = Field(default=None, gt=0, le=1_000_000)
     user_lat: Latitude | None = None
     user_lon: Longitude | None = None
     data_region: RegionName | None = None
-    data_gb: float | None = Field(default=None, ge=0, le=1e9)
+    data_gb: Float | None = Field(default=None, ge=0, le=1e9)
     allowed_countries: list[CountryCode] = Field(default_factory=list, max_length=300)
-    priority: int = Field(default=1, ge=1, le=1000)
+    priority: Int = Field(default=1, ge=1, le=1000)
 
 
 class JobOut(BaseModel):
@@ -142,6 +152,4 @@ class JobDetail(JobOut):
 
 class JobQuery(PageQuery):
     state: JobState | None = Field(default=None, description="Only jobs in this state")
-    account_id: str | None = Field(
-        default=None, max_length=64, description="Admins: only this account's jobs"
-    )
+    account_id: IdField | None = Field(default=None, description="Admins: only this account's jobs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import cast
 
 from sqlalchemy import Table, func, select
@@ -320,6 +321,25 @@ def cancel_job(session: Session, viewer: Account, job_id: str) -> Job:
     job = get_job(session, viewer, job_id, lock=True)
     if job.state != JobState.cancelled:
         end_job(session, job, JobState.cancelled)
+    return job
+
+
+def change_bid(session: Session, viewer: Account, job_id: str, max_price_per_hour: Decimal) -> Job:
+    """Change an open job's bid (its limit price per accelerator-hour).
+
+    Only an open job's bid can change: a matched job already holds an ask locked
+    at its match. A clearing round solving meanwhile sees the job changed and
+    leaves it for the next round, which uses the new bid.
+    """
+    job = get_job(session, viewer, job_id, lock=True)
+    if job.state != JobState.open:
+        raise Conflict(
+            f"job {job_id} is {job.state.value}; only an open job's bid can change",
+            field="body.max_price_per_hour",
+        )
+    job.max_price_per_hour_micros = usd_to_micros(max_price_per_hour)
+    job.updated_at = utcnow()
+    session.flush()
     return job
 
 

@@ -29,6 +29,20 @@ def latest_allocation(session: Session, job_id: str) -> Allocation | None:
     )
 
 
+def latest_placements(session: Session, job_ids: list[str]) -> dict[str, tuple[Allocation, Offer]]:
+    """Each job's latest allocation and the offer it was matched to (jobs never
+    matched are left out): where a job runs or ran, and at what locked ask."""
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(Allocation, Offer)
+        .join(Offer, Offer.id == Allocation.offer_id)
+        .where(Allocation.job_id.in_(job_ids))
+        .order_by(Allocation.created_at, Allocation.id)
+    ).all()
+    return {allocation.job_id: (allocation, offer) for allocation, offer in rows}
+
+
 def release(
     session: Session, job: Job, status: AllocationStatus, reason: str | None = None
 ) -> Allocation | None:

@@ -6,11 +6,11 @@ A round runs in three steps so that the solve (seconds) holds no locks:
 2. **Solve**: the pure ``solver`` package, outside any transaction.
 3. **Apply** (one write transaction): every match is checked again against the
    rows as they are now, locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
-   serialises writers). A job that is no longer open, or an offer that was
-   changed in any way (repriced, withdrawn, its limits edited) or no longer has
-   the room, is skipped and counted as ``stale``; its job simply waits for the
-   next round. So capacity is never
-   oversold and no job is matched twice, whatever runs at the same time.
+   serialises writers). A job that is no longer open or whose bid changed, or an
+   offer that was changed in any way (repriced, withdrawn, its limits edited) or
+   no longer has the room, is skipped and counted as ``stale``; its job simply
+   waits for the next round. So capacity is never oversold, no job is matched
+   twice and none above its current bid, whatever runs at the same time.
 
 Only one round runs at a time per database (``leader``); a second caller is
 told so instead of waiting.
@@ -43,6 +43,7 @@ from broker.jobs.models import Job
 from broker.jobs.states import JobState
 from broker.market import adapt
 from broker.market.models import Allocation, ClearingRound
+from broker.observability import observe_round
 from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, solve
 
@@ -109,7 +110,10 @@ def run_round(
     with leader(engine) as got:
         if not got:
             raise RoundInProgress("a clearing round is already running; try again shortly")
-        return _run(engine, settings, trigger, solver)
+        record = _run(engine, settings, trigger, solver)
+    if record is not None:
+        observe_round(trigger, record.status, record.solve_seconds, record.matched)
+    return record
 
 
 def _solve_here(market: Market, time_limit: float) -> Result:
@@ -183,6 +187,7 @@ def _lower_priority() -> None:
 def _run(
     engine: Engine, settings: Settings, trigger: str, solver: Solve | None = None
 ) -> ClearingRound | None:
+    _close_interrupted(engine)
     round_id = new_id("rnd")
     with transaction(engine, write=False) as session:
         jobs = session.scalars(
@@ -200,9 +205,9 @@ def _run(
             jobs=tuple(adapt.job(j, budgets.get(j.id)) for j in jobs),
             weights=adapt.weights(settings, fee_ppm),
         )
-        # Any change a provider makes to an offer moves its updated_at; a match
-        # computed from an older version of the offer is stale.
-        versions = {o.id: o.updated_at for o in offers}
+        # Any change a provider makes to an offer, or a developer to a job's bid,
+        # moves its updated_at; a match computed from an older version is stale.
+        versions = {o.id: o.updated_at for o in offers} | {j.id: j.updated_at for j in jobs}
     if trigger == "auto" and not (market.jobs and market.offers):
         return None
     with transaction(engine) as session:
@@ -232,6 +237,18 @@ def _run(
             record.status, record.error, record.finished_at = "failed", str(exc)[:2000], utcnow()
     with transaction(engine, write=False) as session:
         return session.get_one(ClearingRound, round_id)
+
+
+def _close_interrupted(engine: Engine) -> None:
+    """Rounds still marked running while this process is the leader died with their
+    process (the broker was stopped mid-round). A round writes its matches in one
+    transaction, so such a round matched nothing: say so."""
+    with transaction(engine) as session:
+        for record in session.scalars(
+            select(ClearingRound).where(ClearingRound.status == "running").with_for_update()
+        ):
+            record.status, record.finished_at = "failed", utcnow()
+            record.error = "interrupted: the broker stopped during the round; nothing was matched"
 
 
 def _budgets_left(session: Session, jobs: Iterable[Job]) -> dict[str, Fraction]:
@@ -277,6 +294,7 @@ def _apply(
             job is None
             or offer is None
             or job.state != JobState.open
+            or job.updated_at != versions.get(job.id)
             or offer.status != OfferStatus.active
             or offer.updated_at != versions.get(offer.id)
             or offer.count < job.accelerators

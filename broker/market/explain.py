@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 
 from sqlalchemy import select
@@ -31,33 +32,51 @@ RULE_TEXT = {
 
 
 def unmatched(session: Session, job: Job, settings: Settings) -> Unmatched:
+    return unmatched_many(session, [job], settings)[job.id]
+
+
+def unmatched_many(
+    session: Session, jobs: Sequence[Job], settings: Settings
+) -> dict[str, Unmatched]:
+    """``unmatched`` for a page of jobs: the offers, the fee and the last round are read
+    once for all of them."""
+    if not jobs:
+        return {}
     offers = session.scalars(select(Offer).where(Offer.status == OfferStatus.active)).all()
+    market = [adapt.offer(o) for o in offers]
     fee_ppm, _ = billing.current_fee(session, settings)
-    left = billing.budget_left(job, billing.spent(session, [job.id]).get(job.id, Fraction(0)))
-    counts = explain(
-        adapt.job(job, left), [adapt.offer(o) for o in offers], adapt.weights(settings, fee_ppm)
-    )
-    feasible = counts.pop("feasible")
+    weights = adapt.weights(settings, fee_ppm)
+    spent = billing.spent(session, [job.id for job in jobs])
     last = session.scalar(
         select(ClearingRound)
         .where(ClearingRound.finished_at.is_not(None))
         .order_by(ClearingRound.started_at.desc())
         .limit(1)
     )
+    found = {}
+    for job in jobs:
+        left = billing.budget_left(job, spent.get(job.id, Fraction(0)))
+        counts = explain(adapt.job(job, left), market, weights)
+        found[job.id] = _explained(counts, len(offers), last)
+    return found
+
+
+def _explained(counts: dict[str, int], offers: int, last: ClearingRound | None) -> Unmatched:
+    feasible = counts.pop("feasible")
     ruled_out = {rule: counts[rule] for rule in RULES}
     if not offers:
         summary = "No offers are listed yet."
     elif feasible:
         summary = (
-            f"{feasible} of {len(offers)} offers pass every rule; the next clearing round "
+            f"{feasible} of {offers} offers pass every rule; the next clearing round "
             "will consider them (higher-priority or better-paying jobs may take them first)."
         )
     else:
         worst = sorted(ruled_out.items(), key=lambda kv: -kv[1])
-        reasons = "; ".join(f"{RULE_TEXT[rule]}: {n} of {len(offers)}" for rule, n in worst if n)
+        reasons = "; ".join(f"{RULE_TEXT[rule]}: {n} of {offers}" for rule, n in worst if n)
         summary = f"No offer passes every rule. {reasons}."
     return Unmatched(
-        offers_considered=len(offers),
+        offers_considered=offers,
         feasible=feasible,
         ruled_out=ruled_out,
         last_round_id=last.id if last else None,

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from adapters import catalog
@@ -81,13 +80,7 @@ def clear(_: Admin, engine: EngineDep) -> RoundOut:
 def rounds(
     session: SessionDep, _: CurrentAccount, query: Annotated[PageQuery, Query()]
 ) -> Page[RoundOut]:
-    total = session.scalar(select(func.count()).select_from(ClearingRound)) or 0
-    rows = session.scalars(
-        select(ClearingRound)
-        .order_by(ClearingRound.started_at.desc(), ClearingRound.id.desc())
-        .limit(query.limit)
-        .offset(query.offset)
-    ).all()
+    rows, total = service.list_rounds(session, limit=query.limit, offset=query.offset)
     return Page.of([RoundOut.model_validate(r) for r in rows], total, query)
 
 

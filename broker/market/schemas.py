@@ -107,3 +107,14 @@ class RoundOut(BaseModel):
     gap: float | None
     solve_seconds: float | None
     error: str | None
+
+
+class PricePoint(BaseModel):
+    """One model's clearing price in one round: the asks its matches locked."""
+
+    round_id: str
+    at: datetime = Field(description="When the round started")
+    accelerators: int = Field(description="Accelerators of this model the round matched")
+    low: Usd
+    high: Usd
+    average: Usd = Field(description="Weighted by accelerators")

@@ -1,4 +1,4 @@
-"""The order book, by accelerator model.
+"""The order book by accelerator model, clearing rounds, and clearing prices.
 
 Asks are active offers, grouped by price. Bids are open jobs' limit prices. A
 job may accept many models (its allow-lists can be empty), so a bid appears in
@@ -16,7 +16,7 @@ import heapq
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from sqlalchemy import Text, cast, func, select
 from sqlalchemy.orm import Session
@@ -25,7 +25,8 @@ from adapters import catalog
 from broker.db import utcnow
 from broker.jobs.models import Job
 from broker.jobs.states import JobState
-from broker.market.schemas import Book, OrderBook, PriceLevel
+from broker.market.models import Allocation, ClearingRound
+from broker.market.schemas import Book, OrderBook, PriceLevel, PricePoint
 from broker.money import micros_to_usd
 from broker.offers.models import Offer, OfferStatus
 from broker.offers.service import resolve_model
@@ -211,3 +212,53 @@ def _book(model: _Model, bid_levels: list[_Level]) -> Book:
         best_bid=best_bid,
         spread=spread,
     )
+
+
+def list_rounds(session: Session, *, limit: int, offset: int) -> tuple[list[ClearingRound], int]:
+    """Clearing rounds, newest first, and how many there are."""
+    total = session.scalar(select(func.count()).select_from(ClearingRound)) or 0
+    rows = session.scalars(
+        select(ClearingRound)
+        .order_by(ClearingRound.started_at.desc(), ClearingRound.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def price_history(session: Session, accelerator: str, limit: int = 50) -> list[PricePoint]:
+    """The clearing price of one model in each of its last ``limit`` rounds that matched
+    it, oldest first: the asks its matches locked, lowest, highest, and averaged over
+    the accelerators matched (rounded half-even to the micro-dollar)."""
+    key = resolve_model(accelerator)
+    price = Allocation.price_per_hour_micros
+    rows = session.execute(
+        select(
+            ClearingRound.id,
+            ClearingRound.started_at,
+            func.sum(price * Allocation.accelerators),
+            func.sum(Allocation.accelerators),
+            func.min(price),
+            func.max(price),
+        )
+        .join(Allocation, Allocation.round_id == ClearingRound.id)
+        .join(Offer, Offer.id == Allocation.offer_id)
+        .where(Offer.accelerator == key)
+        .group_by(ClearingRound.id, ClearingRound.started_at)
+        .order_by(ClearingRound.started_at.desc(), ClearingRound.id.desc())
+        .limit(limit)
+    ).all()
+    points = []
+    for round_id, at, value, quantity, low, high in reversed(rows):
+        average = (Decimal(int(value)) / int(quantity)).quantize(Decimal(1), ROUND_HALF_EVEN)
+        points.append(
+            PricePoint(
+                round_id=round_id,
+                at=at,
+                accelerators=int(quantity),
+                low=micros_to_usd(int(low)),
+                high=micros_to_usd(int(high)),
+                average=micros_to_usd(int(average)),
+            )
+        )
+    return points

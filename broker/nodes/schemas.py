@@ -10,6 +10,9 @@ from broker.offers.schemas import OfferOut, OfferTerms
 from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,
+    Float,
+    IdField,
+    Int,
     Label,
     Latitude,
     Longitude,
@@ -39,11 +42,11 @@ class DeviceReport(BaseModel):
     name: Label
     model: ShortText | None = Field(default=None, description="Catalog key, if known")
     platform: Platform
-    count: int = Field(default=1, ge=1, le=4096)
-    memory_gib: float | None = Field(default=None, ge=0, le=1_000_000)
-    healthy: bool = True
-    utilization: float | None = Field(default=None, ge=0, le=1)
-    offerable: bool = True
+    count: Int = Field(default=1, ge=1, le=4096)
+    memory_gib: Float | None = Field(default=None, ge=0, le=1_000_000)
+    healthy: bool = Field(default=True, strict=True)
+    utilization: Float | None = Field(default=None, ge=0, le=1)
+    offerable: bool = Field(default=True, strict=True)
     reason: Label | None = Field(default=None, description="Why it is not offered")
 
 
@@ -71,9 +74,11 @@ class NodeRegister(BaseModel):
 class UsageReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    allocation_id: Annotated[str, Field(min_length=1, max_length=64)]
-    accelerator_seconds: float = Field(
-        ge=0, le=1e10, description="Running total for this allocation, not an increment"
+    allocation_id: IdField
+    accelerator_seconds: Float = Field(
+        ge=0,
+        le=1e10,
+        description="Running total for this allocation, not an increment",
     )
 
 
@@ -88,7 +93,7 @@ class NodeOffer(OfferTerms):
     """One model's accelerators on the node, at the provider's price. The node's
     location fills the offer's; the catalog fills the hardware figures unless given."""
 
-    count: int = Field(ge=0, le=100_000, description="Accelerators offered; 0 withdraws")
+    count: Int = Field(ge=0, le=100_000, description="Accelerators offered; 0 withdraws")
 
 
 class NodeOffers(BaseModel):

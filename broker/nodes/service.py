@@ -29,7 +29,13 @@ from broker.nodes.models import Node, NodeStatus
 from broker.nodes.schemas import DeviceReport, Heartbeat, NodeOffer, NodeQuery, NodeRegister
 from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate
-from broker.offers.service import create_offer, hardware_figures, resolve_model, withdraw_offer
+from broker.offers.service import (
+    check_emulation,
+    create_offer,
+    hardware_figures,
+    resolve_model,
+    withdraw_offer,
+)
 from broker.runs.service import meter
 
 
@@ -187,6 +193,7 @@ def sync_offers(
         key = resolve_model(item.accelerator)
         if key in by_model:
             raise Conflict(f"{key} is listed twice; list each model once", field="body.offers")
+        check_emulation(item)
         by_model[key] = item
     current = {
         o.accelerator: o
@@ -237,6 +244,7 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "count": capacity - held,
         "available_hours": data.available_hours,
         "efficiency": data.efficiency,
+        "emulated": data.emulated,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
     if any(getattr(offer, k) != v for k, v in changes.items()):

@@ -3,7 +3,18 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, Enum, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
@@ -41,6 +52,8 @@ class Offer(Base):
     count: Mapped[int] = mapped_column(Integer)
     # Accelerators listed in all; the provider sets this, clearing moves ``count``.
     capacity: Mapped[int] = mapped_column(Integer)
+    # A demo's stand-in for this model, run on a CPU (broker.offers.service.check_emulation).
+    emulated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     memory_gib: Mapped[float] = mapped_column(Float)
     tflops_bf16: Mapped[float] = mapped_column(Float)
     tflops_fp32: Mapped[float] = mapped_column(Float)

@@ -41,6 +41,7 @@ def offer_out(offer: Offer) -> OfferOut:
         lon=offer.lon,
         available_hours=offer.available_hours,
         efficiency=offer.efficiency,
+        emulated=offer.emulated,
         created_at=offer.created_at,
         updated_at=offer.updated_at,
         withdrawn_at=offer.withdrawn_at,

@@ -14,16 +14,19 @@ from broker.types import (
     Latitude,
     Longitude,
     ModelKey,
+    NotBool,
     Platform,
     RegionName,
     VendorName,
 )
 
-Count = Annotated[int, Field(ge=1, le=100_000, description="Accelerators offered")]
-PositiveFigure = Annotated[float, Field(gt=0, le=1_000_000)]
-Hours = Annotated[float, Field(gt=0, le=1_000_000)]
+Count = Annotated[int, NotBool, Field(ge=1, le=100_000, description="Accelerators offered")]
+PositiveFigure = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
+Hours = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
 Efficiency = Annotated[
-    float, Field(gt=0, le=1, description="Fraction of peak a job reaches (default 0.4)")
+    float,
+    NotBool,
+    Field(gt=0, le=1, description="Fraction of peak a job reaches (default 0.4)"),
 ]
 
 
@@ -44,6 +47,12 @@ class OfferTerms(BaseModel):
     mem_bw_gbps: PositiveFigure | None = None
     available_hours: Hours | None = None
     efficiency: Efficiency = 0.4
+    emulated: bool = Field(
+        default=False,
+        description="Capacity of this model emulated on a CPU (demos): the agent runs its "
+        "jobs on the CPU, and the offer says so everywhere. Accepted only by a broker "
+        "started with BROKER_ALLOW_EMULATION=1",
+    )
 
 
 class OfferCreate(OfferTerms):
@@ -92,6 +101,7 @@ class OfferOut(BaseModel):
     lon: float
     available_hours: float | None
     efficiency: float
+    emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime
     updated_at: datetime
     withdrawn_at: datetime | None

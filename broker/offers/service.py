@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from adapters import catalog
 from broker.accounts.models import Account, Role
+from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.market.allocations import release_offer
@@ -25,7 +26,18 @@ def resolve_model(name: str) -> str:
     return spec.key if spec else catalog.normalize_key(name)
 
 
+def check_emulation(data: OfferTerms) -> None:
+    """Emulated capacity only on a broker that allows it (a demo), never by surprise."""
+    if data.emulated and not get_settings().allow_emulation:
+        raise InvalidInput(
+            "this broker does not accept emulated capacity (it is for demos: start the "
+            "broker with BROKER_ALLOW_EMULATION=1)",
+            field="body.emulated",
+        )
+
+
 def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offer:
+    check_emulation(data)
     hardware = hardware_figures(data)
     offer = Offer(
         id=new_id("off"),
@@ -40,6 +52,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         lon=data.lon,
         available_hours=data.available_hours,
         efficiency=data.efficiency,
+        emulated=data.emulated,
         **hardware,
     )
     session.add(offer)

@@ -6,6 +6,10 @@ a public fallback or a test that fails loudly if the internal moved:
 - exporting from one lowering (``_export_lowered``) so that packaging traces
   and lowers the program once, and XLA's cost analysis and the list of custom
   calls read that same lowering, in memory;
+- letting that export copy the module into the lowering's own MLIR context
+  instead of a new one (``_reuse_context``: JAX's ``make_ir_context``, wrapped,
+  returns that context once, in this thread only), which saves the 3 to 5 ms
+  a context with JAX's dialects costs to build and free;
 - XLA's cost analysis of an exported module (StableHLO to HLO, then
   ``hlo_module_cost_analysis``), which the broker uses to check a manifest;
 - reading an exported module's operations to list its custom calls and to
@@ -17,6 +21,8 @@ a public fallback or a test that fails loudly if the internal moved:
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,12 +50,14 @@ def export_program(
     and the custom calls the module makes.
 
     With static shapes both come from the lowering the export used, read in
-    memory (parsing the exported module again costs as much as lowering); with
-    symbolic ones (or a JAX without these internals) the cost comes from a
-    lowering of the examples and the custom calls from the exported module.
+    memory (parsing the exported module again costs as much as lowering), and
+    XLA's cost analysis runs in a thread of its own while the export serializes
+    the program; with symbolic ones (or a JAX without these internals) the cost
+    comes from a lowering of the examples and the custom calls from the
+    exported module.
     """
     try:
-        from jax._src import config
+        from jax._src import config, xla_bridge
         from jax._src.export import _export
     except ImportError:  # pragma: no cover - a JAX without these internals
         exported = export.export(jitted, platforms=tuple(platforms))(*specs)
@@ -65,18 +73,123 @@ def export_program(
             export_ignore_forward_compatibility=config.export_ignore_forward_compatibility.value,
         ),
     )
-    exported = _export._export_lowered(lowered, traced.jaxpr, traced.fun_name, disabled_checks=())
-    if all(_static(aval.shape) for aval in exported.in_avals) and not exported.ordered_effects:
-        # The exported module is then this module, copied, with one more attribute:
-        # no operation is added (export wraps "main" only for symbolic shapes or
-        # ordered effects).
-        module = lowered.compiler_ir("stablehlo")
-        with module.context:
-            copy = module.operation.clone()  # JAX may cache the lowering: leave it as is
-        targets, cases = _scan(copy)
-        return Export(exported, _cost(copy, cases), targets)
+    module = lowered.compiler_ir("stablehlo")
+
+    def export_lowered() -> export.Exported:
+        with _reuse_context(module.context):
+            return _export._export_lowered(
+                lowered, traced.jaxpr, traced.fun_name, disabled_checks=()
+            )
+
+    if not all(_static(aval.shape) for aval in jax.tree.leaves(lowered.in_avals)):
+        return _export_from_examples(jitted, export_lowered(), example_args)
+    # With static shapes the exported module is this module, copied, with one
+    # more attribute (export wraps "main" only for symbolic shapes or ordered
+    # effects): the custom calls and the cost are read from a copy of it.
+    with module.context:
+        copy = module.operation.clone()  # JAX may cache the lowering: leave it as is
+    targets, cases = _scan(copy)
+    analysis = _Background(_hlo_cost, _for_cost(copy, cases), xla_bridge.get_backend("cpu"))
+    # XLA's conversion to HLO holds the GIL, the export's versioned serialization
+    # (serialize_portable_artifact) releases it: started now, the conversion
+    # takes the GIL when the export enters that serialization, and both run at
+    # once on two cores. The conversion touches no MLIR object of this process
+    # (it reads bytes into a context of its own); ``copy`` outlives both.
+    analysis.start()
+    try:
+        exported = export_lowered()
+    except BaseException:
+        analysis.wait()
+        raise
+    if exported.ordered_effects:
+        analysis.wait()
+        return _export_from_examples(jitted, exported, example_args)
+    return Export(exported, analysis.result(), targets)
+
+
+def _export_from_examples(jitted: Any, exported: export.Exported, example_args: Any) -> Export:
+    """The cost from a lowering of the examples, the custom calls from the exported module."""
     cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
     return Export(exported, cost, program_facts(exported, with_cost=False)[0])
+
+
+class _Background:
+    """``fn(*args)`` in a thread of its own, from ``start()`` on; ``result()`` waits.
+
+    The thread is started at once but waits for ``start()``: a thread that ran
+    straight into C++ that holds the GIL would stop the caller until it is done.
+    Started, it takes the GIL when the caller next releases it.
+    """
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._go = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args), name="broker-cost-analysis", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, fn: Any, args: tuple[Any, ...]) -> None:
+        self._go.wait()
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # re-raised by result(), in the caller's thread
+            self._error = e
+
+    def start(self) -> None:
+        self._go.set()
+
+    def wait(self) -> None:
+        self._go.set()
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+_reuse = threading.local()
+_install = threading.Lock()
+
+
+@contextmanager
+def _reuse_context(context: Any) -> Iterator[None]:
+    """In this thread, the next ``make_ir_context()`` inside JAX returns ``context``.
+
+    ``_export_lowered`` copies the lowered module (JAX may cache it) by parsing
+    it into a new context, which costs the loading of JAX's dialects (3 to 5
+    ms, a third of a small program's lowering). Parsed into the
+    lowering's context, it is the same copy: the serialized program is
+    byte-for-byte the same. JAX's function is wrapped once per process; the
+    wrapper gives ``context`` out once, in this thread only, and otherwise
+    makes a new context as JAX does. If JAX stops calling ``make_ir_context``
+    there, the export is only slower.
+    """
+    from jax._src.interpreters import mlir as jax_mlir
+
+    if not getattr(jax_mlir.make_ir_context, "_reuses", False):
+        with _install:
+            original = jax_mlir.make_ir_context
+            if not getattr(original, "_reuses", False):
+
+                @functools.wraps(original)
+                def make_ir_context() -> Any:
+                    given = getattr(_reuse, "context", None)
+                    if given is None:
+                        return original()
+                    _reuse.context = None
+                    return given
+
+                make_ir_context._reuses = True  # type: ignore[attr-defined]
+                jax_mlir.make_ir_context = make_ir_context
+    _reuse.context = context
+    try:
+        yield
+    finally:
+        _reuse.context = None
 
 
 def program_facts(
@@ -90,7 +203,12 @@ def program_facts(
     with mlir.make_ir_context():
         module = _jax.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
         targets, cases = _scan(module.operation)
-        return targets, _cost(module.operation, cases) if with_cost else None
+        if not with_cost:
+            return targets, None
+        bytecode = _for_cost(module.operation, cases)
+    from jax._src import xla_bridge
+
+    return targets, _hlo_cost(bytecode, xla_bridge.get_backend("cpu"))
 
 
 def _scan(module: Any) -> tuple[list[str], list[Any]]:
@@ -111,20 +229,25 @@ def _scan(module: Any) -> tuple[list[str], list[Any]]:
     return sorted(targets), cases
 
 
-def _cost(module: Any, cases: list[Any]) -> dict[str, float]:
-    """XLA's cost analysis of ``module``, whose ``cases`` this function may merge."""
-    from jax._src import xla_bridge
+def _for_cost(module: Any, cases: list[Any]) -> bytes:
+    """``module`` ready for XLA's cost analysis (its identical platform branches
+    merged: it may change ``module``), as MLIR bytecode."""
+    _drop_unused_cases(_merge_identical_branches(cases))
+    return mlir.module_to_bytecode(module)
+
+
+def _hlo_cost(bytecode: bytes, backend: Any) -> dict[str, float]:
+    """XLA's cost analysis of a module: converted to HLO, with no Python object
+    of an MLIR context (it may run in a thread of its own)."""
     from jax._src.lib import _jax  # type: ignore[attr-defined]
 
-    _merge_identical_branches(cases)
     computation = _jax.mlir.mlir_module_to_xla_computation(
-        mlir.module_to_bytecode(module), use_tuple_args=False, return_tuple=False
+        bytecode, use_tuple_args=False, return_tuple=False
     )
-    backend = xla_bridge.get_backend("cpu")
     return _cost_dict(_jax.hlo_module_cost_analysis(backend, computation.as_hlo_module()))
 
 
-def _merge_identical_branches(cases: list[Any]) -> None:
+def _merge_identical_branches(cases: list[Any]) -> list[Any]:
     """Replace each ``stablehlo.case`` whose branches are all the same by that branch.
 
     A multi-platform export puts every operation whose lowering differs between
@@ -133,10 +256,13 @@ def _merge_identical_branches(cases: list[Any]) -> None:
     XLA converts it to HLO in half the time, and its cost analysis (which takes
     the most expensive branch of a conditional) gives the same flops. ``cases``
     lists inner cases first, so that an outer one compares its branches merged.
+    Returns the cases left.
     """
+    left = []
     for case in cases:
         first, *others = case.regions
         if not others or not all(_same_region(first, other, {}) for other in others):
+            left.append(case)
             continue
         body = list(first.blocks[0].operations)
         for op in body[:-1]:
@@ -144,6 +270,37 @@ def _merge_identical_branches(cases: list[Any]) -> None:
         for result, value in zip(case.results, body[-1].operands, strict=True):
             result.replace_all_uses_with(value)
         case.erase()
+    return left
+
+
+_CONSTANT_OPS = {"stablehlo.constant", "stablehlo.return"}
+
+
+def _drop_unused_cases(cases: list[Any]) -> None:
+    """Erase each of ``cases`` (in program order) whose results are unused and whose
+    branches only return values (constants, or values from outside the case).
+
+    Where a primitive has platform-specific lowering rules, a multi-platform
+    export maps the platform index to a rule index with such a case (a matmul:
+    cpu, cuda, rocm, tpu to 0, 2, 2, 1) and picks the rule's branch with a
+    second case on that index; once the second is merged, the first is left
+    unused. XLA drops it too, so the cost is the same, but only after
+    converting it: a conditional with one computation per platform.
+    """
+    for case in reversed(cases):
+        if any(_used(result) for result in case.results):
+            continue
+        if all(
+            op.name in _CONSTANT_OPS
+            for region in case.regions
+            for block in region.blocks
+            for op in block.operations
+        ):
+            case.erase()
+
+
+def _used(value: Any) -> bool:
+    return any(True for _ in value.uses)
 
 
 def _same_region(a: Any, b: Any, seen: dict[Any, Any]) -> bool:

@@ -38,6 +38,7 @@ def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job)
         job_state=JobState(job.state),
         offer_id=offer.id,
         platform=offer.platform,
+        emulated=offer.emulated,
         accelerators=allocation.accelerators,
         artifact=job.artifact_sha256,
         inputs=job.inputs_sha256,

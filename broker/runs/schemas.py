@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.jobs.states import JobState
 from broker.market.models import AllocationStatus
+from broker.types import Float, Int, Text
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
 
@@ -20,6 +21,7 @@ class WorkOrder(BaseModel):
     job_state: JobState
     offer_id: str
     platform: str
+    emulated: bool = Field(description="The offer is emulated: run the job on the CPU")
     accelerators: int
     artifact: str | None
     inputs: str | None
@@ -36,6 +38,8 @@ class WorkOrder(BaseModel):
 
 
 class WorkQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     wait: float = Field(
         default=0,
         ge=0,
@@ -45,7 +49,7 @@ class WorkQuery(BaseModel):
 
 
 AcceleratorSeconds = Annotated[
-    float | None,
+    Float | None,
     Field(
         default=None,
         ge=0,
@@ -58,7 +62,7 @@ AcceleratorSeconds = Annotated[
 class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps_done: int = Field(ge=0, le=100_000_000)
+    steps_done: Int = Field(ge=0, le=100_000_000)
     accelerator_seconds: AcceleratorSeconds = None
 
 
@@ -66,7 +70,7 @@ class CheckpointIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Digest = Field(description="Array bundle of the state, uploaded to /v1/arrays")
-    step: int = Field(ge=1, le=100_000_000, description="Steps the state has done")
+    step: Int = Field(ge=1, le=100_000_000, description="Steps the state has done")
 
 
 class Finish(BaseModel):
@@ -76,11 +80,12 @@ class Finish(BaseModel):
     result: Digest | None = Field(
         default=None, description="Succeeded: the output arrays, uploaded to /v1/arrays"
     )
-    error: str | None = Field(
-        default=None, max_length=4000, description="Failed: what went wrong, for the developer"
+    error: Text | None = Field(
+        default=None, description="Failed: what went wrong, for the developer"
     )
     retry: bool = Field(
         default=False,
+        strict=True,
         description="Failed because of the machine, not the program (out of memory, a "
         "device error): hand the job back to the market, within its attempts",
     )

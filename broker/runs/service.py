@@ -257,8 +257,9 @@ def _reported(allocation: Allocation, job: Job, state: JobState, result: str | N
     """Whether this allocation already ended with this outcome (a retried report)."""
     if state == JobState.succeeded:
         return job.state == state and job.result_sha256 == result
-    # A failure ends the allocation whether the job failed or went back to the book.
-    return (allocation.end_reason or "").startswith(_RUN_FAILED)
+    # A failure ends the allocation whether the job failed or went back to the book;
+    # a job the broker itself failed meanwhile (its budget ran out) ended the same way.
+    return (allocation.end_reason or "").startswith(_RUN_FAILED) or job.state == JobState.failed
 
 
 def _running(job: Job) -> None:

@@ -143,6 +143,7 @@ def run_work_order(
     cache_dir: Path | None = None,
     progress_seconds: float = 1.0,
     handle: RunHandle | None = None,
+    emulate: bool = False,
 ) -> str:
     """Run one allocation to its end and report it; returns how it ended: the job's
     final state (succeeded, failed), ``requeued`` (a failure another machine may not
@@ -153,9 +154,11 @@ def run_work_order(
     ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
     broker then ends the job as failed, over budget.
 
-    The program failing, or the artifact not fitting this machine, ends the job as
-    failed with the reason. The broker being unreachable raises BrokerUnavailable
-    after retries.
+    ``emulate`` (an agent started with ``--emulate``, for demos) runs the jobs of
+    emulated offers, which name another platform, on this machine's backend, from
+    the artifact's version for it, and logs that it does. The program failing, or
+    the artifact not fitting this machine, ends the job as failed with the reason.
+    The broker being unreachable raises BrokerUnavailable after retries.
     """
     allocation = order["allocation_id"]
     handle = handle or RunHandle(allocation, int(order["accelerators"]))
@@ -199,7 +202,15 @@ def run_work_order(
         return "requeued" if requeued else str(job["state"])
 
     here = _xla.local_platform()
-    if order["platform"] != here:
+    if order["platform"] != here and emulate and order.get("emulated"):
+        log.warning(
+            "allocation %s: the offer emulates %s; running job %s on this machine's %s",
+            allocation,
+            order["platform"],
+            order["job_id"],
+            here,
+        )
+    elif order["platform"] != here:
         # Never run (and bill) a job as an offer's platform on another backend.
         error = f"the offer is {order['platform']} but this machine runs jobs on {here}"
         return finish("failed", error=error, retry=True)
@@ -227,7 +238,9 @@ def run_work_order(
             should_stop=lambda: ended or handle.stop.is_set() or over_budget(),
         )
     except runner.Stopped:
-        if not ended and over_budget():
+        # Over budget, the run ends as a failure whichever noticed first: this agent, or
+        # the broker from the last progress report (then the report is a repeat).
+        if over_budget():
             log.info("allocation %s used the job's budget; stopping it", allocation)
             return finish("failed", error="the run used up the job's budget")
         handle.ended = time.monotonic()

@@ -86,7 +86,7 @@ def h100(index: str, offerable: bool = True) -> Device:
 
 
 def test_every_vendor_is_registered_and_implements_the_protocol() -> None:
-    assert names() == ["nvidia", "amd", "tpu", "edge", "cpu"]
+    assert names() == ["nvidia", "amd", "tpu", "edge", "emulated", "cpu"]
     for name in names():
         adapter = create(name)
         assert isinstance(adapter, Adapter)
@@ -125,7 +125,9 @@ def test_create_passes_the_options(tmp_path: Path) -> None:
 
 
 def test_an_unknown_name_lists_the_choices() -> None:
-    with pytest.raises(ValueError, match="choose auto or one of nvidia, amd, tpu, edge, cpu"):
+    with pytest.raises(
+        ValueError, match="choose auto or one of nvidia, amd, tpu, edge, emulated, cpu"
+    ):
         create("quantum")
 
 

@@ -178,3 +178,19 @@ def test_big_jobs_get_the_true_lp_bound_and_a_good_answer() -> None:
     assert result.objective >= first_come_first_served(market).objective
     assert result.objective >= 0.85 * result.bound
     reference.check_answer(market, pairs(result))
+
+
+def test_a_round_out_of_time_returns_its_best_feasible_answer() -> None:
+    """A time limit far too short for this market: the answer is still valid, no worse
+    than first-come-first-served, and says it may not be optimal."""
+    from benchmarks.markets import build_market
+    from solver import first_come_first_served
+
+    market = build_market(3000, 400, seed=11)
+    result = solve(market, time_limit=0.01)
+    assert result.status in ("FEASIBLE", "OPTIMAL")
+    assert result.assignments
+    reference.check_answer(market, pairs(result))
+    assert result.objective >= first_come_first_served(market).objective
+    if result.bound is not None:
+        assert result.objective <= result.bound + 1e-6 * abs(result.bound)

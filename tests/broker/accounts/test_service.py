@@ -5,8 +5,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import ApiKey, Role
-from broker.accounts.service import authenticate, create_account, hash_key
+from broker.accounts.service import (
+    authenticate,
+    create_account,
+    hash_key,
+    issue_key,
+    session_account,
+    sign_in,
+)
+from broker.db import utcnow
 from broker.errors import Conflict, InvalidInput
+from broker.nodes.models import Node
 
 
 def test_key_is_returned_once_and_stored_hashed(db: Session) -> None:
@@ -34,3 +43,30 @@ def test_names_are_unique_and_checked(db: Session) -> None:
         create_account(db, "  ", Role.developer)
     with pytest.raises(InvalidInput):
         create_account(db, "x" * 101, Role.developer)
+
+
+def test_browser_sessions_follow_the_key(db: Session) -> None:
+    account, key = create_account(db, "dora", Role.provider)
+    signed = sign_in(db, key)
+    assert signed is not None
+    assert signed[0] == account
+    assert session_account(db, signed[1]) == account
+    # A node key is its agent's, never a person's session.
+    node = Node(
+        id="node_1", provider_id=account.id, name="box", region="r", country="NL", lat=0, lon=0
+    )
+    db.add(node)
+    db.flush()
+    node_key = issue_key(db, account, node_id=node.id)
+    assert authenticate(db, node_key) == account
+    assert sign_in(db, node_key) is None
+    assert sign_in(db, key + "x") is None
+    # Revoking the key ends the session; so does disabling the account.
+    db.get_one(ApiKey, signed[1]).revoked_at = utcnow()
+    assert session_account(db, signed[1]) is None
+    _, second = create_account(db, "erin", Role.developer)
+    other = sign_in(db, second)
+    assert other is not None
+    other[0].disabled_at = utcnow()
+    assert session_account(db, other[1]) is None
+    assert sign_in(db, second) is None

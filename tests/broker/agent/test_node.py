@@ -223,3 +223,69 @@ def test_a_run_whose_end_cannot_be_reported_is_handed_back(agent: dict[str, Any]
     assert back["state"] == "open"
     assert "lost contact with the broker" in back["error"]
     assert not node._unreported
+
+
+def test_an_emulated_offer_runs_its_jobs_on_this_cpu_and_says_so(
+    live_url: str,
+    fresh_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A demo's H100, emulated: offered and labelled as such, its job run from the
+    artifact's cpu version, with a log line that says it."""
+    monkeypatch.setenv("BROKER_ALLOW_EMULATION", "1")
+    get_settings.cache_clear()
+    with transaction(fresh_engine) as session:
+        _, dev_key = make_account(session, Role.developer)
+        _, prov_key = make_account(session, Role.provider)
+    config = AgentConfig(
+        broker=live_url,
+        api_key=prov_key,
+        name="demo-h100",
+        region="us-east1",
+        country="US",
+        lat=33.2,
+        lon=-80.0,
+        prices=parse_prices(["h100-sxm=2.50"]),
+        adapter="emulated",
+        options=registry.Options(emulate=(("h100-sxm", 1),)),
+        poll_seconds=0.5,
+    )
+    node = NodeAgent(config)
+    stop = threading.Event()
+    thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        with Client(live_url, dev_key, retries=1) as developer:
+            (offer,) = _wait(lambda: developer.http.json("GET", "/v1/offers")["items"])
+            assert (offer["accelerator"], offer["platform"], offer["emulated"]) == (
+                "h100-sxm",
+                "cuda",
+                True,
+            )
+            x = jnp.arange(6.0)
+            job = developer.submit(
+                lambda v: jnp.sin(v) * 2, x, platforms=("cpu", "cuda"), max_price_per_hour=3
+            )
+            run_round(fresh_engine, get_settings(), "manual")
+            done = job.wait(timeout=60, poll=0.2, progress=False)
+            np.testing.assert_allclose(done.result(), np.sin(np.arange(6.0)) * 2, rtol=1e-6)
+            assert done.data["price_per_hour"] == "2.50"
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        get_settings.cache_clear()
+    assert any("emulates cuda" in r.getMessage() for r in caplog.records)
+
+
+def test_a_broker_refuses_emulated_offers_unless_told_to(db: Any, client_for: Any) -> None:
+    from tests.conftest import signed_in
+    from tests.factories import offer_body
+
+    provider = signed_in(db, client_for, Role.provider)
+    refused = provider.post("/v1/offers", json=offer_body(emulated=True))
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"] == "body.emulated"
+    assert "BROKER_ALLOW_EMULATION" in refused.json()["error"]["message"]
+    plain = provider.post("/v1/offers", json=offer_body())
+    assert plain.json()["emulated"] is False

@@ -105,6 +105,15 @@ def test_the_metered_cost_stops_a_job_at_its_budget(
     )
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "allocation_ended"
+    # An agent that noticed the budget too and reports its run failed is answered as a
+    # repeat of what already happened.
+    failed = provider.post(
+        f"/v1/allocations/{alloc}/finish",
+        json={"outcome": "failed", "error": "the run used up the job's budget"},
+    )
+    assert failed.status_code == 200, failed.text
+    assert failed.json()["state"] == "failed"
+    assert "reached its budget" in failed.json()["error"]
 
     (invoice,) = developer.post("/v1/invoices/generate", json={}).json()["invoices"]
     assert Decimal(invoice["total"]) <= Decimal("0.05")
@@ -128,8 +137,14 @@ def test_an_agent_stops_a_run_at_the_budget(live_url: str, fresh_engine: Engine)
     with transaction(fresh_engine) as session:
         _, dev_key = make_account(session, Role.developer)
         _, prov_key = make_account(session, Role.provider)
-    developer = Client(live_url, dev_key, retries=1)
-    provider = ProviderClient(live_url, prov_key, retries=1)
+    with (
+        Client(live_url, dev_key, retries=1) as developer,
+        ProviderClient(live_url, prov_key, retries=1) as provider,
+    ):
+        _run_to_the_budget(fresh_engine, developer, provider)
+
+
+def _run_to_the_budget(engine: Engine, developer: Client, provider: ProviderClient) -> None:
     provider.http.json(
         "POST",
         "/v1/offers",
@@ -159,7 +174,7 @@ def test_an_agent_stops_a_run_at_the_budget(live_url: str, fresh_engine: Engine)
         max_price_per_hour=36,
         budget_usd="0.0084",
     )
-    _clear(fresh_engine)
+    _clear(engine)
     (order,) = provider.work()
     assert order["usage_limit_seconds"] == 0.8
     began = time.monotonic()
@@ -170,5 +185,3 @@ def test_an_agent_stops_a_run_at_the_budget(live_url: str, fresh_engine: Engine)
     assert done["accelerator_seconds"] <= 0.8
     assert Decimal(done["cost_usd"]) <= Decimal("0.0084")
     assert done["steps_done"] < 10_000_000
-    developer.close()
-    provider.close()

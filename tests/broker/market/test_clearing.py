@@ -372,3 +372,31 @@ def test_money_is_exact_over_many_matches(fresh_engine: Engine) -> None:
             )
             assert a.compute_micros == int(expected.to_integral_value())
             assert a.cost_micros == a.compute_micros + a.egress_micros + a.latency_micros
+
+
+def test_a_job_rebid_during_the_solve_is_not_matched_on_its_old_bid(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.jobs.service import change_bid
+
+    provider, developer = accounts(fresh_engine)
+    seed(fresh_engine, lambda s: make_offer(s, provider, price_per_hour="2.00", count=4))
+    job = seed(fresh_engine, lambda s: make_job(s, developer, max_price_per_hour="3.00"))
+    real_solve = clearing.solve  # type: ignore[attr-defined]
+
+    def solve_while_rebidding(*args: Any, **kwargs: Any) -> Any:
+        result = real_solve(*args, **kwargs)
+        with transaction(fresh_engine) as s:
+            change_bid(s, s.get_one(Account, developer.id), job.id, Decimal("1.50"))
+        return result
+
+    monkeypatch.setattr(clearing, "solve", solve_while_rebidding)
+    record = clearing.run_round(fresh_engine, SETTINGS)
+    assert record is not None
+    assert (record.matched, record.stale) == (0, 1)
+    monkeypatch.setattr(clearing, "solve", real_solve)
+    again = clearing.run_round(fresh_engine, SETTINGS)
+    assert again is not None
+    assert again.matched == 0  # the ask (2.00) is above the new bid (1.50)
+    with transaction(fresh_engine, write=False) as s:
+        assert s.get_one(Job, job.id).state == JobState.open

@@ -15,7 +15,7 @@ from jax import export
 from broker.portable import arrays
 from broker.portable.artifact import Artifact, ArtifactError, package, package_step
 from broker.portable.checks import check_inputs, verify_artifact
-from broker.portable.manifest import MAGIC, Manifest
+from broker.portable.manifest import ALL_PLATFORMS, MAGIC, Manifest
 from tests.broker.portable.programs import mlp, mlp_args, sgd_args, sgd_step
 
 
@@ -104,14 +104,64 @@ def test_only_identical_platform_branches_are_merged_for_the_cost() -> None:
     with mlir.make_ir_context():
         module = _jax.mlir.deserialize_portable_artifact(artifact.exported.mlir_module_serialized)
         before = str(module)
-        _xla._merge_identical_branches(_xla._scan(module.operation)[1])
+        left = _xla._merge_identical_branches(_xla._scan(module.operation)[1])
+        merged = str(module)
+        _xla._drop_unused_cases(left)
         after = str(module)
-    # The matmul lowers alike on every platform: its case goes. sin-or-cos stays.
+    # The matmul lowers alike on every platform: its case goes, and then the case
+    # that picked its lowering rule by platform, left unused. sin-or-cos stays.
     assert before.count("stablehlo.dot_general") > 1
     assert after.count("stablehlo.dot_general") == 1
     assert "stablehlo.sine" in after
     assert "stablehlo.cosine" in after
-    assert after.count("stablehlo.case") == before.count("stablehlo.case") - 1
+    assert merged.count("stablehlo.case") == before.count("stablehlo.case") - 1
+    assert after.count("stablehlo.case") == before.count("stablehlo.case") - 2
+
+
+def test_the_program_is_what_jax_export_makes() -> None:
+    """Packaging exports from its own lowering, in that lowering's MLIR context:
+    the program is byte for byte what ``jax.export`` makes."""
+    params, x = mlp_args()
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x))
+    exported = export.export(jax.jit(mlp), platforms=ALL_PLATFORMS)(*specs)
+    assert package(mlp, params, x).program == exported.serialize()
+    state, xs, ys = sgd_args()
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, xs, ys))
+    exported = export.export(jax.jit(sgd_step), platforms=ALL_PLATFORMS)(*specs)
+    assert package_step(sgd_step, state, xs, ys).program == exported.serialize()
+
+
+def test_packaging_builds_one_mlir_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lowering's: the export copies the module into it (a context with JAX's
+    dialects costs as much to build as a small program's lowering)."""
+    from jax._src.interpreters import mlir as jax_mlir
+
+    params, x = mlp_args()
+    package(mlp, params, x)  # installs the export's hook
+    made: list[object] = []
+
+    class Counted(jax_mlir.JaxIrContext):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(jax_mlir, "JaxIrContext", Counted)
+    artifact = package(lambda p, x: mlp(p, x), params, x)
+    assert len(made) == 1
+    assert verify_artifact(artifact.to_bytes()).sha256 == artifact.sha256
+
+
+def test_the_cost_analysis_thread_hands_back_its_error() -> None:
+    from broker.portable import _xla
+
+    def fail(message: str) -> None:
+        raise RuntimeError(message)
+
+    work = _xla._Background(fail, "no HLO")
+    work.start()
+    with pytest.raises(RuntimeError, match="no HLO"):
+        work.result()
+    assert _xla._Background(len, b"abc").result() == 3  # result() starts it too
 
 
 def test_step_functions_must_return_their_state() -> None:

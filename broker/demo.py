@@ -1,0 +1,343 @@
+"""The demo market that `make run` starts beside the broker (`broker serve --demo`).
+
+Providers list capacity at real cloud prices in real regions, taken from
+``benchmarks/data/prices.csv`` and ``regions.csv`` (rows of the SkyPilot catalog;
+their sources are in ``benchmarks/data/SOURCES.md``). This machine is none of
+that hardware, so those providers' agents run with ``--adapter emulated``: their
+offers say ``emulated: true`` everywhere, and their jobs run on this machine's
+CPU. One more agent offers this machine's CPU for real. Demo developers then
+submit real JAX programs through the SDK: a small MLP trained as an iterative
+job with checkpoints, a batch inference with a latency target, and a job whose
+data must stay in the EU. Finished work is invoiced on demand, so the
+dashboard shows bids, matches, running jobs, results and invoices within a
+minute.
+
+Run it against a broker that allows emulated offers (``serve --demo`` sets
+``BROKER_ALLOW_EMULATION=1``): ``python -m broker.demo --url http://127.0.0.1:8000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from broker.accounts.models import Account, Role
+
+log = logging.getLogger("broker.demo")
+
+DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+EU = ["AT", "BE", "DE", "DK", "ES", "FI", "FR", "IE", "IT", "NL", "PL", "SE"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """One demo provider: a catalog model from a price row of one cloud region."""
+
+    account: str
+    model: str  # catalog key
+    count: int
+    cloud: str
+    region: str
+    row_name: str  # the accelerator as the price file spells it
+    price: Decimal | None = None  # only where no cloud sells it (edge boards)
+
+
+PROVIDERS = (
+    Capacity("demo-nvidia-aws", "h100-sxm", 8, "aws", "us-east-1", "H100"),
+    Capacity("demo-nvidia-gcp", "a100-80gb", 4, "gcp", "europe-west4", "A100-80GB"),
+    Capacity("demo-amd-oci", "mi300x", 8, "oci", "af-johannesburg-1", "MI300X"),
+    Capacity("demo-tpu-gcp", "tpu-v5e", 8, "gcp", "us-east1", "TPU-v5e"),
+    # No cloud rents Jetson time, so this price is the demo's own, and says so.
+    Capacity("demo-edge", "jetson-agx-orin", 2, "gcp", "europe-west3", "-", Decimal("0.15")),
+)
+CPU_PRICE = Decimal("0.05")
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    capacity: Capacity
+    price: Decimal  # USD per accelerator-hour
+    country: str
+    lat: float
+    lon: float
+    source: str
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    with (DATA / name).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def listings() -> list[Listing]:
+    """Each demo provider at its region's real price per accelerator-hour."""
+    places = {(r["cloud"], r["region"]): r for r in _rows("regions.csv")}
+    prices = _rows("prices.csv")
+    out = []
+    for cap in PROVIDERS:
+        place = places[(cap.cloud, cap.region)]
+        if cap.price is not None:
+            price, source = cap.price, "demo price: no cloud rents this board"
+        else:
+            row = min(
+                (
+                    r
+                    for r in prices
+                    if (r["cloud"], r["region"], r["accelerator"])
+                    == (cap.cloud, cap.region, cap.row_name)
+                    and r["price_per_hour_usd"]
+                ),
+                key=lambda r: int(r["accelerator_count"]),
+            )
+            per_chip = Decimal(row["price_per_hour_usd"]) / int(row["accelerator_count"])
+            price, source = per_chip.quantize(Decimal("0.000001")), row["source"]
+        out.append(
+            Listing(cap, price, place["country"], float(place["lat"]), float(place["lon"]), source)
+        )
+    return out
+
+
+# ---- accounts -----------------------------------------------------------------------
+
+
+def demo_keys() -> dict[str, str]:
+    """A fresh API key for each demo account, creating the accounts the first time."""
+    from sqlalchemy import select
+
+    from broker.accounts.service import create_account, issue_key
+    from broker.db import session_scope
+
+    wanted = {cap.account: Role.provider for cap in PROVIDERS}
+    wanted |= {"demo-cpu": Role.provider, "demo-admin": Role.admin}
+    wanted |= {name: Role.developer for name in DEVELOPERS}
+    keys = {}
+    with session_scope() as session:
+        for name, role in wanted.items():
+            account = session.scalar(select(Account).where(Account.name == name))
+            if account is None:
+                _, keys[name] = create_account(session, name, role)
+            else:
+                keys[name] = issue_key(session, account)
+    return keys
+
+
+# ---- providers: one agent process each ----------------------------------------------
+
+
+def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    agents = []
+    env = {**os.environ, "BROKER_API_KEY": ""}
+    base = [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "agent",
+        "--broker",
+        url,
+        "--discover-seconds",
+        "600",
+    ]
+    for item in listings():
+        cap = item.capacity
+        argv = [
+            *base,
+            "--api-key", keys[cap.account],
+            "--name", cap.account.removeprefix("demo-"),
+            "--adapter", "emulated",
+            "--emulate", f"{cap.model}={cap.count}",
+            "--price", f"{cap.model}={item.price}",
+            "--region", cap.region,
+            "--country", item.country,
+            "--lat", str(item.lat),
+            "--lon", str(item.lon),
+        ]  # fmt: skip
+        agents.append(subprocess.Popen(argv, env=env))  # noqa: S603 - our own CLI
+    cpu = [
+        *base,
+        "--api-key", keys["demo-cpu"],
+        "--name", "this-machine",
+        "--adapter", "cpu",
+        "--cpu-slots", "2",
+        "--price", f"cpu={CPU_PRICE}",
+        "--region", "local",
+        "--country", "NL",
+        "--lat", "52.37",
+        "--lon", "4.90",
+    ]  # fmt: skip
+    agents.append(subprocess.Popen(cpu, env=env))  # noqa: S603 - our own CLI
+    return agents
+
+
+# ---- developers ---------------------------------------------------------------------
+
+DEVELOPERS = ("demo-ml-team", "demo-inference", "demo-eu-lab")
+
+
+def _mlp_step(state: Any, x: Any, y: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    def loss(params: Any) -> Any:
+        w1, w2 = params
+        return jnp.mean((jnp.tanh(x @ w1) @ w2 - y) ** 2)
+
+    params, step = state
+    grads = jax.grad(loss)(params)
+    return tuple(p - 0.05 * g for p, g in zip(params, grads, strict=True)), step + 1
+
+
+def _infer(params: Any, batch: Any) -> Any:
+    import jax.numpy as jnp
+
+    w1, w2 = params
+    return jnp.argmax(jnp.tanh(batch @ w1) @ w2, axis=-1)
+
+
+def _inputs(seed: int) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (32, 64)).astype("float32")
+    w2 = rng.normal(0, 0.3, (64, 4)).astype("float32")
+    x = rng.normal(size=(256, 32)).astype("float32")
+    y = np.eye(4, dtype="float32")[rng.integers(0, 4, 256)]
+    return (w1, w2), x, y
+
+
+def submit_round(url: str, keys: dict[str, str], n: int) -> None:
+    """One wave of demo work: training, inference near its users, EU-only analysis."""
+    import numpy as np
+
+    from broker.sdk import Client
+
+    params, x, y = _inputs(n)
+    with Client(url, keys["demo-ml-team"]) as ml:
+        ml.submit(
+            _mlp_step,
+            (params, np.int32(0)),
+            x,
+            y,
+            steps=20_000,
+            checkpoint_every=2_500,
+            name=f"mlp-train-{n}",
+            # A team that wants big-memory accelerators and pays for them.
+            min_memory_gib=80,
+            max_price_per_hour=8.0,
+            budget_usd=5,
+            deadline_hours=2,
+        )
+    with Client(url, keys["demo-inference"]) as inference:
+        inference.submit(
+            _infer,
+            params,
+            x,
+            name=f"batch-inference-{n}",
+            max_price_per_hour=2.5,
+            user_lat=50.11,  # users in Frankfurt
+            user_lon=8.68,
+            latency_slo_ms=60,
+        )
+    with Client(url, keys["demo-eu-lab"]) as eu:
+        eu.submit(
+            _infer,
+            params,
+            x,
+            name=f"eu-only-analysis-{n}",
+            max_price_per_hour=3.0,
+            allowed_countries=EU,
+            data_region="europe-west4",
+            data_gb=50,
+        )
+
+
+def invoice_all(url: str, keys: dict[str, str]) -> int:
+    from broker.sdk import Client
+
+    made = 0
+    for name in DEVELOPERS:
+        with Client(url, keys[name]) as client:
+            made += len(client.generate_invoice())
+    return made
+
+
+def _wait_for(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"demo: the broker at {url} did not answer within {timeout:g} s")
+
+
+def run(url: str, stop: threading.Event, waves: int = 6, every: float = 30.0) -> None:
+    """Set the demo market up, then keep it busy until ``stop``."""
+    _wait_for(url)
+    keys = demo_keys()
+    print(f"\nDemo market at {url}  (dashboard: {url}/)", flush=True)
+    print("Demo API keys (new ones each start; the broker keeps only their hashes):")
+    for name, key in keys.items():
+        print(f"  {name:20s} {key}", flush=True)
+    print("Emulated providers run their jobs on this machine's CPU and are labelled so.\n")
+    agents = start_agents(url, keys)
+    try:
+        for wave in range(waves):
+            if stop.is_set():
+                break
+            try:
+                submit_round(url, keys, wave)
+            except Exception:
+                log.exception("demo: submitting wave %d failed", wave)
+            if stop.wait(every / 2):
+                break
+            try:
+                invoice_all(url, keys)
+            except Exception:
+                log.exception("demo: invoicing failed")
+            stop.wait(every / 2)
+        while not stop.wait(every):
+            invoice_all(url, keys)
+    finally:
+        for agent in agents:
+            agent.send_signal(signal.SIGTERM)
+        for agent in agents:
+            try:
+                agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Packaging lowers for every platform without their hardware; no backend probing.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--waves", type=int, default=6, help="waves of demo jobs")
+    parser.add_argument("--every", type=float, default=30.0, help="seconds between waves")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s demo %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run(args.url.rstrip("/"), stop, args.waves, args.every)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Operations: request ids, structured logs and Prometheus metrics.
+
+Every request gets an id (the caller's ``X-Request-ID`` when it sends a sane
+one, else a new one), echoed in the response and attached to every log record
+written while the request is handled. ``broker serve`` logs one JSON object per
+line (``BROKER_LOG_FORMAT=text`` for people), including an access line per
+request with its route, status and duration. API keys never reach the logs:
+the access line names the route template and the account, never a header.
+
+``/metrics`` serves Prometheus' text format: request counts and latencies by
+route, clearing rounds (count, solve time, matches), and the market's state
+read from the database at scrape time (queue depth, free accelerators, nodes
+by status). With several worker processes the counters are shared through
+``PROMETHEUS_MULTIPROC_DIR`` (set by ``broker serve --workers N``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+access_log = logging.getLogger("broker.access")
+
+HTTP_REQUESTS = Counter(
+    "broker_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "broker_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ROUNDS = Counter("broker_clearing_rounds_total", "Clearing rounds", ["trigger", "status"])
+SOLVE_SECONDS = Histogram(
+    "broker_clearing_solve_seconds",
+    "Solver time per clearing round",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+MATCHED = Counter("broker_clearing_matched_total", "Jobs matched by clearing rounds")
+RATE_LIMITED = Counter("broker_rate_limited_total", "Requests refused with 429")
+
+
+def observe_round(trigger: str, status: str, solve_seconds: float | None, matched: int) -> None:
+    ROUNDS.labels(trigger, status).inc()
+    if solve_seconds is not None:
+        SOLVE_SECONDS.observe(solve_seconds)
+    MATCHED.inc(matched)
+
+
+class RequestContext:
+    """ASGI middleware: the request id, the access line and the request metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def tagged_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_LATENCY.labels(method, template).observe(elapsed)
+            if template not in ("/healthz", "/readyz", "/metrics"):
+                account = scope.get("state", {}).get("account_id")
+                access_log.info(
+                    "%s %s %d",
+                    method,
+                    template,
+                    status,
+                    extra={
+                        "method": method,
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "account_id": account,
+                    },
+                )
+            request_id.reset(token)
+
+
+class MarketCollector(Collector):
+    """The market's state, read from the database when Prometheus scrapes."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from broker.jobs.models import Job
+        from broker.nodes.models import Node
+        from broker.offers.models import Offer, OfferStatus
+
+        jobs = GaugeMetricFamily("broker_jobs", "Jobs by state", labels=["state"])
+        offers = GaugeMetricFamily(
+            "broker_free_accelerators",
+            "Free accelerators on active offers, by model",
+            labels=["accelerator"],
+        )
+        nodes = GaugeMetricFamily("broker_nodes", "Provider nodes by status", labels=["status"])
+        session = self.session
+        for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+            jobs.add_metric([str(state)], n)
+        for model, free in session.execute(
+            select(Offer.accelerator, func.sum(Offer.count))
+            .where(Offer.status == OfferStatus.active)
+            .group_by(Offer.accelerator)
+        ):
+            offers.add_metric([model], float(free or 0))
+        for status, n in session.execute(select(Node.status, func.count()).group_by(Node.status)):
+            nodes.add_metric([str(status)], n)
+        yield from (jobs, offers, nodes)
+
+
+def metrics_text(session: Session) -> tuple[bytes, str]:
+    """The metrics of this process, or of all workers when they share a directory."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = CollectorRegistry()
+        registry.register(_Forward(REGISTRY))
+    registry.register(MarketCollector(session))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Forward(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.registry.collect()
+
+
+# ---- logs -------------------------------------------------------------------------
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(fmt: str = "json", level: str = "info") -> None:
+    """Route the broker's and uvicorn's logs to stderr, as JSON lines or text."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+        )
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    # Our access line has the request id and route; uvicorn's would repeat it without.
+    logging.getLogger("uvicorn.access").disabled = True
+    access_log.disabled = os.environ.get("BROKER_ACCESS_LOG") == "0"  # serve --no-access-log

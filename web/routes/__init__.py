@@ -1,0 +1,11 @@
+"""The dashboard's routes, one module per area of the site."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from web.routes import admin, auth, billing, jobs, market, provider
+
+router = APIRouter(include_in_schema=False)
+for area in (auth, market, jobs, provider, billing, admin):
+    router.include_router(area.router)
