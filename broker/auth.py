@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,8 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.accounts.service import authenticate_key
-from broker.db import SessionDep, TransactionsDep
+from broker.accounts.service import KeyOwner, authenticate_key, authenticate_keys
+from broker.coalesce import Coalescer
+from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -42,12 +43,28 @@ Agent = Caller
 
 
 def _caller(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    return _known(authenticate_key(session, _key(credentials)))
+
+
+def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None:
         raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    found = authenticate_key(session, credentials.credentials)
+    return credentials.credentials
+
+
+def _known(found: KeyOwner | None) -> Caller:
     if found is None:
         raise Unauthorized("the API key is unknown or revoked")
     return Caller(*found)
+
+
+def _check_keys(transactions: Transactions, keys: Sequence[str]) -> list[KeyOwner | None]:
+    with transactions(write=False) as session:
+        return authenticate_keys(session, keys)
+
+
+# Keys of concurrent requests checked together, in one query and one transaction.
+_key_checks: Coalescer[str, KeyOwner | None] = Coalescer(_check_keys)
 
 
 def _own_key(caller: Caller) -> Account:
@@ -79,6 +96,20 @@ def streaming_caller(
     their body before they touch the database and must not hold a session meanwhile."""
     with transactions(write=False) as session:
         caller = _caller(session, credentials)
+    request.state.account_id = caller.account.id
+    return caller
+
+
+async def batched_caller(
+    request: Request,
+    transactions: TransactionsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The caller, its key checked together with other requests' keys (one query for
+    all the keys that arrived meanwhile), outside the request's own transaction:
+    for the busiest endpoints. The account it gives is detached: read it, do not
+    change it."""
+    caller = _known(await _key_checks.submit(transactions, _key(credentials)))
     request.state.account_id = caller.account.id
     return caller
 
@@ -132,7 +163,13 @@ async def streaming_agent(caller: StreamingCaller) -> Agent:
     return _agent(caller)
 
 
+async def _batched_developer(caller: Annotated[Caller, Depends(batched_caller)]) -> Account:
+    return check_role(_own_key(caller), Role.developer)
+
+
 Developer = Annotated[Account, Depends(require_role(Role.developer))]
+# A developer (or admin) account, its key checked in a batch (``batched_caller``).
+BatchedDeveloper = Annotated[Account, Depends(_batched_developer)]
 Provider = Annotated[Account, Depends(require_role(Role.provider))]
 Admin = Annotated[Account, Depends(require_role(Role.admin))]
 # Node agents (or providers themselves) reporting on the work they run; the

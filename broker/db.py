@@ -10,6 +10,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
@@ -144,8 +145,16 @@ def read_only_session(request: Request) -> None:
     request.state.read_only_session = True
 
 
+async def request_engine() -> Engine:
+    """Request dependency: the configured engine (tests override it).
+
+    async, like every dependency that does no I/O: FastAPI sends a sync one to a
+    worker thread and back, which costs more than the call."""
+    return get_engine()
+
+
 async def get_session(
-    request: Request, engine: Annotated[Engine, Depends(get_engine)]
+    request: Request, engine: Annotated[Engine, Depends(request_engine)]
 ) -> AsyncIterator[Session]:
     """Request dependency: one transaction per request, committed if the handler succeeds.
 
@@ -203,15 +212,22 @@ async def _sqlite_writer_turn(engine: Engine, write: bool) -> AsyncIterator[None
 Transactions = Callable[..., AbstractContextManager[Session]]
 
 
-def get_transactions(engine: Annotated[Engine, Depends(get_engine)]) -> Transactions:
+@dataclass(frozen=True)
+class EngineTransactions:
+    """``transactions(write=...)``: a new transaction on ``engine``. Equal for equal
+    engines, so work for one database can be batched (``broker.coalesce``)."""
+
+    engine: Engine
+
+    def __call__(self, *, write: bool = True) -> AbstractContextManager[Session]:
+        return transaction(self.engine, write=write)
+
+
+async def get_transactions(engine: Annotated[Engine, Depends(request_engine)]) -> Transactions:
     """Request dependency for handlers that run short transactions of their own (uploads
-    that stream first, long polls) instead of holding one for the whole request:
-    ``with transactions(write=False) as session: ...``."""
-
-    def begin(*, write: bool = True) -> AbstractContextManager[Session]:
-        return transaction(engine, write=write)
-
-    return begin
+    that stream first, long polls, batched work) instead of holding one for the whole
+    request: ``with transactions(write=False) as session: ...``."""
+    return EngineTransactions(engine)
 
 
 TransactionsDep = Annotated[Transactions, Depends(get_transactions)]
@@ -219,4 +235,4 @@ TransactionsDep = Annotated[Transactions, Depends(get_transactions)]
 # scope="function": the transaction commits when the handler returns, before the
 # response is sent, so a failed commit is reported to the client, not hidden.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+EngineDep = Annotated[Engine, Depends(request_engine)]

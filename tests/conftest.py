@@ -156,10 +156,10 @@ def fresh_engine(empty_database_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def fresh_client_for(fresh_engine: Engine) -> Iterator[ClientFactory]:
     """``client_for`` against ``fresh_engine``: every request commits."""
-    from broker.db import get_engine
+    from broker.db import request_engine
 
     app = create_app(auto_clear=False, auto_bill=False)
-    app.dependency_overrides[get_engine] = lambda: fresh_engine
+    app.dependency_overrides[request_engine] = lambda: fresh_engine
     yield from _clients(app)
 
 
@@ -195,10 +195,10 @@ class LiveServer:
 @pytest.fixture
 def live_url(fresh_engine: Engine) -> Iterator[str]:
     """URL of the app served for real (in this process) on ``fresh_engine``."""
-    from broker.db import get_engine
+    from broker.db import request_engine
 
     app = create_app(auto_clear=False, auto_bill=False)
-    app.dependency_overrides[get_engine] = lambda: fresh_engine
+    app.dependency_overrides[request_engine] = lambda: fresh_engine
     with LiveServer(app) as url:
         yield url
 

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from broker.accounts.models import Role
 from broker.app import create_app
-from broker.db import get_engine, transaction
+from broker.db import request_engine, transaction
 from broker.sdk import Client
 from tests.conftest import ClientFactory, LiveServer
 from tests.factories import job_body, make_account
@@ -33,7 +33,7 @@ def test_api_keys_never_reach_the_logs(
         _, provider = make_account(session, Role.provider)
         _, admin = make_account(session, Role.admin)
     app = create_app(auto_clear=False, auto_bill=False)
-    app.dependency_overrides[get_engine] = lambda: fresh_engine
+    app.dependency_overrides[request_engine] = lambda: fresh_engine
     # No log_config: uvicorn's loggers propagate to the root, where caplog listens.
     with LiveServer(app, log_config=None, log_level="debug", access_log=True) as url:
         keys = [developer, provider, admin]

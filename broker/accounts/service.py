@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
@@ -69,24 +70,36 @@ def authenticate(session: Session, key: str) -> Account | None:
 
 
 # Built once: every request runs it, and building a statement costs as much as running it.
-_BY_KEY_HASH = (
-    select(Account, ApiKey.node_id)
+_BY_KEY_HASHES = (
+    select(ApiKey.key_hash, Account, ApiKey.node_id)
     .join(ApiKey, ApiKey.account_id == Account.id)
     .where(
-        ApiKey.key_hash == bindparam("key_hash"),
+        ApiKey.key_hash.in_(bindparam("key_hashes", expanding=True)),
         ApiKey.revoked_at.is_(None),
         Account.disabled_at.is_(None),
     )
 )
 
+KeyOwner = tuple[Account, str | None]
 
-def authenticate_key(session: Session, key: str) -> tuple[Account, str | None] | None:
+
+def authenticate_key(session: Session, key: str) -> KeyOwner | None:
     """The enabled account that owns an unrevoked ``key`` and the node the key is
     bound to (None for an account's own keys), or None."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
-        return None
-    row = session.execute(_BY_KEY_HASH, {"key_hash": hash_key(key)}).first()
-    return (row[0], row[1]) if row else None
+    return authenticate_keys(session, [key])[0]
+
+
+def authenticate_keys(session: Session, keys: Sequence[str]) -> list[KeyOwner | None]:
+    """``authenticate_key`` for each of ``keys``, in one query."""
+    hashes = [
+        hash_key(key) if key.startswith(KEY_PREFIX) and len(key) <= 200 else None for key in keys
+    ]
+    wanted = sorted({h for h in hashes if h is not None})
+    if not wanted:
+        return [None] * len(keys)
+    rows = session.execute(_BY_KEY_HASHES, {"key_hashes": wanted})
+    owners: dict[str, KeyOwner] = {row[0]: (row[1], row[2]) for row in rows}
+    return [owners.get(h) if h is not None else None for h in hashes]
 
 
 def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Account], int]:

@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.accounts.models import Account
-from broker.auth import CurrentAccount, Developer
+from broker.auth import BatchedDeveloper, CurrentAccount
 from broker.billing import service as billing
 from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
-from broker.db import SessionDep
-from broker.jobs import service
+from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.jobs import intake, service
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery
 from broker.jobs.states import JobState
@@ -115,30 +115,37 @@ def _job_out(job: Job, cost: billing.JobCost) -> JobOut:
     responses={200: {"model": JobOut, "description": "A retry: the job the key created"}},
 )
 async def submit_job(
-    session: SessionDep,
-    developer: Developer,
+    transactions: TransactionsDep,
+    developer: BatchedDeveloper,
     body: JobCreate,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    # The busiest write: async, with its database work in one worker thread, so
-    # FastAPI does not check the response in a second one as it does for sync handlers.
-    return await run_in_threadpool(_submit_job, session, developer, body, response, idempotency_key)
+    # The busiest write: the key check and the insert are each batched with other
+    # requests' (group commit, broker.jobs.intake); the answer comes once stored.
+    job = await intake.submit(transactions, developer, body, idempotency_key)
+    if job is not None:
+        return _job_out(job, _UNMATCHED)  # a new job has no match to look up
+    return await run_in_threadpool(
+        _replay, transactions, developer, body, response, idempotency_key
+    )
 
 
-def _submit_job(
-    session: Session,
+def _replay(
+    transactions: Transactions,
     developer: Account,
     body: JobCreate,
     response: Response,
     idempotency_key: str | None,
 ) -> JobOut:
-    job, created = service.submit_job(session, developer, body, idempotency_key)
-    if created:
-        return _job_out(job, _UNMATCHED)  # a new job has no match to look up
-    response.status_code = 200
-    response.headers["Idempotent-Replayed"] = "true"
-    return job_out(session, job)
+    """A retry: the job its idempotency key made (or why it cannot be given)."""
+    with transactions(write=True) as session:
+        job, created = service.submit_job(session, developer, body, idempotency_key)
+        if created:  # the first one's job was rolled back since: this one made it
+            return _job_out(job, _UNMATCHED)
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return job_out(session, job)
 
 
 @router.get("", response_model=Page[JobOut], summary="List my jobs (admins: all)")

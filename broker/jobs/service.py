@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -42,62 +43,90 @@ def submit_job(
     Returns ``(job, created)``. Reusing a key with a different body is an error,
     so a client bug cannot silently return the wrong job.
     """
-    program = _check_program(session, account, data)
-    _check_consistent(data, program)
-    job = _new_job(account, data, program)
-    if not idempotency_key:
-        session.add(job)
-        session.flush()
-        return job, True
-
-    # The hash covers the job as stored, so equivalent bodies (reordered lists,
-    # model aliases) count as the same request.
-    request_hash = _request_hash(job)
-    job.idempotency_key, job.request_hash = idempotency_key, request_hash
+    job = prepare_job(session, account, data, idempotency_key)
     # One statement, INSERT ... ON CONFLICT DO NOTHING: the unique constraint on
     # (account, key) decides. A concurrent retry waits for the first to commit and
     # inserts nothing; then it, like any later retry, returns the first one's job.
-    if _insert_unless_key_used(session, job):
+    if insert_jobs(session, [job]) == [True]:
+        make_transient_to_detached(job)
+        session.add(job)
         return job, True
+    # Only a used idempotency key keeps a job out.
+    assert idempotency_key is not None
+    assert job.request_hash is not None
     existing = _by_idempotency_key(session, account, idempotency_key)
     if existing is None:  # the first one rolled back between the insert and this read
         raise Conflict(
             "a request with this Idempotency-Key was being handled and failed; send it again",
             field="header.Idempotency-Key",
         )
-    return _replay(existing, request_hash), False
+    return _replay(existing, job.request_hash), False
 
 
-def _insert_unless_key_used(session: Session, job: Job) -> bool:
-    """Insert ``job`` unless its account already used its key; whether it did.
+def needs_database(data: JobCreate) -> bool:
+    """Whether ``prepare_job`` reads the database for ``data``: to check its program."""
+    return data.artifact is not None
 
-    A Core INSERT, several times cheaper than the ORM's flush or its INSERT ...
-    RETURNING of the whole row. Every column is set on the object first, as the
-    column defaults would set it, so once inserted the object joins the session
-    fully loaded, as if read back.
+
+def prepare_job(
+    session: Session | None, account: Account, data: JobCreate, idempotency_key: str | None
+) -> Job:
+    """The job ``data`` asks for, checked, with every column set (not yet stored).
+
+    ``session`` may be None when ``needs_database(data)`` is false.
     """
+    program = _check_program(session, account, data)
+    _check_consistent(data, program)
+    job = _new_job(account, data, program)
+    if idempotency_key:
+        # The hash covers the job as stored, so equivalent bodies (reordered lists,
+        # model aliases) count as the same request.
+        job.idempotency_key, job.request_hash = idempotency_key, _request_hash(job)
+    else:
+        job.idempotency_key = job.request_hash = None
+    # Set as the column defaults would set them, so that the object is what a read
+    # of the inserted row would give.
     job.steps_done = job.checkpoint_step = job.attempts = job.usage_ms = 0
     job.checkpoint_sha256 = job.result_sha256 = job.error = None
     job.started_at = job.finished_at = None
     job.created_at = job.updated_at = utcnow()
-    values = {column.key: job.__dict__[column.key] for column in _JOBS.columns}
-    stmt = _INSERT_UNLESS_KEY_USED[session.get_bind().dialect.name]
-    if session.execute(stmt, values).first() is None:
-        return False
-    make_transient_to_detached(job)
-    session.add(job)
-    return True
+    return job
+
+
+def insert_jobs(session: Session, jobs: Sequence[Job]) -> list[bool]:
+    """Insert prepared jobs (``prepare_job``) in one statement; for each, whether it
+    was inserted: False when its account had already used its idempotency key.
+
+    A Core INSERT, several times cheaper than the ORM's flush or its INSERT ...
+    RETURNING of the whole row. The jobs stay out of the session.
+    """
+    if not jobs:
+        return []
+    rows = [{column.key: job.__dict__[column.key] for column in _JOBS.columns} for job in jobs]
+    dialect = session.get_bind().dialect.name
+    if len(rows) == 1:
+        return [session.execute(_INSERT_UNLESS_KEY_USED[dialect], rows[0]).first() is not None]
+    # Many rows: one statement run for each row in one round trip (psycopg's pipeline),
+    # then a look at which keyed ones went in. An INSERT ... RETURNING of many VALUES
+    # would be one statement, but a new text for every batch size, which psycopg
+    # parses afresh each time: slower.
+    session.execute(_INSERT_MANY_UNLESS_KEY_USED[dialect], rows)
+    keyed = [job.id for job in jobs if job.idempotency_key is not None]
+    stored = set(session.scalars(_STORED_JOBS, {"ids": keyed})) if keyed else set()
+    return [job.idempotency_key is None or job.id in stored for job in jobs]
 
 
 # Built once per dialect (both spell ON CONFLICT alike): building it per request costs
 # about as much as running it.
 _JOBS = cast(Table, Job.__table__)
-_INSERT_UNLESS_KEY_USED = {
-    name: insert(_JOBS)
-    .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
-    .returning(_JOBS.c.id)
+_INSERT_MANY_UNLESS_KEY_USED = {
+    name: insert(_JOBS).on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
     for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
+_INSERT_UNLESS_KEY_USED = {
+    name: stmt.returning(_JOBS.c.id) for name, stmt in _INSERT_MANY_UNLESS_KEY_USED.items()
+}
+_STORED_JOBS = select(_JOBS.c.id).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -110,7 +139,7 @@ class _Program:
     dtype: str
 
 
-def _check_program(session: Session, account: Account, data: JobCreate) -> _Program | None:
+def _check_program(session: Session | None, account: Account, data: JobCreate) -> _Program | None:
     """Check the job's artifact and inputs; each error names the field to fix."""
     if data.artifact is None:
         for name in ("inputs", "steps", "checkpoint_every"):
@@ -130,6 +159,8 @@ def _check_program(session: Session, account: Account, data: JobCreate) -> _Prog
                 f"{name} comes from the artifact's cost analysis; leave it out",
                 field=f"body.{name}",
             )
+    if session is None:
+        raise TypeError("checking a job's artifact needs a session")
     artifact_blob = _referenced(session, account, data.artifact, BlobKind.artifact, "artifact")
     manifest = Manifest.model_validate(artifact_blob.meta)
     if data.inputs is None:

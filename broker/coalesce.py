@@ -1,0 +1,107 @@
+"""Group commit: many requests' database work done in one transaction.
+
+A busy endpoint pays, per request, for a connection check-out, BEGIN, its
+statements, COMMIT and a hand-off to a worker thread and back; the statements
+themselves are the smaller part. A ``Coalescer`` queues the requests' items on
+the event loop and hands them to a worker thread in batches: each batch is
+everything that arrived while the previous one ran. So one request alone is
+served at once (a batch of one, no waiting for company), and under load the
+fixed costs are shared by all the requests of a batch. A request is answered
+only after its batch committed: nothing is acknowledged that is not stored.
+
+The flush function decides what a failure means: it returns one result per
+item, an exception object for an item that failed alone; an exception it
+raises fails every item of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from weakref import WeakKeyDictionary
+
+import anyio.to_thread
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass
+class _Queue(Generic[Item, Result]):
+    waiting: list[tuple[Item, asyncio.Future[Result]]] = field(default_factory=list)
+    draining: asyncio.Task[None] | None = None  # the task writing batches, while one is
+
+
+class Coalescer(Generic[Item, Result]):
+    """Run ``flush(target, items)`` in a worker thread for batches of items.
+
+    ``target`` (an engine, say) is what a batch shares: items for different
+    targets never share a batch. Queues are per event loop, since a future
+    belongs to its loop (the test client runs apps in loops of their own).
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[Any, Sequence[Item]], Sequence[Result | BaseException]],
+        *,
+        max_batch: int = 500,
+        before: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """``before(target)``, if given, is an async context manager factory that
+        each batch enters on the event loop before its thread runs (a turn to
+        write, for instance)."""
+        self._flush = flush
+        self._max_batch = max_batch
+        self._before = before
+        self._queues: WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[Hashable, _Queue[Item, Result]]
+        ] = WeakKeyDictionary()
+
+    async def submit(self, target: Hashable, item: Item) -> Result:
+        """``item``'s result once its batch is done (an item's exception is raised).
+
+        A caller that is cancelled meanwhile leaves its item in the batch: the
+        work is done and kept (an idempotency key makes a retry find it)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.setdefault(loop, {}).setdefault(target, _Queue())
+        future: asyncio.Future[Result] = loop.create_future()
+        queue.waiting.append((item, future))
+        if queue.draining is None:
+            queue.draining = loop.create_task(self._drain(target, queue))
+        return await future  # cancelled, it is skipped when its batch is done
+
+    async def _drain(self, target: Hashable, queue: _Queue[Item, Result]) -> None:
+        try:
+            while queue.waiting:
+                batch = queue.waiting[: self._max_batch]
+                del queue.waiting[: len(batch)]
+                await self._run(target, batch)
+        finally:
+            queue.draining = None
+
+    async def _run(self, target: Any, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            if self._before is None:
+                results = await anyio.to_thread.run_sync(self._flush, target, items)
+            else:
+                async with self._before(target):
+                    results = await anyio.to_thread.run_sync(self._flush, target, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"flush gave {len(results)} results for {len(items)} items")
+        except BaseException as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
