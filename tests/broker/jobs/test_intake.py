@@ -1,0 +1,92 @@
+"""Submissions written in batches (group commit): each one answered as if alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Role
+from broker.db import EngineTransactions, transaction
+from broker.errors import InvalidInput
+from broker.jobs import intake, service
+from broker.jobs.models import Job
+from broker.jobs.schemas import JobCreate
+from tests.factories import job_body, make_account
+
+
+def _submission(account: Any, key: str | None = None, **body: Any) -> intake.Submission:
+    data = JobCreate.model_validate(job_body(**body))
+    job = None if service.needs_database(data) else service.prepare_job(None, account, data, key)
+    return intake.Submission(account, data, key, job)
+
+
+def test_a_batch_stores_each_job_once_and_refuses_only_the_bad_one(fresh_engine: Engine) -> None:
+    with transaction(fresh_engine) as session:
+        developer, _ = make_account(session, Role.developer)
+    batch = [
+        _submission(developer, "k1"),
+        _submission(developer, "k1"),  # a retry that came in the same batch
+        _submission(developer, None, max_price_per_hour="9.00"),
+        # Checked in the batch's transaction: its artifact was never uploaded.
+        _submission(developer, "k2", artifact="ab" * 32, inputs="cd" * 32, platforms=None),
+    ]
+    results = intake._write(EngineTransactions(fresh_engine), batch)
+    assert isinstance(results[0], Job)
+    assert results[1] is None  # the key was used: the retry is answered by a replay
+    assert isinstance(results[2], Job)
+    assert isinstance(results[3], InvalidInput)
+    assert results[3].field == "body.artifact"
+    with transaction(fresh_engine, write=False) as session:
+        stored = session.scalars(select(Job.id).order_by(Job.id)).all()
+    assert sorted(stored) == sorted([results[0].id, results[2].id])
+
+
+def test_when_a_batch_fails_its_submissions_are_written_one_by_one(fresh_engine: Engine) -> None:
+    with transaction(fresh_engine) as session:
+        developer, _ = make_account(session, Role.developer)
+    good = _submission(developer, "a")
+    orphan = _submission(developer, "b")
+    assert orphan.job is not None
+    orphan.job.account_id = "acc_gone"  # a foreign key the database refuses
+    results = intake._write(EngineTransactions(fresh_engine), [good, orphan])
+    assert isinstance(results[0], Job)
+    assert "foreign key" in str(results[1]).lower()
+    with transaction(fresh_engine, write=False) as session:
+        assert session.scalars(select(Job.id)).all() == [results[0].id]
+
+
+def test_concurrent_submissions_on_a_live_server(live_url: str, fresh_engine: Engine) -> None:
+    """60 requests at once, 20 of them retries of others: 40 jobs, each retry answered
+    with the job its key made, and every answer's job stored."""
+    with transaction(fresh_engine) as session:
+        _, key = make_account(session, Role.developer)
+
+    async def send_all() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=live_url, headers=headers, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/jobs",
+                        json=job_body(accelerators=1 + i % 40 % 4),
+                        headers={"Idempotency-Key": f"key-{i % 40}"},
+                    )
+                    for i in range(60)
+                )
+            )
+
+    answers = asyncio.run(send_all())
+    assert sorted({a.status_code for a in answers}) == [200, 201]
+    by_key: dict[int, set[str]] = {}
+    for i, answer in enumerate(answers):
+        by_key.setdefault(i % 40, set()).add(answer.json()["id"])
+    assert all(len(ids) == 1 for ids in by_key.values())
+    assert sum(a.status_code == 201 for a in answers) == 40
+    with Session(fresh_engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 40
+        stored = set(session.scalars(select(Job.id)))
+    assert stored == {id_ for ids in by_key.values() for id_ in ids}
