@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
 from broker.accounts.service import KeyOwner, authenticate_key, authenticate_keys
-from broker.coalesce import Coalescer
-from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.coalesce import Batched
+from broker.db import SessionDep, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -58,13 +58,9 @@ def _known(found: KeyOwner | None) -> Caller:
     return Caller(*found)
 
 
-def _check_keys(transactions: Transactions, keys: Sequence[str]) -> list[KeyOwner | None]:
-    with transactions(write=False) as session:
-        return authenticate_keys(session, keys)
-
-
-# Keys of concurrent requests checked together, in one query and one transaction.
-_key_checks: Coalescer[str, KeyOwner | None] = Coalescer(_check_keys)
+# Keys of concurrent requests checked together, in one query, in a transaction shared
+# with other batched work.
+_key_checks: Batched[str, KeyOwner | None] = Batched(authenticate_keys, write=False)
 
 
 def _own_key(caller: Caller) -> Account:

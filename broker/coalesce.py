@@ -105,3 +105,67 @@ class Coalescer(Generic[Item, Result]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+Payload = TypeVar("Payload")
+Answer = TypeVar("Answer")
+
+
+class Batched(Generic[Payload, Answer]):
+    """A kind of database work done in batches shared with every other kind.
+
+    ``handler(session, payloads)`` does the work for a batch's payloads of this
+    kind, in the batch's one transaction, and gives one answer per payload: an
+    exception object for a payload refused on its own (it must leave the
+    transaction usable). All kinds share one queue per database, so under load a
+    request's key check and an earlier request's insert go in the same
+    transaction. If a batch fails, its items are done again one per transaction,
+    so that one bad item fails alone.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Any, Sequence[Payload]], Sequence[Answer | BaseException]],
+        *,
+        write: bool,
+    ) -> None:
+        self.handler = handler
+        self.write = write
+
+    async def submit(self, transactions: Hashable, payload: Payload) -> Answer:
+        """``payload``'s answer, once its batch has committed; ``transactions`` (a
+        ``broker.db.Transactions``) is the database. A refusal is raised."""
+        answer: Answer = await _shared.submit(transactions, (self, payload))
+        return answer
+
+
+def _flush_shared(transactions: Any, items: Sequence[tuple[Batched[Any, Any], Any]]) -> list[Any]:
+    try:
+        with transactions(write=any(kind.write for kind, _ in items)) as session:
+            return _handle(session, items)
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+    answers: list[Any] = []
+    for item in items:
+        try:
+            with transactions(write=item[0].write) as session:
+                answers.extend(_handle(session, [item]))
+        except Exception as e:
+            answers.append(e)
+    return answers
+
+
+def _handle(session: Any, items: Sequence[tuple[Batched[Any, Any], Any]]) -> list[Any]:
+    answers: list[Any] = [None] * len(items)
+    by_kind: dict[Batched[Any, Any], list[int]] = {}
+    for i, (kind, _) in enumerate(items):
+        by_kind.setdefault(kind, []).append(i)
+    for kind, indexes in by_kind.items():
+        given = kind.handler(session, [items[i][1] for i in indexes])
+        for i, answer in zip(indexes, given, strict=True):
+            answers[i] = answer
+    return answers
+
+
+_shared: Coalescer[tuple[Batched[Any, Any], Any], Any] = Coalescer(_flush_shared)

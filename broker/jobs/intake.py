@@ -3,9 +3,10 @@
 Each submission is checked on its own (on the event loop when its checks need no
 database), then queued; the queue is written by a worker thread, one INSERT and
 one COMMIT for every submission that arrived while the last batch was being
-written (``broker.coalesce``). A submission is answered once its batch has
-committed. If a batch fails, its submissions are written again one by one, so
-that one bad submission fails alone.
+written, in the same transaction as the key checks of the requests that arrived
+meanwhile (``broker.coalesce.Batched``). A submission is answered once its batch
+has committed. If a batch fails, its items are done again one by one, so that
+one bad submission fails alone.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
 from broker.accounts.models import Account
-from broker.coalesce import Coalescer
+from broker.coalesce import Batched
 from broker.db import Transactions
 from broker.errors import BrokerError
 from broker.jobs import service
@@ -34,46 +37,27 @@ class Submission:
 Stored = Job | None
 
 
-def _write(transactions: Transactions, batch: Sequence[Submission]) -> list[Stored | Exception]:
-    """One transaction for the whole batch; if it fails, one per submission."""
-    try:
-        return _write_together(transactions, batch)
-    except Exception as e:
-        if len(batch) == 1:
-            return [e]
-    results: list[Stored | Exception] = []
-    for submission in batch:
-        try:
-            results.extend(_write_together(transactions, [submission]))
-        except Exception as e:
-            results.append(e)
-    return results
-
-
-def _write_together(
-    transactions: Transactions, batch: Sequence[Submission]
-) -> list[Stored | Exception]:
+def _store(session: Session, batch: Sequence[Submission]) -> list[Stored | Exception]:
     results: list[Stored | Exception] = [None] * len(batch)
-    with transactions(write=True) as session:
-        ready: list[tuple[int, Job]] = []
-        for i, submission in enumerate(batch):
-            job = submission.job
-            if job is None:
-                try:
-                    job = service.prepare_job(
-                        session, submission.account, submission.data, submission.idempotency_key
-                    )
-                except BrokerError as e:  # a refused submission: the others go on
-                    results[i] = e
-                    continue
-            ready.append((i, job))
-        inserted = service.insert_jobs(session, [job for _, job in ready])
-        for (i, job), stored in zip(ready, inserted, strict=True):
-            results[i] = job if stored else None
+    ready: list[tuple[int, Job]] = []
+    for i, submission in enumerate(batch):
+        job = submission.job
+        if job is None:
+            try:
+                job = service.prepare_job(
+                    session, submission.account, submission.data, submission.idempotency_key
+                )
+            except BrokerError as e:  # a refused submission (it only read): the others go on
+                results[i] = e
+                continue
+        ready.append((i, job))
+    inserted = service.insert_jobs(session, [job for _, job in ready])
+    for (i, job), stored in zip(ready, inserted, strict=True):
+        results[i] = job if stored else None
     return results
 
 
-_batches: Coalescer[Submission, Stored] = Coalescer(_write)
+_submissions: Batched[Submission, Stored] = Batched(_store, write=True)
 
 
 async def submit(
@@ -85,4 +69,4 @@ async def submit(
     job = None
     if not service.needs_database(data):
         job = service.prepare_job(None, account, data, idempotency_key)
-    return await _batches.submit(transactions, Submission(account, data, idempotency_key, job))
+    return await _submissions.submit(transactions, Submission(account, data, idempotency_key, job))

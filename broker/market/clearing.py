@@ -184,8 +184,8 @@ class _BackgroundSolver:
 # Niceness (added to the server's) of the clearing process on PostgreSQL, and of its
 # solver: under a full CPU, requests get about three times the clearing process's
 # share of a core and thirty times the solver's.
-_ROUND_NICENESS = 5
-_SOLVER_NICENESS = 10
+_ROUND_NICENESS = 10
+_SOLVER_NICENESS = 9
 
 
 def _lower_priority() -> None:

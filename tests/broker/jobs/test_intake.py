@@ -10,12 +10,23 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
+from broker.auth import _key_checks
+from broker.coalesce import _flush_shared
 from broker.db import EngineTransactions, transaction
 from broker.errors import InvalidInput
 from broker.jobs import intake, service
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
 from tests.factories import job_body, make_account
+
+
+def _write(engine: Engine, batch: list[Any]) -> list[Any]:
+    """Flush ``batch`` as the shared queue would: submissions, or ``("key", key)``."""
+    items = [
+        (_key_checks, item[1]) if isinstance(item, tuple) else (intake._submissions, item)
+        for item in batch
+    ]
+    return _flush_shared(EngineTransactions(engine), items)
 
 
 def _submission(account: Any, key: str | None = None, **body: Any) -> intake.Submission:
@@ -34,7 +45,7 @@ def test_a_batch_stores_each_job_once_and_refuses_only_the_bad_one(fresh_engine:
         # Checked in the batch's transaction: its artifact was never uploaded.
         _submission(developer, "k2", artifact="ab" * 32, inputs="cd" * 32, platforms=None),
     ]
-    results = intake._write(EngineTransactions(fresh_engine), batch)
+    results = _write(fresh_engine, batch)
     assert isinstance(results[0], Job)
     assert results[1] is None  # the key was used: the retry is answered by a replay
     assert isinstance(results[2], Job)
@@ -47,14 +58,16 @@ def test_a_batch_stores_each_job_once_and_refuses_only_the_bad_one(fresh_engine:
 
 def test_when_a_batch_fails_its_submissions_are_written_one_by_one(fresh_engine: Engine) -> None:
     with transaction(fresh_engine) as session:
-        developer, _ = make_account(session, Role.developer)
+        developer, key = make_account(session, Role.developer)
     good = _submission(developer, "a")
     orphan = _submission(developer, "b")
     assert orphan.job is not None
     orphan.job.account_id = "acc_gone"  # a foreign key the database refuses
-    results = intake._write(EngineTransactions(fresh_engine), [good, orphan])
+    results = _write(fresh_engine, [good, ("key", key), orphan, ("key", "bk_unknown")])
     assert isinstance(results[0], Job)
-    assert "foreign key" in str(results[1]).lower()
+    assert results[1][0].id == developer.id  # a key checked in the same batch
+    assert "foreign key" in str(results[2]).lower()
+    assert results[3] is None
     with transaction(fresh_engine, write=False) as session:
         assert session.scalars(select(Job.id)).all() == [results[0].id]
 
