@@ -163,8 +163,13 @@ async def _batched_developer(caller: Annotated[Caller, Depends(batched_caller)])
     return check_role(_own_key(caller), Role.developer)
 
 
+async def _batched_account(caller: Annotated[Caller, Depends(batched_caller)]) -> Account:
+    return _own_key(caller)
+
+
 Developer = Annotated[Account, Depends(require_role(Role.developer))]
-# A developer (or admin) account, its key checked in a batch (``batched_caller``).
+# CurrentAccount and Developer with the key checked in a batch (``batched_caller``).
+BatchedAccount = Annotated[Account, Depends(_batched_account)]
 BatchedDeveloper = Annotated[Account, Depends(_batched_developer)]
 Provider = Annotated[Account, Depends(require_role(Role.provider))]
 Admin = Annotated[Account, Depends(require_role(Role.admin))]

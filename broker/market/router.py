@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from adapters import catalog
-from broker.auth import Admin, CurrentAccount
+from broker.auth import Admin, BatchedAccount, CurrentAccount
 from broker.config import get_settings
-from broker.db import EngineDep, SessionDep, read_only_session, transaction
+from broker.db import EngineDep, SessionDep, TransactionsDep, read_only_session, transaction
 from broker.errors import NotFound
 from broker.market import service
 from broker.market.cache import BookCache
@@ -30,16 +30,22 @@ router = APIRouter(tags=["market"])
     "was computed.",
 )
 async def order_book(
-    session: SessionDep,
-    _: CurrentAccount,
+    _: BatchedAccount,
     query: Annotated[BookQuery, Query()],
     request: Request,
     engine: EngineDep,
-) -> OrderBook:
+    transactions: TransactionsDep,
+) -> Any:
+    # A busy read: the key is checked in a batch (no session of its own), and a
+    # cached book is answered from the event loop, as the JSON it was kept as.
     cache: BookCache = request.app.state.book_cache
     if cache.seconds <= 0:
-        # async with its work in one worker thread: see jobs.router.submit_job.
-        return await run_in_threadpool(service.order_book, session, query.accelerator, query.depth)
+
+        def read() -> OrderBook:
+            with transactions(write=False) as session:
+                return service.order_book(session, query.accelerator, query.depth)
+
+        return await run_in_threadpool(read)
 
     def compute() -> OrderBook:
         with transaction(engine, write=False) as own:
@@ -47,9 +53,12 @@ async def order_book(
 
     # One cached book per depth; a model's book is the same whether asked for alone
     # or with the others, so one model's is cut from it.
-    book = await run_in_threadpool(cache.get, query.depth, compute)
     if query.accelerator is None:
-        return book
+        body = cache.cached_json(query.depth, compute)
+        if body is None:
+            body = await run_in_threadpool(cache.get_json, query.depth, compute)
+        return Response(body, media_type="application/json")
+    book = await run_in_threadpool(cache.get, query.depth, compute)
     key = resolve_model(query.accelerator)
     return OrderBook(
         books=[b for b in book.books if b.accelerator == key], generated_at=book.generated_at

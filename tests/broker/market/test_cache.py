@@ -73,7 +73,11 @@ def test_the_api_serves_a_recent_copy(
         _, key = make_account(s, Role.developer)
     client = fresh_client_for(key)
     client.app.state.book_cache = BookCache(60)  # type: ignore[attr-defined]
-    first = client.get("/v1/market/book").json()
+    answer = client.get("/v1/market/book")
+    assert answer.headers["content-type"] == "application/json"
+    first = answer.json()
+    with transaction(fresh_engine, write=False) as s:  # the kept JSON is the book's
+        assert first["books"] == service.order_book(s, None, 50).model_dump(mode="json")["books"]
     with transaction(fresh_engine) as s:
         make_offer(s, s.merge(seller), accelerator="mi300x", price_per_hour="2.10")
     assert client.get("/v1/market/book").json() == first  # generated_at and all
