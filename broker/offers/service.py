@@ -161,7 +161,6 @@ def search_offers(
     session: Session, viewer: Account, filters: OfferQuery
 ) -> tuple[list[Offer], int]:
     conditions = _conditions(viewer, filters)
-    total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
     order: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
         OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id.asc()),
         OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id.asc()),
@@ -174,6 +173,9 @@ def search_offers(
         .limit(filters.limit)
         .offset(filters.offset)
     ).all()
+    if filters.offset == 0 and len(rows) < filters.limit:
+        return list(rows), len(rows)  # the whole result is on this page: no count needed
+    total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
     return list(rows), total
 
 
