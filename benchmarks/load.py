@@ -25,19 +25,17 @@ services. The load comes from separate processes (``benchmarks.loadgen``). For
 each measurement the report gives the CPU that the server, PostgreSQL, the load
 generator and everything else on the machine used (in cores), so a saturated
 generator or a busy machine shows.
+
+The servers, the PostgreSQL cluster and the CPU accounting are in
+``benchmarks.processes``; the request bodies and the seeding in ``benchmarks.seeding``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,10 +51,9 @@ import httpx
 
 from benchmarks.loadgen import Plan, Request
 from benchmarks.markets import build_market
+from benchmarks.processes import CpuMeter, Postgres, Server
+from benchmarks.seeding import Keys, job_body, migrate, region_name, seed
 from solver import market as sm
-
-DEVELOPERS = 20
-PROVIDERS = 10
 
 
 @dataclass(frozen=True)
@@ -69,276 +66,6 @@ class Sizes:
 
 
 QUICK = Sizes(offers=100, book_jobs=200, clear_jobs=300, duration=3.0, warmup=0.5)
-
-
-# --- processes and their CPU -------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with its durable defaults."""
-
-    def __init__(self) -> None:
-        # Its own directory under /tmp: the server's user must reach it.
-        self.workdir = Path(tempfile.mkdtemp(prefix="broker-load-pg-"))
-        self.data = self.workdir / "pg"
-        self.port = _free_port()
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
-        if not found:
-            raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-        self.bin = found[0].parent
-        # initdb refuses to run as root.
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
-        self.databases = 0
-
-    def _run(self, tool: str, *args: str) -> None:
-        command = [*self.as_user, str(self.bin / tool), *args]
-        done = subprocess.run(command, capture_output=True, text=True)  # noqa: S603 - PostgreSQL's tools
-        if done.returncode:
-            raise RuntimeError(f"{tool} failed: {done.stderr or done.stdout}")
-
-    def start(self) -> None:
-        self.workdir.chmod(0o755)
-        if self.as_user:
-            shutil.chown(self.workdir, "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.workdir} "
-            "-c max_connections=300 -c shared_buffers=256MB"
-        )
-        log = str(self.workdir / "pg.log")
-        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-o", options, "start")
-
-    def fresh_database(self) -> str:
-        self.databases += 1
-        name = f"broker_{self.databases}"
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def pid(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def stop(self) -> None:
-        try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()  # fields from the state on
-
-
-def _tree_cpu(root: int) -> float:
-    """CPU seconds of ``root``, its live descendants and the children it has reaped."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
-            parents[int(entry.name)] = int(fields[1])
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    ticks = 0
-    for pid in tree:
-        if fields := _stat(pid):
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-            if pid == root:
-                ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / _TICK
-
-
-def _machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / _TICK
-
-
-class CpuMeter:
-    """CPU used, in cores, by the server, PostgreSQL and the rest of the machine."""
-
-    def __init__(self, server: int, postgres: int | None) -> None:
-        self.roots = {"server": server, **({"postgres": postgres} if postgres else {})}
-
-    def __enter__(self) -> CpuMeter:
-        self.start = time.monotonic()
-        self.before = {name: _tree_cpu(pid) for name, pid in self.roots.items()}
-        self.busy_before = _machine_busy()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.monotonic() - self.start
-        used = {n: _tree_cpu(pid) - self.before[n] for n, pid in self.roots.items()}
-        busy = _machine_busy() - self.busy_before
-        self.cores = {n: v / wall for n, v in used.items()}
-        self.cores["machine"] = busy / wall
-
-
-class Server:
-    """``broker serve`` in a process of its own, on a free port."""
-
-    def __init__(
-        self, url: str, data_dir: Path, workers: int, env: dict[str, str], access_log: bool = False
-    ) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "BROKER_DATABASE_URL": url,
-            "BROKER_DATA_DIR": str(data_dir),
-            **env,
-        }
-        self.workers = workers
-        self.access_log = access_log
-        self.log = data_dir / f"server-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        command = [sys.executable, "-m", "broker.cli", "serve", "--no-migrate"]
-        command += ["--port", str(self.port), "--workers", str(self.workers)]
-        command += ["--access-log" if self.access_log else "--no-access-log"]
-        with self.log.open("wb") as log:
-            # Our own interpreter and command.
-            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)  # noqa: S603
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=self.base, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"broker serve exited; see {self.log}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/readyz").status_code == 200:
-                        return self
-                time.sleep(0.2)
-        raise RuntimeError(f"broker serve did not come up in 60 s; see {self.log}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-# --- the market --------------------------------------------------------------------------
-
-
-def region_name(region: str) -> str:
-    """A price-sample region as the API accepts it (some marketplace ones read
-    ``"Texas, US, NA"``)."""
-    return re.sub(r"[^A-Za-z0-9 ._:/-]+", "-", region).strip("- ")
-
-
-def offer_body(o: sm.Offer) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "accelerator": o.accelerator,
-        "count": o.count,
-        "price_per_hour": f"{o.price_per_hour:.6f}",
-        "region": region_name(o.region),
-        "country": o.country,
-        "lat": o.lat,
-        "lon": o.lon,
-        "efficiency": o.efficiency,
-    }
-    if o.available_hours is not None:
-        body["available_hours"] = o.available_hours
-    return body
-
-
-def job_body(j: sm.Job) -> dict[str, Any]:
-    """The request a developer would send for a benchmark job."""
-    body: dict[str, Any] = {
-        "platforms": list(j.platforms),
-        "accelerators": j.accelerators,
-        "max_price_per_hour": f"{j.max_price_per_hour:.2f}",
-        "priority": j.priority,
-    }
-    if j.duration_hours is not None:
-        body["duration_hours"] = j.duration_hours
-    else:
-        body.update(flops=j.flops, bytes=j.bytes, dtype=j.dtype)
-    optional = {
-        "min_memory_gib": j.min_memory_gib or None,
-        "accelerator_models": list(j.accelerator_models) or None,
-        "deadline_hours": j.deadline_hours,
-        "latency_slo_ms": j.latency_slo_ms,
-        "user_lat": j.user_lat,
-        "user_lon": j.user_lon,
-        "data_region": j.data_region and region_name(j.data_region),
-        "data_gb": j.data_gb,
-        "allowed_countries": list(j.allowed_countries) or None,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return body
-
-
-@dataclass
-class Keys:
-    admin: str
-    developers: list[str]
-    providers: list[str]
-
-
-def seed(url: str, market: sm.Market) -> Keys:
-    """Accounts, then the market's offers and jobs, through the broker's services."""
-    from broker.accounts.models import Role
-    from broker.accounts.service import create_account
-    from broker.db import make_engine, transaction
-    from broker.jobs.schemas import JobCreate
-    from broker.jobs.service import submit_job
-    from broker.offers.schemas import OfferCreate
-    from broker.offers.service import create_offer
-
-    engine = make_engine(url)
-    try:
-        with transaction(engine) as session:
-            admin = create_account(session, "ops", Role.admin)
-            developers = [
-                create_account(session, f"dev{i}", Role.developer) for i in range(DEVELOPERS)
-            ]
-            providers = [
-                create_account(session, f"farm{i}", Role.provider) for i in range(PROVIDERS)
-            ]
-        for start in range(0, len(market.offers), 1000):
-            with transaction(engine) as session:
-                for i, o in enumerate(market.offers[start : start + 1000], start):
-                    provider = providers[i % PROVIDERS][0]
-                    create_offer(session, provider, OfferCreate.model_validate(offer_body(o)))
-        for start in range(0, len(market.jobs), 1000):
-            with transaction(engine) as session:
-                for i, j in enumerate(market.jobs[start : start + 1000], start):
-                    developer = developers[i % DEVELOPERS][0]
-                    submit_job(session, developer, JobCreate.model_validate(job_body(j)))
-    finally:
-        engine.dispose()
-    return Keys(admin[1], [k for _, k in developers], [k for _, k in providers])
-
-
-def migrate(url: str, data_dir: Path) -> None:
-    env = {**os.environ, "BROKER_DATABASE_URL": url, "BROKER_DATA_DIR": str(data_dir)}
-    subprocess.run(
-        [sys.executable, "-m", "broker.cli", "db", "upgrade"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
 
 
 # --- load --------------------------------------------------------------------------------
@@ -692,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     parser.add_argument(
-        "--rates", default="100,250,500", help="open-loop submissions/s, comma-separated"
+        "--rates", default="100,250,400,500", help="open-loop submissions/s, comma-separated"
     )
     parser.add_argument("--generators", type=int, default=1, help="load generator processes")
     parser.add_argument("--read-concurrency", type=int, default=8)

@@ -92,13 +92,15 @@ class Coalescer(Generic[Item, Result]):
             results = await anyio.to_thread.run_sync(self._flush, target, items)
             if len(results) != len(items):
                 raise RuntimeError(f"flush gave {len(results)} results for {len(items)} items")
-        except BaseException as e:
+        except Exception as e:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
             return
+        except BaseException:  # this task was cancelled (the loop is closing)
+            for _, future in batch:
+                future.cancel()
+            raise
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import load
+from benchmarks import load, seeding
 
 
 def test_quick_run_on_sqlite(tmp_path: Path, capsys: object) -> None:
@@ -29,6 +29,6 @@ def test_job_bodies_are_valid_requests() -> None:
 
     market = build_market(500, 200, seed=3)
     for job in market.jobs:
-        JobCreate.model_validate(load.job_body(job))
+        JobCreate.model_validate(seeding.job_body(job))
     for offer in market.offers:
-        OfferCreate.model_validate(load.offer_body(offer))
+        OfferCreate.model_validate(seeding.offer_body(offer))
