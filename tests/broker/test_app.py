@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from tests.conftest import ClientFactory
 
 
@@ -94,3 +96,32 @@ def test_deadlocks_and_serialisation_failures_ask_for_a_retry() -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "retry"
+
+
+def test_a_served_worker_tunes_its_interpreter_at_startup(fresh_engine: Any) -> None:
+    """``broker serve``'s workers freeze what is alive at startup out of the garbage
+    collector's reach and shorten the thread switch interval; the test app does not."""
+    import gc
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from broker.app import create_app
+    from broker.db import request_engine
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    try:
+        with TestClient(create_app(auto_clear=False, auto_bill=False)):
+            assert gc.get_freeze_count() == 0
+            assert sys.getswitchinterval() == interval
+        app = create_app(auto_clear=False, auto_bill=False, served=True)
+        app.dependency_overrides[request_engine] = lambda: fresh_engine
+        with TestClient(app) as client:
+            assert gc.get_freeze_count() > 10_000
+            assert sys.getswitchinterval() == 0.0005
+            assert gc.get_threshold()[0] == 7_000
+            assert client.get("/readyz").status_code == 200
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)
