@@ -243,36 +243,24 @@ class Bench:
         env = {"BROKER_CLEAR_INTERVAL_SECONDS": str(o.clear_interval)}
         figures: dict[str, Any] = {}
         with self.server(url, data_dir, **env) as server:
-            before = _rounds(server.base, keys.admin)
-            figures["max"] = measure(
-                server,
-                self.pg_pid,
-                _plan(
+
+            def submissions(concurrency: int, rate: float | None, label: str) -> dict[str, Any]:
+                plan = _plan(
                     server.base,
                     requests,
                     keys.developers,
                     o.sizes,
-                    concurrency=o.concurrency,
+                    concurrency=concurrency,
+                    rate=rate,
                     idempotency=True,
-                ),
-                o.generators,
-                f"submit, {o.concurrency} clients",
-            )
+                )
+                return measure(server, self.pg_pid, plan, o.generators, label)
+
+            before = _rounds(server.base, keys.admin)
+            figures["max"] = submissions(o.concurrency, None, f"submit, {o.concurrency} clients")
             for rate in o.rates:
-                figures[f"rate_{rate:g}"] = measure(
-                    server,
-                    self.pg_pid,
-                    _plan(
-                        server.base,
-                        requests,
-                        keys.developers,
-                        o.sizes,
-                        concurrency=max(o.concurrency, 64),
-                        rate=rate,
-                        idempotency=True,
-                    ),
-                    o.generators,
-                    f"submit, {rate:g}/s offered",
+                figures[f"rate_{rate:g}"] = submissions(
+                    max(o.concurrency, 64), rate, f"submit, {rate:g}/s offered"
                 )
             after = _rounds(server.base, keys.admin)
         figures["rounds"] = after["total"] - before["total"]
