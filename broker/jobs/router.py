@@ -141,7 +141,7 @@ def _replay(
     """A retry: the job its idempotency key made (or why it cannot be given)."""
     with transactions(write=True) as session:
         job, created = service.submit_job(session, developer, body, idempotency_key)
-        if created:  # the first one's job was rolled back since: this one made it
+        if created:  # the key's job is not there (nothing is deleted: should not happen)
             return _job_out(job, _UNMATCHED)
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

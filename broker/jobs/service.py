@@ -94,8 +94,8 @@ def prepare_job(
 
 
 def insert_jobs(session: Session, jobs: Sequence[Job]) -> list[bool]:
-    """Insert prepared jobs (``prepare_job``) in one statement; for each, whether it
-    was inserted: False when its account had already used its idempotency key.
+    """Insert prepared jobs (``prepare_job``); for each, whether it was inserted:
+    False when its account had already used its idempotency key.
 
     A Core INSERT, several times cheaper than the ORM's flush or its INSERT ...
     RETURNING of the whole row. The jobs stay out of the session.
