@@ -7,13 +7,14 @@ request dependency, a CLI command, a background task) owns the transaction.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -231,6 +232,22 @@ async def get_transactions(engine: Annotated[Engine, Depends(request_engine)]) -
 
 
 TransactionsDep = Annotated[Transactions, Depends(get_transactions)]
+
+
+async def request_transactions(request: Request) -> Transactions:
+    """What ``TransactionsDep`` gives, for a handler that reads its request itself
+    (without FastAPI's dependency solving), with the app's overrides of
+    ``get_transactions`` or ``request_engine`` (tests; they take no parameters)."""
+    overrides = request.app.dependency_overrides
+    if get_transactions in overrides:
+        return cast(Transactions, await _maybe_await(overrides[get_transactions]()))
+    engine = await _maybe_await(overrides.get(request_engine, request_engine)())
+    return EngineTransactions(engine)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
 
 # scope="function": the transaction commits when the handler returns, before the
 # response is sent, so a failed commit is reported to the client, not hidden.

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.accounts.models import Account
-from broker.auth import BatchedDeveloper, CurrentAccount
+from broker.auth import BatchedDeveloper, CurrentAccount, batched_developer
 from broker.billing import service as billing
 from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
-from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.jobs import intake, service
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery
@@ -107,13 +111,6 @@ def _job_out(job: Job, cost: billing.JobCost) -> JobOut:
     )
 
 
-@router.post(
-    "",
-    response_model=JobOut,
-    status_code=201,
-    summary="Submit a job (developer)",
-    responses={200: {"model": JobOut, "description": "A retry: the job the key created"}},
-)
 async def submit_job(
     transactions: TransactionsDep,
     developer: BatchedDeveloper,
@@ -123,19 +120,22 @@ async def submit_job(
 ) -> JobOut:
     # The busiest write: the key check and the insert are each batched with other
     # requests' (group commit, broker.jobs.intake); the answer comes once stored.
+    # Most requests take _SubmitRoute's shorter way to the same place.
     job = await intake.submit(transactions, developer, body, idempotency_key)
     if job is not None:
         return _job_out(job, _UNMATCHED)  # a new job has no match to look up
-    return await run_in_threadpool(
-        _replay, transactions, developer, body, response, idempotency_key
-    )
+    response.status_code = 200
+    response.headers[_REPLAYED] = "true"
+    return await run_in_threadpool(_replay, transactions, developer, body, idempotency_key)
+
+
+_REPLAYED = "Idempotent-Replayed"
 
 
 def _replay(
     transactions: Transactions,
     developer: Account,
     body: JobCreate,
-    response: Response,
     idempotency_key: str | None,
 ) -> JobOut:
     """A retry: the job its idempotency key made (or why it cannot be given)."""
@@ -143,9 +143,78 @@ def _replay(
         job, created = service.submit_job(session, developer, body, idempotency_key)
         if created:  # the key's job is not there (nothing is deleted: should not happen)
             return _job_out(job, _UNMATCHED)
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
         return job_out(session, job)
+
+
+class _SubmitRoute(APIRoute):
+    """``POST /v1/jobs``: a well-formed submission goes straight to the group commit.
+
+    FastAPI's handler solves the route's dependencies and validates its answer
+    again on every request: a fifth of a submission's CPU, the busiest request.
+    This handler reads what ``submit_job`` declares itself (the bearer key, the
+    ``Idempotency-Key`` header, a JSON body that is a valid ``JobCreate``) and
+    answers with the ``JobOut`` as JSON, as FastAPI would. Anything else (a
+    missing key, a malformed header, body or content type) goes to FastAPI's
+    handler, so errors come in the same order and shape; the OpenAPI schema is
+    the declared route's.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        declared = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            data = await _well_formed(request)
+            if data is None:
+                return await declared(request)
+            body, idempotency_key = data
+            transactions = await request_transactions(request)
+            developer = await batched_developer(request, transactions)
+            job = await intake.submit(transactions, developer, body, idempotency_key)
+            if job is not None:
+                return _json(_job_out(job, _UNMATCHED), 201)
+            out = await run_in_threadpool(_replay, transactions, developer, body, idempotency_key)
+            return _json(out, 200, {_REPLAYED: "true"})
+
+        return handle
+
+
+_KEY_HEADER = re.compile(r"[\x21-\x7e]{1,255}")  # as IdempotencyKey declares it
+
+
+async def _well_formed(request: Request) -> tuple[JobCreate, str | None] | None:
+    """The body and idempotency key of a submission that FastAPI would accept, or
+    None: let FastAPI's handler answer (the key check still comes first there)."""
+    headers = request.headers
+    if "authorization" not in headers:
+        return None
+    content_type = headers.get("content-type")
+    if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+        return None
+    key = headers.get("idempotency-key")
+    if key is not None and not _KEY_HEADER.fullmatch(key):
+        return None
+    try:
+        # As FastAPI reads a JSON body: json.loads, then the model in Python mode.
+        return JobCreate.model_validate(json.loads(await request.body())), key
+    except (ValueError, ValidationError, RecursionError):  # json's errors are ValueErrors
+        return None
+
+
+def _json(out: JobOut, status: int, headers: dict[str, str] | None = None) -> Response:
+    # As FastAPI serializes a response_model (by alias, nothing excluded).
+    return Response(out.model_dump_json(by_alias=True), status, headers, "application/json")
+
+
+router.add_api_route(
+    "",
+    submit_job,
+    methods=["POST"],
+    response_model=JobOut,
+    status_code=201,
+    summary="Submit a job (developer)",
+    responses={200: {"model": JobOut, "description": "A retry: the job the key created"}},
+    route_class_override=_SubmitRoute,
+)
 
 
 @router.get("", response_model=Page[JobOut], summary="List my jobs (admins: all)")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -7,6 +8,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
+from broker.jobs import router as router_module
 from broker.jobs.states import JobState
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, make_account, make_job
@@ -203,3 +205,71 @@ def test_control_characters_and_odd_ids_are_refused_not_crashed(developer: Any) 
         response = developer.get(f"/v1/jobs/{job_id}")
         assert response.status_code in (404, 422), (job_id, response.status_code)
     assert developer.get("/v1/offers", params={"region": "eu\u0000"}).status_code == 422
+
+
+# What differs between two submissions of the same body: the job itself.
+_PER_JOB = {"id", "created_at", "updated_at"}
+
+
+def test_the_short_way_answers_as_fastapi_does(
+    developer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Well-formed submissions skip FastAPI's dependency solving (``_SubmitRoute``);
+    a content type only FastAPI reads goes its way. Both answer alike."""
+    short: list[object] = []
+    original = router_module._json
+
+    def counted(*args: Any) -> Any:
+        short.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(router_module, "_json", counted)
+    body = job_body(name="same", accelerators=2, max_price_per_hour="3.10", budget_usd="9.5")
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    fast = developer.post("/v1/jobs", content=json.dumps(body), headers=headers)
+    assert (fast.status_code, len(short)) == (201, 1), fast.text
+    slow = developer.post(
+        "/v1/jobs", content=json.dumps(body), headers={"Content-Type": "application/vnd+json"}
+    )
+    assert (slow.status_code, len(short)) == (201, 1), slow.text
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+    a, b = fast.json(), slow.json()
+    assert a["id"] != b["id"]
+    assert {k: v for k, v in a.items() if k not in _PER_JOB} == {
+        k: v for k, v in b.items() if k not in _PER_JOB
+    }
+    # A retry, both ways: the first job, marked as replayed.
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = developer.post("/v1/jobs", json=body, headers=key)
+    for content_type in ("application/json", "application/problem+json"):
+        retry = developer.post(
+            "/v1/jobs", content=json.dumps(body), headers={**key, "Content-Type": content_type}
+        )
+        assert retry.status_code == 200, retry.text
+        assert retry.headers["Idempotent-Replayed"] == "true"
+        assert retry.json() == first.json()
+    assert len(short) == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status", "code"),
+    [
+        ({"Authorization": "Basic abc"}, None, 401, None),  # not a bearer key: checked first
+        ({"Authorization": "Bearer bk_nope"}, None, 401, None),
+        ({"Authorization": "Bearer bk_nope"}, "{", 422, "body"),  # FastAPI reads JSON first
+        ({"Idempotency-Key": "has space"}, None, 422, "header"),
+        ({}, "{", 422, "body"),
+        ({}, "[]", 422, "body"),
+        ({"Content-Type": "text/plain"}, None, 422, "body"),
+    ],
+)
+def test_what_the_short_way_leaves_gets_fastapis_errors(
+    developer: Any, headers: dict[str, str], content: str | None, status: int, code: str | None
+) -> None:
+    body = content if content is not None else json.dumps(job_body())
+    response = developer.post(
+        "/v1/jobs", content=body, headers={"Content-Type": "application/json", **headers}
+    )
+    assert response.status_code == status, response.text
+    if code is not None:
+        assert response.json()["error"]["field"].startswith(code)
