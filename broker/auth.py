@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from broker.accounts.models import Account, Role
 from broker.accounts.service import KeyOwner, authenticate_key, authenticate_keys
 from broker.coalesce import Batched
-from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.db import SessionDep, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -105,25 +105,24 @@ async def batched_caller(
     all the keys that arrived meanwhile), outside the request's own transaction:
     for the busiest endpoints. The account it gives is detached: read it, do not
     change it."""
-    return await _batched(request, transactions, credentials)
-
-
-async def _batched(
-    request: Request,
-    transactions: Transactions,
-    credentials: HTTPAuthorizationCredentials | None,
-) -> Caller:
     caller = _known(await _key_checks.submit(transactions, _key(credentials)))
     request.state.account_id = caller.account.id
     return caller
 
 
-async def batched_developer(request: Request, transactions: Transactions) -> Account:
-    """``BatchedDeveloper`` for a handler that reads its request itself, without
-    FastAPI's dependency solving (``broker.jobs.router``'s submission route): the
-    same header, the same checks, the same errors."""
-    caller = await _batched(request, transactions, await _bearer(request))
-    return check_role(_own_key(caller), Role.developer)
+async def bearer_key(request: Request) -> str | None:
+    """The key of the request's ``Authorization: Bearer <key>`` header, read as the
+    routes' ``HTTPBearer`` reads it; None if there is none."""
+    credentials = await _bearer(request)
+    return None if credentials is None else credentials.credentials
+
+
+def developer_of(found: KeyOwner | None) -> Account:
+    """The developer (or admin) account behind one of its own keys, as
+    ``BatchedDeveloper`` admits it: Unauthorized, NodeKeyNotAllowed or Forbidden
+    otherwise. For work that checks its key in a batch of its own
+    (``broker.jobs.intake.submit_with_key``)."""
+    return check_role(_own_key(_known(found)), Role.developer)
 
 
 # The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account
+from broker.accounts.service import authenticate_keys
+from broker.auth import developer_of
 from broker.coalesce import Batched
 from broker.db import Transactions
 from broker.errors import BrokerError
@@ -58,6 +60,58 @@ def _store(session: Session, batch: Sequence[Submission]) -> list[Stored | Excep
 
 
 _submissions: Batched[Submission, Stored] = Batched(_store, write=True)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedSubmission:
+    """A submission whose API key is not checked yet."""
+
+    key: str
+    data: JobCreate
+    idempotency_key: str | None
+
+
+def _store_keyed(
+    session: Session, batch: Sequence[KeyedSubmission]
+) -> list[tuple[Account, Stored] | Exception]:
+    """Check the batch's keys (one query), then store the jobs of those that pass."""
+    refused: dict[int, Exception] = {}
+    accounts: dict[int, Account] = {}
+    for i, owner in enumerate(authenticate_keys(session, [s.key for s in batch])):
+        try:
+            accounts[i] = developer_of(owner)
+        except BrokerError as e:  # an unknown key, a node's key, a provider's key
+            refused[i] = e
+    submissions = [
+        Submission(account, batch[i].data, batch[i].idempotency_key, None)
+        for i, account in accounts.items()
+    ]
+    stored = dict(zip(accounts, _store(session, submissions), strict=True))
+    results: list[tuple[Account, Stored] | Exception] = []
+    for i in range(len(batch)):
+        if i in refused:
+            results.append(refused[i])
+        else:
+            job = stored[i]
+            results.append(job if isinstance(job, Exception) else (accounts[i], job))
+    return results
+
+
+_keyed_submissions: Batched[KeyedSubmission, tuple[Account, Stored]] = Batched(
+    _store_keyed, write=True
+)
+
+
+async def submit_with_key(
+    transactions: Transactions, key: str, data: JobCreate, idempotency_key: str | None
+) -> tuple[Account, Stored]:
+    """``submit`` for a request whose key is checked in the same batch as its job is
+    stored (one trip to the database, not two): the developer's account, and the job
+    stored or None (``submit``). The key's refusals (``broker.auth.developer_of``)
+    and the job's are raised."""
+    return await _keyed_submissions.submit(
+        transactions, KeyedSubmission(key, data, idempotency_key)
+    )
 
 
 async def submit(

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.accounts.models import Account
-from broker.auth import BatchedDeveloper, CurrentAccount, batched_developer
+from broker.auth import BatchedDeveloper, CurrentAccount, bearer_key
 from broker.billing import service as billing
 from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
@@ -166,10 +166,10 @@ class _SubmitRoute(APIRoute):
             data = await _well_formed(request)
             if data is None:
                 return await declared(request)
-            body, idempotency_key = data
+            key, body, idempotency_key = data
             transactions = await request_transactions(request)
-            developer = await batched_developer(request, transactions)
-            job = await intake.submit(transactions, developer, body, idempotency_key)
+            developer, job = await intake.submit_with_key(transactions, key, body, idempotency_key)
+            request.state.account_id = developer.id  # for the access log (never the key)
             if job is not None:
                 return _json(_job_out(job, _UNMATCHED), 201)
             out = await run_in_threadpool(_replay, transactions, developer, body, idempotency_key)
@@ -181,21 +181,23 @@ class _SubmitRoute(APIRoute):
 _KEY_HEADER = re.compile(r"[\x21-\x7e]{1,255}")  # as IdempotencyKey declares it
 
 
-async def _well_formed(request: Request) -> tuple[JobCreate, str | None] | None:
-    """The body and idempotency key of a submission that FastAPI would accept, or
-    None: let FastAPI's handler answer (the key check still comes first there)."""
-    headers = request.headers
-    if "authorization" not in headers:
+async def _well_formed(request: Request) -> tuple[str, JobCreate, str | None] | None:
+    """The API key, body and idempotency key of a submission that FastAPI would
+    accept but for the key's check, or None: FastAPI's handler answers."""
+    key = await bearer_key(request)
+    if key is None:
         return None
+    headers = request.headers
     content_type = headers.get("content-type")
     if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
         return None
-    key = headers.get("idempotency-key")
-    if key is not None and not _KEY_HEADER.fullmatch(key):
+    idempotency_key = headers.get("idempotency-key")
+    if idempotency_key is not None and not _KEY_HEADER.fullmatch(idempotency_key):
         return None
     try:
         # As FastAPI reads a JSON body: json.loads, then the model in Python mode.
-        return JobCreate.model_validate(json.loads(await request.body())), key
+        body = JobCreate.model_validate(json.loads(await request.body()))
+        return key, body, idempotency_key
     except (ValueError, ValidationError, RecursionError):  # json's errors are ValueErrors
         return None
 

@@ -13,7 +13,7 @@ from broker.accounts.models import Role
 from broker.auth import _key_checks
 from broker.coalesce import _flush_shared
 from broker.db import EngineTransactions, transaction
-from broker.errors import InvalidInput
+from broker.errors import Forbidden, InvalidInput, Unauthorized
 from broker.jobs import intake, service
 from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
@@ -70,6 +70,41 @@ def test_when_a_batch_fails_its_submissions_are_written_one_by_one(fresh_engine:
     assert results[3] is None
     with transaction(fresh_engine, write=False) as session:
         assert session.scalars(select(Job.id)).all() == [results[0].id]
+
+
+def test_a_keyed_batch_checks_each_key_then_stores_the_jobs(fresh_engine: Engine) -> None:
+    """``submit_with_key``'s batches: one query for the keys, then the jobs of the keys
+    that pass; each refusal is the one the key alone would get."""
+    with transaction(fresh_engine) as session:
+        developer, key = make_account(session, Role.developer)
+        _, provider_key = make_account(session, Role.provider)
+
+    def keyed(api_key: str, idempotency_key: str | None = None, **body: Any) -> Any:
+        data = JobCreate.model_validate(job_body(**body))
+        return (intake._keyed_submissions, intake.KeyedSubmission(api_key, data, idempotency_key))
+
+    batch = [
+        keyed(key, "k1"),
+        keyed("bk_unknown", "k1"),
+        keyed(provider_key),
+        keyed(key, "k1"),  # a retry in the same batch
+        keyed(key, None, artifact="ab" * 32, inputs="cd" * 32, platforms=None),
+        keyed(key),
+    ]
+    results = _flush_shared(EngineTransactions(fresh_engine), batch)
+    account, job = results[0]
+    assert account.id == developer.id
+    assert isinstance(job, Job)
+    assert isinstance(results[1], Unauthorized)
+    assert isinstance(results[2], Forbidden)
+    assert "developer" in str(results[2])
+    assert results[3][1] is None  # the key was used: answered by a replay
+    assert isinstance(results[4], InvalidInput)
+    assert results[4].field == "body.artifact"
+    assert isinstance(results[5][1], Job)
+    with transaction(fresh_engine, write=False) as session:
+        stored = session.scalars(select(Job.id)).all()
+    assert sorted(stored) == sorted([job.id, results[5][1].id])
 
 
 def test_concurrent_submissions_on_a_live_server(live_url: str, fresh_engine: Engine) -> None:
