@@ -24,6 +24,8 @@ from weakref import WeakKeyDictionary
 
 import anyio.to_thread
 
+from broker.config import get_settings
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -47,9 +49,10 @@ class Coalescer(Generic[Item, Result]):
         flush: Callable[[Any, Sequence[Item]], Sequence[Result | BaseException]],
         *,
         max_batch: int = 500,
-        linger: float = 0.003,
+        linger: float | Callable[[], float] = 0.003,
     ) -> None:
-        """``linger``: seconds a batch that follows another waits for company."""
+        """``linger``: seconds a batch that follows another waits for company (or a
+        function that tells, asked for each such batch)."""
         self._flush = flush
         self._max_batch = max_batch
         self._linger = linger
@@ -78,7 +81,7 @@ class Coalescer(Generic[Item, Result]):
                     # Under load (items came while the last batch ran): wait a moment
                     # for more, as PostgreSQL's commit_delay does; fewer, fuller batches
                     # leave the CPU more room. A lone request never waits.
-                    await asyncio.sleep(self._linger)
+                    await asyncio.sleep(self._linger() if callable(self._linger) else self._linger)
                 first = False
                 batch = queue.waiting[: self._max_batch]
                 del queue.waiting[: len(batch)]
@@ -171,4 +174,8 @@ def _handle(session: Any, items: Sequence[tuple[Batched[Any, Any], Any]]) -> lis
     return answers
 
 
-_shared: Coalescer[tuple[Batched[Any, Any], Any], Any] = Coalescer(_flush_shared)
+def _linger() -> float:
+    return get_settings().group_commit_linger_ms / 1000
+
+
+_shared: Coalescer[tuple[Batched[Any, Any], Any], Any] = Coalescer(_flush_shared, linger=_linger)

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
         description="How old the order book served by GET /v1/market/book may be: each "
         "worker computes it at most once in this time; 0 computes it on every request",
     )
+    group_commit_linger_ms: float = Field(
+        default=3.0,
+        ge=0,
+        le=100,
+        description="Under load, how long a batch of submissions (group commit) waits for "
+        "more before it is written: fuller batches cost less CPU a request, each request "
+        "waits up to this long more; a lone request never waits",
+    )
     placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
     egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
     latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)
