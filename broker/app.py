@@ -191,11 +191,13 @@ def create_app(
     )
     # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
     app.add_middleware(RequestContext)
+    # The busiest routes first: FastAPI matches a request against each included
+    # router's routes in turn, and a miss costs about 5 us a route.
     for router in (
-        accounts_router,
-        offers_router,
         jobs_router,
+        offers_router,
         market_router,
+        accounts_router,
         blobs_router,
         runs_router,
         nodes_router,
