@@ -42,6 +42,7 @@ class Export:
     """An exported program with what the manifest says about it."""
 
     exported: export.Exported
+    program: bytes  # exported.serialize()
     cost: dict[str, float]  # XLA's cost analysis: flops, bytes
     custom_calls: list[str]  # sorted target names of its custom calls
 
@@ -49,15 +50,15 @@ class Export:
 def export_program(
     jitted: Any, specs: Sequence[Any], platforms: Sequence[str], example_args: Sequence[Any]
 ) -> Export:
-    """Export ``jitted`` for ``platforms``, with XLA's cost analysis for ``example_args``
-    and the custom calls the module makes.
+    """Export ``jitted`` for ``platforms`` and serialize it, with XLA's cost analysis
+    for ``example_args`` and the custom calls the module makes.
 
     With static shapes both come from the lowering the export used, read in
     memory (parsing the exported module again costs as much as lowering), and
-    XLA's cost analysis runs while the export does: in the cost worker process
-    when it is ready and idle, else in a thread of its own; with symbolic
-    shapes (or a JAX without these internals) the cost comes from a lowering
-    of the examples and the custom calls from the exported module.
+    XLA's cost analysis runs while the export and its serialization do: in the
+    cost worker process when it is ready and idle, else in a thread of its own;
+    with symbolic shapes (or a JAX without these internals) the cost comes from
+    a lowering of the examples and the custom calls from the exported module.
     """
     try:
         from jax._src import config
@@ -65,7 +66,8 @@ def export_program(
     except ImportError:  # pragma: no cover - a JAX without these internals
         exported = export.export(jitted, platforms=tuple(platforms))(*specs)
         cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-        return Export(exported, cost, program_facts(exported, with_cost=False)[0])
+        targets = program_facts(exported, with_cost=False)[0]
+        return Export(exported, bytes(exported.serialize()), cost, targets)
     _export.check_symbolic_scope_errors(jitted, specs, {})
     traced = jitted.trace(*specs)
     lowered = traced.lower(
@@ -112,7 +114,8 @@ def export_program(
         analysis.wait()
         result = _export_from_examples(jitted, exported, example_args)
     else:
-        result = Export(exported, analysis.result(), targets)
+        program = bytes(exported.serialize())  # while the worker may still be at it
+        result = Export(exported, program, analysis.result(), targets)
     if request is None:
         _costworker.start_soon()  # for the next program, once this one is done
     return result
@@ -121,7 +124,8 @@ def export_program(
 def _export_from_examples(jitted: Any, exported: export.Exported, example_args: Any) -> Export:
     """The cost from a lowering of the examples, the custom calls from the exported module."""
     cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-    return Export(exported, cost, program_facts(exported, with_cost=False)[0])
+    targets = program_facts(exported, with_cost=False)[0]
+    return Export(exported, bytes(exported.serialize()), cost, targets)
 
 
 class _Background:

@@ -190,13 +190,13 @@ def _package(
         result = _xla.export_program(jitted, specs, platforms, example_args)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"cannot export {_name(fn)}: {e}") from e
-    exported, cost, custom_calls = result.exported, result.cost, result.custom_calls
+    exported, program, cost = result.exported, result.program, result.cost
+    custom_calls = result.custom_calls
     if state_leaves is not None:
         _check_step(exported, state_leaves, fn)
     from broker.portable.checks import check_custom_calls
 
     check_custom_calls(custom_calls, platforms)
-    program = bytes(exported.serialize())
     manifest = Manifest(
         kind="function" if state_leaves is None else "iterative",
         program_sha256=hashlib.sha256(program).hexdigest(),
