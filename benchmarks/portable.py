@@ -31,12 +31,7 @@ import numpy as np
 from jax import lax
 
 from broker.portable import arrays, calibrate, runner
-from broker.portable.artifact import (
-    package,
-    package_step,
-    start_cost_worker,
-    stop_cost_worker,
-)
+from broker.portable.artifact import package, package_step, start_cost_worker, stop_cost_worker
 
 
 def make_step(width: int) -> Callable[..., Any]:
@@ -228,7 +223,7 @@ def main() -> None:
                 f"    {name:28} lower {lower * 1e3:7.1f} ms  package {pack * 1e3:7.1f} ms  "
                 f"ratio {pack / lower:.2f}"
             )
-    start_cost_worker(wait=False)  # as it was: the rest packages with it
+    start_cost_worker(wait=False)  # the rest packages as by default
     plain, layer = warm_start()
     print("\nwarm-cache start, fresh process, to the first result (median of 5)")
     print(
