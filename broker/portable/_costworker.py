@@ -10,7 +10,8 @@ The worker is ``python -m broker.portable._costworker`` (started, not forked:
 JAX's threads make fork unsafe). It reads frames (u32 length, MLIR bytecode)
 from its stdin and answers each with a frame of JSON, ``{"flops", "bytes"}``
 or ``{"error"}``; its first frame says it is ready. It exits at the end of its
-stdin, so it ends with its parent.
+stdin, so it ends with its parent however that ends; a parent that stops it, or
+exits, kills it.
 
 A process starts it in the background after its first ``package()`` (or with
 ``start()``); packaging uses it only when it is ready and idle. Otherwise, and
@@ -59,8 +60,6 @@ class _Worker:
         global _off
         self.busy.acquire()
         try:
-            if self.dead:  # stopped before it started
-                return
             if not _enabled():
                 _off = True
                 self.kill()
@@ -70,13 +69,16 @@ class _Worker:
             env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
             if path:
                 env["PYTHONPATH"] = root + os.pathsep + path
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker.portable._costworker"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                bufsize=0,  # written and read through their file descriptors
-                env=env,
-            )
+            with self._guard:  # so that kill() comes before, or finds the process
+                if self.dead:  # stopped before it started
+                    return
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "broker.portable._costworker"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    bufsize=0,  # written and read through their file descriptors
+                    env=env,
+                )
             if self.receive(_READY_TIMEOUT_S) != {"ready": True}:
                 raise OSError("the cost worker did not say it was ready")
             with self._guard:
@@ -103,7 +105,7 @@ class _Worker:
         return json.loads(_read_exact(fd, size, deadline))
 
     def kill(self) -> None:
-        """Mark it dead and kill it (the holder of ``busy`` reaps it)."""
+        """Mark it dead and kill it; the holder of ``busy`` reaps it on ``release()``."""
         with self._guard:
             self.dead = True
             self.ready = False
@@ -111,40 +113,21 @@ class _Worker:
                 self.proc.kill()
 
     def release(self) -> None:
-        """Give ``busy`` back; the worker's end if it is dead."""
+        """Give ``busy`` back, reaping the worker if it is dead."""
         with self._guard:
-            if self.dead:
-                self._end(kill_after_s=0.0)
+            if self.dead and self.proc is not None:
+                self.proc.wait()  # kill() killed it
+                for pipe in (self.proc.stdin, self.proc.stdout):
+                    if pipe is not None:
+                        pipe.close()
             self.busy.release()
 
-    def close(self, wait_s: float = 2.0) -> None:
-        """End its stdin, so that it exits, and reap it (killed if it has not exited
-        within ``wait_s``); a request under way fails over to its fallback."""
-        with self._guard:
-            self.dead = True
-            self.ready = False
-            if not self.busy.acquire(blocking=False):
-                if self.proc is not None:
-                    self.proc.kill()  # the holder sees its pipe end, and reaps it
-                return
-        try:
-            self._end(kill_after_s=wait_s)
-        finally:
-            self.busy.release()
-
-    def _end(self, kill_after_s: float) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()  # the worker's cue to exit
-        try:
-            proc.wait(kill_after_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    def close(self) -> None:
+        """Kill it (it keeps nothing worth a graceful end) and reap it, or leave the
+        reaping to a request under way, which then takes its fallback."""
+        self.kill()
+        if self.busy.acquire(blocking=False):
+            self.release()
 
 
 class Request:
@@ -276,7 +259,7 @@ def _enabled() -> bool:
 def _close_at_exit() -> None:
     worker = _current
     if worker is not None:
-        worker.close(wait_s=1.0)
+        worker.close()
 
 
 def _forget_in_child() -> None:

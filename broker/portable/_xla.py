@@ -100,8 +100,8 @@ def export_program(
     # it runs beside the whole export. Without a worker ready and idle, it runs in
     # a thread, which takes the GIL when the export's versioned serialization
     # (serialize_portable_artifact) releases it: only that part runs at once.
-    # The conversion touches no MLIR object of this process (it reads bytes into
-    # a context of its own); ``copy`` outlives it.
+    # The conversion touches no MLIR object of this process: it reads bytes into
+    # a context of its own.
     request = _costworker.submit(bytecode, lambda: hlo_cost(bytecode, backend))
     analysis = request or _Background(hlo_cost, bytecode, backend)
     analysis.start()
