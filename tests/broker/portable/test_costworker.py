@@ -159,6 +159,18 @@ def test_the_first_package_starts_the_worker_in_the_background(
     assert through_worker(mlp, params, x).manifest == in_thread.manifest
 
 
+def test_a_worker_stopped_while_it_starts_is_reaped() -> None:
+    stop_cost_worker()
+    assert not start_cost_worker(wait=False)
+    worker = _costworker._current
+    assert worker is not None
+    stop_cost_worker()
+    assert worker.settled.wait(120)
+    assert worker.dead
+    assert not worker.ready
+    assert worker.proc is None or worker.proc.returncode is not None
+
+
 def test_the_setting_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     stop_cost_worker()
     monkeypatch.setenv("BROKER_PACKAGE_WORKER", "0")
