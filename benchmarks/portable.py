@@ -2,7 +2,8 @@
 
 Prints, for this machine's cpu backend:
 - packaging for 4 platforms versus one `jax.jit(f).lower()` (both cold: a new
-  function each time, so no trace or lowering cache helps either);
+  function each time, so no trace or lowering cache helps either), with the
+  cost worker ready (steady state) and with it off;
 - warm-cache start (a fresh process, persistent compilation cache filled):
   artifact bytes to first result through the runner, versus `jax.jit` to first
   result;
@@ -30,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from broker.portable import arrays, calibrate, runner
-from broker.portable.artifact import package, package_step
+from broker.portable.artifact import package, package_step, start_cost_worker, stop_cost_worker
 
 
 def make_step(width: int) -> Callable[..., Any]:
@@ -67,7 +68,19 @@ def make_attention() -> Callable[..., Any]:
     return attention
 
 
-def packaging(repeats: int = 7) -> list[tuple[str, float, float]]:
+def packaging(repeats: int = 7, worker: bool = True) -> list[tuple[str, float, float]]:
+    """Median seconds of one ``jax.jit(f).lower()`` and of packaging, per program.
+
+    Steady state: with ``worker``, the cost worker is started and ready before
+    timing (as after a process's first package()); without it, it is stopped and
+    XLA's cost analysis runs in-process. Either way each timing packages a new
+    function.
+    """
+    if worker:
+        if not start_cost_worker(wait=True):
+            raise RuntimeError("the cost worker did not start (BROKER_PACKAGE_WORKER=0?)")
+    else:
+        stop_cost_worker()
     rows = []
     cases: list[tuple[str, Callable[[], Callable[..., Any]], tuple[Any, ...], bool]] = [
         ("mlp training step 4x256", lambda: make_step(256), step_args(256), True),
@@ -199,12 +212,18 @@ def per_step(steps: int = 2000, repeats: int = 5) -> dict[str, float]:
 
 def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0]}")
-    print("\npackaging for cpu+cuda+rocm+tpu vs one jax.jit(f).lower() (median, cold)")
-    for name, lower, pack in packaging():
-        print(
-            f"  {name:28} lower {lower * 1e3:7.1f} ms  package {pack * 1e3:7.1f} ms  "
-            f"ratio {pack / lower:.2f}"
-        )
+    print("\npackaging for cpu+cuda+rocm+tpu vs one jax.jit(f).lower() (median of 7, cold)")
+    for worker, label in [
+        (True, "cost worker started and ready before timing (the default, steady state)"),
+        (False, "cost worker off (BROKER_PACKAGE_WORKER=0): XLA's cost analysis in-process"),
+    ]:
+        print(f"  {label}")
+        for name, lower, pack in packaging(worker=worker):
+            print(
+                f"    {name:28} lower {lower * 1e3:7.1f} ms  package {pack * 1e3:7.1f} ms  "
+                f"ratio {pack / lower:.2f}"
+            )
+    start_cost_worker(wait=False)  # the rest packages as by default
     plain, layer = warm_start()
     print("\nwarm-cache start, fresh process, to the first result (median of 5)")
     print(

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="broker serve's logs: JSON lines, or text for people"
     )
+    package_worker: bool = Field(
+        default=True,
+        description="Packaging runs XLA's cost analysis in a worker process, beside the "
+        "export (started after a process's first package()); false runs it in-process",
+    )
     allow_emulation: bool = Field(
         default=False,
         description="Accept offers of hardware emulated on a CPU (labelled as such): for "

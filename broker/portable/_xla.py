@@ -11,7 +11,8 @@ a public fallback or a test that fails loudly if the internal moved:
   returns that context once, in this thread only), which saves the 3 to 5 ms
   a context with JAX's dialects costs to build and free;
 - XLA's cost analysis of an exported module (StableHLO to HLO, then
-  ``hlo_module_cost_analysis``), which the broker uses to check a manifest;
+  ``hlo_module_cost_analysis``), which the broker uses to check a manifest and
+  packaging runs in a worker process (``_costworker``) beside the export;
 - reading an exported module's operations to list its custom calls and to
   merge identical platform branches before that cost analysis;
 - initializing the CPU's LAPACK routines, which a cached executable needs
@@ -33,12 +34,15 @@ from jax import export
 from jax.extend.mlir import ir
 from jax.interpreters import mlir
 
+from broker.portable import _costworker
+
 
 @dataclass(frozen=True)
 class Export:
     """An exported program with what the manifest says about it."""
 
     exported: export.Exported
+    program: bytes  # exported.serialize()
     cost: dict[str, float]  # XLA's cost analysis: flops, bytes
     custom_calls: list[str]  # sorted target names of its custom calls
 
@@ -46,23 +50,24 @@ class Export:
 def export_program(
     jitted: Any, specs: Sequence[Any], platforms: Sequence[str], example_args: Sequence[Any]
 ) -> Export:
-    """Export ``jitted`` for ``platforms``, with XLA's cost analysis for ``example_args``
-    and the custom calls the module makes.
+    """Export ``jitted`` for ``platforms`` and serialize it, with XLA's cost analysis
+    for ``example_args`` and the custom calls the module makes.
 
     With static shapes both come from the lowering the export used, read in
     memory (parsing the exported module again costs as much as lowering), and
-    XLA's cost analysis runs in a thread of its own while the export serializes
-    the program; with symbolic ones (or a JAX without these internals) the cost
-    comes from a lowering of the examples and the custom calls from the
-    exported module.
+    XLA's cost analysis runs while the export and its serialization do: in the
+    cost worker process when it is ready and idle, else in a thread of its own;
+    with symbolic shapes (or a JAX without these internals) the cost comes from
+    a lowering of the examples and the custom calls from the exported module.
     """
     try:
-        from jax._src import config, xla_bridge
+        from jax._src import config
         from jax._src.export import _export
     except ImportError:  # pragma: no cover - a JAX without these internals
         exported = export.export(jitted, platforms=tuple(platforms))(*specs)
         cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-        return Export(exported, cost, program_facts(exported, with_cost=False)[0])
+        targets = program_facts(exported, with_cost=False)[0]
+        return Export(exported, bytes(exported.serialize()), cost, targets)
     _export.check_symbolic_scope_errors(jitted, specs, {})
     traced = jitted.trace(*specs)
     lowered = traced.lower(
@@ -89,12 +94,16 @@ def export_program(
     with module.context:
         copy = module.operation.clone()  # JAX may cache the lowering: leave it as is
     targets, cases = _scan(copy)
-    analysis = _Background(_hlo_cost, _for_cost(copy, cases), xla_bridge.get_backend("cpu"))
-    # XLA's conversion to HLO holds the GIL, the export's versioned serialization
-    # (serialize_portable_artifact) releases it: started now, the conversion
-    # takes the GIL when the export enters that serialization, and both run at
-    # once on two cores. The conversion touches no MLIR object of this process
-    # (it reads bytes into a context of its own); ``copy`` outlives both.
+    bytecode = _for_cost(copy, cases)
+    backend = cpu_backend()
+    # XLA's conversion to HLO holds the GIL. In the cost worker, another process,
+    # it runs beside the whole export. Without a worker ready and idle, it runs in
+    # a thread, which takes the GIL when the export's versioned serialization
+    # (serialize_portable_artifact) releases it: only that part runs at once.
+    # The conversion touches no MLIR object of this process: it reads bytes into
+    # a context of its own.
+    request = _costworker.submit(bytecode, lambda: hlo_cost(bytecode, backend))
+    analysis = request or _Background(hlo_cost, bytecode, backend)
     analysis.start()
     try:
         exported = export_lowered()
@@ -103,14 +112,20 @@ def export_program(
         raise
     if exported.ordered_effects:
         analysis.wait()
-        return _export_from_examples(jitted, exported, example_args)
-    return Export(exported, analysis.result(), targets)
+        result = _export_from_examples(jitted, exported, example_args)
+    else:
+        program = bytes(exported.serialize())  # while the worker may still be at it
+        result = Export(exported, program, analysis.result(), targets)
+    if request is None:
+        _costworker.start_soon()  # for the next program, once this one is done
+    return result
 
 
 def _export_from_examples(jitted: Any, exported: export.Exported, example_args: Any) -> Export:
     """The cost from a lowering of the examples, the custom calls from the exported module."""
     cost = _cost_dict(jitted.lower(*example_args).cost_analysis())
-    return Export(exported, cost, program_facts(exported, with_cost=False)[0])
+    targets = program_facts(exported, with_cost=False)[0]
+    return Export(exported, bytes(exported.serialize()), cost, targets)
 
 
 class _Background:
@@ -206,9 +221,7 @@ def program_facts(
         if not with_cost:
             return targets, None
         bytecode = _for_cost(module.operation, cases)
-    from jax._src import xla_bridge
-
-    return targets, _hlo_cost(bytecode, xla_bridge.get_backend("cpu"))
+    return targets, hlo_cost(bytecode, cpu_backend())
 
 
 def _scan(module: Any) -> tuple[list[str], list[Any]]:
@@ -236,7 +249,14 @@ def _for_cost(module: Any, cases: list[Any]) -> bytes:
     return mlir.module_to_bytecode(module)
 
 
-def _hlo_cost(bytecode: bytes, backend: Any) -> dict[str, float]:
+def cpu_backend() -> Any:
+    """The CPU backend: XLA's cost analysis here uses its cost model."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.get_backend("cpu")
+
+
+def hlo_cost(bytecode: bytes, backend: Any) -> dict[str, float]:
     """XLA's cost analysis of a module: converted to HLO, with no Python object
     of an MLIR context (it may run in a thread of its own)."""
     from jax._src.lib import _jax  # type: ignore[attr-defined]

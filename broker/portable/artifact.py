@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax import export
 
-from broker.portable import _xla
+from broker.portable import _costworker, _xla
 from broker.portable.arrays import dtype_name
 from broker.portable.manifest import (
     ALL_PLATFORMS,
@@ -36,7 +36,16 @@ from broker.portable.manifest import (
     read_container,
 )
 
-__all__ = ["ALL_PLATFORMS", "Artifact", "ArtifactError", "Manifest", "package", "package_step"]
+__all__ = [
+    "ALL_PLATFORMS",
+    "Artifact",
+    "ArtifactError",
+    "Manifest",
+    "package",
+    "package_step",
+    "start_cost_worker",
+    "stop_cost_worker",
+]
 
 _HALF = {"bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
 
@@ -146,6 +155,24 @@ def package_step(
     return _package(step_fn, (state, *args), platforms, polymorphic_shapes, state_leaves=leaves)
 
 
+def start_cost_worker(wait: bool = True, timeout: float = 120.0) -> bool:
+    """Start the process that runs XLA's cost analysis beside each export.
+
+    ``package()`` starts it in the background after a process's first program
+    and uses it once it is ready; a process that packages many programs can
+    start it first, and with ``wait``, wait (up to ``timeout`` seconds) until it
+    is ready. Returns whether it is; False if ``BROKER_PACKAGE_WORKER=0`` turns
+    it off. Artifacts are the same with it or without it.
+    """
+    return _costworker.start(wait=wait, timeout=timeout)
+
+
+def stop_cost_worker() -> None:
+    """Stop that process: packaging runs the cost analysis in this process, until
+    ``start_cost_worker()``."""
+    _costworker.stop()
+
+
 def _package(
     fn: Any,
     example_args: tuple[Any, ...],
@@ -163,13 +190,13 @@ def _package(
         result = _xla.export_program(jitted, specs, platforms, example_args)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"cannot export {_name(fn)}: {e}") from e
-    exported, cost, custom_calls = result.exported, result.cost, result.custom_calls
+    exported, program, cost = result.exported, result.program, result.cost
+    custom_calls = result.custom_calls
     if state_leaves is not None:
         _check_step(exported, state_leaves, fn)
     from broker.portable.checks import check_custom_calls
 
     check_custom_calls(custom_calls, platforms)
-    program = bytes(exported.serialize())
     manifest = Manifest(
         kind="function" if state_leaves is None else "iterative",
         program_sha256=hashlib.sha256(program).hexdigest(),
