@@ -13,7 +13,7 @@ or ``{"error"}``; its first frame says it is ready. It exits at the end of its
 stdin, so it ends with its parent however that ends; a parent that stops it, or
 exits, kills it.
 
-A process starts it in the background after its first ``package()`` (or with
+A process starts it in the background after its second ``package()`` (or with
 ``start()``); packaging uses it only when it is ready and idle. Otherwise, and
 when the worker fails, the analysis runs in this process as it did before, with
 the same result; a worker that died is started again, at most ``_MAX_STARTS``
@@ -182,6 +182,7 @@ def _killed_on_failure(worker: _Worker) -> Iterator[None]:
 _lock = threading.Lock()  # guards the three below
 _current: _Worker | None = None
 _starts = 0
+_packaged_here = 0  # programs packaged without the worker
 _off = False  # set by stop(), or when the setting turns the worker off
 
 
@@ -198,8 +199,14 @@ def submit(bytecode: bytes, fallback: Callable[[], Any]) -> Request | None:
 
 
 def start_soon() -> None:
-    """Start the worker in the background unless it runs, is starting or is off."""
+    """After this process's second program packaged without the worker: start it in
+    the background unless it runs, is starting or is off. (A process that packages
+    one program, a single ``Client.submit``, never pays for a worker.)"""
+    global _packaged_here
+    _packaged_here += 1
     worker = _current
+    if _packaged_here < 2:
+        return
     if _off or (worker is not None and not worker.dead) or _starts >= _MAX_STARTS:
         return
     with _lock:

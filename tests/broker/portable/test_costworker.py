@@ -144,14 +144,18 @@ def test_an_error_in_the_worker_is_the_analysis_run_here(worker: _costworker._Wo
     assert worker.ready  # it answered {"error": ...} and goes on
 
 
-def test_the_first_package_starts_the_worker_in_the_background(
+def test_the_second_package_starts_the_worker_in_the_background(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     stop_cost_worker()
     monkeypatch.setattr(_costworker, "_off", False)
     monkeypatch.setattr(_costworker, "_starts", 0)
+    monkeypatch.setattr(_costworker, "_packaged_here", 0)
+    stopped = _costworker._current
     params, x = mlp_args()
     in_thread = package(mlp, params, x)  # no worker yet: as before
+    assert _costworker._current is stopped  # one program packaged: no worker started
+    package(attention, jnp.ones((64, 32)), jnp.ones((64, 32)), jnp.ones((64, 32)))
     worker = _costworker._current
     assert worker is not None
     assert worker.settled.wait(120)
