@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Row, Select, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
@@ -160,48 +161,72 @@ def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
 def search_offers(
     session: Session, viewer: Account, filters: OfferQuery
 ) -> tuple[list[Offer], int]:
+    """The page of offers ``viewer`` may see that match ``filters``, and how many match
+    in all."""
+    rows, total = _search(session, viewer, filters, select(Offer))
+    return [row[0] for row in rows], total
+
+
+def search_offer_rows(
+    session: Session, viewer: Account, filters: OfferQuery, columns: Sequence[ColumnElement[Any]]
+) -> tuple[Sequence[Row[Any]], int]:
+    """``search_offers`` as plain rows of ``columns`` of the offers table: no ORM objects,
+    for the API's busy search."""
+    return _search(session, viewer, filters, select(*columns))
+
+
+# Searches select and filter the table's columns, not the ORM class's attributes, so a
+# select of plain columns stays Core.
+_offers = Offer.__table__
+_ORDER: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
+    OfferSort.price_asc: (_offers.c.price_per_hour_micros.asc(), _offers.c.id.asc()),
+    OfferSort.price_desc: (_offers.c.price_per_hour_micros.desc(), _offers.c.id.asc()),
+    OfferSort.newest: (_offers.c.created_at.desc(), _offers.c.id.asc()),
+}
+
+
+def _search(
+    session: Session, viewer: Account, filters: OfferQuery, stmt: Select[Any]
+) -> tuple[Sequence[Row[Any]], int]:
     conditions = _conditions(viewer, filters)
-    order: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
-        OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id.asc()),
-        OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id.asc()),
-        OfferSort.newest: (Offer.created_at.desc(), Offer.id.asc()),
-    }
-    rows = session.scalars(
-        select(Offer)
-        .where(*conditions)
-        .order_by(*order[filters.sort])
+    rows = session.execute(
+        stmt.where(*conditions)
+        .order_by(*_ORDER[filters.sort])
         .limit(filters.limit)
         .offset(filters.offset)
     ).all()
-    if filters.offset == 0 and len(rows) < filters.limit:
-        return list(rows), len(rows)  # the whole result is on this page: no count needed
-    total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
-    return list(rows), total
+    if len(rows) < filters.limit and (rows or filters.offset == 0):
+        # The last page: the total is what it skipped and what it holds; no count needed.
+        return rows, filters.offset + len(rows)
+    total = session.scalar(select(func.count()).select_from(_offers).where(*conditions)) or 0
+    return rows, total
 
 
 def _conditions(viewer: Account, f: OfferQuery) -> list[ColumnElement[bool]]:
+    c = _offers.c
     conditions: list[ColumnElement[bool]] = []
     if f.mine:
-        conditions.append(Offer.provider_id == viewer.id)
-    elif viewer.role != Role.admin:
-        # Others' withdrawn offers are private; only active ones are on the market.
-        conditions.append((Offer.status == OfferStatus.active) | (Offer.provider_id == viewer.id))
+        conditions.append(c.provider_id == viewer.id)
+    elif viewer.role != Role.admin and f.status != OfferStatus.active:
+        # Others' withdrawn offers are private; active ones are on the market for anyone
+        # (so a search for active offers, the usual one, needs no such condition).
+        conditions.append((c.status == OfferStatus.active) | (c.provider_id == viewer.id))
     if f.status is not None:
-        conditions.append(Offer.status == f.status)
+        conditions.append(c.status == f.status)
     if f.vendor:
-        conditions.append(Offer.vendor == f.vendor)
+        conditions.append(c.vendor == f.vendor)
     if f.accelerator:
-        conditions.append(Offer.accelerator == resolve_model(f.accelerator))
+        conditions.append(c.accelerator == resolve_model(f.accelerator))
     if f.platform:
-        conditions.append(Offer.platform == f.platform)
+        conditions.append(c.platform == f.platform)
     if f.min_memory_gib is not None:
-        conditions.append(Offer.memory_gib >= f.min_memory_gib)
+        conditions.append(c.memory_gib >= f.min_memory_gib)
     if f.min_count is not None:
-        conditions.append(Offer.count >= f.min_count)
+        conditions.append(c.count >= f.min_count)
     if f.region:
-        conditions.append(Offer.region == f.region)
+        conditions.append(c.region == f.region)
     if f.country:
-        conditions.append(Offer.country == f.country)
+        conditions.append(c.country == f.country)
     if f.max_price is not None:
-        conditions.append(Offer.price_per_hour_micros <= usd_to_micros(f.max_price))
+        conditions.append(c.price_per_hour_micros <= usd_to_micros(f.max_price))
     return conditions
