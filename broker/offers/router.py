@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic_core import to_json
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from broker.auth import BatchedAccount, CurrentAccount, Provider
@@ -69,9 +70,11 @@ async def search_offers(
 
 
 # The offers table's columns in OfferOut's order (the price in micro-dollars).
-_OUT_COLUMNS = tuple(
-    Offer.__table__.c["price_per_hour_micros" if name == "price_per_hour" else name]
-    for name in OfferOut.model_fields
+_OUT_COLUMNS = select(
+    *(
+        Offer.__table__.c["price_per_hour_micros" if name == "price_per_hour" else name]
+        for name in OfferOut.model_fields
+    )
 )
 _OUT_FIELDS = tuple(OfferOut.model_fields)
 
