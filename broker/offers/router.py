@@ -1,20 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic_core import to_json
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from broker.auth import BatchedAccount, CurrentAccount, Provider
 from broker.db import SessionDep, TransactionsDep
-from broker.money import format_usd, micros_to_usd
-from broker.offers import service
+from broker.money import micros_to_usd
+from broker.offers import pages, service
 from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
-from broker.pagination import Page, PageQuery
+from broker.pagination import Page
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/offers", tags=["offers"])
@@ -63,32 +60,10 @@ async def search_offers(
     # request's own, no ORM objects, no response models to build and check.
     def read() -> bytes:
         with transactions(write=False) as session:
-            rows, total = service.search_offer_rows(session, account, query, _OUT_COLUMNS)
-        return page_json(rows, total, query)
+            rows, total = service.search_offer_rows(session, account, query, pages.COLUMNS)
+        return pages.page_json(rows, total, query)
 
     return Response(await run_in_threadpool(read), media_type="application/json")
-
-
-# The offers table's columns in OfferOut's order (the price in micro-dollars).
-_OUT_COLUMNS = select(
-    *(
-        Offer.__table__.c["price_per_hour_micros" if name == "price_per_hour" else name]
-        for name in OfferOut.model_fields
-    )
-)
-_OUT_FIELDS = tuple(OfferOut.model_fields)
-
-
-def page_json(rows: Sequence[Sequence[Any]], total: int, query: PageQuery) -> bytes:
-    """``Page[OfferOut]``'s JSON for rows of ``_OUT_COLUMNS``, byte for byte, without
-    building the models: pydantic's own encoder writes the same numbers and times."""
-    items = []
-    for row in rows:
-        item = dict(zip(_OUT_FIELDS, row, strict=True))
-        item["price_per_hour"] = format_usd(micros_to_usd(item["price_per_hour"]))
-        items.append(item)
-    page = {"items": items, "total": total, "limit": query.limit, "offset": query.offset}
-    return to_json(page)
 
 
 @router.get("/{offer_id}", response_model=OfferOut, summary="Read an offer")

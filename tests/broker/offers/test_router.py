@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.offers import service
+from broker.offers import pages, service
 from broker.offers.models import Offer
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut, OfferQuery
@@ -323,3 +323,23 @@ def test_search_totals_on_every_page(db: Session, client_for: ClientFactory) -> 
 
 def id_of(offer: Offer) -> str:
     return offer.id
+
+
+def test_search_answers_offers_as_they_are_now(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seller, seller_key = make_account(db, Role.provider)
+    offers = [make_offer(db, seller, price_per_hour=f"2.0{i}") for i in range(3)]
+    developer, developer_key = make_account(db, Role.developer)
+    client, provider = client_for(developer_key), client_for(seller_key)
+
+    first = client.get("/v1/offers")
+    assert client.get("/v1/offers").content == first.content  # kept JSON, the same bytes
+    changed = provider.patch(f"/v1/offers/{offers[1].id}", json={"price_per_hour": "1.50"})
+    assert changed.status_code == 200, changed.text
+    now = client.get("/v1/offers")
+    assert now.content == _page(db, developer)
+    assert [o["price_per_hour"] for o in now.json()["items"]] == ["1.50", "2.00", "2.02"]
+
+    monkeypatch.setattr(pages, "MAX_KEPT", 1)  # fewer kept than a page holds
+    assert client.get("/v1/offers").content == now.content
