@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
 from broker.offers import pages, service
+from broker.offers import router as router_module
 from broker.offers.models import Offer
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut, OfferQuery
@@ -343,3 +344,62 @@ def test_search_answers_offers_as_they_are_now(
 
     monkeypatch.setattr(pages, "MAX_KEPT", 1)  # fewer kept than a page holds
     assert client.get("/v1/offers").content == now.content
+
+
+def test_the_short_way_answers_as_fastapi_does(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Well-formed searches skip FastAPI's dependency solving (``_SearchRoute``); a
+    search sent FastAPI's way answers alike."""
+    seller, _ = make_account(db, Role.provider)
+    for price in ("2.10", "2.20", "2.30"):
+        make_offer(db, seller, price_per_hour=price)
+    _, key = make_account(db, Role.developer)
+    client = client_for(key)
+    short: list[object] = []
+    well_formed = router_module._well_formed
+
+    def counted(params: Any) -> Any:
+        query = well_formed(params)
+        short.append(query)
+        return query
+
+    monkeypatch.setattr(router_module, "_well_formed", counted)
+    # A parameter given twice counts with its last value, as FastAPI reads it.
+    path = "/v1/offers?sort=-price&limit=1&limit=2&offset=1"
+    fast = client.get(path)
+    assert fast.status_code == 200, fast.text
+    assert [o["price_per_hour"] for o in fast.json()["items"]] == ["2.20", "2.10"]
+    monkeypatch.setattr(router_module, "_well_formed", lambda params: None)
+    slow = client.get(path)
+    assert [q is not None for q in short] == [True]  # the first went the short way
+    assert slow.content == fast.content
+    assert slow.headers["content-type"] == fast.headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "params", "status", "field"),
+    [
+        ({}, {}, 401, None),
+        ({"Authorization": "Basic abc"}, {}, 401, None),  # not a bearer key
+        ({"Authorization": "Bearer bk_nope"}, {}, 401, None),
+        ({"Authorization": "Bearer bk_nope"}, {"limit": 0}, 401, None),  # the key first
+        (None, {"limit": 0}, 422, "query.limit"),
+        (None, {"sort": "cheapest"}, 422, "query.sort"),
+        (None, {"max_prise": 3}, 422, "query.max_prise"),
+    ],
+)
+def test_what_the_short_way_leaves_gets_fastapis_errors(
+    db: Session,
+    client_for: ClientFactory,
+    headers: dict[str, str] | None,
+    params: dict[str, Any],
+    status: int,
+    field: str | None,
+) -> None:
+    _, key = make_account(db, Role.developer)
+    client = client_for(key if headers is None else None)
+    response = client.get("/v1/offers", params=params, headers=headers)
+    assert response.status_code == status, response.text
+    if field is not None:
+        assert response.json()["error"]["field"] == field
