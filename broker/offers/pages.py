@@ -36,8 +36,8 @@ COLUMNS: Select[Any] = select(
 _FIELDS = tuple(OfferOut.model_fields)
 _PRICE = _FIELDS.index("price_per_hour")
 
-# Rows whose JSON is kept: about a market's worth of offers (a few MB); past that the
-# lot is dropped and kept afresh.
+# Rows whose JSON is kept: a market's worth of offers, about 1.5 KB each (row and JSON),
+# so at most some 15 MB; past that the lot is dropped and kept afresh.
 MAX_KEPT = 10_000
 _kept: dict[tuple[Any, ...], bytes] = {}
 
