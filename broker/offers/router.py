@@ -102,6 +102,7 @@ class _SearchRoute(APIRoute):
             if key is None or query is None:
                 return await declared(request)
             transactions = await request_transactions(request)
+            # The key as BatchedAccount checks it: in a batch, then node keys refused.
             credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
             caller = await batched_caller(request, transactions, credentials)
             return await _search(transactions, await current_account(caller), query)
