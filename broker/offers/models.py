@@ -35,6 +35,11 @@ class Offer(Base):
         CheckConstraint("price_per_hour_micros >= 0", name="price_not_negative"),
         Index("ix_offers_book", "status", "accelerator", "price_per_hour_micros"),
         Index("ix_offers_status_price", "status", "price_per_hour_micros"),
+        # Searches (broker.offers.service.search_offers) by region, and by platform under
+        # a price and over a memory size: each page read in price order from the index,
+        # each count from the index alone.
+        Index("ix_offers_region", "status", "region", "price_per_hour_micros"),
+        Index("ix_offers_platform", "status", "platform", "price_per_hour_micros", "memory_gib"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

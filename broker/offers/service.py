@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
@@ -160,48 +162,100 @@ def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
 def search_offers(
     session: Session, viewer: Account, filters: OfferQuery
 ) -> tuple[list[Offer], int]:
-    conditions = _conditions(viewer, filters)
-    order: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
-        OfferSort.price_asc: (Offer.price_per_hour_micros.asc(), Offer.id.asc()),
-        OfferSort.price_desc: (Offer.price_per_hour_micros.desc(), Offer.id.asc()),
-        OfferSort.newest: (Offer.created_at.desc(), Offer.id.asc()),
-    }
-    rows = session.scalars(
-        select(Offer)
-        .where(*conditions)
-        .order_by(*order[filters.sort])
-        .limit(filters.limit)
-        .offset(filters.offset)
-    ).all()
-    if filters.offset == 0 and len(rows) < filters.limit:
-        return list(rows), len(rows)  # the whole result is on this page: no count needed
-    total = session.scalar(select(func.count()).select_from(Offer).where(*conditions)) or 0
-    return list(rows), total
+    """The page of offers ``viewer`` may see that match ``filters``, and how many match
+    in all."""
+    rows, total = _search(session, viewer, filters, _ORM_OFFERS)
+    return [row[0] for row in rows], total
 
 
-def _conditions(viewer: Account, f: OfferQuery) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
+def search_offer_rows(
+    session: Session, viewer: Account, filters: OfferQuery, columns: Select[Any]
+) -> tuple[list[tuple[Any, ...]], int]:
+    """``search_offers`` as plain rows of ``columns``: no ORM objects, for the API's busy
+    search. ``columns`` is a select of the offers table's columns, built once (its
+    statements are kept for it)."""
+    return _search(session, viewer, filters, columns)
+
+
+# Searches select and filter the table's columns, not the ORM class's attributes, so a
+# select of plain columns stays Core.
+_offers = Offer.__table__
+_ORM_OFFERS = select(Offer)
+_ORDER: dict[OfferSort, tuple[ColumnElement[Any], ...]] = {
+    OfferSort.price_asc: (_offers.c.price_per_hour_micros.asc(), _offers.c.id.asc()),
+    OfferSort.price_desc: (_offers.c.price_per_hour_micros.desc(), _offers.c.id.asc()),
+    OfferSort.newest: (_offers.c.created_at.desc(), _offers.c.id.asc()),
+}
+# Each condition a search may have, made for the parameter of its name.
+_CONDITIONS: dict[str, Callable[[ColumnElement[Any]], ColumnElement[bool]]] = {
+    "owner": lambda p: _offers.c.provider_id == p,
+    # Others' withdrawn offers are private: active ones are on the market for anyone.
+    "viewer": lambda p: (_offers.c.status == OfferStatus.active) | (_offers.c.provider_id == p),
+    "status": lambda p: _offers.c.status == p,
+    "vendor": lambda p: _offers.c.vendor == p,
+    "accelerator": lambda p: _offers.c.accelerator == p,
+    "platform": lambda p: _offers.c.platform == p,
+    "min_memory_gib": lambda p: _offers.c.memory_gib >= p,
+    "min_count": lambda p: _offers.c.count >= p,
+    "region": lambda p: _offers.c.region == p,
+    "country": lambda p: _offers.c.country == p,
+    "max_price": lambda p: _offers.c.price_per_hour_micros <= p,
+}
+
+
+def _search(
+    session: Session, viewer: Account, filters: OfferQuery, columns: Select[Any]
+) -> tuple[list[tuple[Any, ...]], int]:
+    params = _parameters(viewer, filters)
+    page, count = _statements(columns, filters.sort, frozenset(params))
+    rows = session.execute(page, {**params, "limit": filters.limit, "offset": filters.offset}).all()
+    if rows:
+        return [row[:-1] for row in rows], rows[0][-1]  # each row ends with the total
+    if filters.offset == 0:
+        return [], 0  # none match
+    return [], session.scalar(count, params) or 0  # a page past the last one
+
+
+def _parameters(viewer: Account, f: OfferQuery) -> dict[str, Any]:
+    """The search's values, by the name of their condition (``_CONDITIONS``)."""
     if f.mine:
-        conditions.append(Offer.provider_id == viewer.id)
-    elif viewer.role != Role.admin:
-        # Others' withdrawn offers are private; only active ones are on the market.
-        conditions.append((Offer.status == OfferStatus.active) | (Offer.provider_id == viewer.id))
-    if f.status is not None:
-        conditions.append(Offer.status == f.status)
-    if f.vendor:
-        conditions.append(Offer.vendor == f.vendor)
-    if f.accelerator:
-        conditions.append(Offer.accelerator == resolve_model(f.accelerator))
-    if f.platform:
-        conditions.append(Offer.platform == f.platform)
-    if f.min_memory_gib is not None:
-        conditions.append(Offer.memory_gib >= f.min_memory_gib)
-    if f.min_count is not None:
-        conditions.append(Offer.count >= f.min_count)
-    if f.region:
-        conditions.append(Offer.region == f.region)
-    if f.country:
-        conditions.append(Offer.country == f.country)
-    if f.max_price is not None:
-        conditions.append(Offer.price_per_hour_micros <= usd_to_micros(f.max_price))
-    return conditions
+        visibility = {"owner": viewer.id}
+    elif viewer.role != Role.admin and f.status != OfferStatus.active:
+        visibility = {"viewer": viewer.id}  # a search for active offers needs no such condition
+    else:
+        visibility = {}
+    given = {
+        "status": f.status,
+        "vendor": f.vendor or None,
+        "accelerator": resolve_model(f.accelerator) if f.accelerator else None,
+        "platform": f.platform or None,
+        "min_memory_gib": f.min_memory_gib,
+        "min_count": f.min_count,
+        "region": f.region or None,
+        "country": f.country or None,
+        "max_price": None if f.max_price is None else usd_to_micros(f.max_price),
+    }
+    return visibility | {name: value for name, value in given.items() if value is not None}
+
+
+@lru_cache(maxsize=256)
+def _statements(
+    columns: Select[Any], sort: OfferSort, conditions: frozenset[str]
+) -> tuple[Select[Any], Select[Any]]:
+    """A search's page and count, with its values as parameters, for one shape of search.
+
+    Built once per shape (which conditions, which sort), so that SQLAlchemy finds the
+    compiled statement without building and walking a new one on every request.
+    """
+    where = [make(bindparam(name)) for name, make in _CONDITIONS.items() if name in conditions]
+    count = select(func.count()).select_from(_offers).where(*where)
+    # The total comes with each row, from a subquery the database runs once: one
+    # statement, where a page and a count would take two.
+    page = (
+        columns.add_columns(count.scalar_subquery())
+        .where(*where)
+        .order_by(*_ORDER[sort])
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=Integer))
+    )
+    return page, count

@@ -5,7 +5,13 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.accounts.models import Account, Role
+from broker.offers import pages, service
+from broker.offers import router as router_module
+from broker.offers.models import Offer
+from broker.offers.router import offer_out
+from broker.offers.schemas import OfferOut, OfferQuery
+from broker.pagination import Page
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import make_account, make_offer, offer_body
 
@@ -218,3 +224,182 @@ def test_anyone_authenticated_can_read_an_active_offer(
     assert client_for(key).get(f"/v1/offers/{offer['id']}").json()["id"] == offer["id"]
     assert client_for(None).get(f"/v1/offers/{offer['id']}").status_code == 401
     assert client_for(key).get("/v1/offers/off_missing").status_code == 404
+
+
+def _page(db: Session, viewer: Account, **params: Any) -> bytes:
+    """What a search answers, as FastAPI would give ``Page[OfferOut]`` from ORM offers."""
+    query = OfferQuery.model_validate(params)
+    db.expire_all()  # the offers as stored, as a request's own session reads them
+    rows, total = service.search_offers(db, viewer, query)
+    return Page[OfferOut].of([offer_out(o) for o in rows], total, query).model_dump_json().encode()
+
+
+def test_search_answers_the_json_of_its_response_model(
+    db: Session, client_for: ClientFactory
+) -> None:
+    seller, seller_key = make_account(db, Role.provider)
+    odd = make_offer(
+        db,
+        seller,
+        accelerator="h100-sxm",
+        price_per_hour="1000000",
+        tflops_bf16=1e-7,
+        mem_bw_gbps=123456.789,
+        available_hours=0.5,
+        lat=1e-5,
+        lon=-0.0,
+        efficiency=1,
+    )
+    odd.created_at = odd.created_at.replace(microsecond=0)  # written without a fraction
+    make_offer(db, seller, accelerator="mi300x", price_per_hour="0.000001", count=1)
+    make_offer(db, seller, accelerator="tpu-v5e", price_per_hour="2.5")
+    gone = make_offer(db, seller, accelerator="l4", price_per_hour="0.123")
+    service.withdraw_offer(db, seller, gone.id)
+    db.flush()
+    admin, admin_key = make_account(db, Role.admin)
+    developer, developer_key = make_account(db, Role.developer)
+
+    cases: list[tuple[Account, str, dict[str, Any]]] = [
+        (developer, developer_key, {}),
+        (developer, developer_key, {"sort": "-created", "limit": 2, "offset": 1}),
+        (developer, developer_key, {"status": "withdrawn"}),
+        (seller, seller_key, {"status": "withdrawn"}),
+        (seller, seller_key, {"mine": True, "sort": "-price"}),
+        (admin, admin_key, {"status": "withdrawn", "accelerator": "L4"}),
+    ]
+    for viewer, key, params in cases:
+        response = client_for(key).get("/v1/offers", params=params)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.content == _page(db, viewer, **params), params
+    everything = client_for(admin_key).get("/v1/offers", params={"limit": 1}).json()
+    assert everything["items"][0]["price_per_hour"] == "0.000001"
+    assert everything["total"] == 3
+
+
+def test_search_shows_withdrawn_offers_only_to_their_provider_and_admins(
+    db: Session, client_for: ClientFactory
+) -> None:
+    seller, seller_key = make_account(db, Role.provider)
+    rival, rival_key = make_account(db, Role.provider)
+    _, admin_key = make_account(db, Role.admin)
+    mine = make_offer(db, seller)
+    theirs = make_offer(db, rival)
+    for provider, offer in ((seller, mine), (rival, theirs)):
+        service.withdraw_offer(db, provider, offer.id)
+
+    def ids(key: str, **params: Any) -> list[str]:
+        response = client_for(key).get("/v1/offers", params={"status": "withdrawn", **params})
+        assert response.status_code == 200, response.text
+        return [o["id"] for o in response.json()["items"]]
+
+    assert ids(seller_key) == [mine.id]
+    assert ids(rival_key) == [theirs.id]
+    assert sorted(ids(admin_key)) == sorted([mine.id, theirs.id])
+    assert ids(admin_key, mine=True) == []
+    assert ids(seller_key, sort="-created") == [mine.id]
+
+
+def test_search_totals_on_every_page(db: Session, client_for: ClientFactory) -> None:
+    seller, _ = make_account(db, Role.provider)
+    # Equal prices: the id orders them, whichever way the price is sorted.
+    offers = sorted((make_offer(db, seller, price_per_hour="2.00") for _ in range(5)), key=id_of)
+    _, key = make_account(db, Role.developer)
+    client = client_for(key)
+
+    def page(**params: Any) -> tuple[list[str], int]:
+        body = client.get("/v1/offers", params=params).json()
+        return [o["id"] for o in body["items"]], body["total"]
+
+    every = [o.id for o in offers]
+    assert page(limit=2) == (every[:2], 5)
+    assert page(limit=2, offset=4) == (every[4:], 5)  # the last page
+    assert page(limit=5) == (every, 5)
+    assert page(limit=10) == (every, 5)
+    assert page(limit=2, offset=10) == ([], 5)  # past the end
+    assert page(sort="-price", limit=3, offset=1) == (every[1:4], 5)
+    assert page(region="nowhere") == ([], 0)
+    assert page(region="nowhere", offset=3) == ([], 0)
+
+
+def id_of(offer: Offer) -> str:
+    return offer.id
+
+
+def test_search_answers_offers_as_they_are_now(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seller, seller_key = make_account(db, Role.provider)
+    offers = [make_offer(db, seller, price_per_hour=f"2.0{i}") for i in range(3)]
+    developer, developer_key = make_account(db, Role.developer)
+    client, provider = client_for(developer_key), client_for(seller_key)
+
+    first = client.get("/v1/offers")
+    assert client.get("/v1/offers").content == first.content  # kept JSON, the same bytes
+    changed = provider.patch(f"/v1/offers/{offers[1].id}", json={"price_per_hour": "1.50"})
+    assert changed.status_code == 200, changed.text
+    now = client.get("/v1/offers")
+    assert now.content == _page(db, developer)
+    assert [o["price_per_hour"] for o in now.json()["items"]] == ["1.50", "2.00", "2.02"]
+
+    monkeypatch.setattr(pages, "MAX_KEPT", 1)  # fewer kept than a page holds
+    assert client.get("/v1/offers").content == now.content
+
+
+def test_the_short_way_answers_as_fastapi_does(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Well-formed searches skip FastAPI's dependency solving (``_SearchRoute``); a
+    search sent FastAPI's way answers alike."""
+    seller, _ = make_account(db, Role.provider)
+    for price in ("2.10", "2.20", "2.30"):
+        make_offer(db, seller, price_per_hour=price)
+    _, key = make_account(db, Role.developer)
+    client = client_for(key)
+    short: list[object] = []
+    well_formed = router_module._well_formed
+
+    def counted(params: Any) -> Any:
+        query = well_formed(params)
+        short.append(query)
+        return query
+
+    monkeypatch.setattr(router_module, "_well_formed", counted)
+    # A parameter given twice counts with its last value, as FastAPI reads it.
+    path = "/v1/offers?sort=-price&limit=1&limit=2&offset=1"
+    fast = client.get(path)
+    assert fast.status_code == 200, fast.text
+    assert [o["price_per_hour"] for o in fast.json()["items"]] == ["2.20", "2.10"]
+    monkeypatch.setattr(router_module, "_well_formed", lambda params: None)
+    slow = client.get(path)
+    assert [q is not None for q in short] == [True]  # the first went the short way
+    assert slow.content == fast.content
+    assert slow.headers["content-type"] == fast.headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "params", "status", "field"),
+    [
+        ({}, {}, 401, None),
+        ({"Authorization": "Basic abc"}, {}, 401, None),  # not a bearer key
+        ({"Authorization": "Bearer bk_nope"}, {}, 401, None),
+        ({"Authorization": "Bearer bk_nope"}, {"limit": 0}, 401, None),  # the key first
+        (None, {"limit": 0}, 422, "query.limit"),
+        (None, {"sort": "cheapest"}, 422, "query.sort"),
+        (None, {"max_prise": 3}, 422, "query.max_prise"),
+    ],
+)
+def test_what_the_short_way_leaves_gets_fastapis_errors(
+    db: Session,
+    client_for: ClientFactory,
+    headers: dict[str, str] | None,
+    params: dict[str, Any],
+    status: int,
+    field: str | None,
+) -> None:
+    _, key = make_account(db, Role.developer)
+    client = client_for(key if headers is None else None)
+    response = client.get("/v1/offers", params=params, headers=headers)
+    assert response.status_code == status, response.text
+    if field is not None:
+        assert response.json()["error"]["field"] == field
