@@ -72,7 +72,7 @@ def packaging(repeats: int = 7, worker: bool = True) -> list[tuple[str, float, f
     """Median seconds of one ``jax.jit(f).lower()`` and of packaging, per program.
 
     Steady state: with ``worker``, the cost worker is started and ready before
-    timing (as after a process's first package()); without it, it is stopped and
+    timing (as after a process's second package()); without it, it is stopped and
     XLA's cost analysis runs in-process. Either way each timing packages a new
     function.
     """
