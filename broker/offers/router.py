@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +23,7 @@ from broker.offers import pages, service
 from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
 from broker.pagination import Page
+from broker.shortcuts import shortcut_route
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/offers", tags=["offers"])
@@ -67,7 +66,7 @@ def create_offer(session: SessionDep, provider: Provider, body: OfferCreate) -> 
 async def search_offers(
     account: BatchedAccount, transactions: TransactionsDep, query: Annotated[OfferQuery, Query()]
 ) -> Response:
-    # Most requests take _SearchRoute's shorter way to the same place.
+    # Most requests take _search_shortcut's shorter way to the same place.
     return await _search(transactions, account, query)
 
 
@@ -83,31 +82,19 @@ async def _search(transactions: Transactions, account: Account, query: OfferQuer
     return Response(await run_in_threadpool(read), media_type="application/json")
 
 
-class _SearchRoute(APIRoute):
-    """``GET /v1/offers``: a well-formed search skips FastAPI's dependency solving.
-
-    As ``broker.jobs.router._SubmitRoute`` does for submissions: this handler reads
-    what ``search_offers`` declares itself (the bearer key, checked in a batch as
-    ``BatchedAccount`` does, and a query that is a valid ``OfferQuery``). Anything
-    else (no key, a query with an error) goes to FastAPI's handler, so errors come
-    in the same order and shape; the OpenAPI schema is the declared route's.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        declared = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            key = await bearer_key(request)
-            query = _well_formed(request.query_params)
-            if key is None or query is None:
-                return await declared(request)
-            transactions = await request_transactions(request)
-            # The key as BatchedAccount checks it: in a batch, then node keys refused.
-            credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
-            caller = await batched_caller(request, transactions, credentials)
-            return await _search(transactions, await current_account(caller), query)
-
-        return handle
+async def _search_shortcut(request: Request) -> Response | None:
+    """``GET /v1/offers`` without FastAPI's per-request work (``broker.shortcuts``):
+    a search with a bearer key (checked in a batch, as ``BatchedAccount`` does) and
+    a query that is a valid ``OfferQuery``; None for anything else."""
+    key = await bearer_key(request)
+    query = _well_formed(request.query_params)
+    if key is None or query is None:
+        return None
+    transactions = await request_transactions(request)
+    # The key as BatchedAccount checks it: in a batch, then node keys refused.
+    credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
+    caller = await batched_caller(request, transactions, credentials)
+    return await _search(transactions, await current_account(caller), query)
 
 
 def _well_formed(params: QueryParams) -> OfferQuery | None:
@@ -126,7 +113,7 @@ router.add_api_route(
     methods=["GET"],
     response_model=Page[OfferOut],
     summary="Search offers",
-    route_class_override=_SearchRoute,
+    route_class_override=shortcut_route(_search_shortcut),
 )
 
 

@@ -214,7 +214,7 @@ _PER_JOB = {"id", "created_at", "updated_at"}
 def test_the_short_way_answers_as_fastapi_does(
     developer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Well-formed submissions skip FastAPI's dependency solving (``_SubmitRoute``);
+    """Well-formed submissions skip FastAPI's dependency solving (``broker.shortcuts``);
     a content type only FastAPI reads goes its way. Both answer alike."""
     short: list[object] = []
     original = router_module._json

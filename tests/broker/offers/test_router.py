@@ -349,7 +349,7 @@ def test_search_answers_offers_as_they_are_now(
 def test_the_short_way_answers_as_fastapi_does(
     db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Well-formed searches skip FastAPI's dependency solving (``_SearchRoute``); a
+    """Well-formed searches skip FastAPI's dependency solving (``broker.shortcuts``); a
     search sent FastAPI's way answers alike."""
     seller, _ = make_account(db, Role.provider)
     for price in ("2.10", "2.20", "2.30"):
