@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from broker.accounts.models import Account, Role
 from broker.accounts.service import KeyOwner, authenticate_key, authenticate_keys
 from broker.coalesce import Batched
-from broker.db import SessionDep, TransactionsDep
+from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
@@ -115,6 +115,14 @@ async def bearer_key(request: Request) -> str | None:
     routes' ``HTTPBearer`` reads it; None if there is none."""
     credentials = await _bearer(request)
     return None if credentials is None else credentials.credentials
+
+
+async def batched_account_for(request: Request, transactions: Transactions, key: str) -> Account:
+    """``BatchedAccount`` for a handler that read the key itself (``bearer_key``): the
+    key checked in a batch, node keys refused."""
+    caller = _known(await _key_checks.submit(transactions, key))
+    request.state.account_id = caller.account.id
+    return _own_key(caller)
 
 
 def developer_of(found: KeyOwner | None) -> Account:

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
@@ -13,9 +12,8 @@ from broker.auth import (
     BatchedAccount,
     CurrentAccount,
     Provider,
-    batched_caller,
+    batched_account_for,
     bearer_key,
-    current_account,
 )
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.money import micros_to_usd
@@ -91,10 +89,8 @@ async def _search_shortcut(request: Request) -> Response | None:
     if key is None or query is None:
         return None
     transactions = await request_transactions(request)
-    # The key as BatchedAccount checks it: in a batch, then node keys refused.
-    credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
-    caller = await batched_caller(request, transactions, credentials)
-    return await _search(transactions, await current_account(caller), query)
+    account = await batched_account_for(request, transactions, key)
+    return await _search(transactions, account, query)
 
 
 def _well_formed(params: QueryParams) -> OfferQuery | None:
