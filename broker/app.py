@@ -29,6 +29,7 @@ from broker.limits import BodySizeLimit
 from broker.market.cache import BookCache
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
+from broker.market.standing import Standing
 from broker.nodes.router import router as nodes_router
 from broker.nodes.service import sweep
 from broker.observability import RequestContext, configure_logging, metrics_text
@@ -57,10 +58,11 @@ always have the shape `{"error": {"code", "message", "field"}}`.
 
 async def _clear_forever(interval: float) -> None:
     """Automatic clearing rounds, every ``interval`` seconds, off the event loop."""
+    standing = Standing()
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(run_round, get_engine(), get_settings(), "auto")
+            await asyncio.to_thread(run_round, get_engine(), get_settings(), "auto", None, standing)
         except RoundInProgress:
             pass  # another worker or process is clearing; it covers this tick
         except Exception:

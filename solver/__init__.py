@@ -4,7 +4,7 @@ No database, no HTTP, no global state. ``broker`` adapts its rows to these
 types; ``broker solve`` reads them from a market file.
 """
 
-from solver.clearing import first_come_first_served, solve
+from solver.clearing import first_come_first_served, placeable, solve
 from solver.market import Assignment, Job, Market, Offer, Result, Weights
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "Result",
     "Weights",
     "first_come_first_served",
+    "placeable",
     "solve",
 ]

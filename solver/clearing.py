@@ -27,6 +27,7 @@ different (earlier) answer.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from solver import exact, integer, prices
 from solver.lp import solve_lp
 from solver.market import Assignment, Market, Result
 from solver.pairs import Candidates, FeasiblePairs, scan
-from solver.rules import Ints, MarketArrays, evaluate_pairs
+from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs
 
 FIRST_CANDIDATES = 32  # per job, from the scan
 ADDED_PER_ROUND = 32  # per job, from pricing
@@ -55,6 +56,7 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
         return _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, {})
 
     pairs, cands = scan(a, FIRST_CANDIDATES)
+    unplaceable = tuple(a.jobs[j].id for j in np.flatnonzero(np.diff(pairs.start) == 0).tolist())
     stats: dict[str, float] = {"feasible_pairs": float(pairs.size), "scanned_at": _since(started)}
     has_big_jobs = bool((a.j_accelerators > 1).any())
     assigned = integer.assign(a, cands)
@@ -138,7 +140,19 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
     stats["baseline_objective"] = baseline_value
     if baseline_value > value:
         assigned = baseline
-    return _result(a, assigned, bound, started, stats)
+    return replace(_result(a, assigned, bound, started, stats), unplaceable=unplaceable)
+
+
+def placeable(market: Market) -> frozenset[str]:
+    """The jobs that at least one offer of ``market`` may take, every rule applied
+    (the capacity left, the bid, the budget and the weights' fee included)."""
+    a = MarketArrays.build(market)
+    if a.n_jobs == 0 or a.n_offers == 0:
+        return frozenset()
+    found = np.zeros(a.n_jobs, dtype=bool)
+    for block in a.blocks():
+        found[block] = evaluate(a, block).feasible.any(axis=1)
+    return frozenset(a.jobs[j].id for j in np.flatnonzero(found).tolist())
 
 
 def first_come_first_served(market: Market) -> Result:

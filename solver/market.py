@@ -97,6 +97,9 @@ class Result:
     assignments: tuple[Assignment, ...]
     unassigned: tuple[str, ...]
     stats: dict[str, float] = field(default_factory=dict)
+    # Of the unassigned, the jobs that no offer of this market may take at all
+    # (every rule applied): they stay unplaceable until the offers change.
+    unplaceable: tuple[str, ...] = ()
 
     @property
     def gap(self) -> float | None:

@@ -75,11 +75,11 @@ def spent(session: Session, job_ids: Iterable[str]) -> dict[str, Fraction]:
     return totals
 
 
-def budget_left(job: Job, spent_micros: Fraction) -> Fraction | None:
-    """What is left of the job's budget (None: it has none)."""
-    if job.budget_micros is None:
+def budget_left(budget_micros: int | None, spent_micros: Fraction) -> Fraction | None:
+    """What is left of a job's budget (None: it has none)."""
+    if budget_micros is None:
         return None
-    return max(Fraction(0), Fraction(job.budget_micros) - spent_micros)
+    return max(Fraction(0), Fraction(budget_micros) - spent_micros)
 
 
 def usage_cap_ms(session: Session, allocation: Allocation, job: Job) -> int | None:
@@ -91,7 +91,7 @@ def usage_cap_ms(session: Session, allocation: Allocation, job: Job) -> int | No
         (allocation_charge(a) for a in _allocations(session, [job.id]) if a.id != allocation.id),
         Fraction(0),
     )
-    left = budget_left(job, earlier)
+    left = budget_left(job.budget_micros, earlier)
     assert left is not None
     return usage_within(left, allocation.price_per_hour_micros, allocation.fee_ppm)
 

@@ -23,7 +23,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -44,6 +44,7 @@ from broker.jobs.models import Job
 from broker.jobs.states import JobState
 from broker.market import adapt
 from broker.market.models import Allocation, ClearingRound
+from broker.market.standing import Standing, budgets_left
 from broker.observability import observe_round
 from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, solve
@@ -100,18 +101,24 @@ Solve = Callable[[Market, float], Result]
 
 
 def run_round(
-    engine: Engine, settings: Settings, trigger: str = "manual", solver: Solve | None = None
+    engine: Engine,
+    settings: Settings,
+    trigger: str = "manual",
+    solver: Solve | None = None,
+    standing: Standing | None = None,
 ) -> ClearingRound | None:
     """Clear the market once. Raises RoundInProgress if another round is running.
 
-    An automatic round with nothing to clear (no open job, or no free capacity)
-    is not recorded and returns None; a manual one always is. ``solver`` runs the
-    solve (default: ``solver.solve`` in this thread).
+    An automatic round with nothing to clear (no open job that an offer could
+    take, or no free capacity) is not recorded and returns None; a manual one
+    always is. ``solver`` runs the solve (default: ``solver.solve`` in this
+    thread). ``standing`` is what earlier rounds of this process remember, so
+    that this one reads and solves only what changed (``broker.market.standing``).
     """
     with leader(engine) as got:
         if not got:
             raise RoundInProgress("a clearing round is already running; try again shortly")
-        record = _run(engine, settings, trigger, solver)
+        record = _run(engine, settings, trigger, solver, standing)
     if record is not None:
         observe_round(trigger, record.status, record.solve_seconds, record.matched)
     return record
@@ -144,10 +151,11 @@ def clear_in_process(interval: float) -> None:
     if get_engine().dialect.name == "postgresql":
         os.nice(_ROUND_NICENESS)
     solver = _BackgroundSolver()
+    standing = Standing()
     try:
         while not stop.wait(interval):
             try:
-                run_round(get_engine(), get_settings(), "auto", solver)
+                run_round(get_engine(), get_settings(), "auto", solver, standing)
             except RoundInProgress:
                 pass  # another process is clearing; it covers this tick
             except Exception:
@@ -196,29 +204,21 @@ def _lower_priority() -> None:
 
 
 def _run(
-    engine: Engine, settings: Settings, trigger: str, solver: Solve | None = None
+    engine: Engine,
+    settings: Settings,
+    trigger: str,
+    solver: Solve | None = None,
+    standing: Standing | None = None,
 ) -> ClearingRound | None:
     _close_interrupted(engine)
     round_id = new_id("rnd")
     with transaction(engine, write=False) as session:
-        jobs = session.scalars(
-            select(Job).where(Job.state == JobState.open).order_by(Job.created_at, Job.id)
-        ).all()
-        offers = session.scalars(
-            select(Offer)
-            .where(Offer.status == OfferStatus.active, Offer.count > 0)
-            .order_by(Offer.created_at, Offer.id)
-        ).all()
         fee_ppm, _ = billing.current_fee(session, settings)
-        budgets = _budgets_left(session, jobs)
-        market = Market(
-            offers=tuple(adapt.offer(o) for o in offers),
-            jobs=tuple(adapt.job(j, budgets.get(j.id)) for j in jobs),
-            weights=adapt.weights(settings, fee_ppm),
-        )
+        weights = adapt.weights(settings, fee_ppm)
         # Any change a provider makes to an offer, or a developer to a job's bid,
         # moves its updated_at; a match computed from an older version is stale.
-        versions = {o.id: o.updated_at for o in offers} | {j.id: j.updated_at for j in jobs}
+        book, versions = (standing or Standing()).read(session, weights)
+    market = standing.to_solve(book) if standing else book
     if trigger == "auto" and not (market.jobs and market.offers):
         return None
     with transaction(engine) as session:
@@ -227,12 +227,14 @@ def _run(
                 id=round_id,
                 trigger=trigger,
                 status="running",
-                jobs_considered=len(market.jobs),
-                offers_considered=len(market.offers),
+                jobs_considered=len(book.jobs),
+                offers_considered=len(book.offers),
             )
         )
     try:
         result = (solver or _solve_here)(market, settings.clear_time_limit_seconds)
+        if standing:
+            standing.solved(market, result)
         with transaction(engine) as session:
             matched, stale = _apply(session, round_id, result, versions, settings, fee_ppm)
             record = session.get_one(ClearingRound, round_id)
@@ -262,14 +264,6 @@ def _close_interrupted(engine: Engine) -> None:
             record.error = "interrupted: the broker stopped during the round; nothing was matched"
 
 
-def _budgets_left(session: Session, jobs: Iterable[Job]) -> dict[str, Fraction]:
-    """What is left of each budgeted job's budget after its earlier runs."""
-    budgeted = [j for j in jobs if j.budget_micros is not None]
-    spent = billing.spent(session, [j.id for j in budgeted])
-    left = {j.id: billing.budget_left(j, spent.get(j.id, Fraction(0))) for j in budgeted}
-    return {job_id: amount for job_id, amount in left.items() if amount is not None}
-
-
 def _apply(
     session: Session,
     round_id: str,
@@ -297,7 +291,7 @@ def _apply(
             select(Job).where(Job.id.in_(job_ids)).order_by(Job.id).with_for_update()
         )
     }
-    budgets = _budgets_left(session, jobs.values())
+    budgets = budgets_left(session, jobs.values())
     matched = stale = 0
     for a in result.assignments:
         job, offer = jobs.get(a.job), offers.get(a.offer)

@@ -55,7 +55,7 @@ def unmatched_many(
     )
     found = {}
     for job in jobs:
-        left = billing.budget_left(job, spent.get(job.id, Fraction(0)))
+        left = billing.budget_left(job.budget_micros, spent.get(job.id, Fraction(0)))
         counts = explain(adapt.job(job, left), market, weights)
         found[job.id] = _explained(counts, len(offers), last)
     return found

@@ -1,0 +1,192 @@
+"""What a process's automatic clearing rounds remember from one round to the next, so
+that a round costs what changed in the book rather than the size of the book.
+
+A busy market keeps a standing book: thousands of open jobs that no free offer
+can take (their bids are under every ask they fit, or the capacity they need is
+used up) wait for the offers to change. Reading, adapting and solving all of
+them every few seconds took most of a core on a 7,000-job book. ``Standing``
+carries two things over:
+
+- **Rows as the solver sees them.** A round reads only the ids and versions of
+  the open jobs and active offers; full rows are read and adapted only for what
+  is new or changed since (``updated_at`` is the version: every change a user or
+  a round makes to a job's terms or an offer moves it).
+- **Jobs no offer can take.** A job that no offer of a round could take, every
+  market rule applied (the solver says which: ``Result.unplaceable``), is
+  *dormant*: later rounds leave it out until something could change that. The
+  job itself changes (its bid, what is left of its budget), the weights change
+  (the fee), or an offer appears, is edited or has more free accelerators than it
+  had. Only the offers that grew are checked against the dormant jobs
+  (``solver.placeable``); the jobs they could take wake up and join the solve.
+  Offers that shrank or left can take nothing they could not take before, so the
+  other jobs stay dormant, and leaving them out changes no round's answer.
+
+A round that fails part-way keeps what it learnt about the offers (the dormant
+jobs were checked against them) and adds no dormant jobs. What another process
+does to the book (a replica's round, a user's change) shows in the rows and
+versions read, so the memory is safe whoever else writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from datetime import datetime
+from fractions import Fraction
+from typing import Protocol, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.billing import service as billing
+from broker.jobs.models import Job
+from broker.jobs.states import JobState
+from broker.market import adapt
+from broker.offers.models import Offer, OfferStatus
+from solver import Market, Result, placeable
+from solver import market as sm
+
+_CHUNK = 500  # ids per ``IN (...)`` when reading changed rows
+
+
+class Standing:
+    """The memory of one process's automatic rounds (not thread-safe: one loop uses it)."""
+
+    def __init__(self) -> None:
+        # Adapted rows by version; jobs without their budget, which moves by itself.
+        self._jobs: dict[str, tuple[datetime, sm.Job]] = {}
+        self._offers: dict[str, tuple[datetime, sm.Offer]] = {}
+        # The offers of the last round, and the jobs none of them could take (as
+        # they were then: a job that changed is no longer dormant).
+        self._seen: dict[str, sm.Offer] = {}
+        self._weights: sm.Weights | None = None
+        self._dormant: dict[str, sm.Job] = {}
+
+    def read(self, session: Session, weights: sm.Weights) -> tuple[Market, dict[str, datetime]]:
+        """The whole book (every open job, every active offer with free accelerators,
+        oldest first) and the version of each row, reading only what changed."""
+        job_rows = session.execute(
+            select(Job.id, Job.updated_at, Job.budget_micros)
+            .where(Job.state == JobState.open)
+            .order_by(Job.created_at, Job.id)
+        ).all()
+        offer_rows = session.execute(
+            select(Offer.id, Offer.updated_at, Offer.count.label("free"))
+            .where(Offer.status == OfferStatus.active, Offer.count > 0)
+            .order_by(Offer.created_at, Offer.id)
+        ).all()
+        versions: dict[str, datetime] = {}
+
+        def jobs_by_id(ids: list[str]) -> Iterator[tuple[str, datetime, sm.Job]]:
+            for j in session.scalars(select(Job).where(Job.id.in_(ids))):
+                yield j.id, j.updated_at, adapt.job(j)
+
+        def offers_by_id(ids: list[str]) -> Iterator[tuple[str, datetime, sm.Offer]]:
+            for o in session.scalars(select(Offer).where(Offer.id.in_(ids))):
+                yield o.id, o.updated_at, adapt.offer(o)
+
+        self._jobs = _refresh(jobs_by_id, self._jobs, job_rows, versions)
+        self._offers = _refresh(offers_by_id, self._offers, offer_rows, versions)
+        budgets = budgets_left(session, job_rows)
+        jobs = []
+        for r in job_rows:
+            if (known := self._jobs.get(r.id)) is None:
+                continue  # gone between the two reads
+            job = known[1]
+            if (left := budgets.get(r.id)) is not None:
+                job = replace(job, budget_usd=float(left) / 1e6)
+            jobs.append(job)
+        offers = []
+        for r in offer_rows:
+            if (seen := self._offers.get(r.id)) is None:
+                continue
+            offer = seen[1]
+            offers.append(offer if offer.count == r.free else replace(offer, count=r.free))
+        return Market(offers=tuple(offers), jobs=tuple(jobs), weights=weights), versions
+
+    def to_solve(self, book: Market) -> Market:
+        """``book`` without its dormant jobs; first wakes those an offer that grew
+        since the last round could take."""
+        if book.weights != self._weights:
+            self._dormant.clear()
+        current = {j.id: j for j in book.jobs}
+        self._dormant = {i: j for i, j in self._dormant.items() if current.get(i) == j}
+        grown = tuple(o for o in book.offers if _grew(self._seen.get(o.id), o))
+        if grown and self._dormant:
+            dormant = Market(offers=grown, jobs=tuple(self._dormant.values()), weights=book.weights)
+            for job_id in placeable(dormant):
+                del self._dormant[job_id]
+        self._seen = {o.id: o for o in book.offers}
+        self._weights = book.weights
+        if not self._dormant:
+            return book
+        return replace(book, jobs=tuple(j for j in book.jobs if j.id not in self._dormant))
+
+    def solved(self, market: Market, result: Result) -> None:
+        """Remember the jobs of ``market`` that no offer of it could take."""
+        jobs = {j.id: j for j in market.jobs}
+        for job_id in result.unplaceable:
+            self._dormant[job_id] = jobs[job_id]
+
+    @property
+    def dormant(self) -> int:
+        """How many open jobs the last round left out."""
+        return len(self._dormant)
+
+
+def _grew(before: sm.Offer | None, now: sm.Offer) -> bool:
+    """Whether ``now`` might take a job that ``before`` could not."""
+    return before is None or now.count > before.count or replace(before, count=now.count) != now
+
+
+class Budgeted(Protocol):
+    """A job row, or the columns of one that a budget needs."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def budget_micros(self) -> int | None: ...
+
+
+def budgets_left(session: Session, jobs: Iterable[Budgeted]) -> dict[str, Fraction]:
+    """What is left of each budgeted job's budget after its earlier runs."""
+    budgeted = {j.id: j.budget_micros for j in jobs if j.budget_micros is not None}
+    spent = billing.spent(session, budgeted)
+    left = {i: billing.budget_left(b, spent.get(i, Fraction(0))) for i, b in budgeted.items()}
+    return {job_id: amount for job_id, amount in left.items() if amount is not None}
+
+
+_Row = TypeVar("_Row", sm.Job, sm.Offer)
+
+
+class _Versioned(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+def _refresh(
+    by_id: Callable[[list[str]], Iterable[tuple[str, datetime, _Row]]],
+    known: dict[str, tuple[datetime, _Row]],
+    rows: Sequence[_Versioned],
+    versions: dict[str, datetime],
+) -> dict[str, tuple[datetime, _Row]]:
+    """``known`` for exactly ``rows``: entries whose version still holds are kept,
+    the others read in full and adapted (``by_id``). Fills ``versions``."""
+    fresh: dict[str, tuple[datetime, _Row]] = {}
+    changed = []
+    for r in rows:
+        entry = known.get(r.id)
+        if entry is not None and entry[0] == r.updated_at:
+            fresh[r.id] = entry
+            versions[r.id] = r.updated_at
+        else:
+            changed.append(r.id)
+    for start in range(0, len(changed), _CHUNK):
+        for row_id, version, value in by_id(changed[start : start + _CHUNK]):
+            # The full row's own version: if it changed since the first read, a
+            # match made from it is checked against this one.
+            fresh[row_id] = (version, value)
+            versions[row_id] = version
+    return fresh
