@@ -53,7 +53,8 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
     deadline = started + time_limit
     a = MarketArrays.build(market)
     if a.n_jobs == 0 or a.n_offers == 0:
-        return _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, {})
+        nothing = _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, {})
+        return replace(nothing, unplaceable=nothing.unassigned)
 
     pairs, cands = scan(a, FIRST_CANDIDATES)
     unplaceable = tuple(a.jobs[j].id for j in np.flatnonzero(np.diff(pairs.start) == 0).tolist())

@@ -118,6 +118,8 @@ class Standing:
                 del self._dormant[job_id]
         self._seen = {o.id: o for o in book.offers}
         self._weights = book.weights
+        if not book.offers:  # no free capacity at all: no job can be placed
+            self._dormant.update(current)
         if not self._dormant:
             return book
         return replace(book, jobs=tuple(j for j in book.jobs if j.id not in self._dormant))
@@ -129,9 +131,9 @@ class Standing:
             self._dormant[job_id] = jobs[job_id]
 
     @property
-    def dormant(self) -> int:
-        """How many open jobs the last round left out."""
-        return len(self._dormant)
+    def dormant(self) -> frozenset[str]:
+        """The open jobs that rounds leave out until an offer could take them."""
+        return frozenset(self._dormant)
 
 
 def _grew(before: sm.Offer | None, now: sm.Offer) -> bool:

@@ -5,7 +5,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from solver import Job, Market, Offer, Weights, solve
+from solver import Job, Market, Offer, Weights, placeable, solve
 from solver.market import Result
 from tests.solver import reference
 from tests.solver.strategies import markets
@@ -44,6 +44,19 @@ def test_small_markets_reach_the_exact_optimum(market: Market) -> None:
     assert result.status == "OPTIMAL"
     assert result.bound is not None
     assert math.isclose(result.bound, optimum, rel_tol=1e-6, abs_tol=1e-4)
+
+
+@SLOW
+@given(markets())
+def test_placeable_jobs_are_those_some_offer_may_take(market: Market) -> None:
+    """``placeable`` and a solve's ``unplaceable`` agree with the rules, job by job:
+    the clearing process leaves the unplaceable out of later rounds."""
+    w, offers = market.weights, market.offers
+    expected = {j.id for j in market.jobs if any(reference.feasible(j, o, w) for o in offers)}
+    assert placeable(market) == expected
+    result = solve(market, time_limit=5)
+    assert set(result.unplaceable) == {j.id for j in market.jobs} - expected
+    assert set(result.unplaceable) <= set(result.unassigned)
 
 
 def _offer(oid: str, count: int, price: float, **kw: object) -> Offer:
