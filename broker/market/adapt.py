@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
+from typing import Any, cast
+
+from sqlalchemy import Row
 
 from broker.billing.amounts import PPM
 from broker.config import Settings
@@ -22,13 +25,62 @@ def weights(settings: Settings, fee_ppm: int) -> sm.Weights:
     )
 
 
-def offer(row: Offer) -> sm.Offer:
+_Columns = Row[*tuple[Any, ...]]
+
+# The columns ``offer`` and ``job`` read: a round selects only these (rows of plain
+# columns cost a fraction of ORM objects). Not an offer's ``count``: on a row that
+# name is ``tuple.count``, so it is passed on its own.
+OFFER_COLUMNS = (
+    Offer.id,
+    Offer.updated_at,
+    Offer.vendor,
+    Offer.accelerator,
+    Offer.platform,
+    Offer.memory_gib,
+    Offer.tflops_bf16,
+    Offer.tflops_fp32,
+    Offer.mem_bw_gbps,
+    Offer.price_per_hour_micros,
+    Offer.region,
+    Offer.country,
+    Offer.lat,
+    Offer.lon,
+    Offer.available_hours,
+    Offer.efficiency,
+)
+JOB_COLUMNS = (
+    Job.id,
+    Job.updated_at,
+    Job.platforms,
+    Job.max_price_per_hour_micros,
+    Job.accelerators,
+    Job.min_memory_gib,
+    Job.vendors,
+    Job.accelerator_models,
+    Job.duration_hours,
+    Job.flops,
+    Job.bytes,
+    Job.dtype,
+    Job.deadline_hours,
+    Job.latency_slo_ms,
+    Job.user_lat,
+    Job.user_lon,
+    Job.data_region,
+    Job.data_gb,
+    Job.allowed_countries,
+    Job.priority,
+)
+
+
+def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
+    """An offer row, or a row of ``OFFER_COLUMNS`` and its free ``count``, as the
+    solver sees it."""
     return sm.Offer(
         id=row.id,
         vendor=row.vendor,
         accelerator=row.accelerator,
         platform=row.platform,
-        count=row.count,
+        count=cast(Offer, row).count if count is None else count,
         memory_gib=row.memory_gib,
         tflops_bf16=row.tflops_bf16,
         tflops_fp32=row.tflops_fp32,
@@ -43,9 +95,11 @@ def offer(row: Offer) -> sm.Offer:
     )
 
 
-def job(row: Job, budget_left_micros: Fraction | None = None) -> sm.Job:
-    """``budget_left_micros``: what is left of the job's budget after its earlier runs
-    (None: no budget)."""
+def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.Job:
+    """A job row, or a row of ``JOB_COLUMNS``, as the solver sees it.
+
+    ``budget_left_micros``: what is left of the job's budget after its earlier
+    runs (None: no budget)."""
     return sm.Job(
         id=row.id,
         platforms=tuple(row.platforms),
@@ -75,7 +129,11 @@ def _micros(amount: Decimal) -> int:
 
 
 def exact_cost(
-    job: Job, offer: Offer, runtime_hours: float, rtt_ms: float, settings: Settings
+    job: Job | _Columns,
+    offer: Offer | _Columns,
+    runtime_hours: float,
+    rtt_ms: float,
+    settings: Settings,
 ) -> tuple[int, int, int]:
     """Compute, egress and latency cost in micro-dollars, from the locked ask.
 

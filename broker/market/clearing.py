@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,7 +32,7 @@ from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -41,7 +42,7 @@ from broker.config import Settings
 from broker.db import new_id, transaction, utcnow
 from broker.errors import Conflict
 from broker.jobs.models import Job
-from broker.jobs.states import JobState
+from broker.jobs.states import JobState, check_transition
 from broker.market import adapt
 from broker.market.models import Allocation, ClearingRound
 from broker.market.standing import Standing, budgets_left
@@ -212,6 +213,7 @@ def _run(
 ) -> ClearingRound | None:
     _close_interrupted(engine)
     round_id = new_id("rnd")
+    started = time.perf_counter()
     with transaction(engine, write=False) as session:
         fee_ppm, _ = billing.current_fee(session, settings)
         weights = adapt.weights(settings, fee_ppm)
@@ -219,6 +221,7 @@ def _run(
         # moves its updated_at; a match computed from an older version is stale.
         book, versions = (standing or Standing()).read(session, weights)
     market = standing.to_solve(book) if standing else book
+    read_seconds = time.perf_counter() - started
     if trigger == "auto" and not (market.jobs and market.offers):
         return None
     with transaction(engine) as session:
@@ -243,6 +246,19 @@ def _run(
             record.objective, record.bound, record.gap = result.objective, result.bound, result.gap
             record.solve_seconds = result.solve_seconds
             record.finished_at = utcnow()
+        log.info(
+            "round %s: %d open jobs, %d solved against %d offers; matched %d, stale %d; "
+            "read %.2f s, solve %.2f s, in all %.2f s",
+            round_id,
+            len(book.jobs),
+            len(market.jobs),
+            len(market.offers),
+            matched,
+            stale,
+            read_seconds,
+            result.solve_seconds,
+            time.perf_counter() - started,
+        )
     except Exception as exc:
         log.exception("clearing round %s failed", round_id)
         with transaction(engine) as session:
@@ -278,21 +294,45 @@ def _apply(
     job_ids = sorted({a.job for a in result.assignments})
     offer_ids = sorted({a.offer for a in result.assignments})
     # Lock in a fixed order (offers, then jobs, each by id) so rounds and
-    # requests cannot deadlock.
+    # requests cannot deadlock. Only the columns the checks and prices need.
     offers = {
         o.id: o
-        for o in session.scalars(
-            select(Offer).where(Offer.id.in_(offer_ids)).order_by(Offer.id).with_for_update()
+        for o in session.execute(
+            select(
+                Offer.id,
+                Offer.status,
+                Offer.updated_at,
+                Offer.count.label("free"),
+                Offer.price_per_hour_micros,
+                Offer.region,
+            )
+            .where(Offer.id.in_(offer_ids))
+            .order_by(Offer.id)
+            .with_for_update()
         )
     }
     jobs = {
         j.id: j
-        for j in session.scalars(
-            select(Job).where(Job.id.in_(job_ids)).order_by(Job.id).with_for_update()
+        for j in session.execute(
+            select(
+                Job.id,
+                Job.state,
+                Job.updated_at,
+                Job.accelerators,
+                Job.budget_micros,
+                Job.data_region,
+                Job.data_gb,
+            )
+            .where(Job.id.in_(job_ids))
+            .order_by(Job.id)
+            .with_for_update()
         )
     }
     budgets = budgets_left(session, jobs.values())
-    matched = stale = 0
+    free = {offer_id: o.free for offer_id, o in offers.items()}
+    check_transition(JobState.open, JobState.matched)
+    allocations: list[dict[str, object]] = []
+    stale = 0
     for a in result.assignments:
         job, offer = jobs.get(a.job), offers.get(a.offer)
         if (
@@ -302,7 +342,7 @@ def _apply(
             or job.updated_at != versions.get(job.id)
             or offer.status != OfferStatus.active
             or offer.updated_at != versions.get(offer.id)
-            or offer.count < job.accelerators
+            or free[offer.id] < job.accelerators
         ):
             stale += 1
             continue
@@ -312,25 +352,37 @@ def _apply(
             # The solver's budget rule is in floats; this is the exact check.
             stale += 1
             continue
-        session.add(
-            Allocation(
-                id=new_id("alc"),
-                job_id=job.id,
-                offer_id=offer.id,
-                round_id=round_id,
-                accelerators=job.accelerators,
-                price_per_hour_micros=offer.price_per_hour_micros,
-                runtime_hours=a.runtime_hours,
-                rtt_ms=a.rtt_ms,
-                compute_micros=compute,
-                egress_micros=egress,
-                latency_micros=latency,
-                cost_micros=compute + egress + latency,
-                fee_ppm=fee_ppm,
-            )
+        allocations.append(
+            {
+                "id": new_id("alc"),
+                "job_id": job.id,
+                "offer_id": offer.id,
+                "round_id": round_id,
+                "accelerators": job.accelerators,
+                "price_per_hour_micros": offer.price_per_hour_micros,
+                "runtime_hours": a.runtime_hours,
+                "rtt_ms": a.rtt_ms,
+                "compute_micros": compute,
+                "egress_micros": egress,
+                "latency_micros": latency,
+                "cost_micros": compute + egress + latency,
+                "fee_ppm": fee_ppm,
+            }
         )
-        offer.count -= job.accelerators
-        job.move_to(JobState.matched)
-        matched += 1
-    session.flush()
-    return matched, stale
+        free[offer.id] -= job.accelerators
+    if allocations:
+        # In bulk: a large round makes thousands of matches.
+        now = utcnow()
+        session.execute(insert(Allocation), allocations)
+        session.execute(
+            update(Job),
+            [
+                {"id": x["job_id"], "state": JobState.matched, "updated_at": now}
+                for x in allocations
+            ],
+        )
+        used = {str(x["offer_id"]) for x in allocations}
+        session.execute(
+            update(Offer), [{"id": i, "count": free[i], "updated_at": now} for i in sorted(used)]
+        )
+    return len(allocations), stale

@@ -78,12 +78,13 @@ class Standing:
         versions: dict[str, datetime] = {}
 
         def jobs_by_id(ids: list[str]) -> Iterator[tuple[str, datetime, sm.Job]]:
-            for j in session.scalars(select(Job).where(Job.id.in_(ids))):
+            for j in session.execute(select(*adapt.JOB_COLUMNS).where(Job.id.in_(ids))):
                 yield j.id, j.updated_at, adapt.job(j)
 
         def offers_by_id(ids: list[str]) -> Iterator[tuple[str, datetime, sm.Offer]]:
-            for o in session.scalars(select(Offer).where(Offer.id.in_(ids))):
-                yield o.id, o.updated_at, adapt.offer(o)
+            columns = select(*adapt.OFFER_COLUMNS, Offer.count.label("free"))
+            for o in session.execute(columns.where(Offer.id.in_(ids))):
+                yield o.id, o.updated_at, adapt.offer(o, o.free)
 
         self._jobs = _refresh(jobs_by_id, self._jobs, job_rows, versions)
         self._offers = _refresh(offers_by_id, self._offers, offer_rows, versions)
