@@ -23,8 +23,9 @@ Jobs and offers come from ``benchmarks.markets`` (real prices, regions and a job
 trace; see ``benchmarks/data/SOURCES.md``), stored through the broker's own
 services. The load comes from separate processes (``benchmarks.loadgen``). For
 each measurement the report gives the CPU that the server, PostgreSQL, the load
-generator and everything else on the machine used (in cores), so a saturated
-generator or a busy machine shows.
+generator and everything else on the machine used (in cores), and the time the
+hypervisor took for other guests (steal), so a saturated generator or a busy or
+shared machine shows.
 
 The servers, the PostgreSQL cluster and the CPU accounting are in
 ``benchmarks.processes``; the request bodies and the seeding in ``benchmarks.seeding``.
@@ -144,7 +145,8 @@ def _print_line(f: dict[str, Any]) -> None:
     print(
         f"  {f['label']:<26} {f['per_second']:>7.1f}/s  p50 {f['p50_ms']:>7.1f} ms  "
         f"p99 {f['p99_ms']:>7.1f} ms | cores: server {cores['server']:.2f}{pg}  "
-        f"generator {f['generator_cores']:.2f}  others {max(0.0, others):.2f} | "
+        f"generator {f['generator_cores']:.2f}  others {max(0.0, others):.2f}  "
+        f"stolen {cores['stolen']:.2f} | "
         f"CPU ms/request: server {ms['server']:.1f}{pg_ms}{errors}",
         flush=True,
     )

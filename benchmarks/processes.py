@@ -112,11 +112,14 @@ def _tree_cpu(root: int) -> float:
     return ticks / _TICK
 
 
-def _machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores)."""
+def _machine_busy() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy (all cores), and those the hypervisor
+    took for other guests while this one had work (steal: on a shared virtual
+    machine, time its processes waited without running)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / _TICK
+    steal = values[7]
+    return (sum(values[:7]) - idle) / _TICK, steal / _TICK
 
 
 class CpuMeter:
@@ -134,9 +137,10 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self.start
         used = {n: _tree_cpu(pid) - self.before[n] for n, pid in self.roots.items()}
-        busy = _machine_busy() - self.busy_before
+        busy, steal = (now - before for now, before in zip(_machine_busy(), self.busy_before))
         self.cores = {n: v / wall for n, v in used.items()}
         self.cores["machine"] = busy / wall
+        self.cores["stolen"] = steal / wall
 
 
 class Server:
