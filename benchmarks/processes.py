@@ -137,7 +137,8 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self.start
         used = {n: _tree_cpu(pid) - self.before[n] for n, pid in self.roots.items()}
-        busy, steal = (now - before for now, before in zip(_machine_busy(), self.busy_before))
+        (busy_now, steal_now), (busy_before, steal_before) = _machine_busy(), self.busy_before
+        busy, steal = busy_now - busy_before, steal_now - steal_before
         self.cores = {n: v / wall for n, v in used.items()}
         self.cores["machine"] = busy / wall
         self.cores["stolen"] = steal / wall

@@ -21,10 +21,11 @@ carries two things over:
   Offers that shrank or left can take nothing they could not take before, so the
   other jobs stay dormant, and leaving them out changes no round's answer.
 
-A round that fails part-way keeps what it learnt about the offers (the dormant
-jobs were checked against them) and adds no dormant jobs. What another process
-does to the book (a replica's round, a user's change) shows in the rows and
-versions read, so the memory is safe whoever else writes.
+What a round learns holds whether or not its matches are then written: a job is
+left out because no offer of the snapshot the round read could take it, and the
+next round compares its own snapshot with that one. What another process does to
+the book (a replica's round, a user's change) shows in the rows and versions
+read, so the memory is safe whoever else writes.
 """
 
 from __future__ import annotations
