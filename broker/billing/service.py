@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -80,6 +81,23 @@ def budget_left(budget_micros: int | None, spent_micros: Fraction) -> Fraction |
     if budget_micros is None:
         return None
     return max(Fraction(0), Fraction(budget_micros) - spent_micros)
+
+
+class Budgeted(Protocol):
+    """A job row, or the columns of one that a budget needs."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def budget_micros(self) -> int | None: ...
+
+
+def budgets_left(session: Session, jobs: Iterable[Budgeted]) -> dict[str, Fraction]:
+    """What is left of each budgeted job's budget after its earlier runs."""
+    budgeted = {j.id: j.budget_micros for j in jobs if j.budget_micros is not None}
+    spent_by_job = spent(session, budgeted)
+    left = {i: budget_left(b, spent_by_job.get(i, Fraction(0))) for i, b in budgeted.items()}
+    return {job_id: amount for job_id, amount in left.items() if amount is not None}
 
 
 def usage_cap_ms(session: Session, allocation: Allocation, job: Job) -> int | None:

@@ -45,7 +45,7 @@ from broker.jobs.models import Job
 from broker.jobs.states import JobState, check_transition
 from broker.market import adapt
 from broker.market.models import Allocation, ClearingRound
-from broker.market.standing import Standing, budgets_left
+from broker.market.standing import Standing
 from broker.observability import observe_round
 from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, solve
@@ -328,7 +328,7 @@ def _apply(
             .with_for_update()
         )
     }
-    budgets = budgets_left(session, jobs.values())
+    budgets = billing.budgets_left(session, jobs.values())
     free = {offer_id: o.free for offer_id, o in offers.items()}
     check_transition(JobState.open, JobState.matched)
     allocations: list[dict[str, object]] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fractions import Fraction
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -46,7 +45,7 @@ def unmatched_many(
     market = [adapt.offer(o) for o in offers]
     fee_ppm, _ = billing.current_fee(session, settings)
     weights = adapt.weights(settings, fee_ppm)
-    spent = billing.spent(session, [job.id for job in jobs])
+    budgets = billing.budgets_left(session, jobs)
     last = session.scalar(
         select(ClearingRound)
         .where(ClearingRound.finished_at.is_not(None))
@@ -55,8 +54,7 @@ def unmatched_many(
     )
     found = {}
     for job in jobs:
-        left = billing.budget_left(job.budget_micros, spent.get(job.id, Fraction(0)))
-        counts = explain(adapt.job(job, left), market, weights)
+        counts = explain(adapt.job(job, budgets.get(job.id)), market, weights)
         found[job.id] = _explained(counts, len(offers), last)
     return found
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
-from fractions import Fraction
 from typing import Protocol, TypeVar
 
 from sqlalchemy import select
@@ -89,7 +88,7 @@ class Standing:
 
         self._jobs = _refresh(jobs_by_id, self._jobs, job_rows, versions)
         self._offers = _refresh(offers_by_id, self._offers, offer_rows, versions)
-        budgets = budgets_left(session, job_rows)
+        budgets = billing.budgets_left(session, job_rows)
         jobs = []
         for r in job_rows:
             if (known := self._jobs.get(r.id)) is None:
@@ -141,23 +140,6 @@ class Standing:
 def _grew(before: sm.Offer | None, now: sm.Offer) -> bool:
     """Whether ``now`` might take a job that ``before`` could not."""
     return before is None or now.count > before.count or replace(before, count=now.count) != now
-
-
-class Budgeted(Protocol):
-    """A job row, or the columns of one that a budget needs."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def budget_micros(self) -> int | None: ...
-
-
-def budgets_left(session: Session, jobs: Iterable[Budgeted]) -> dict[str, Fraction]:
-    """What is left of each budgeted job's budget after its earlier runs."""
-    budgeted = {j.id: j.budget_micros for j in jobs if j.budget_micros is not None}
-    spent = billing.spent(session, budgeted)
-    left = {i: billing.budget_left(b, spent.get(i, Fraction(0))) for i, b in budgeted.items()}
-    return {job_id: amount for job_id, amount in left.items() if amount is not None}
 
 
 _Row = TypeVar("_Row", sm.Job, sm.Offer)
