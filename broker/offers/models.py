@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -23,6 +24,9 @@ from broker.db import Base, UtcDateTime, utcnow
 class OfferStatus(enum.StrEnum):
     active = "active"
     withdrawn = "withdrawn"
+    # Taken off the book by the broker: it left matches unstarted too often
+    # (broker.market.unstarted); ``suspended_reason`` says why.
+    suspended = "suspended"
 
 
 class Offer(Base):
@@ -73,3 +77,8 @@ class Offer(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    # Matches this offer left unstarted past the start timeout, in a row (a started
+    # match sets it back to 0); at the limit the offer is suspended.
+    unstarted_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    suspended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    suspended_reason: Mapped[str | None] = mapped_column(Text, default=None)
