@@ -47,3 +47,6 @@ class ApiKey(Base):
     )
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
+    # When the key last authenticated a request, to the minute or so: written at most
+    # once a minute per key and process (broker.accounts.service.KEY_USE_RESOLUTION).
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

@@ -27,6 +27,9 @@ class InvoiceStatus(enum.StrEnum):
     open = "open"  # finalized, awaiting payment
     paid = "paid"
     void = "void"
+    # Stripe's copy disagrees with this one (an amount, an item too many): never opened
+    # nor sent to the developer until an admin has looked (``hold_reason`` says why).
+    held = "held"
 
 
 class Invoice(Base):
@@ -61,6 +64,7 @@ class Invoice(Base):
     stripe_fee_item_id: Mapped[str | None] = mapped_column(String(255), default=None)
     hosted_invoice_url: Mapped[str | None] = mapped_column(Text, default=None)
     stripe_error: Mapped[str | None] = mapped_column(Text, default=None)
+    hold_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class InvoiceLine(Base):

@@ -4,10 +4,11 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, String
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
+from broker.nodes import models as _nodes  # noqa: F401 (blob_uploads.node_id refers to nodes)
 
 
 class BlobKind(enum.StrEnum):
@@ -41,3 +42,24 @@ class BlobGrant(Base):
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class BlobUpload(Base):
+    """Who uploaded a blob, from which node, and when it last did: what storage quotas
+    count (each account pays for the distinct blobs it uploaded) and what a node may
+    hand back as a checkpoint or result (what it uploaded itself while it ran the job).
+    The same bytes uploaded again by the same uploader refresh ``uploaded_at``."""
+
+    __tablename__ = "blob_uploads"
+    __table_args__ = (
+        Index("ix_blob_uploads_account_sha256", "account_id", "sha256"),
+        Index("ix_blob_uploads_sha256", "sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    # The node whose key uploaded it; None: the account's own key.
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), default=None)
+    size: Mapped[int] = mapped_column(BigInteger)
+    uploaded_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
