@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import BackgroundTasks, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.accounts.service import KeyOwner, authenticate_key, authenticate_keys
+from broker.accounts.service import (
+    KeyOwner,
+    authenticate_key,
+    authenticate_keys,
+    due_for_touch,
+    hash_key,
+    touch_keys,
+)
 from broker.coalesce import Batched
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
+from broker.ratelimit import forget_key, remember_key
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
 
@@ -35,6 +46,7 @@ class Caller:
 
     account: Account
     node_id: str | None
+    key_id: str | None = None
 
 
 # A provider calling as the agent of one node (a node key), or as itself (its own
@@ -42,8 +54,9 @@ class Caller:
 Agent = Caller
 
 
-def _caller(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
-    return _known(authenticate_key(session, _key(credentials)))
+def _owner(session: Session, credentials: HTTPAuthorizationCredentials | None) -> KeyOwner:
+    key = _key(credentials)
+    return _checked(key, authenticate_key(session, key))
 
 
 def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -52,15 +65,46 @@ def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def _known(found: KeyOwner | None) -> Caller:
+def _checked(key: str, found: KeyOwner | None) -> KeyOwner:
+    """The key's owner; Unauthorized if it has none. Tells the rate limiter whose
+    bucket the key's requests count against (or that they count per address again)."""
     if found is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return Caller(*found)
+        forget_key(hash_key(key))
+        raise Unauthorized("the API key is unknown or revoked, or its account is disabled")
+    identity = f"node:{found.node_id}" if found.node_id else f"account:{found.account.id}"
+    remember_key(found.key_hash, identity)
+    return found
+
+
+def _caller_of(owner: KeyOwner) -> Caller:
+    return Caller(owner.account, owner.node_id, owner.key_id)
+
+
+def _known(key: str, found: KeyOwner | None) -> Caller:
+    return _caller_of(_checked(key, found))
 
 
 # Keys of concurrent requests checked together, in one query, in a transaction shared
-# with other batched work.
+# with other batched work; and when they were last used, written in the same batches.
 _key_checks: Batched[str, KeyOwner | None] = Batched(authenticate_keys, write=False)
+_key_uses: Batched[str, None] = Batched(touch_keys, write=True)
+
+
+def _touch_now(transactions: Transactions, key_id: str) -> None:
+    """Record a key's use after the response (a failure loses nothing but the time)."""
+    try:
+        with transactions() as session:
+            touch_keys(session, [key_id])
+    except Exception:
+        log.warning("could not record that key %s was used", key_id, exc_info=True)
+
+
+async def _touch_batched(transactions: Transactions, owner: KeyOwner) -> None:
+    if due_for_touch(owner):
+        try:
+            await _key_uses.submit(transactions, owner.key_id)
+        except Exception:
+            log.warning("could not record that key %s was used", owner.key_id, exc_info=True)
 
 
 def _own_key(caller: Caller) -> Account:
@@ -76,24 +120,31 @@ def _own_key(caller: Caller) -> Account:
 def current_caller(
     request: Request,
     session: SessionDep,
+    transactions: TransactionsDep,
+    background: BackgroundTasks,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    caller = _caller(session, credentials)
-    request.state.account_id = caller.account.id  # for the access log (never the key)
-    return caller
+    owner = _owner(session, credentials)
+    if due_for_touch(owner):  # after the response, outside the request's transaction
+        background.add_task(_touch_now, transactions, owner.key_id)
+    request.state.account_id = owner.account.id  # for the access log (never the key)
+    return _caller_of(owner)
 
 
 def streaming_caller(
     request: Request,
     transactions: TransactionsDep,
+    background: BackgroundTasks,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """The caller, checked in a short transaction of its own: for uploads, which stream
     their body before they touch the database and must not hold a session meanwhile."""
     with transactions(write=False) as session:
-        caller = _caller(session, credentials)
-    request.state.account_id = caller.account.id
-    return caller
+        owner = _owner(session, credentials)
+    if due_for_touch(owner):
+        background.add_task(_touch_now, transactions, owner.key_id)
+    request.state.account_id = owner.account.id
+    return _caller_of(owner)
 
 
 async def batched_caller(
@@ -105,9 +156,11 @@ async def batched_caller(
     all the keys that arrived meanwhile), outside the request's own transaction:
     for the busiest endpoints. The account it gives is detached: read it, do not
     change it."""
-    caller = _known(await _key_checks.submit(transactions, _key(credentials)))
-    request.state.account_id = caller.account.id
-    return caller
+    key = _key(credentials)
+    owner = _checked(key, await _key_checks.submit(transactions, key))
+    await _touch_batched(transactions, owner)
+    request.state.account_id = owner.account.id
+    return _caller_of(owner)
 
 
 async def bearer_key(request: Request) -> str | None:
@@ -120,17 +173,18 @@ async def bearer_key(request: Request) -> str | None:
 async def batched_account_for(request: Request, transactions: Transactions, key: str) -> Account:
     """``BatchedAccount`` for a handler that read the key itself (``bearer_key``): the
     key checked in a batch, node keys refused."""
-    caller = _known(await _key_checks.submit(transactions, key))
-    request.state.account_id = caller.account.id
-    return _own_key(caller)
+    owner = _checked(key, await _key_checks.submit(transactions, key))
+    await _touch_batched(transactions, owner)
+    request.state.account_id = owner.account.id
+    return _own_key(_caller_of(owner))
 
 
-def developer_of(found: KeyOwner | None) -> Account:
+def developer_of(key: str, found: KeyOwner | None) -> Account:
     """The developer (or admin) account behind one of its own keys, as
     ``BatchedDeveloper`` admits it: Unauthorized, NodeKeyNotAllowed or Forbidden
     otherwise. For work that checks its key in a batch of its own
     (``broker.jobs.intake.submit_with_key``)."""
-    return check_role(_own_key(_known(found)), Role.developer)
+    return check_role(_own_key(_known(key, found)), Role.developer)
 
 
 # The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather

@@ -125,8 +125,14 @@ class Batched(Generic[Payload, Answer]):
     exception object for a payload refused on its own (it must leave the
     transaction usable). All kinds share one queue per database, so under load a
     request's key check and an earlier request's insert go in the same
-    transaction. If a batch fails, its items are done again one per transaction,
-    so that one bad item fails alone.
+    transaction. If a batch fails, its items are done again in one transaction,
+    each in a savepoint of its own, so that one bad item fails alone and the
+    others wait for its failure once, not once each.
+
+    A batch whose COMMIT failed may have committed all the same (the connection
+    dropped after the server committed): its items are then done again by
+    ``again`` (default: ``handler``), which must find work already done rather
+    than do it twice.
     """
 
     def __init__(
@@ -134,9 +140,11 @@ class Batched(Generic[Payload, Answer]):
         handler: Callable[[Any, Sequence[Payload]], Sequence[Answer | BaseException]],
         *,
         write: bool,
+        again: Callable[[Any, Sequence[Payload]], Sequence[Answer | BaseException]] | None = None,
     ) -> None:
         self.handler = handler
         self.write = write
+        self.again = again or handler
 
     async def submit(self, transactions: Hashable, payload: Payload) -> Answer:
         """``payload``'s answer, once its batch has committed; ``transactions`` (a
@@ -146,29 +154,43 @@ class Batched(Generic[Payload, Answer]):
 
 
 def _flush_shared(transactions: Any, items: Sequence[tuple[Batched[Any, Any], Any]]) -> list[Any]:
+    write = any(kind.write for kind, _ in items)
+    handled = False
     try:
-        with transactions(write=any(kind.write for kind, _ in items)) as session:
-            return _handle(session, items)
+        with transactions(write=write) as session:
+            answers = _handle(session, items)
+            handled = True
+        return answers
     except Exception as e:
-        if len(items) == 1:
-            return [e]
-    answers: list[Any] = []
-    for item in items:
-        try:
-            with transactions(write=item[0].write) as session:
-                answers.extend(_handle(session, [item]))
-        except Exception as e:
-            answers.append(e)
-    return answers
+        if len(items) == 1 and not handled:
+            return [e]  # the item failed on its own: no other waits for it
+    # Again, in one transaction, each item in a savepoint: a failing item rolls back
+    # alone and costs the others one wait for its failure, not one each. After a
+    # failed COMMIT (``handled``), by the kinds' ``again``, which find what committed.
+    try:
+        with transactions(write=write) as session:
+            answers = []
+            for item in items:
+                try:
+                    with session.begin_nested():
+                        answers.extend(_handle(session, [item], again=handled))
+                except Exception as e:
+                    answers.append(e)
+            return answers
+    except Exception as e:
+        return [e] * len(items)
 
 
-def _handle(session: Any, items: Sequence[tuple[Batched[Any, Any], Any]]) -> list[Any]:
+def _handle(
+    session: Any, items: Sequence[tuple[Batched[Any, Any], Any]], *, again: bool = False
+) -> list[Any]:
     answers: list[Any] = [None] * len(items)
     by_kind: dict[Batched[Any, Any], list[int]] = {}
     for i, (kind, _) in enumerate(items):
         by_kind.setdefault(kind, []).append(i)
     for kind, indexes in by_kind.items():
-        given = kind.handler(session, [items[i][1] for i in indexes])
+        handler = kind.again if again else kind.handler
+        given = handler(session, [items[i][1] for i in indexes])
         for i, answer in zip(indexes, given, strict=True):
             answers[i] = answer
     return answers

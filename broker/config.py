@@ -112,6 +112,46 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         default=200, ge=1, description="Requests one API key may send at once"
     )
+    rate_limit_anonymous_per_second: float = Field(
+        default=10.0,
+        gt=0,
+        description="Requests a second one client address may send without a key this "
+        "process has seen authenticate (none, a new one, a made-up one), per server "
+        "process; they are refused before any database work",
+    )
+    rate_limit_anonymous_burst: int = Field(
+        default=50, ge=1, description="Requests one client address may send at once without a key"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="A bearer token /metrics asks for ('Authorization: Bearer <token>'); "
+        "unset, /metrics answers only clients on this machine (loopback)",
+    )
+    metrics_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How old the market figures /metrics reads from the database may be: "
+        "each worker reads them at most once in this time",
+    )
+    storage_quota_bytes: int = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="Bytes of distinct uploads (artifacts and array bundles) one account may "
+        "keep stored; an upload past it is refused with 413",
+    )
+    storage_quota_blobs: int = Field(
+        default=10_000,
+        ge=0,
+        description="Distinct uploads one account may keep stored; past it, 429",
+    )
+    blob_grace_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="An upload no job refers to is deleted this long after it was last "
+        "uploaded (the garbage collector runs with the billing passes)",
+    )
     log_format: Literal["json", "text"] = Field(
         default="json", description="broker serve's logs: JSON lines, or text for people"
     )
@@ -139,7 +179,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
-    @field_validator("secret_key", mode="before")
+    @field_validator("secret_key", "metrics_token", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -5,22 +5,27 @@ database), then queued; the queue is written by a worker thread, one INSERT and
 one COMMIT for every submission that arrived while the last batch was being
 written, in the same transaction as the key checks of the requests that arrived
 meanwhile (``broker.coalesce.Batched``). A submission is answered once its batch
-has committed. If a batch fails, its items are done again one by one, so that
-one bad submission fails alone.
+has committed. If a batch fails, its items are done again each in a savepoint of
+its own, so that one bad submission fails alone.
+
+Every submission gets its job's id before its batch runs, key or no key: a batch
+whose COMMIT failed may have committed all the same, and its submissions, done
+again, find their jobs by those ids instead of storing them twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account
-from broker.accounts.service import authenticate_keys
+from broker.accounts.service import authenticate_keys, due_for_touch, touch_keys
 from broker.auth import developer_of
 from broker.coalesce import Batched
-from broker.db import Transactions
+from broker.db import Transactions, new_id
 from broker.errors import BrokerError
 from broker.jobs import service
 from broker.jobs.models import Job
@@ -33,6 +38,12 @@ class Submission:
     data: JobCreate
     idempotency_key: str | None
     job: Job | None  # prepared already, or None: prepared in the batch's transaction
+    # The id the job is stored under, fixed before the batch runs (the prepared job's).
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            object.__setattr__(self, "job_id", self.job.id if self.job else new_id("job"))
 
 
 # The job stored, or None: the account had used the idempotency key before.
@@ -52,6 +63,7 @@ def _store(session: Session, batch: Sequence[Submission]) -> list[Stored | Excep
             except BrokerError as e:  # a refused submission (it only read): the others go on
                 results[i] = e
                 continue
+            job.__dict__["id"] = submission.job_id  # made without the ORM's events
         ready.append((i, job))
     inserted = service.insert_jobs(session, [job for _, job in ready])
     for (i, job), stored in zip(ready, inserted, strict=True):
@@ -59,7 +71,19 @@ def _store(session: Session, batch: Sequence[Submission]) -> list[Stored | Excep
     return results
 
 
-_submissions: Batched[Submission, Stored] = Batched(_store, write=True)
+def _store_again(session: Session, batch: Sequence[Submission]) -> list[Stored | Exception]:
+    """``_store`` for a batch whose COMMIT failed: the jobs that were committed all the
+    same are answered as stored, the others are stored now."""
+    ids = [s.job_id for s in batch]
+    stored = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    results: list[Stored | Exception] = [stored.get(s.job_id) for s in batch]
+    rest = [i for i, s in enumerate(batch) if s.job_id not in stored]
+    for i, result in zip(rest, _store(session, [batch[i] for i in rest]), strict=True):
+        results[i] = result
+    return results
+
+
+_submissions: Batched[Submission, Stored] = Batched(_store, write=True, again=_store_again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,24 +93,31 @@ class KeyedSubmission:
     key: str
     data: JobCreate
     idempotency_key: str | None
+    job_id: str = field(default_factory=lambda: new_id("job"))
 
 
 def _store_keyed(
-    session: Session, batch: Sequence[KeyedSubmission]
+    session: Session, batch: Sequence[KeyedSubmission], *, again: bool = False
 ) -> list[tuple[Account, Stored] | Exception]:
     """Check the batch's keys (one query), then store the jobs of those that pass."""
     refused: dict[int, Exception] = {}
     accounts: dict[int, Account] = {}
+    used: list[str] = []
     for i, owner in enumerate(authenticate_keys(session, [s.key for s in batch])):
         try:
-            accounts[i] = developer_of(owner)
+            accounts[i] = developer_of(batch[i].key, owner)
         except BrokerError as e:  # an unknown key, a node's key, a provider's key
             refused[i] = e
+            continue
+        if owner is not None and due_for_touch(owner):
+            used.append(owner.key_id)
+    touch_keys(session, used)
     submissions = [
-        Submission(account, batch[i].data, batch[i].idempotency_key, None)
+        Submission(account, batch[i].data, batch[i].idempotency_key, None, batch[i].job_id)
         for i, account in accounts.items()
     ]
-    stored = dict(zip(accounts, _store(session, submissions), strict=True))
+    store = _store_again if again else _store
+    stored = dict(zip(accounts, store(session, submissions), strict=True))
     results: list[tuple[Account, Stored] | Exception] = []
     for i in range(len(batch)):
         if i in refused:
@@ -97,8 +128,14 @@ def _store_keyed(
     return results
 
 
+def _store_keyed_again(
+    session: Session, batch: Sequence[KeyedSubmission]
+) -> list[tuple[Account, Stored] | Exception]:
+    return _store_keyed(session, batch, again=True)
+
+
 _keyed_submissions: Batched[KeyedSubmission, tuple[Account, Stored]] = Batched(
-    _store_keyed, write=True
+    _store_keyed, write=True, again=_store_keyed_again
 )
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
 from broker.auth import _key_checks
-from broker.coalesce import _flush_shared
+from broker.coalesce import Batched, _flush_shared
 from broker.db import EngineTransactions, transaction
 from broker.errors import Forbidden, InvalidInput, Unauthorized
 from broker.jobs import intake, service
@@ -138,3 +142,85 @@ def test_concurrent_submissions_on_a_live_server(live_url: str, fresh_engine: En
         assert session.scalar(select(func.count()).select_from(Job)) == 40
         stored = set(session.scalars(select(Job.id)))
     assert stored == {id_ for ids in by_key.values() for id_ in ids}
+
+
+class _CommitThenFail:
+    """Transactions whose first write COMMIT goes through and is then reported failed,
+    as when the connection drops after the server committed (an ambiguous failure)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.failed = False
+
+    @contextmanager
+    def __call__(self, *, write: bool = True) -> Iterator[Session]:
+        with transaction(self.engine, write=write) as session:
+            yield session
+        if write and not self.failed:
+            self.failed = True
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+
+def test_a_batch_whose_commit_failed_but_went_through_stores_no_job_twice(
+    fresh_engine: Engine,
+) -> None:
+    """Jobs without an Idempotency-Key too: done again after an ambiguous COMMIT, each
+    submission finds the job it stored, and every one is answered with its job."""
+    with transaction(fresh_engine) as session:
+        developer, key = make_account(session, Role.developer)
+
+    def keyed(idempotency_key: str | None = None) -> Any:
+        data = JobCreate.model_validate(job_body())
+        return (intake._keyed_submissions, intake.KeyedSubmission(key, data, idempotency_key))
+
+    batch = [
+        keyed(),
+        keyed(),
+        keyed("k1"),
+        (intake._submissions, _submission(developer)),
+        (intake._submissions, _submission(developer, "k2", max_price_per_hour="4.00")),
+    ]
+    transactions = _CommitThenFail(fresh_engine)
+    results = _flush_shared(transactions, batch)
+    assert transactions.failed
+    jobs = [r[1] if isinstance(r, tuple) else r for r in results]
+    assert all(isinstance(job, Job) for job in jobs), results
+    with transaction(fresh_engine, write=False) as session:
+        stored = session.scalars(select(Job.id)).all()
+    assert sorted(stored) == sorted(job.id for job in jobs)  # five jobs, not more
+
+
+def test_a_failing_item_costs_the_rest_of_its_batch_one_wait_not_one_each(
+    fresh_engine: Engine,
+) -> None:
+    """A batch that fails is done again in one transaction (a savepoint per item), so
+    when opening a transaction waits (another writer holds the lock), the batch's other
+    items wait twice in all, not once more each."""
+    wait = 0.2
+
+    class Slow:
+        def __init__(self) -> None:
+            self.opened = 0
+
+        @contextmanager
+        def __call__(self, *, write: bool = True) -> Iterator[Session]:
+            self.opened += 1
+            time.sleep(wait)
+            with transaction(fresh_engine, write=write) as session:
+                yield session
+
+    def handle(session: Session, payloads: Sequence[str]) -> list[str]:
+        if "bad" in payloads:
+            raise RuntimeError("this one breaks whatever batch it is in")
+        return [p.upper() for p in payloads]
+
+    kind: Batched[str, str] = Batched(handle, write=True)
+    transactions = Slow()
+    started = time.monotonic()
+    results = _flush_shared(transactions, [(kind, p) for p in ("a", "b", "bad", "c", "d", "e")])
+    elapsed = time.monotonic() - started
+    assert results[:2] == ["A", "B"]
+    assert results[3:] == ["C", "D", "E"]
+    assert isinstance(results[2], RuntimeError)
+    assert transactions.opened == 2
+    assert elapsed < 3 * wait
