@@ -8,12 +8,14 @@ the provider's network). Three kinds of thread share the work:
 - a heartbeat thread keeps the node online, reports the usage of every running
   allocation, re-publishes the offers when the broker had declared the node
   lost, and re-runs discovery now and then so offers follow the hardware;
-- runner threads run one allocation each through ``run_work_order``.
+- runner threads run one allocation each through ``run_work_order``, each in a
+  sandboxed child process of its own (``broker.agent.sandbox``): a program that
+  crashes, loops or eats memory ends its own run, never the agent or the others.
 
 An allocation is run at most once per agent. A restarted agent registers the
 node again, and the broker hands the earlier agent's jobs back to the market
 first, so no allocation is ever run twice. On the way out (``stop`` set), the
-agent stops its runs between steps and signs the node off: the jobs go back to
+agent stops its runs (their children are killed) and signs the node off: the jobs go back to
 the market and resume from their last checkpoint elsewhere.
 """
 
@@ -31,6 +33,7 @@ import httpx
 
 from adapters import catalog, registry
 from adapters.base import Device
+from broker.agent.sandbox import Sandbox, SandboxConfig
 from broker.portable import _xla
 from broker.sdk.http import BrokerError, BrokerUnavailable
 from broker.sdk.provider import ProviderClient, RunHandle, run_work_order
@@ -80,6 +83,8 @@ class AgentConfig:
     cache_dir: Path | None = None
     # The backend jobs run on here; None: JAX's default backend in this process.
     platform: str | None = None
+    # How runs are confined (each in a child process of its own, with limits).
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     transport: httpx.BaseTransport | None = None  # tests
 
 
@@ -108,6 +113,15 @@ class NodeAgent:
         self._remote: set[str] = set()
         # Runs whose end could not be reported: handed back once the broker answers.
         self._unreported: dict[str, str] = {}
+        self._sandbox: Sandbox | None = None
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """Where runs go: started with the first run (it keeps a spare child warm)."""
+        with self._lock:
+            if self._sandbox is None:
+                self._sandbox = Sandbox(self.config.sandbox, self.config.cache_dir)
+            return self._sandbox
 
     # -- discovery and offers -------------------------------------------------
 
@@ -204,6 +218,7 @@ class NodeAgent:
         self.heartbeat_seconds = float(answer["heartbeat_seconds"])
         self.client = ProviderClient(config.broker, answer["api_key"], transport=config.transport)
         self.publish(self.offers(self._devices))
+        self.sandbox  # noqa: B018  (its spare child starts importing JAX now, not at the first run)
         log.info(
             "node %s (%s) registered; offering %s",
             config.name,
@@ -303,6 +318,7 @@ class NodeAgent:
                 cache_dir=self.config.cache_dir,
                 handle=handle,
                 emulate=bool(self.config.options.emulate),
+                sandbox=self.sandbox,
             )
             log.info("allocation %s: %s", allocation, outcome)
         except BrokerError as e:
@@ -372,6 +388,10 @@ class NodeAgent:
         deadline = time.monotonic() + self.config.stop_seconds
         for run in runs:
             run.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None:
+            sandbox.close()
         if self.client is not None and self.node_id is not None:
             try:
                 self.client.sign_off(self.node_id)

@@ -35,6 +35,7 @@ from jax.extend.mlir import ir
 from jax.interpreters import mlir
 
 from broker.portable import _costworker
+from broker.portable.routines import CallSite, Tensor
 
 
 @dataclass(frozen=True)
@@ -213,27 +214,82 @@ def program_facts(
     """The sorted target names of the module's custom calls and, ``with_cost``,
     XLA's cost analysis (flops, bytes accessed) for the CPU cost model, which
     needs static shapes. Both as ``export_program`` computes them."""
+    targets, _, cost = inspect_program(exported, with_cost=with_cost)
+    return targets, cost
+
+
+def inspect_program(
+    exported: export.Exported, *, with_cost: bool
+) -> tuple[list[str], list[CallSite], dict[str, float] | None]:
+    """``program_facts``, and every custom call with its operand and result types
+    and its backend configuration, as the program has them (``broker.portable.routines``
+    checks them against each routine's contract)."""
     from jax._src.lib import _jax  # type: ignore[attr-defined]
 
     with mlir.make_ir_context():
         module = _jax.mlir.deserialize_portable_artifact(exported.mlir_module_serialized)
-        targets, cases = _scan(module.operation)
+        sites: list[CallSite] = []
+        targets, cases = _scan(module.operation, sites)
         if not with_cost:
-            return targets, None
+            return targets, sites, None
         bytecode = _for_cost(module.operation, cases)
-    return targets, hlo_cost(bytecode, cpu_backend())
+    return targets, sites, hlo_cost(bytecode, cpu_backend())
 
 
-def _scan(module: Any) -> tuple[list[str], list[Any]]:
+def _is(value: Any, kind: Any) -> bool:
+    if isinstance(value, kind):
+        return True
+    try:  # bindings that hand out base classes: compare the type ids
+        return bool(value.typeid == kind.static_typeid)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _tensor(t: Any) -> Tensor:
+    if not _is(t, ir.RankedTensorType):
+        return Tensor(None, str(t))
+    ranked = ir.RankedTensorType(t)
+    static = ranked.has_static_shape
+    return Tensor(tuple(ranked.shape) if static else None, str(ranked.element_type))
+
+
+def _attribute_value(attr: Any) -> Any:
+    for kind in (ir.BoolAttr, ir.IntegerAttr, ir.StringAttr):
+        if _is(attr, kind):
+            return kind(attr).value
+    return str(attr)
+
+
+def _call_site(op: Any, target: str) -> CallSite:
+    config: dict[str, Any] = {}
+    if "mhlo.backend_config" in op.attributes:
+        raw = op.attributes["mhlo.backend_config"]
+        if _is(raw, ir.DictAttr):
+            entries = ir.DictAttr(raw)
+            for i in range(len(entries)):
+                named = entries[i]
+                config[named.name] = _attribute_value(named.attr)
+    return CallSite(
+        target,
+        tuple(_tensor(v.type) for v in op.operands),
+        tuple(_tensor(r.type) for r in op.results),
+        config,
+    )
+
+
+def _scan(module: Any, sites: list[CallSite] | None = None) -> tuple[list[str], list[Any]]:
     """The custom calls' targets, and the ``stablehlo.case`` operations, inner ones
-    first: one pass over the module."""
+    first: one pass over the module. With ``sites``, each custom call is added to it."""
     targets: set[str] = set()
     cases: list[Any] = []
 
     def visit(op: Any) -> Any:
         name = op.name
         if name == "stablehlo.custom_call":
-            targets.add(ir.StringAttr(op.attributes["call_target_name"]).value)
+            target = ir.StringAttr(op.attributes["call_target_name"]).value
+            targets.add(target)
+            if sites is not None:
+                sites.append(_call_site(op, target))
         elif name == "stablehlo.case":
             cases.append(op)
         return ir.WalkResult.ADVANCE

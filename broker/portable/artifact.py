@@ -209,7 +209,8 @@ def _package(
         inputs=[tensor_spec(a) for a in exported.in_avals],
         outputs=[tensor_spec(a) for a in exported.out_avals],
         state_leaves=state_leaves,
-        polymorphic=polymorphic_shapes is not None,
+        # As the broker reads it (broker.portable.checks): any input shape symbolic.
+        polymorphic=not all(isinstance(d, int) for a in exported.in_avals for d in a.shape),
         flops=cost["flops"],
         bytes=cost["bytes"],
         dtype=work_dtype(exported.in_avals),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.portable import routines
 from broker.portable.arrays import DTYPES, LeafSpec
 from broker.portable.manifest import ALL_PLATFORMS, ArtifactError
 
@@ -19,21 +20,14 @@ if TYPE_CHECKING:  # JAX is imported only when an artifact is checked
     from broker.portable.artifact import Artifact
 
 # Annotations XLA understands on every platform; none runs code of its own.
-_ANY_PLATFORM = {
-    "Sharding",
-    "SPMDFullToShardShape",
-    "SPMDShardToFullShape",
-    "annotate_device_placement",
-    "shape_assertion",  # shape-polymorphism checks, evaluated by XLA
-    "AllocateBuffer",
-}
+_ANY_PLATFORM = routines.ANNOTATIONS
 _LAPACK = (
     *("potrf", "geqrf", "orgqr", "ungqr", "syevd", "heevd", "geev", "gesdd", "getrf"),
     *("sytrd", "hetrd", "gehrd", "gees", "trsm", "gtsv"),
 )
 _SOLVER = ("getrf", "geqrf", "orgqr", "potrf", "syevd", "gesvd", "gesvdj", "sytrd")
 
-ALLOWED_CUSTOM_CALLS: dict[str, frozenset[str]] = {
+_NAMED: dict[str, frozenset[str]] = {
     "cpu": frozenset(f"lapack_{t}{r}_ffi" for t in "sdcz" for r in _LAPACK),
     "cuda": frozenset(
         {f"cusolver_{r}_ffi" for r in _SOLVER}
@@ -53,6 +47,12 @@ ALLOWED_CUSTOM_CALLS: dict[str, frozenset[str]] = {
             "stablehlo.dynamic_approx_top_k",
         }
     ),
+}
+# A routine is allowed only where the broker checks its calls against its contract
+# (broker.portable.routines): the others are refused by name.
+ALLOWED_CUSTOM_CALLS: dict[str, frozenset[str]] = {
+    platform: frozenset(t for t in targets if routines.has_contract(t))
+    for platform, targets in _NAMED.items()
 }
 
 
@@ -79,8 +79,9 @@ def verify_artifact(data: bytes) -> Artifact:
     """Read and check an uploaded artifact; ArtifactError says what is wrong.
 
     Checks that the program deserializes with ``jax.export``, that the manifest
-    tells the truth about it (platforms, shapes, dtypes, custom calls, cost),
-    and that its custom calls are allowed.
+    tells the truth about it (platforms, shapes, dtypes, polymorphism, custom
+    calls, cost), and that its custom calls are allowed and keep their routines'
+    contracts. Agents run it again on what they download, before they run it.
     """
     from broker.portable import _xla
     from broker.portable.artifact import Artifact, tensor_spec, work_dtype
@@ -103,13 +104,43 @@ def verify_artifact(data: bytes) -> Artifact:
             raise ArtifactError("an iterative program must return a state like the one it takes")
     elif manifest.state_leaves is not None:
         raise ArtifactError("manifest: state_leaves is only for iterative programs")
-    targets, cost = _xla.program_facts(exported, with_cost=not manifest.polymorphic)
+    # Polymorphism is read from the program: a fixed-shape program that claims it
+    # would skip the cost analysis below.
+    polymorphic = not all(_static(a.shape) for a in exported.in_avals)
+    _same("polymorphic", polymorphic, manifest.polymorphic)
+    targets, sites, cost = _xla.inspect_program(exported, with_cost=not polymorphic)
     _same("custom_calls", targets, manifest.custom_calls)
     check_custom_calls(targets, manifest.platforms)
+    routines.check_call_sites(sites)
     if cost is not None:
         for key in ("flops", "bytes"):
             _close(key, cost[key], getattr(manifest, key))
     return artifact
+
+
+def check_runnable(artifact: Artifact, platform: str, max_output_bytes: int | None) -> None:
+    """ArtifactError unless the artifact can run on ``platform`` and its outputs (when
+    their shapes are static) fit in ``max_output_bytes``."""
+    if platform not in artifact.platforms:
+        raise ArtifactError(
+            f"this machine runs {platform}, but the artifact was exported only for "
+            f"{', '.join(artifact.platforms)}"
+        )
+    if max_output_bytes is None:
+        return
+    total = 0
+    for spec in artifact.manifest.outputs:
+        if not _static(spec.shape):
+            continue
+        count = 1
+        for d in spec.shape:
+            count *= int(d)
+        total += count * DTYPES[spec.dtype].itemsize
+    if total > max_output_bytes:
+        raise ArtifactError(
+            f"the program's outputs are {total} bytes, over the {max_output_bytes} bytes "
+            "this provider accepts for a result"
+        )
 
 
 def check_inputs(artifact: Artifact, leaves: Sequence[LeafSpec]) -> None:
@@ -132,6 +163,10 @@ def check_inputs(artifact: Artifact, leaves: Sequence[LeafSpec]) -> None:
         jax.eval_shape(exported.call, *args, **kwargs)
     except ValueError as e:
         raise ArtifactError(f"inputs do not fit the program: {e}") from None
+
+
+def _static(shape: Sequence[Any]) -> bool:
+    return all(isinstance(d, int) for d in shape)
 
 
 def _same(what: str, actual: Any, claimed: Any) -> None:

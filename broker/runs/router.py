@@ -48,6 +48,10 @@ def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job)
         checkpoint_step=job.checkpoint_step,
         steps_done=job.steps_done,
         usage_limit_seconds=None if cap_ms is None else cap_ms / 1000,
+        deadline_hours=job.deadline_hours,
+        available_hours=offer.available_hours,
+        min_memory_gib=job.min_memory_gib,
+        memory_gib=offer.memory_gib,
         created_at=allocation.created_at,
     )
 

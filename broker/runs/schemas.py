@@ -34,6 +34,22 @@ class WorkOrder(BaseModel):
         description="Accelerator-seconds this run may use before the job's budget is spent: "
         "stop it there (null: no budget). Usage past it is not billed"
     )
+    deadline_hours: float | None = Field(
+        default=None,
+        description="The job must finish within this many hours of the run's start: the "
+        "broker fails it for good past them (null: no deadline)",
+    )
+    available_hours: float | None = Field(
+        default=None,
+        description="The offer is available for this many hours from the run's start: past "
+        "them the broker hands the job back to the market (null: no limit)",
+    )
+    min_memory_gib: float = Field(
+        default=0.0, description="Memory the job declared it needs, per accelerator"
+    )
+    memory_gib: float = Field(
+        default=0.0, description="Memory of one of the offer's accelerators, as listed"
+    )
     created_at: datetime
 
 

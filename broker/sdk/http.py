@@ -128,7 +128,10 @@ class Connection:
         """Upload arrays (a flat list) as a bundle, unless already there; returns its address."""
         from broker.portable import arrays
 
-        data = arrays.encode(leaves)
+        return self.upload_bundle(arrays.encode(leaves))
+
+    def upload_bundle(self, data: bytes) -> str:
+        """Upload an encoded array bundle, unless already there; returns its address."""
         sha = hashlib.sha256(data).hexdigest()
         if not self.http.exists(f"/v1/arrays/{sha}"):
             self.http.request("POST", "/v1/arrays", content=data, headers=BINARY)

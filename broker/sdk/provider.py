@@ -2,27 +2,30 @@
 and run it.
 
 ``run_work_order`` is one job's whole life on a provider's machine: start it,
-download its artifact, inputs and latest checkpoint, run it with the
-portability runner, upload checkpoints as it goes and the result at the end,
-and report the accelerator-seconds it used. The provider agent
+download its artifact, inputs and latest checkpoint, run it in a sandboxed
+child process (``broker.agent.sandbox``), upload checkpoints as it goes and the
+result at the end, and report the accelerator-seconds it used. The provider agent
 (``broker.agent``) calls it for each allocation it picks up.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from broker.portable import _xla, arrays, runner
+from broker.portable import _xla, arrays
 from broker.portable.artifact import Artifact
-from broker.portable.manifest import ArtifactError
 from broker.sdk.http import BrokerError, Connection
+
+if TYPE_CHECKING:
+    from broker.agent.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,13 @@ class ProviderClient(Connection):
         )
         return data
 
+    def download_artifact(self, sha256: str) -> bytes:
+        """An artifact file's bytes, checked against their address (not yet verified)."""
+        return self.http.download(f"/v1/artifacts/{sha256}/content", sha256)
+
+    def download_arrays(self, sha256: str) -> bytes:
+        return self.http.download(f"/v1/arrays/{sha256}/content", sha256)
+
     def artifact(self, sha256: str) -> Artifact:
         return Artifact.from_bytes(self.http.download(f"/v1/artifacts/{sha256}/content", sha256))
 
@@ -144,6 +154,7 @@ def run_work_order(
     progress_seconds: float = 1.0,
     handle: RunHandle | None = None,
     emulate: bool = False,
+    sandbox: Sandbox | None = None,
 ) -> str:
     """Run one allocation to its end and report it; returns how it ended: the job's
     final state (succeeded, failed), ``requeued`` (a failure another machine may not
@@ -154,39 +165,31 @@ def run_work_order(
     ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
     broker then ends the job as failed, over budget.
 
+    The program runs in a child process of ``sandbox`` (``broker.agent.sandbox``;
+    a one-off sandbox when none is given), never in this one, under limits from
+    the work order; the child checks the artifact again before it runs it. It is
+    killed within about a progress report of the job being cancelled, its budget
+    reached, ``handle.stop`` set, or its wall-time limit (the job's deadline, the
+    offer's available hours) passed. A crash, an abort or a limit in the child
+    fails the job with the cause: the program's failure, not the machine's.
+
     ``emulate`` (an agent started with ``--emulate``, for demos) runs the jobs of
     emulated offers, which name another platform, on this machine's backend, from
-    the artifact's version for it, and logs that it does. The program failing, or
-    the artifact not fitting this machine, ends the job as failed with the reason.
-    The broker being unreachable raises BrokerUnavailable after retries.
+    the artifact's version for it, and logs that it does. The broker being
+    unreachable raises BrokerUnavailable after retries.
     """
+    from broker.agent.sandbox import Sandbox, limits_for, remove
+
     allocation = order["allocation_id"]
     handle = handle or RunHandle(allocation, int(order["accelerators"]))
     order = client.start(allocation)
     if handle.started is None:
         handle.started = time.monotonic()
-    if order["artifact"] is None:
-        raise ArtifactError(f"allocation {allocation} has no program to run")
-    if cache_dir is not None:
-        runner.enable_compilation_cache(cache_dir)
     ended = False
-    last_report = 0.0
     limit = order.get("usage_limit_seconds")
 
     def over_budget() -> bool:
         return limit is not None and handle.accelerator_seconds() >= limit
-
-    def on_progress(step: int) -> None:
-        nonlocal last_report, ended
-        now = time.monotonic()
-        if now - last_report >= progress_seconds:
-            last_report = now
-            used = handle.accelerator_seconds()
-            ended = ended or _ended(lambda: client.progress(allocation, step, used))
-
-    def on_checkpoint(step: int, state: list[np.ndarray[Any, Any]]) -> None:
-        nonlocal ended
-        ended = ended or _ended(lambda: client.checkpoint(allocation, state, step))
 
     def finish(outcome: str, **report: Any) -> str:
         handle.ended = time.monotonic()
@@ -201,6 +204,8 @@ def run_work_order(
         requeued = outcome == "failed" and job["state"] == "open"
         return "requeued" if requeued else str(job["state"])
 
+    if order["artifact"] is None:
+        return finish("failed", error=f"allocation {allocation} has no program to run")
     here = _xla.local_platform()
     if order["platform"] != here and emulate and order.get("emulated"):
         log.warning(
@@ -214,47 +219,91 @@ def run_work_order(
         # Never run (and bill) a job as an offer's platform on another backend.
         error = f"the offer is {order['platform']} but this machine runs jobs on {here}"
         return finish("failed", error=error, retry=True)
+
+    steps_done = 0
+    last_report = time.monotonic()
+
+    def report_progress() -> None:
+        # Reported on a clock, not only when steps end, so that a single-call job
+        # learns as soon as an iterative one that it was cancelled.
+        nonlocal last_report, ended
+        now = time.monotonic()
+        if not ended and now - last_report >= progress_seconds:
+            last_report = now
+            used = handle.accelerator_seconds()
+            ended = _ended(lambda: client.progress(allocation, steps_done, used))
+
+    def on_progress(step: int) -> None:
+        nonlocal steps_done
+        steps_done = step
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        nonlocal ended
+        try:
+            state = arrays.decode(path.read_bytes())
+        except (OSError, arrays.BundleError) as e:
+            log.warning("allocation %s: checkpoint at step %d unreadable: %s", allocation, step, e)
+            return
+        finally:
+            path.unlink(missing_ok=True)
+        ended = ended or _ended(lambda: client.checkpoint(allocation, state, step))
+
+    own = sandbox is None
+    box = sandbox if sandbox is not None else Sandbox(cache_dir=cache_dir, spare=False)
+    workdir = Path(tempfile.mkdtemp(prefix=f"broker-run-{allocation}-"))
     try:
-        artifact = client.artifact(order["artifact"])
-        inputs = client.arrays(order["inputs"])
-        checkpoint = None
+        (workdir / "artifact.bin").write_bytes(client.download_artifact(order["artifact"]))
+        (workdir / "inputs.bin").write_bytes(client.download_arrays(order["inputs"]))
         if order["checkpoint"]:
-            state = client.arrays(order["checkpoint"])
-            checkpoint = runner.Checkpoint(order["checkpoint_step"], state)
+            data = client.download_arrays(order["checkpoint"])
+            (workdir / "checkpoint.bin").write_bytes(data)
             log.info(
                 "allocation %s resumes job %s from its checkpoint at step %d",
                 allocation,
                 order["job_id"],
                 order["checkpoint_step"],
             )
-        result = runner.run(
-            artifact,
-            inputs,
-            steps=order["steps"],
-            checkpoint_every=order["checkpoint_every"],
-            checkpoint=checkpoint,
-            on_checkpoint=on_checkpoint,
-            on_progress=on_progress,
+        cache = box.cache_for(order["artifact"])
+        spec = {
+            "platform": here,
+            "steps": order["steps"],
+            "checkpoint_every": order["checkpoint_every"],
+            "checkpoint_step": order["checkpoint_step"] if order["checkpoint"] else 0,
+            "cache_dir": None if cache is None else str(cache),
+        }
+        outcome = box.run(
+            spec,
+            workdir,
+            limits_for(order, box.config, here),
             should_stop=lambda: ended or handle.stop.is_set() or over_budget(),
+            on_progress=on_progress,
+            on_checkpoint=on_checkpoint,
+            on_tick=report_progress,
         )
-    except runner.Stopped:
-        # Over budget, the run ends as a failure whichever noticed first: this agent, or
-        # the broker from the last progress report (then the report is a repeat).
-        if over_budget():
-            log.info("allocation %s used the job's budget; stopping it", allocation)
-            return finish("failed", error="the run used up the job's budget")
-        handle.ended = time.monotonic()
-        log.info("allocation %s stopped before its end", allocation)
-        return "ended" if ended else "stopped"
-    except (runner.RunError, ArtifactError, arrays.BundleError) as e:
-        # The program or its inputs do not fit: another machine would fail the same way.
-        return finish("failed", error=str(e))
-    except BrokerError:
-        raise
-    except Exception as e:  # XLA runtime error, out of memory: may not happen elsewhere
-        log.exception("allocation %s: the program failed", allocation)
-        return finish("failed", error=f"{type(e).__name__}: {e}"[:4000], retry=True)
-    return finish("succeeded", result=client.upload_arrays(result.outputs))
+        if outcome.kind == "stopped":
+            # Over budget, the run ends as a failure whichever noticed first: this agent,
+            # or the broker from the last progress report (then the report is a repeat).
+            if over_budget():
+                log.info("allocation %s used the job's budget; stopping it", allocation)
+                return finish("failed", error="the run used up the job's budget")
+            handle.ended = time.monotonic()
+            log.info("allocation %s stopped before its end", allocation)
+            return "ended" if ended else "stopped"
+        if outcome.kind == "refused":
+            log.warning(
+                "allocation %s: refused to run the artifact: %s", allocation, outcome.message
+            )
+            return finish("failed", error=f"the agent refused the artifact: {outcome.message}")
+        if outcome.kind == "failed":
+            log.warning("allocation %s: %s", allocation, outcome.message)
+            return finish("failed", error=outcome.message, retry=outcome.retry)
+        assert outcome.result is not None
+        result = client.upload_bundle(outcome.result.read_bytes())
+        return finish("succeeded", result=result)
+    finally:
+        remove(workdir)
+        if own:
+            box.close()
 
 
 def _ended(report: Any) -> bool:

@@ -1,0 +1,201 @@
+"""The sandboxed process one run lives in: ``python -m broker.agent._child SETUP``.
+
+The agent (``broker.agent.sandbox``) starts it ahead of need. It gives up what
+a stranger's program must not have: new privileges (``PR_SET_NO_NEW_PRIVS``)
+and, where the agent runs as root on Linux, the network (a network namespace
+of its own, entered first, while the process has one thread; only a loopback
+that is down) and root itself (it becomes an unprivileged user once JAX and
+everything a run needs is loaded, since the agent's Python may be where that
+user cannot read). Then it says it is ready and waits for one run on stdin.
+With the run come its limits (address space, CPU time, open files, file
+size), set before the program is read, and a private directory holding the
+artifact, inputs and checkpoint. It checks the artifact again
+(``broker.portable.checks``), runs it, and writes checkpoints and the result
+as array bundles in that directory.
+
+It talks to the agent in JSON lines on its original stdout; the program's own
+output (and XLA's) goes to stderr, which the agent keeps the end of.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, TextIO
+
+_PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNET = 0x40000000
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _no_new_privileges() -> None:
+    if sys.platform != "linux":
+        return
+    if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _leave_network() -> None:
+    """A network namespace of its own: no interface but a loopback that is down.
+    Done while the process has one thread: a namespace is per thread."""
+    if _libc().unshare(_CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+
+
+def _drop_root(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _set_limits(limits: dict[str, Any]) -> None:
+    """Lower this process's limits (never raised: a limit only goes down)."""
+
+    def lower(which: int, value: int | None) -> None:
+        if value is None:
+            return
+        _, hard = resource.getrlimit(which)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+
+    lower(resource.RLIMIT_CORE, 0)
+    lower(resource.RLIMIT_AS, limits.get("address_space_bytes"))
+    lower(resource.RLIMIT_NOFILE, limits.get("open_files"))
+    lower(resource.RLIMIT_FSIZE, limits.get("file_bytes"))
+    cpu = limits.get("cpu_seconds")
+    if cpu is not None:
+        # CPU time counts from the process's start: add what the start-up used.
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        lower(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + cpu) + 1)
+
+
+class _Channel:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def send(self, **message: Any) -> None:
+        self.out.write(json.dumps(message) + "\n")
+        self.out.flush()
+
+
+def _run(order: dict[str, Any], channel: _Channel) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from broker.portable import arrays, checks, runner
+    from broker.portable.manifest import ArtifactError
+
+    work = Path(order["dir"])
+    if order.get("cache_dir"):
+        runner.enable_compilation_cache(Path(order["cache_dir"]))
+    try:
+        artifact = checks.verify_artifact((work / "artifact.bin").read_bytes())
+        checks.check_runnable(artifact, order["platform"], order.get("max_output_bytes"))
+        data = (work / "inputs.bin").read_bytes()
+        checks.check_inputs(artifact, arrays.read_header(data[: arrays.MAX_HEAD], len(data)))
+        inputs = arrays.decode(data)
+        checkpoint = None
+        if order.get("checkpoint_step"):
+            state = arrays.decode((work / "checkpoint.bin").read_bytes())
+            checkpoint = runner.Checkpoint(order["checkpoint_step"], state)
+    except (ArtifactError, arrays.BundleError) as e:
+        channel.send(refused=str(e))
+        return
+
+    def on_checkpoint(step: int, state: list[np.ndarray[Any, Any]]) -> None:
+        name = f"checkpoint-{step}.bin"
+        (work / name).write_bytes(arrays.encode(state))
+        channel.send(checkpoint=step, file=name)
+
+    def on_progress(step: int) -> None:
+        channel.send(progress=step)
+
+    try:
+        result = runner.run(
+            artifact,
+            inputs,
+            steps=order.get("steps"),
+            checkpoint_every=order.get("checkpoint_every"),
+            checkpoint=checkpoint,
+            on_checkpoint=on_checkpoint,
+            on_progress=on_progress,
+        )
+    except (runner.RunError, ArtifactError, arrays.BundleError) as e:
+        channel.send(error=str(e), program=True)
+        return
+    except MemoryError:
+        channel.send(error="the program ran out of memory (MemoryError)", program=True)
+        return
+    except Exception as e:  # an XLA runtime error: perhaps the machine's, perhaps the program's
+        text = f"{type(e).__name__}: {e}"[:4000]
+        exhausted = "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+        channel.send(error=text, program=exhausted)
+        return
+    (work / "result.bin").write_bytes(arrays.encode(result.outputs))
+    channel.send(
+        done="result.bin",
+        steps_done=result.steps_done,
+        compile_seconds=result.timings.compile,
+        run_seconds=result.timings.run,
+    )
+
+
+def _warm_up(platform: str) -> None:
+    """Package, check and run two tiny programs (a function and an iterative step):
+    every module a run needs is then loaded while this process may still read
+    the agent's files, and the first run starts sooner."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from broker.portable import _xla, arrays, checks, runner
+    from broker.portable.artifact import package, package_step
+
+    x = np.eye(2, dtype=np.float32)
+    function = checks.verify_artifact(package(lambda a: a @ a, x, platforms=(platform,)).to_bytes())
+    arrays.decode(arrays.encode(runner.run(function, [x]).outputs))
+    step = package_step(lambda s, a: (s[0] @ a, s[1] + 1), (x, jnp.int32(0)), x)
+    step = checks.verify_artifact(step.to_bytes())
+    runner.run(
+        step, [x, np.int32(0), x], steps=2, checkpoint_every=1, on_checkpoint=lambda *_: None
+    )
+    if platform == "cpu":
+        _xla.initialize_cpu_routines()
+
+
+def main() -> None:
+    setup = json.loads(sys.argv[1])
+    # The messages keep the real stdout; anything the program or XLA prints goes to stderr.
+    channel = _Channel(os.fdopen(os.dup(1), "w", buffering=1))
+    os.dup2(2, 1)
+    if setup.get("network_namespace"):
+        _leave_network()  # first: while this process has one thread
+    _no_new_privileges()
+    began = time.perf_counter()
+    import jax
+
+    from broker.portable import _xla
+
+    platform = _xla.local_platform()
+    jax.devices()
+    _warm_up(platform)
+    if setup.get("uid") is not None:
+        _drop_root(int(setup["uid"]), int(setup["gid"]))
+    channel.send(ready=True, platform=platform, start_seconds=time.perf_counter() - began)
+    line = sys.stdin.readline()
+    if not line:
+        return  # a spare the agent no longer needs
+    order = json.loads(line)
+    _set_limits(order.get("limits", {}))
+    _run(order, channel)
+
+
+if __name__ == "__main__":
+    main()

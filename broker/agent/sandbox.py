@@ -1,0 +1,479 @@
+"""Each run in a process of its own, with limits: what keeps a provider's machine
+safe from the programs it runs.
+
+The agent never runs a developer's program in its own process. ``Sandbox.run``
+hands one run to a child (``broker.agent._child``) that has given up new
+privileges and, where the agent runs as root on Linux, the network and root
+itself; it lowers its limits (address space, CPU time, open files, file size)
+before it reads the program. The agent watches it: it kills the child when the
+job is cancelled or reassigned, when the run passes its wall-time limit (the
+job's deadline or the offer's available hours, plus a margin) and when the
+agent stops. A child that crashes, aborts, runs out of memory or hits a limit
+ends its own run only, and the agent says why.
+
+A child takes about a second to import JAX, so the sandbox keeps one spare
+child started ahead of need: a run takes the spare and a new spare starts in
+its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pwd
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def _runtime_gib() -> float:
+    # Address space JAX's CPU runtime takes before a program's own arrays: measured
+    # at 1.6 GiB on a 2-core machine; its thread pools add stacks per core.
+    return 3.0 + 0.125 * (os.cpu_count() or 1)
+
+
+def can_isolate() -> bool:
+    """Whether children can get a network namespace and an unprivileged user: the
+    agent runs as root on Linux."""
+    return sys.platform == "linux" and os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """How the agent confines runs. The defaults suit a machine given over to the market."""
+
+    # Memory a run may use, in GiB, when the job declares none: None, what the offer lists
+    # for the accelerators it holds.
+    memory_gib: float | None = None
+    # Added to a run's memory for the address space of the runtime itself (JAX, XLA).
+    runtime_gib: float = field(default_factory=_runtime_gib)
+    open_files: int = 256
+    max_output_bytes: int = GIB  # the largest result or checkpoint a run may write
+    max_run_hours: float = 24.0  # a run with no deadline and no available hours ends here
+    margin_seconds: float = 60.0  # past a wall-time limit before the run is stopped
+    # None: isolate (network namespace, unprivileged user) wherever the agent can.
+    isolate: bool | None = None
+    user: str = "nobody"
+    start_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One run's limits, from its work order."""
+
+    wall_seconds: float
+    wall_cause: str  # what the wall-time limit is, for the developer
+    wall_retry: bool  # past it, the job goes back to the market (the offer's hours ended)
+    cpu_seconds: int
+    address_space_bytes: int | None
+    open_files: int
+    file_bytes: int
+
+    def for_child(self) -> dict[str, Any]:
+        return {
+            "cpu_seconds": self.cpu_seconds,
+            "address_space_bytes": self.address_space_bytes,
+            "open_files": self.open_files,
+            "file_bytes": self.file_bytes,
+        }
+
+
+def limits_for(order: dict[str, Any], config: SandboxConfig, platform: str) -> Limits:
+    """A run's limits: wall time from the job's deadline and the offer's available hours
+    (whichever is first; else ``max_run_hours``) plus a margin; CPU time for that
+    long on every core; address space for the job's declared memory (else the
+    offer's) plus the runtime's own, on the CPU only (GPU runtimes map device
+    memory into the address space, so there the device bounds the memory)."""
+    limits: list[tuple[float, str, bool]] = [
+        (config.max_run_hours * 3600, f"this provider's limit of {config.max_run_hours:g} h", False)
+    ]
+    deadline = order.get("deadline_hours")
+    if deadline is not None:
+        limits.append((deadline * 3600, f"the job's deadline ({deadline:g} h)", False))
+    available = order.get("available_hours")
+    if available is not None:
+        limits.append((available * 3600, f"the offer's available hours ({available:g} h)", True))
+    seconds, cause, retry = min(limits, key=lambda x: x[0])
+    wall = seconds + config.margin_seconds
+    cpu_wall = wall
+    usage = order.get("usage_limit_seconds")
+    accelerators = max(1, int(order.get("accelerators") or 1))
+    if usage is not None:
+        cpu_wall = min(cpu_wall, usage / accelerators + config.margin_seconds)
+    address_space = None
+    if platform == "cpu":
+        declared = float(order.get("min_memory_gib") or 0.0)
+        listed = float(order.get("memory_gib") or 0.0)
+        memory = declared or config.memory_gib or listed
+        if config.memory_gib is not None:
+            memory = min(memory, config.memory_gib)
+        if memory > 0:
+            address_space = int((memory * accelerators + config.runtime_gib) * GIB)
+    return Limits(
+        wall_seconds=wall,
+        wall_cause=cause,
+        wall_retry=retry,
+        cpu_seconds=int(cpu_wall * (os.cpu_count() or 1)) + 1,
+        address_space_bytes=address_space,
+        open_files=config.open_files,
+        # A bundle's header comes on top of the arrays.
+        file_bytes=config.max_output_bytes + 1024 * 1024,
+    )
+
+
+@dataclass
+class Outcome:
+    """How a sandboxed run ended.
+
+    ``kind``: ``succeeded`` (``result`` is the bundle of outputs), ``refused`` (the
+    artifact or inputs failed the checks here; the developer's), ``failed`` (the
+    program failed, crashed or passed a limit; ``retry`` when the job should go
+    back to the market instead of failing) or ``stopped`` (``should_stop`` said so).
+    """
+
+    kind: str
+    message: str = ""
+    retry: bool = False
+    result: Path | None = None
+    steps_done: int = 0
+
+
+class _Child:
+    """One child process and what it says."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(  # noqa: S603  (our own module, no shell)
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # its own process group: killed as one
+            close_fds=True,
+        )
+        self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stderr = bytearray()
+        self._readers = [
+            threading.Thread(target=self._read_messages, daemon=True, name="sandbox-out"),
+            threading.Thread(target=self._read_stderr, daemon=True, name="sandbox-err"),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.ready: dict[str, Any] | None = None
+        self.killed = False
+
+    def _read_messages(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                self.messages.put(message)
+        self.messages.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while chunk := os.read(self.process.stderr.fileno(), 65536):
+            self._stderr += chunk
+            del self._stderr[:-8192]  # the end is what says what went wrong
+
+    def stderr_tail(self) -> str:
+        for reader in self._readers:
+            reader.join(timeout=2)
+        text = self._stderr.decode(errors="replace").strip()
+        lines = [line for line in text.splitlines() if line.strip()]
+        return "\n".join(lines[-6:])[-1500:]
+
+    def wait_ready(self, timeout: float) -> bool:
+        if self.ready is not None:
+            return True
+        try:
+            message = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if message is None or not message.get("ready"):
+            return False
+        self.ready = message
+        return True
+
+    def send(self, order: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(order) + "\n").encode())
+        self.process.stdin.flush()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def close(self) -> None:
+        """Kill it if it still runs, and close its pipes once their readers are done."""
+        self.kill()
+        for reader in self._readers:
+            reader.join(timeout=2)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    def discard(self) -> None:
+        """A spare no longer needed: closing its stdin lets it exit; else it is killed."""
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            self.process.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.close()
+
+
+ProgressFn = Callable[[int], None]
+CheckpointFn = Callable[[int, Path], None]
+
+
+class Sandbox:
+    """Runs each run in a child process of its own; keeps one spare child warm.
+
+    Thread-safe: several runs may go at once, each in its own child.
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig | None = None,
+        cache_dir: Path | None = None,
+        *,
+        spare: bool = True,
+    ) -> None:
+        self.config = config or SandboxConfig()
+        self.cache_dir = cache_dir
+        self.isolate = can_isolate() if self.config.isolate is None else self.config.isolate
+        if self.isolate and not can_isolate():
+            raise RuntimeError(
+                "isolating runs (a network namespace, an unprivileged user) needs an agent "
+                "running as root on Linux"
+            )
+        self._uid: tuple[int, int] | None = None
+        if self.isolate:
+            user = pwd.getpwnam(self.config.user)
+            self._uid = (user.pw_uid, user.pw_gid)
+        self._keep_spare = spare
+        self._lock = threading.Lock()
+        self._spare: _Child | None = None
+        self._closed = False
+        if spare:
+            self._refill()
+
+    def _start(self) -> _Child:
+        setup: dict[str, Any] = {"network_namespace": self.isolate}
+        if self._uid is not None:
+            setup["uid"], setup["gid"] = self._uid
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "HOME")
+            or k.startswith(("JAX_", "XLA_", "TF_CPP_"))
+        }
+        env["PYTHONUNBUFFERED"] = "1"
+        env["BROKER_PACKAGE_WORKER"] = "0"  # its warm-up packages a program: no worker
+        if self._uid is not None:
+            env["HOME"] = "/nonexistent"
+        command = [sys.executable, "-m", "broker.agent._child", json.dumps(setup)]
+        return _Child(command, env)
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._keep_spare and self._spare is None and not self._closed:
+                self._spare = self._start()
+
+    def _take(self) -> _Child:
+        with self._lock:
+            child, self._spare = self._spare, None
+        if child is None or child.process.poll() is not None:
+            child = self._start()
+        self._refill()
+        return child
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
+
+    def prepare(self, workdir: Path) -> None:
+        """Make ``workdir`` (and what is in it) the sandboxed user's, when runs are isolated."""
+        if self._uid is None:
+            return
+        uid, gid = self._uid
+        for path in [workdir, *workdir.rglob("*")]:
+            os.chown(path, uid, gid)
+
+    def cache_for(self, key: str) -> Path | None:
+        """The compilation cache a run of artifact ``key`` may use: one per artifact, so a
+        run can only ever leave compiled code for the program it runs."""
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / "sandbox" / key
+        path.mkdir(parents=True, exist_ok=True)
+        if self._uid is not None:
+            os.chown(path, *self._uid)
+        return path
+
+    def run(
+        self,
+        spec: dict[str, Any],
+        workdir: Path,
+        limits: Limits,
+        *,
+        should_stop: Callable[[], bool],
+        on_progress: ProgressFn,
+        on_checkpoint: CheckpointFn,
+        on_tick: Callable[[], None] | None = None,
+        tick: float = 0.1,
+    ) -> Outcome:
+        """Run ``spec`` (``steps``, ``checkpoint_every``, ``checkpoint_step``, ``platform``,
+        ``cache_dir``) from ``workdir`` (``artifact.bin``, ``inputs.bin``, and
+        ``checkpoint.bin`` to resume) in a child; returns how it ended.
+
+        ``on_progress`` and ``on_checkpoint`` (a bundle's path in ``workdir``) are
+        called as the child reports; ``on_tick`` about every ``tick`` seconds
+        besides; ``should_stop`` is asked as often, and the child is killed when
+        it says so.
+        """
+        self.prepare(workdir)
+        child = self._take()
+        try:
+            return self._watch(
+                child, spec, workdir, limits, should_stop, on_progress, on_checkpoint, on_tick, tick
+            )
+        finally:
+            child.close()
+
+    def _watch(
+        self,
+        child: _Child,
+        spec: dict[str, Any],
+        workdir: Path,
+        limits: Limits,
+        should_stop: Callable[[], bool],
+        on_progress: ProgressFn,
+        on_checkpoint: CheckpointFn,
+        on_tick: Callable[[], None] | None,
+        tick: float,
+    ) -> Outcome:
+        if not child.wait_ready(self.config.start_timeout_s):
+            child.kill()
+            tail = child.stderr_tail()
+            return Outcome(
+                "failed",
+                f"the sandbox process did not start: {tail or 'no output'}"[:4000],
+                retry=True,  # the machine's problem, not the program's
+            )
+        order = {
+            **spec,
+            "dir": str(workdir),
+            "limits": limits.for_child(),
+            "max_output_bytes": self.config.max_output_bytes,
+        }
+        try:
+            child.send(order)
+        except OSError as e:
+            return Outcome("failed", f"the sandbox process went away: {e}", retry=True)
+        started = time.monotonic()
+        steps = 0
+        ended: Outcome | None = None
+        while True:
+            try:
+                message = child.messages.get(timeout=tick)
+            except queue.Empty:
+                message = {}
+            if message is None:
+                break  # the child closed its end: it exited
+            if "progress" in message:
+                steps = int(message["progress"])
+                on_progress(steps)
+            elif "checkpoint" in message:
+                path = workdir / str(message["file"])
+                if path.parent == workdir:
+                    on_checkpoint(int(message["checkpoint"]), path)
+            elif "done" in message:
+                steps = int(message.get("steps_done", steps))
+                result = workdir / str(message["done"])
+                ended = Outcome("succeeded", result=result, steps_done=steps)
+            elif "refused" in message:
+                ended = Outcome("refused", str(message["refused"])[:4000])
+            elif "error" in message:
+                program = bool(message.get("program"))
+                ended = Outcome("failed", str(message["error"])[:4000], retry=not program)
+            if ended is not None:
+                child.process.wait()
+                break
+            if on_tick is not None:
+                on_tick()
+            if should_stop():
+                child.kill()
+                return Outcome("stopped", "stopped", steps_done=steps)
+            if time.monotonic() - started > limits.wall_seconds:
+                child.kill()
+                over = limits.wall_seconds - self.config.margin_seconds
+                return Outcome(
+                    "failed",
+                    f"the run was stopped: it passed {limits.wall_cause}, "
+                    f"{over:g} s plus a {self.config.margin_seconds:g} s margin",
+                    retry=limits.wall_retry,
+                    steps_done=steps,
+                )
+        code = child.process.wait()
+        if ended is not None and (code == 0 or ended.kind != "succeeded"):
+            return ended
+        return Outcome("failed", _death(code, limits, child.stderr_tail()), steps_done=steps)
+
+
+def _death(code: int, limits: Limits, tail: str) -> str:
+    """Why a child ended without saying how its run did."""
+    if code >= 0:
+        why = f"the program's process exited with status {code}"
+    else:
+        number = -code
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        why = f"the program's process was killed by {name}"
+        if number == signal.SIGXCPU:
+            why += f": it used up its CPU time limit ({limits.cpu_seconds} s)"
+        elif number == signal.SIGXFSZ:
+            why += f": it wrote a file over the {limits.file_bytes}-byte limit"
+        elif number in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGKILL):
+            why += " (a crash"
+            if limits.address_space_bytes is not None:
+                why += (
+                    f", or memory over its limit of {limits.address_space_bytes / GIB:.3g} GiB "
+                    "of address space"
+                )
+            why += ")"
+    if tail:
+        why += f"; its last output: {tail}"
+    return why[:4000]
+
+
+def remove(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
