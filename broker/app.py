@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -32,7 +32,12 @@ from broker.market.router import router as market_router
 from broker.market.standing import Standing
 from broker.nodes.router import router as nodes_router
 from broker.nodes.service import sweep
-from broker.observability import RequestContext, configure_logging, metrics_text
+from broker.observability import (
+    RequestContext,
+    check_metrics_access,
+    configure_logging,
+    metrics_text,
+)
 from broker.offers.router import router as offers_router
 from broker.ratelimit import RateLimit
 from broker.runs.router import router as runs_router
@@ -189,7 +194,11 @@ def create_app(
         },
     )
     app.add_middleware(
-        RateLimit, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst
+        RateLimit,
+        rate=settings.rate_limit_per_second,
+        burst=settings.rate_limit_burst,
+        anonymous_rate=settings.rate_limit_anonymous_per_second,
+        anonymous_burst=settings.rate_limit_anonymous_burst,
     )
     # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
     app.add_middleware(RequestContext)
@@ -231,9 +240,12 @@ def create_app(
         return Health(status="ok")
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics(session: SessionDep) -> Response:
-        """Prometheus' text format (see broker.observability)."""
-        body, content_type = metrics_text(session)
+    def metrics(request: Request, session: SessionDep) -> Response:
+        """Prometheus' text format (see broker.observability): for the metrics token or
+        this machine; the session opens no connection unless the figures are stale."""
+        client = request.client.host if request.client else None
+        check_metrics_access(client, request.headers.get("authorization"))
+        body, content_type = metrics_text(session, get_settings().metrics_cache_seconds)
         return Response(body, media_type=content_type)
 
     # Some probes use HEAD; answer it without a second entry in the API description.

@@ -15,9 +15,11 @@ from broker.accounts.models import Role
 app = typer.Typer(help="The compute broker.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts and API keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: list, create, rotate, revoke.", no_args_is_help=True)
 invoices_app = typer.Typer(help="Invoices for developers' usage.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
 app.add_typer(invoices_app, name="invoices")
 
 
@@ -343,6 +345,116 @@ def accounts_create(
     typer.echo(f"created {role.value} account {name!r} ({account_id})", err=True)
     typer.echo("API key (shown once; the broker stores only its hash):", err=True)
     typer.echo(key)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+    return typer.Exit(1)
+
+
+def _set_disabled(name: str, disabled: bool) -> None:
+    from broker.accounts.service import find_account, set_disabled
+    from broker.db import session_scope
+    from broker.errors import BrokerError
+
+    try:
+        with session_scope() as session:
+            account = set_disabled(session, None, find_account(session, name).id, disabled)
+            what = f"account {account.name!r} ({account.id})"
+    except BrokerError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{what} {'disabled: its keys are refused' if disabled else 'enabled'}")
+
+
+@accounts_app.command("disable")
+def accounts_disable(
+    name: Annotated[str, typer.Argument(help="Account name or id")],
+) -> None:
+    """Disable an account: every key of it (its nodes' too) is refused at once, in every
+    server process, and its dashboard sessions end."""
+    _set_disabled(name, True)
+
+
+@accounts_app.command("enable")
+def accounts_enable(name: Annotated[str, typer.Argument(help="Account name or id")]) -> None:
+    """Enable a disabled account again."""
+    _set_disabled(name, False)
+
+
+@keys_app.command("list")
+def keys_list(name: Annotated[str, typer.Argument(help="Account name or id")]) -> None:
+    """An account's keys (its nodes' included): id, prefix, created, last used, revoked."""
+    from broker.accounts.service import find_account, list_keys
+    from broker.db import session_scope
+    from broker.errors import BrokerError
+
+    try:
+        with session_scope(write=False) as session:
+            account = find_account(session, name)
+            rows = [
+                (k.id, k.prefix, k.node_id, k.created_at, k.last_used_at, k.revoked_at)
+                for k in list_keys(session, account)
+            ]
+    except BrokerError as exc:
+        raise _fail(exc) from None
+
+    def when(value: object) -> str:
+        return "-" if value is None else f"{value:%Y-%m-%d %H:%M}"
+
+    typer.echo("id\tprefix\tnode\tcreated\tlast used\trevoked")
+    for key_id, prefix, node, created, used, revoked in rows:
+        cells = [key_id, prefix + "...", node or "-", when(created), when(used), when(revoked)]
+        typer.echo("\t".join(cells))
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="Account name or id")]) -> None:
+    """Give an account a new key; it is printed once, on the last line."""
+    from broker.accounts.service import create_key, find_account
+    from broker.db import session_scope
+    from broker.errors import BrokerError
+
+    try:
+        with session_scope() as session:
+            account = find_account(session, name)
+            row, key = create_key(session, account)
+            key_id = row.id
+    except BrokerError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"created key {key_id} for {name!r} (shown once):", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_id: Annotated[str, typer.Argument(help="The key's id (key_...)")]) -> None:
+    """Revoke a key and print its replacement, once, on the last line."""
+    from broker.accounts.service import rotate_key
+    from broker.db import session_scope
+    from broker.errors import BrokerError
+
+    try:
+        with session_scope() as session:
+            row, key = rotate_key(session, None, key_id)
+            new_id = row.id
+    except BrokerError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"revoked {key_id}; its replacement {new_id} (shown once):", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...)")]) -> None:
+    """Revoke a key: refused at once in every server process; its sessions end."""
+    from broker.accounts.service import revoke_key
+    from broker.db import session_scope
+    from broker.errors import BrokerError
+
+    try:
+        with session_scope() as session:
+            revoke_key(session, None, key_id)
+    except BrokerError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,22 @@ the access line names the route template and the account, never a header.
 
 ``/metrics`` serves Prometheus' text format: request counts and latencies by
 route, clearing rounds (count, solve time, matches), and the market's state
-read from the database at scrape time (queue depth, free accelerators, nodes
-by status). With several worker processes the counters are shared through
+read from the database (queue depth, free accelerators, nodes by status), at
+most once every ``BROKER_METRICS_CACHE_SECONDS`` per process, so scrapes cost the
+database next to nothing. It answers the bearer token ``BROKER_METRICS_TOKEN``
+or, without one set, only clients on this machine (``check_metrics_access``).
+With several worker processes the counters are shared through
 ``PROMETHEUS_MULTIPROC_DIR`` (set by ``broker serve --workers N``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -122,13 +127,56 @@ class RequestContext:
             request_id.reset(token)
 
 
-class MarketCollector(Collector):
-    """The market's state, read from the database when Prometheus scrapes."""
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
-    def __init__(self, session: Session) -> None:
+
+def check_metrics_access(client_host: str | None, authorization: str | None) -> None:
+    """Let a scrape through, or raise: with ``BROKER_METRICS_TOKEN`` set, the request
+    must carry it as a bearer token; without, it must come from this machine."""
+    from broker.config import get_settings
+    from broker.errors import Forbidden, Unauthorized
+
+    token = get_settings().metrics_token
+    if token is None:
+        if client_host not in _LOOPBACK:
+            raise Forbidden(
+                "/metrics answers only clients on this machine; set BROKER_METRICS_TOKEN "
+                "and send it ('Authorization: Bearer <token>') to scrape from elsewhere"
+            )
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise Unauthorized("send the metrics token: 'Authorization: Bearer <BROKER_METRICS_TOKEN>'")
+
+
+# Database -> (when read, the market's gauges): scrapes within the cache time reuse them.
+_market_cache: dict[str, tuple[float, list[GaugeMetricFamily]]] = {}
+_market_lock = threading.Lock()
+
+
+class MarketCollector(Collector):
+    """The market's state, read from the database when Prometheus scrapes, at most once
+    every ``max_age`` seconds per process and database."""
+
+    def __init__(self, session: Session, max_age: float = 0.0) -> None:
         self.session = session
+        self.max_age = max_age
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        bind = self.session.get_bind()
+        where = str(bind.engine.url)
+        with _market_lock:
+            cached = _market_cache.get(where)
+            if cached is not None and time.monotonic() - cached[0] < self.max_age:
+                yield from cached[1]
+                return
+        families = self._read()
+        with _market_lock:
+            _market_cache[where] = (time.monotonic(), families)
+        yield from families
+
+    def _read(self) -> list[GaugeMetricFamily]:
         from broker.jobs.models import Job
         from broker.nodes.models import Node
         from broker.offers.models import Offer, OfferStatus
@@ -151,18 +199,19 @@ class MarketCollector(Collector):
             offers.add_metric([model], float(free or 0))
         for status, n in session.execute(select(Node.status, func.count()).group_by(Node.status)):
             nodes.add_metric([str(status)], n)
-        yield from (jobs, offers, nodes)
+        return [jobs, offers, nodes]
 
 
-def metrics_text(session: Session) -> tuple[bytes, str]:
-    """The metrics of this process, or of all workers when they share a directory."""
+def metrics_text(session: Session, max_age: float = 0.0) -> tuple[bytes, str]:
+    """The metrics of this process, or of all workers when they share a directory; the
+    market's figures at most ``max_age`` seconds old."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry = CollectorRegistry()
         registry.register(_Forward(REGISTRY))
-    registry.register(MarketCollector(session))
+    registry.register(MarketCollector(session, max_age))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -29,9 +29,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 from fastapi.routing import iter_route_contexts
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.accounts.models import Account, ApiKey, Role
 from broker.app import create_app
 from broker.auth import Agent
 from broker.billing import invoices
@@ -114,6 +115,14 @@ RULES: dict[tuple[str, str], Rule] = {
         Expect(401, 403, 403, 403, 403, 201, 403, 403),
         body={"name": "newcomer", "role": "developer"},
     ),
+    ("POST", "/v1/accounts/{account_id}/disable"): Rule(ADMIN_ONLY),
+    ("POST", "/v1/accounts/{account_id}/enable"): Rule(ADMIN_ONLY),
+    # keys: each account its own (admins any); the developer's is its only key, which
+    # it may rotate but not revoke itself
+    ("GET", "/v1/keys"): Rule(ANY_KEY, shows=sees("developer_key", "developer")),
+    ("POST", "/v1/keys"): Rule(Expect(401, 201, 201, 201, 201, 201, 403, 403), body={}),
+    ("POST", "/v1/keys/{key_id}/rotate"): Rule(Expect(401, 201, 404, 404, 404, 201, 403, 403)),
+    ("DELETE", "/v1/keys/{key_id}"): Rule(Expect(401, 409, 404, 404, 404, 200, 403, 403)),
     # offers
     ("POST", "/v1/offers"): Rule(Expect(401, 403, 403, 201, 201, 201, 403, 403), body=offer_body()),
     ("GET", "/v1/offers"): Rule(
@@ -198,8 +207,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("HEAD", "/healthz"): Rule(PUBLIC),
     ("GET", "/readyz"): Rule(PUBLIC),
     ("HEAD", "/readyz"): Rule(PUBLIC),
-    # Aggregate counters only (no ids, no accounts), for a scraper without a key.
-    ("GET", "/metrics"): Rule(PUBLIC),
+    # Aggregate counters only (no ids, no accounts), for a scraper with the metrics
+    # token or on this machine; API keys open nothing (tests/test_security.py).
+    ("GET", "/metrics"): Rule(Expect(403, 403, 403, 403, 403, 403, 403, 403)),
 }
 
 # Path parameters and the world object that fills them, unless a rule says otherwise.
@@ -210,6 +220,8 @@ DEFAULT_PARAMS = {
     "allocation_id": "allocation",
     "node_id": "node",
     "invoice_id": "invoice",
+    "key_id": "developer_key",
+    "account_id": "developer_account",
 }
 HEALTH = ("/healthz", "/readyz", "/metrics")
 
@@ -349,6 +361,10 @@ def build_world(db: Session) -> World:
         "node": node.id,
         "invoice": invoice.id,
         "round": round_.id,
+        "developer_account": developer.id,
+        "developer_key": db.scalars(
+            select(ApiKey.id).where(ApiKey.account_id == developer.id)
+        ).one(),
     }
     return World(keys, ids)
 

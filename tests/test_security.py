@@ -1,16 +1,25 @@
-"""Abuse: API keys never reach the logs, and cross-origin browsers are not let in."""
+"""Abuse: API keys never reach the logs, cross-origin browsers are not let in, rate
+limits hold however a key is spelled or made up, and /metrics is not for everyone."""
 
 from __future__ import annotations
 
 import logging
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
+from broker.accounts.service import issue_key
 from broker.app import create_app
-from broker.db import request_engine, transaction
+from broker.config import get_settings
+from broker.db import get_session, get_transactions, request_engine, transaction
 from broker.sdk import Client
 from tests.conftest import ClientFactory, LiveServer
 from tests.factories import job_body, make_account
@@ -86,3 +95,138 @@ def test_cors_is_closed_by_default(client_for: ClientFactory) -> None:
     simple = client.get("/v1/catalog", headers={"Origin": "https://elsewhere.example"})
     assert simple.status_code == 200
     assert "access-control-allow-origin" not in simple.headers
+
+
+def _limited_app(db: Session, monkeypatch: pytest.MonkeyPatch, **env: str) -> FastAPI:
+    """The app with rate limits on (``env``: BROKER_RATE_LIMIT_* settings), on the
+    test transaction."""
+    for name, value in env.items():
+        monkeypatch.setenv(f"BROKER_RATE_LIMIT_{name}", value)
+    get_settings.cache_clear()
+    try:
+        app = create_app(auto_clear=False, auto_bill=False)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+    def session_override() -> Iterator[Session]:
+        with db.begin_nested():
+            yield db
+
+    @contextmanager
+    def nested(*, write: bool = True) -> Iterator[Session]:
+        with db.begin_nested():
+            yield db
+
+    app.dependency_overrides[get_session] = session_override
+    app.dependency_overrides[get_transactions] = lambda: nested
+    return app
+
+
+def test_spellings_of_one_key_share_its_rate_limit(
+    db: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Authentication reads 'Bearer' in any case and strips the key: so does the limiter,
+    and every spelling of a key, every key of an account, draws on the account's bucket."""
+    app = _limited_app(db, monkeypatch, PER_SECOND="0.5", BURST="4")
+    account, key = make_account(db, Role.developer)
+    second = issue_key(db, account)
+    spellings = [f"Bearer {key}", f"bearer {key}", f"BEARER  {key}", f"Bearer {second} "]
+    with TestClient(app) as client:
+        codes = [client.get("/v1/me", headers={"Authorization": s}).status_code for s in spellings]
+        assert codes == [200, 200, 200, 200]
+        for spelling in spellings:
+            refused = client.get("/v1/me", headers={"Authorization": spelling})
+            assert refused.status_code == 429, spelling
+            assert "account" in refused.json()["error"]["message"]
+
+
+def test_made_up_keys_are_limited_per_address_before_the_database(
+    db: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotating random keys gets an address the anonymous budget and no more; once it is
+    spent, requests are refused without a database query, while a known key goes on."""
+    app = _limited_app(
+        db, monkeypatch, PER_SECOND="100", ANONYMOUS_PER_SECOND="0.1", ANONYMOUS_BURST="5"
+    )
+    _, key = make_account(db, Role.developer)
+    queries: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        queries.append(statement)
+
+    with TestClient(app) as client:
+        # A key's first request counts per address too: the limiter has not seen it pass.
+        assert client.get("/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        event.listen(Engine, "before_cursor_execute", count)
+        try:
+            codes = [
+                client.get(
+                    "/v1/me", headers={"Authorization": f"Bearer bk_{secrets.token_urlsafe(32)}"}
+                ).status_code
+                for _ in range(12)
+            ]
+            spent = len(queries)
+            refused = client.get("/v1/jobs", headers={"Authorization": "Bearer bk_made_up"})
+            assert len(queries) == spent  # refused before any database work
+        finally:
+            event.remove(Engine, "before_cursor_execute", count)
+        assert codes == [401] * 4 + [429] * 8
+        assert refused.status_code == 429
+        assert "client address" in refused.json()["error"]["message"]
+        # Unknown keys and no key share the address's budget; a known key does not.
+        assert client.get("/v1/catalog").status_code == 429
+        assert client.get("/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_metrics_answer_the_token_or_this_machine_only(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(auto_clear=False, auto_bill=False)
+    app.dependency_overrides[request_engine] = lambda: fresh_engine
+    with TestClient(app) as remote:  # TestClient's requests come from "testclient"
+        refused = remote.get("/metrics")
+        assert refused.status_code == 403
+        assert "BROKER_METRICS_TOKEN" in refused.json()["error"]["message"]
+    with LiveServer(app) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 200  # loopback
+    monkeypatch.setenv("BROKER_METRICS_TOKEN", "a-long-enough-metrics-token")
+    get_settings.cache_clear()
+    try:
+        with TestClient(app) as remote:
+            assert remote.get("/metrics").status_code == 401
+            wrong = {"Authorization": "Bearer a-long-enough-metrics-tokeN"}
+            assert remote.get("/metrics", headers=wrong).status_code == 401
+            right = {"Authorization": "Bearer a-long-enough-metrics-token"}
+            assert remote.get("/metrics", headers=right).status_code == 200
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_metrics_read_the_database_at_most_once_per_cache_time(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_METRICS_CACHE_SECONDS", "60")
+    get_settings.cache_clear()
+    app = create_app(auto_clear=False, auto_bill=False)
+    app.dependency_overrides[request_engine] = lambda: fresh_engine
+    queries: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        queries.append(statement)
+
+    try:
+        with LiveServer(app) as url:
+            assert httpx.get(f"{url}/metrics").status_code == 200
+            event.listen(fresh_engine, "before_cursor_execute", count)
+            try:
+                for _ in range(5):
+                    scrape = httpx.get(f"{url}/metrics")
+                    assert "broker_jobs" in scrape.text or "broker_nodes" in scrape.text
+            finally:
+                event.remove(fresh_engine, "before_cursor_execute", count)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert queries == []

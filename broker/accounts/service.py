@@ -167,7 +167,7 @@ def _manageable(session: Session, viewer: Account, account_id: str | None) -> Ac
     """The account whose keys ``viewer`` manages: its own, or (admins) any."""
     if account_id is None or account_id == viewer.id:
         return viewer
-    if viewer.role != Role.admin:
+    if _limited(viewer):
         raise Forbidden("only admins manage other accounts' keys", field="account_id")
     account = session.get(Account, account_id)
     if account is None:
@@ -195,15 +195,21 @@ def create_key(
     return _issue(session, account.id)
 
 
-def _own_key(session: Session, viewer: Account, key_id: str) -> ApiKey:
+def _own_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:
     stmt = select(ApiKey).where(ApiKey.id == key_id).with_for_update()
     key = session.scalar(stmt)
-    if key is None or (key.account_id != viewer.id and viewer.role != Role.admin):
+    if key is None or (_limited(viewer) and key.account_id != getattr(viewer, "id", None)):
         raise NotFound(f"no API key {key_id!r} of yours")
     return key
 
 
-def revoke_key(session: Session, viewer: Account, key_id: str) -> ApiKey:
+def _limited(viewer: Account | None) -> bool:
+    """Whether ``viewer`` manages only its own keys: None is the operator (the ``broker``
+    command, with the database at hand), who manages all, as admins do."""
+    return viewer is not None and viewer.role != Role.admin
+
+
+def revoke_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:
     """Revoke a key of ``viewer``'s (admins: any). It is refused from the next request
     on, in every process (keys are checked against the database on every request), and
     the dashboard sessions signed in with it end. Revoking it again changes nothing.
@@ -213,7 +219,7 @@ def revoke_key(session: Session, viewer: Account, key_id: str) -> ApiKey:
     key = _own_key(session, viewer, key_id)
     if key.revoked_at is not None:
         return key
-    if key.node_id is None and viewer.role != Role.admin:
+    if key.node_id is None and _limited(viewer):
         others = session.scalar(
             select(func.count())
             .select_from(ApiKey)
@@ -235,7 +241,7 @@ def revoke_key(session: Session, viewer: Account, key_id: str) -> ApiKey:
     return key
 
 
-def rotate_key(session: Session, viewer: Account, key_id: str) -> tuple[ApiKey, str]:
+def rotate_key(session: Session, viewer: Account | None, key_id: str) -> tuple[ApiKey, str]:
     """Revoke a key and issue its replacement, at once; the new key in clear, once.
     Node keys are replaced by registering the node again, not here."""
     key = _own_key(session, viewer, key_id)
@@ -251,16 +257,18 @@ def rotate_key(session: Session, viewer: Account, key_id: str) -> tuple[ApiKey, 
     return _issue(session, key.account_id)
 
 
-def set_disabled(session: Session, admin: Account, account_id: str, disabled: bool) -> Account:
+def set_disabled(
+    session: Session, admin: Account | None, account_id: str, disabled: bool
+) -> Account:
     """Disable an account (every key of it, its nodes' included, is refused from the next
-    request on, and its dashboard sessions end) or enable it again; admins only.
-    Disabling twice keeps the first time."""
-    if admin.role != Role.admin:
+    request on, and its dashboard sessions end) or enable it again; admins (or the
+    operator: None) only. Disabling twice keeps the first time."""
+    if _limited(admin):
         raise Forbidden("only admins disable or enable accounts")
     account = session.scalar(select(Account).where(Account.id == account_id).with_for_update())
     if account is None:
         raise NotFound(f"no account {account_id!r}")
-    if disabled and account.id == admin.id:
+    if disabled and admin is not None and account.id == admin.id:
         raise Conflict("an admin cannot disable its own account; ask another admin")
     if disabled and account.disabled_at is None:
         account.disabled_at = utcnow()

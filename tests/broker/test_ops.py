@@ -71,10 +71,20 @@ def test_access_lines_are_json_with_the_request_id_and_no_key(
     assert key not in json.dumps(json_lines)
 
 
-def test_metrics_count_requests_and_read_the_market(db: Session, client_for: ClientFactory) -> None:
+def test_metrics_count_requests_and_read_the_market(
+    db: Session, client_for: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_METRICS_TOKEN", "metrics-token-for-tests")
+    monkeypatch.setenv("BROKER_METRICS_CACHE_SECONDS", "0")
+    get_settings.cache_clear()
     client = signed_in(db, client_for, Role.developer)
     client.post("/v1/jobs", json=job_body())
-    text = client_for(None).get("/metrics").text
+    scrape = client_for(None).get(
+        "/metrics", headers={"Authorization": "Bearer metrics-token-for-tests"}
+    )
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    text = scrape.text
     assert 'broker_http_requests_total{method="POST",route="/v1/jobs",status="201"}' in text
     assert "broker_http_request_duration_seconds_bucket" in text
     assert 'broker_jobs{state="open"}' in text
