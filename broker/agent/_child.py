@@ -58,12 +58,13 @@ def _drop_root(uid: int, gid: int) -> None:
 def _set_limits(limits: dict[str, Any]) -> None:
     """Lower this process's limits (never raised: a limit only goes down)."""
 
-    def lower(which: int, value: int | None) -> None:
+    def lower(which: int, value: int | None, grace: int = 0) -> None:
         if value is None:
             return
         _, hard = resource.getrlimit(which)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
+        if hard != resource.RLIM_INFINITY:
+            value, grace = min(value, hard), min(grace, max(0, hard - value))
+        resource.setrlimit(which, (value, value + grace))
 
     lower(resource.RLIMIT_CORE, 0)
     lower(resource.RLIMIT_AS, limits.get("address_space_bytes"))
@@ -73,7 +74,9 @@ def _set_limits(limits: dict[str, Any]) -> None:
     if cpu is not None:
         # CPU time counts from the process's start: add what the start-up used.
         used = resource.getrusage(resource.RUSAGE_SELF)
-        lower(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + cpu) + 1)
+        # SIGXCPU at the soft limit says why; SIGKILL at the hard one, 2 s later, if
+        # that signal is caught.
+        lower(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + cpu) + 1, grace=2)
 
 
 class _Channel:

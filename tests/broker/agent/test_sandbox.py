@@ -1,0 +1,240 @@
+"""Hostile programs in the sandbox: each ends in its own child process with its cause,
+or is refused there before it runs, while a well-behaved run on the same sandbox
+finishes with the right result. No network, no GPU: the CPU backend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from broker.agent.sandbox import Limits, Outcome, Sandbox, SandboxConfig, can_isolate, limits_for
+from broker.portable import arrays
+from broker.portable.artifact import Artifact, package, package_step
+from tests.broker.portable.test_hostile import getrf_declaring_a_1x1_result
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    box = Sandbox(SandboxConfig(margin_seconds=1.0, max_output_bytes=1024 * 1024))
+    yield box
+    box.close()
+
+
+def _limits(**changes: Any) -> Limits:
+    base: dict[str, Any] = {
+        "wall_seconds": 120.0,
+        "wall_cause": "the test's limit",
+        "wall_retry": False,
+        "cpu_seconds": 240,
+        "address_space_bytes": None,
+        "open_files": 256,
+        "file_bytes": 2 * 1024 * 1024,
+    }
+    base.update(changes)
+    return Limits(**base)
+
+
+def run(
+    box: Sandbox,
+    artifact: Artifact | bytes,
+    inputs: list[Any],
+    limits: Limits | None = None,
+    *,
+    steps: int | None = None,
+    checkpoint_every: int | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[Outcome, list[np.ndarray[Any, Any]] | None, list[int]]:
+    """Run in ``box`` as an agent does; the outcome, the outputs and the checkpoints' steps."""
+    data = artifact if isinstance(artifact, bytes) else artifact.to_bytes()
+    workdir = Path(tempfile.mkdtemp(prefix="broker-test-run-"))
+    saved: list[int] = []
+    try:
+        (workdir / "artifact.bin").write_bytes(data)
+        (workdir / "inputs.bin").write_bytes(arrays.encode(inputs))
+        spec = {
+            "platform": "cpu",
+            "steps": steps,
+            "checkpoint_every": checkpoint_every,
+            "checkpoint_step": 0,
+        }
+        outcome = box.run(
+            spec,
+            workdir,
+            limits or _limits(),
+            should_stop=(stop or threading.Event()).is_set,
+            on_progress=lambda step: None,
+            on_checkpoint=lambda step, path: saved.append(step),
+        )
+        outputs = None
+        if outcome.result is not None:
+            outputs = [np.array(x) for x in arrays.decode(outcome.result.read_bytes())]
+        return outcome, outputs, saved
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def forever(x: jax.Array) -> jax.Array:
+    # Counts up in twos from 0: wraps around through the even numbers, never -1.
+    return jax.lax.while_loop(lambda c: c[0] != -1, lambda c: c + 2, x)
+
+
+def hog(x: jax.Array) -> jax.Array:
+    # 8 GiB that XLA must hold at once (a sort cannot be fused away).
+    big = jnp.arange(2 * 1024**3, dtype=jnp.float32) * x[0]
+    return jnp.sort(big)[:4]
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.tanh(a @ b)
+
+
+def test_a_well_behaved_run_finishes_beside_hostile_ones(sandbox: Sandbox) -> None:
+    a = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    good = package(matmul, a, a)
+    results: dict[int, Any] = {}
+
+    def good_runs() -> None:
+        for i in range(3):
+            results[i] = run(sandbox, good, [a, a])
+
+    beside = threading.Thread(target=good_runs)
+    beside.start()
+    # An infinite loop: stopped at its wall-time limit, with the cause.
+    started = time.monotonic()
+    looped, _, _ = run(
+        sandbox,
+        package(forever, jnp.zeros(1, jnp.int32)),
+        [np.zeros(1, np.int32)],
+        _limits(wall_seconds=2.0, wall_cause="the job's deadline (0.001 h)"),
+    )
+    assert time.monotonic() - started < 30
+    assert looped.kind == "failed"
+    assert "passed the job's deadline (0.001 h)" in looped.message
+    assert not looped.retry  # the developer's failure
+    # Far more memory than declared: ends in its sandbox, with the limit in the reason.
+    hogged, _, _ = run(
+        sandbox,
+        package(hog, jnp.ones(1)),
+        [np.ones(1, np.float32)],
+        _limits(address_space_bytes=int(4.5 * 1024**3)),
+    )
+    assert hogged.kind == "failed"
+    assert not hogged.retry
+    assert "RESOURCE_EXHAUSTED" in hogged.message or "memory" in hogged.message, hogged.message
+    beside.join(timeout=120)
+    for i in range(3):
+        outcome, outputs, _ = results[i]
+        assert outcome.kind == "succeeded", outcome.message
+        assert outputs is not None
+        np.testing.assert_allclose(outputs[0], np.tanh(a @ a), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mismatched_native_call_is_refused_on_the_agent(sandbox: Sandbox) -> None:
+    """The artifact that corrupted the agent's heap: the child re-checks it and refuses."""
+    outcome, _, _ = run(sandbox, getrf_declaring_a_1x1_result(), [np.ones((256, 256), np.float32)])
+    assert outcome.kind == "refused"
+    assert "lapack_sgetrf_ffi" in outcome.message
+    assert "against its contract" in outcome.message
+
+
+def test_a_huge_output_is_refused_before_it_runs(sandbox: Sandbox) -> None:
+    huge = package(lambda x: jnp.broadcast_to(x, (4096, 4096)), jnp.ones(4096))
+    outcome, _, _ = run(sandbox, huge, [np.ones(4096, np.float32)])
+    assert outcome.kind == "refused"
+    assert "over the 1048576 bytes" in outcome.message
+
+
+def test_a_cpu_time_limit_kills_the_child_with_its_cause(sandbox: Sandbox) -> None:
+    outcome, _, _ = run(
+        sandbox,
+        package(forever, jnp.zeros(1, jnp.int32)),
+        [np.zeros(1, np.int32)],
+        _limits(cpu_seconds=2),
+    )
+    assert outcome.kind == "failed"
+    assert "SIGXCPU" in outcome.message
+    assert "CPU time limit (2 s)" in outcome.message
+
+
+def test_stopping_kills_a_single_call_run_within_seconds(sandbox: Sandbox) -> None:
+    stop = threading.Event()
+    timer = threading.Timer(1.5, stop.set)
+    timer.start()
+    started = time.monotonic()
+    outcome, _, _ = run(
+        sandbox, package(forever, jnp.zeros(1, jnp.int32)), [np.zeros(1, np.int32)], stop=stop
+    )
+    assert outcome.kind == "stopped"
+    assert time.monotonic() - started < 10
+
+
+def test_an_iterative_run_checkpoints_and_finishes(sandbox: Sandbox) -> None:
+    def step(state: tuple[Any, Any], m: Any) -> tuple[Any, Any]:
+        w, count = state
+        return jnp.tanh(w @ m), count + 1
+
+    w = np.eye(8, dtype=np.float32)
+    m = (np.eye(8) * 0.9).astype(np.float32)
+    artifact = package_step(step, (w, np.int32(0)), m)
+    outcome, outputs, saved = run(
+        sandbox, artifact, [w, np.int32(0), m], steps=12, checkpoint_every=4
+    )
+    assert outcome.kind == "succeeded", outcome.message
+    assert outputs is not None
+    assert saved == [4, 8]
+    assert int(outputs[1]) == 12
+
+
+def test_the_child_has_no_network_and_no_root() -> None:
+    """Where the agent runs as root on Linux, runs get a network namespace of their own
+    and an unprivileged user; elsewhere (or without root) this is skipped."""
+    if not can_isolate():
+        pytest.skip("isolation needs an agent running as root on Linux")
+    box = Sandbox(SandboxConfig(), spare=False)
+    child = box._take()
+    try:
+        assert child.wait_ready(120)
+        pid = child.process.pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1] != "0"
+        assert "NoNewPrivs:\t1" in status
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    finally:
+        child.close()
+        box.close()
+
+
+def test_limits_follow_the_work_order() -> None:
+    config = SandboxConfig(margin_seconds=60, runtime_gib=3.0, max_run_hours=24)
+    order = {
+        "deadline_hours": 2.0,
+        "available_hours": 1.0,
+        "usage_limit_seconds": 600.0,
+        "accelerators": 2,
+        "min_memory_gib": 1.5,
+        "memory_gib": 64.0,
+    }
+    limits = limits_for(order, config, "cpu")
+    assert limits.wall_seconds == 3600 + 60
+    assert limits.wall_retry  # the offer's hours ended: back to the market
+    assert "available hours" in limits.wall_cause
+    assert limits.cpu_seconds == int((300 + 60) * (os.cpu_count() or 1)) + 1
+    assert limits.address_space_bytes == int((1.5 * 2 + 3.0) * 1024**3)
+    bare = limits_for({"accelerators": 1}, config, "cuda")
+    assert bare.wall_seconds == 24 * 3600 + 60
+    assert bare.address_space_bytes is None  # device memory bounds GPU runs
+    deadline = limits_for({"deadline_hours": 0.5, "accelerators": 1}, config, "cpu")
+    assert not deadline.wall_retry
+    assert "deadline" in deadline.wall_cause
