@@ -52,12 +52,14 @@ NAV = {
         ("/jobs", "My jobs"),
         ("/jobs/new", "New bid"),
         ("/invoices", "Invoices"),
+        ("/keys", "API keys"),
     ],
     Role.provider: [
         ("/market", "Market"),
         ("/nodes", "My nodes"),
         ("/offers", "My offers"),
         ("/earnings", "Earnings"),
+        ("/keys", "API keys"),
     ],
     Role.admin: [
         ("/market", "Market"),
@@ -67,6 +69,7 @@ NAV = {
         ("/invoices", "Invoices"),
         ("/earnings", "Earnings"),
         ("/admin", "Admin"),
+        ("/keys", "API keys"),
     ],
 }
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
 from broker.accounts.models import Account, Role
-from broker.accounts.service import create_account, list_accounts
+from broker.accounts.service import create_account, list_accounts, set_disabled
 from broker.auth import check_role
 from broker.billing import service as billing
 from broker.billing.schemas import FeeIn
@@ -66,7 +66,7 @@ def admin(
     session: SessionDep,
     user: WebUserDep,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-    notice: Annotated[str, Query(pattern="^(fee)?$")] = "",
+    notice: Annotated[str, Query(pattern="^(fee|disabled|enabled)?$")] = "",
 ) -> Response:
     return _admin_page(request, session, user, offset, notice=notice)
 
@@ -96,6 +96,32 @@ def new_account(
         )
     # The key is shown on this page once, like `broker accounts create` prints it.
     return _admin_page(request, session, user, created=account, api_key=key)
+
+
+@router.post("/admin/accounts/{account_id}/disable")
+def disable_account(
+    request: Request, session: SessionDep, user: WebUserDep, _: CheckedForm, account_id: str
+) -> Response:
+    """Every key of the account is refused from the next request on; its sessions end."""
+    return _set_disabled(request, session, user, account_id, True)
+
+
+@router.post("/admin/accounts/{account_id}/enable")
+def enable_account(
+    request: Request, session: SessionDep, user: WebUserDep, _: CheckedForm, account_id: str
+) -> Response:
+    return _set_disabled(request, session, user, account_id, False)
+
+
+def _set_disabled(
+    request: Request, session: SessionDep, user: WebUser, account_id: str, disabled: bool
+) -> Response:
+    admin = _admin(user)
+    try:
+        attempt(session, lambda: set_disabled(session, admin, account_id, disabled))
+    except BrokerError as e:
+        return _admin_page(request, session, user, status=e.status_code, account_error=e.message)
+    return redirect("/admin", notice="disabled" if disabled else "enabled")
 
 
 @router.post("/admin/fee")
