@@ -155,6 +155,45 @@ def test_jobs_run_side_by_side_when_the_node_has_room(agent: dict[str, Any]) -> 
     _wait(lambda: not agent["node"].running())
 
 
+def forever(x: Any) -> Any:
+    # Counts up in twos from 0: wraps around through the even numbers, never -1.
+    return jax.lax.while_loop(lambda c: c[0] != -1, lambda c: c + 2, x)
+
+
+@pytest.mark.parametrize("kind", ["single-call", "iterative"])
+def test_a_cancelled_run_stops_within_seconds_and_frees_its_slot(
+    agent: dict[str, Any], kind: str
+) -> None:
+    """A single call that never ends is killed too: the run is a child process."""
+    import time
+
+    developer: Client = agent["developer"]
+    node: NodeAgent = agent["node"]
+    if kind == "single-call":
+        job = developer.submit(forever, jnp.zeros(1, jnp.int32), **PRICE)
+    else:
+        job = developer.submit(
+            slow_step,
+            (jnp.ones((64, 64)), jnp.int32(0)),
+            jnp.eye(64) * 0.5,
+            steps=10_000_000,
+            checkpoint_every=1_000_000,
+            **PRICE,
+        )
+    clear(agent["engine"])
+    _wait(lambda: job.refresh().data["state"] == "running" and node.running())
+    time.sleep(1.0)  # well into the program
+    cancelled = time.monotonic()
+    job.cancel()
+    _wait(lambda: not node.running(), timeout=15)
+    assert time.monotonic() - cancelled < 10
+    # The slot is free again: the next job runs on it and finishes.
+    after = developer.submit(lambda x: x + 1, jnp.ones(3), **PRICE)
+    clear(agent["engine"])
+    after.wait(timeout=60, poll=0.05, progress=False)
+    np.testing.assert_array_equal(after.result(), np.full(3, 2.0))
+
+
 def test_offers_follow_devices_and_prices() -> None:
     config = AgentConfig(
         broker="http://127.0.0.1:9",
