@@ -30,8 +30,10 @@ from broker.market.cache import BookCache
 from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
 from broker.market.standing import Standing
+from broker.market.timeouts import SweepReport, sweep_runs
 from broker.nodes.router import router as nodes_router
 from broker.nodes.service import sweep
+from broker.nodes.sweeper import Sweeper
 from broker.observability import (
     RequestContext,
     check_metrics_access,
@@ -74,31 +76,53 @@ async def _clear_forever(interval: float) -> None:
             log.exception("automatic clearing round failed")
 
 
-def _sweep_once() -> int:
+def _probe_database() -> None:
+    with session_scope(write=False) as session:
+        session.execute(text("SELECT 1"))
+
+
+def _sweep_nodes() -> int:
     settings = get_settings()
     with session_scope() as session:
         return sweep(session, settings.node_timeout_s, settings.max_attempts)
 
 
-async def _sweep_forever() -> None:
-    """Mark nodes that stopped sending heartbeats offline and hand their jobs back.
+def _sweep_runs() -> SweepReport:
+    settings = get_settings()
+    with session_scope() as session:
+        return sweep_runs(
+            session,
+            start_timeout_s=settings.start_timeout_s,
+            max_unstarted=settings.max_unstarted,
+            margin_s=settings.run_margin_s,
+            max_attempts=settings.max_attempts,
+        )
 
-    The first sweep waits one node timeout after the server starts, so agents
-    that kept running while the broker was down get to report in first; and a
-    tick that comes late (this process was starved) is skipped, since the
+
+async def _sweep_forever() -> None:
+    """Mark nodes that stopped sending heartbeats offline and hand their jobs back,
+    then end runs that never started or ran past their time (broker.market.timeouts).
+
+    Node sweeps wait one node timeout after the server starts, pause while the
+    database is unreachable and wait one full timeout after it answers again
+    (broker.nodes.sweeper), so agents that kept running get to report in first;
+    and a tick that comes late (this process was starved) is skipped, since the
     heartbeats it would judge may be waiting behind it.
     """
     timeout = get_settings().node_timeout_s
     interval = min(5.0, timeout / 4)
-    await asyncio.sleep(timeout)
+    sweeper = Sweeper(timeout)
     while True:
         before = time.monotonic()
         await asyncio.sleep(interval)
         if time.monotonic() - before > interval + timeout / 4:
             continue
         try:
-            if swept := await asyncio.to_thread(_sweep_once):
+            swept = await asyncio.to_thread(sweeper.tick, _probe_database, _sweep_nodes)
+            if swept:
                 log.warning("%d node(s) went offline; their jobs went back to the market", swept)
+            if swept is not None and (report := await asyncio.to_thread(_sweep_runs)):
+                log.warning("runs swept: %s", report)
         except Exception:
             log.exception("node sweep failed")
 

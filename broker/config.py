@@ -68,6 +68,26 @@ class Settings(BaseSettings):
         description="A node that sends no heartbeat for this long is offline: its offers "
         "leave the book and its jobs go back to the market",
     )
+    start_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="A match its provider has not started within this long goes back to the "
+        "order book (docs/market.md)",
+    )
+    max_unstarted: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="An offer that leaves this many matches in a row unstarted is suspended",
+    )
+    run_margin_s: float = Field(
+        default=120.0,
+        ge=0,
+        le=86_400,
+        description="A run this long past its job's deadline or its offer's available hours "
+        "is ended by the broker (agents stop it themselves a little earlier)",
+    )
     max_attempts: int = Field(
         default=3,
         ge=1,

@@ -233,7 +233,14 @@ class NodeAgent:
     def publish(self, offers: list[dict[str, Any]]) -> None:
         assert self.client is not None
         assert self.node_id is not None
-        self.client.publish(self.node_id, offers)
+        for listed in self.client.publish(self.node_id, offers):
+            if listed.get("status") == "suspended":
+                log.error(
+                    "offer %s (%s): %s",
+                    listed["id"],
+                    listed["accelerator"],
+                    listed.get("suspended_reason"),
+                )
         with self._lock:
             self._offers = offers
             self.capacity = sum(int(o["count"]) for o in offers)

@@ -204,8 +204,17 @@ def sync_offers(
             .with_for_update()
         )
     }
+    # A model whose offer the broker suspended stays off the book until the provider
+    # withdraws that offer (broker.market.timeouts): publishing does not relist it.
+    suspended = set(
+        session.scalars(
+            select(Offer.accelerator).where(
+                Offer.node_id == node.id, Offer.status == OfferStatus.suspended
+            )
+        )
+    )
     for key, item in by_model.items():
-        if item.count == 0:
+        if item.count == 0 or key in suspended:
             continue
         data = OfferCreate(
             **item.model_dump(exclude={"count"}),
@@ -227,7 +236,10 @@ def sync_offers(
     return list(
         session.scalars(
             select(Offer)
-            .where(Offer.node_id == node.id, Offer.status == OfferStatus.active)
+            .where(
+                Offer.node_id == node.id,
+                Offer.status.in_((OfferStatus.active, OfferStatus.suspended)),
+            )
             .order_by(Offer.accelerator)
         )
     )

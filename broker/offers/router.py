@@ -53,6 +53,8 @@ def offer_out(offer: Offer) -> OfferOut:
         created_at=offer.created_at,
         updated_at=offer.updated_at,
         withdrawn_at=offer.withdrawn_at,
+        suspended_at=offer.suspended_at,
+        suspended_reason=offer.suspended_reason,
     )
 
 

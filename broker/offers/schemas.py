@@ -105,6 +105,14 @@ class OfferOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     withdrawn_at: datetime | None
+    suspended_at: datetime | None = Field(
+        default=None, description="When the broker suspended it (status suspended)"
+    )
+    suspended_reason: str | None = Field(
+        default=None,
+        description="Why the broker took it off the book, and what to do: it left matches "
+        "unstarted repeatedly (docs/market.md)",
+    )
 
 
 class OfferSort(StrEnum):

@@ -150,7 +150,7 @@ def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
     Jobs matched to it but not yet running go back to the order book.
     """
     offer = get_own_offer(session, owner, offer_id, lock=True)
-    if offer.status == OfferStatus.active:
+    if offer.status in (OfferStatus.active, OfferStatus.suspended):
         offer.status = OfferStatus.withdrawn
         offer.withdrawn_at = offer.updated_at = utcnow()
         session.flush()
