@@ -116,6 +116,7 @@ def start(session: Session, agent: Agent, allocation_id: str) -> tuple[Allocatio
         job.move_to(JobState.running)
         job.attempts += 1
         job.started_at = allocation.started_at = job.updated_at
+        offer.unstarted_strikes = 0  # broker.market.timeouts: strikes count in a row
         session.flush()
     return allocation, offer, job
 
