@@ -216,7 +216,14 @@ class NodeAgent:
             )
         self.node_id = answer["node"]["id"]
         self.heartbeat_seconds = float(answer["heartbeat_seconds"])
-        self.client = ProviderClient(config.broker, answer["api_key"], transport=config.transport)
+        # Reports are retried for a node timeout: a broker (or its database) that comes
+        # back within it finds the runs still going, not abandoned.
+        self.client = ProviderClient(
+            config.broker,
+            answer["api_key"],
+            retry_seconds=float(answer.get("timeout_seconds", 60.0)),
+            transport=config.transport,
+        )
         self.publish(self.offers(self._devices))
         self.sandbox  # noqa: B018  (its spare child starts importing JAX now, not at the first run)
         log.info(

@@ -9,7 +9,9 @@ from typing import Any, Self
 
 import httpx
 
-_RETRY_STATUS = {502, 503, 504}
+# Every request the SDK sends is safe to repeat (see Http), so a 500 (a pool timeout,
+# a database lock, a restart) is retried like the gateway errors.
+_RETRY_STATUS = {500, 502, 503, 504}
 
 
 class BrokerError(Exception):
@@ -28,10 +30,13 @@ class BrokerUnavailable(BrokerError):
 class Http:
     """An httpx client for one broker and one API key.
 
-    Requests that are safe to repeat (reads, uploads of content-addressed bytes,
-    job submissions with an Idempotency-Key, and reports the broker deduplicates)
-    are retried with exponential backoff when the broker is unreachable or
-    answers 502/503/504.
+    Every request the SDK sends is safe to repeat (reads, uploads of
+    content-addressed bytes, job submissions with an Idempotency-Key, and reports
+    the broker deduplicates: a progress or usage report carries running totals, a
+    checkpoint or an end the same again changes nothing), so each is retried with
+    exponential backoff (capped at 30 s) when the broker is unreachable, drops the
+    connection or answers 500/502/503/504: ``retries`` times, and for at least
+    ``retry_seconds`` in all (a provider's agent keeps trying for a node timeout).
     """
 
     def __init__(
@@ -42,10 +47,11 @@ class Http:
         timeout: float = 60.0,
         retries: int = 5,
         backoff: float = 0.5,
+        retry_seconds: float = 0.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.retry_seconds = retries, backoff, retry_seconds
         self._client = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "broker-sdk/0.1"},
@@ -55,22 +61,25 @@ class Http:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request, retrying transient failures; BrokerError for a 4xx/5xx answer."""
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        began = time.monotonic()
+        attempt = 0
+        while True:
+            last = attempt >= self.retries and time.monotonic() - began >= self.retry_seconds
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as e:
                 if last:
                     raise BrokerUnavailable(0, "unreachable", f"{self.url}: {e}") from e
                 self._sleep(attempt, None)
+                attempt += 1
                 continue
             if response.status_code in _RETRY_STATUS and not last:
                 self._sleep(attempt, response.headers.get("Retry-After"))
+                attempt += 1
                 continue
             if response.status_code >= 400:
                 raise _error(response)
             return response
-        raise AssertionError("unreachable")
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.request(method, path, **kwargs).json()
@@ -111,9 +120,19 @@ class Connection:
         *,
         timeout: float = 60.0,
         retries: int = 5,
+        backoff: float = 0.5,
+        retry_seconds: float = 0.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.http = Http(url, api_key, timeout=timeout, retries=retries, transport=transport)
+        self.http = Http(
+            url,
+            api_key,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            retry_seconds=retry_seconds,
+            transport=transport,
+        )
 
     def __enter__(self) -> Self:
         return self
