@@ -131,10 +131,25 @@ def _bill_once() -> sync.PassReport:
     return sync.generate(lambda write=True: session_scope(write=write), get_settings())
 
 
+def _collect_garbage() -> list[str]:
+    from datetime import timedelta
+
+    from broker.blobs.service import collect_garbage, get_store
+
+    grace = timedelta(hours=get_settings().blob_grace_hours)
+    return collect_garbage(lambda write=True: session_scope(write=write), get_store(), grace)
+
+
 async def _bill_forever(interval: float) -> None:
     """Billing passes: invoices for the period that ended, Stripe sync and retries of
-    webhook events (each idempotent, so several processes may run them)."""
+    webhook events (each idempotent, so several processes may run them); and uploads
+    no job uses deleted once their grace period is over."""
     while True:
+        try:
+            if deleted := await asyncio.to_thread(_collect_garbage):
+                log.info("deleted %d upload(s) no job uses", len(deleted))
+        except Exception:
+            log.exception("deleting unused uploads failed")
         try:
             report = await asyncio.to_thread(_bill_once)
             if report.invoices or report.sync_errors:

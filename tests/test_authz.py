@@ -37,7 +37,7 @@ from broker.app import create_app
 from broker.auth import Agent
 from broker.billing import invoices
 from broker.blobs import service as blobs
-from broker.blobs.models import Blob, BlobGrant, BlobKind
+from broker.blobs.models import Blob, BlobGrant, BlobKind, BlobUpload
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.jobs.states import JobState
@@ -154,6 +154,7 @@ RULES: dict[tuple[str, str], Rule] = {
         body=b"not an artifact",
     ),
     ("POST", "/v1/arrays"): Rule(Expect(401, 201, 201, 201, 201, 201, 201, 201), body=NEW_ARRAYS),
+    ("GET", "/v1/storage"): Rule(ANY_KEY),
     ("GET", "/v1/artifacts/{sha256}"): Rule(JOB_BLOB, params={"sha256": "artifact"}),
     ("GET", "/v1/artifacts/{sha256}/content"): Rule(JOB_BLOB, params={"sha256": "artifact"}),
     ("GET", "/v1/arrays/{sha256}"): Rule(JOB_BLOB, params={"sha256": "inputs"}),
@@ -333,6 +334,17 @@ def build_world(db: Session) -> World:
     job.move_to(JobState.running)
     job.attempts = 1
     checkpoint = _arrays(db, provider, ARRAYS)
+    # Uploaded by the node's agent while it runs the job: what it may hand back.
+    db.add(
+        BlobUpload(
+            id=new_id("upl"),
+            sha256=checkpoint,
+            account_id=provider.id,
+            node_id=node.id,
+            size=len(ARRAYS),
+            uploaded_at=utcnow(),
+        )
+    )
 
     # A run of another job that ended on the hand-listed offer, and its invoice.
     done = make_job(db, developer)

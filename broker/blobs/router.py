@@ -13,11 +13,20 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.auth import Caller, CallerDep, StreamingAccount, StreamingCaller, check_role
+from broker.auth import (
+    Caller,
+    CallerDep,
+    CurrentAccount,
+    StreamingAccount,
+    StreamingCaller,
+    check_role,
+)
 from broker.blobs import service
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.store import Upload
+from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.errors import ErrorOut
 from broker.portable.manifest import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
@@ -71,6 +80,7 @@ async def _receive(
     account: Account,
     kind: BlobKind,
     check: Callable[[Upload], dict[str, Any]],
+    node_id: str | None = None,
 ) -> tuple[Blob, bool]:
     """Stream the body to a temporary file (the size cap is the middleware's), check it
     off the event loop, then record it in a short transaction of its own."""
@@ -82,7 +92,11 @@ async def _receive(
 
         def record() -> tuple[Blob, bool]:
             with transactions() as session:
-                return service.record(session, account, upload, kind, meta)
+                stored = service.record(session, account, upload, kind, meta, node_id)
+            # The garbage collector may have deleted these bytes' file between the store
+            # and the commit: the row is fresh now, so it will not again.
+            upload.commit()
+            return stored
 
         return await run_in_threadpool(record)
     finally:
@@ -95,11 +109,16 @@ async def _receive(
     summary="Upload an artifact (a packaged JAX program)",
     description="The body is the artifact file that `broker.sdk.package()` builds. The "
     "broker checks that it deserializes with jax.export, that its manifest tells the "
-    "truth, and that it calls no native code outside the allow-list. Uploading the same "
-    "bytes again answers 200 with the stored artifact. Size limit: "
-    "BROKER_MAX_ARTIFACT_BYTES.",
+    "truth, and that it calls no native code outside the allow-list. Uploading bytes "
+    "you uploaded before answers 200 with the stored artifact. Size limit: "
+    "BROKER_MAX_ARTIFACT_BYTES; uploads count against the account's storage quota "
+    "(GET /v1/storage).",
     openapi_extra=_BINARY_BODY,
-    responses={200: {"model": ArtifactOut, "description": "These bytes were stored before"}},
+    responses={
+        200: {"model": ArtifactOut, "description": "You uploaded these bytes before"},
+        413: {"model": ErrorOut, "description": "Past the account's storage quota in bytes"},
+        429: {"model": ErrorOut, "description": "Past the account's quota of uploads"},
+    },
 )
 async def upload_artifact(
     request: Request,
@@ -120,9 +139,14 @@ async def upload_artifact(
     status_code=201,
     summary="Upload an array bundle (inputs, a checkpoint or a result)",
     description="The body is an array bundle as `broker.portable.arrays.encode` writes it. "
-    "Uploading the same bytes again answers 200. Size limit: BROKER_MAX_ARRAYS_BYTES.",
+    "Uploading bytes you uploaded before answers 200. Size limit: BROKER_MAX_ARRAYS_BYTES; "
+    "uploads count against the account's storage quota (GET /v1/storage).",
     openapi_extra=_BINARY_BODY,
-    responses={200: {"model": ArraysOut, "description": "These bytes were stored before"}},
+    responses={
+        200: {"model": ArraysOut, "description": "You uploaded these bytes before"},
+        413: {"model": ErrorOut, "description": "Past the account's storage quota in bytes"},
+        429: {"model": ErrorOut, "description": "Past the account's quota of uploads"},
+    },
 )
 async def upload_arrays(
     request: Request,
@@ -130,12 +154,41 @@ async def upload_arrays(
     transactions: TransactionsDep,
     caller: StreamingCaller,
 ) -> ArraysOut:
-    # Node keys may upload too: their checkpoints and results (granted to the provider).
+    # Node keys may upload too: their checkpoints and results (granted to the provider,
+    # and recorded as the node's: what it may hand back for its allocations).
     blob, created = await _receive(
-        request, transactions, caller.account, BlobKind.arrays, service.check_arrays
+        request, transactions, caller.account, BlobKind.arrays, service.check_arrays, caller.node_id
     )
     response.status_code = 201 if created else 200
     return arrays_out(blob)
+
+
+class StorageOut(BaseModel):
+    bytes: int = Field(description="Bytes of the distinct uploads the account keeps stored")
+    blobs: int = Field(description="Distinct uploads the account keeps stored")
+    quota_bytes: int
+    quota_blobs: int
+    grace_hours: float = Field(
+        description="An upload no job refers to is deleted this long after its last upload"
+    )
+
+
+@router.get(
+    "/storage",
+    response_model=StorageOut,
+    summary="My stored uploads and my storage quota",
+    description="Artifacts and array bundles the account uploaded (its nodes' uploads "
+    "included), each counted once, against its quota.",
+)
+def storage(session: SessionDep, account: CurrentAccount) -> StorageOut:
+    used = service.usage(session, account.id)
+    return StorageOut(
+        bytes=used.bytes,
+        blobs=used.blobs,
+        quota_bytes=used.quota_bytes,
+        quota_blobs=used.quota_blobs,
+        grace_hours=get_settings().blob_grace_hours,
+    )
 
 
 @router.get("/artifacts/{sha256}", summary="An artifact's manifest")

@@ -4,18 +4,21 @@ commit; checks that need no database (JAX deserialization) run before a session 
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts.models import Account, Role
-from broker.blobs.models import Blob, BlobGrant, BlobKind
+from broker.blobs.models import Blob, BlobGrant, BlobKind, BlobUpload
 from broker.blobs.store import BlobStore, LocalBlobStore, Upload
 from broker.config import get_settings
-from broker.errors import InvalidInput, NotFound
+from broker.db import Transactions, new_id, utcnow
+from broker.errors import BrokerError, InvalidInput, NotFound
 from broker.jobs.models import Job
 from broker.market.models import Allocation, AllocationStatus
 from broker.offers.models import Offer
@@ -59,21 +62,129 @@ def check_arrays(upload: Upload) -> dict[str, Any]:
     return {"leaves": [leaf.to_json() for leaf in leaves]}
 
 
-def record(
-    session: Session, account: Account, upload: Upload, kind: BlobKind, meta: dict[str, Any]
-) -> tuple[Blob, bool]:
-    """Store a checked upload and let ``account`` read it. Returns ``(blob, created)``:
-    the same bytes uploaded again are not stored twice."""
-    sha = upload.commit()
-    created = session.get(Blob, sha) is None and _insert(
-        session, Blob(sha256=sha, kind=kind, size=upload.size, meta=meta)
+class QuotaExceeded(BrokerError):
+    """An upload past the account's storage quota: 413 for bytes, 429 for the count."""
+
+    code = "storage_quota_exceeded"
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message, field="body")
+        self.status_code = status_code
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What an account keeps stored: the distinct blobs it uploaded, and its quota."""
+
+    bytes: int
+    blobs: int
+    quota_bytes: int
+    quota_blobs: int
+
+
+def usage(session: Session, account_id: str) -> Usage:
+    settings = get_settings()
+    mine = (
+        select(BlobUpload.sha256, BlobUpload.size)
+        .where(BlobUpload.account_id == account_id)
+        .distinct()
+        .subquery()
     )
+    count, total = session.execute(
+        select(func.count(), func.coalesce(func.sum(mine.c.size), 0)).select_from(mine)
+    ).one()
+    return Usage(int(total), int(count), settings.storage_quota_bytes, settings.storage_quota_blobs)
+
+
+def check_quota(session: Session, account_id: str, size: int, new: bool = True) -> None:
+    """Refuse an upload of ``size`` bytes that would take the account past its quota
+    (``new``: bytes it has not uploaded before; the same bytes again cost nothing)."""
+    if not new:
+        return
+    used = usage(session, account_id)
+    if used.blobs + 1 > used.quota_blobs:
+        raise QuotaExceeded(
+            f"your account keeps {used.blobs} uploads, its quota (BROKER_STORAGE_QUOTA_BLOBS "
+            f"{used.quota_blobs}): uploads no job uses are deleted after "
+            "BROKER_BLOB_GRACE_HOURS; see GET /v1/storage",
+            429,
+        )
+    if used.bytes + size > used.quota_bytes:
+        raise QuotaExceeded(
+            f"this upload ({size} bytes) would take your account's stored uploads from "
+            f"{used.bytes} bytes past its quota of {used.quota_bytes} "
+            "(BROKER_STORAGE_QUOTA_BYTES); see GET /v1/storage",
+            413,
+        )
+
+
+def record(
+    session: Session,
+    account: Account,
+    upload: Upload,
+    kind: BlobKind,
+    meta: dict[str, Any],
+    node_id: str | None = None,
+) -> tuple[Blob, bool]:
+    """Store a checked upload and let ``account`` read it; ``node_id``: a node's key sent
+    it. Returns ``(blob, created)``, ``created`` meaning new to this account: whether
+    anyone else stored the same bytes is never told.
+
+    The account's row is locked while its quota is checked, so its concurrent uploads
+    cannot together pass it."""
+    session.scalar(select(Account.id).where(Account.id == account.id).with_for_update())
+    sha = upload.sha256
+    mine = session.scalars(
+        select(BlobUpload).where(BlobUpload.sha256 == sha, BlobUpload.account_id == account.id)
+    ).all()
+    check_quota(session, account.id, upload.size, new=not mine)
+    upload.commit()  # only once the quota allows it: a refused upload leaves no file
+    if session.get(Blob, sha) is None:
+        _insert(session, Blob(sha256=sha, kind=kind, size=upload.size, meta=meta))
     blob = session.get_one(Blob, sha)
     if blob.kind != kind:
-        raise InvalidInput(f"these bytes were uploaded before as {blob.kind.value}", field="body")
+        raise InvalidInput(f"these bytes cannot be stored as {kind.value}", field="body")
+    same = next((row for row in mine if row.node_id == node_id), None)
+    if same is None:
+        session.add(
+            BlobUpload(
+                id=new_id("upl"),
+                sha256=sha,
+                account_id=account.id,
+                node_id=node_id,
+                size=upload.size,
+                uploaded_at=utcnow(),
+            )
+        )
+    else:
+        same.uploaded_at = utcnow()
     grant(session, sha, account.id)
     session.flush()
-    return blob, created
+    return blob, not mine
+
+
+def uploaded_since(
+    session: Session,
+    account: Account,
+    node_id: str | None,
+    sha256: str,
+    kind: BlobKind,
+    since: datetime,
+) -> Blob:
+    """A blob that ``account`` uploaded at or after ``since``: with ``node_id``, through
+    that node's key; without, through one of its own keys. NotFound otherwise."""
+    uploaded = session.scalar(
+        select(BlobUpload.id).where(
+            BlobUpload.sha256 == sha256,
+            BlobUpload.account_id == account.id,
+            BlobUpload.node_id.is_(None) if node_id is None else BlobUpload.node_id == node_id,
+            BlobUpload.uploaded_at >= since,
+        )
+    )
+    blob = session.get(Blob, sha256)
+    if uploaded is None or blob is None or blob.kind != kind:
+        raise NotFound(f"no {kind.value} {sha256!r} uploaded since {since:%Y-%m-%d %H:%M:%S}")
+    return blob
 
 
 def grant(session: Session, sha256: str, account_id: str) -> None:
@@ -150,3 +261,50 @@ def leaf_specs(blob: Blob) -> list[arrays.LeafSpec]:
         arrays.LeafSpec(dtype=leaf["dtype"], shape=tuple(leaf["shape"]), offset=0, nbytes=0)
         for leaf in blob.meta["leaves"]
     ]
+
+
+def collect_garbage(
+    transactions: Transactions, store: BlobStore, grace: timedelta, now: datetime | None = None
+) -> list[str]:
+    """Delete blobs no job refers to (as its program, inputs, checkpoint or result) that
+    nobody uploaded within ``grace``; returns their digests.
+
+    The rows go in one transaction; each file is first moved aside, in the same
+    transaction, and deleted once it committed (put back if it did not). An upload of
+    the same bytes meanwhile stores its file again after its own row committed
+    (``broker.blobs.router``), so a row never outlives its file."""
+    cutoff = (now or utcnow()) - grace
+    referenced = exists().where(
+        or_(
+            Job.artifact_sha256 == Blob.sha256,
+            Job.inputs_sha256 == Blob.sha256,
+            Job.checkpoint_sha256 == Blob.sha256,
+            Job.result_sha256 == Blob.sha256,
+        )
+    )
+    recent = exists().where(BlobUpload.sha256 == Blob.sha256, BlobUpload.uploaded_at >= cutoff)
+    hidden: list[tuple[str, Any]] = []
+    try:
+        with transactions() as session:
+            doomed = list(
+                session.scalars(
+                    select(Blob.sha256)
+                    .where(Blob.created_at < cutoff, ~referenced, ~recent)
+                    .order_by(Blob.sha256)
+                    .limit(1000)
+                    .with_for_update()
+                )
+            )
+            if doomed:
+                session.execute(delete(BlobGrant).where(BlobGrant.sha256.in_(doomed)))
+                session.execute(delete(BlobUpload).where(BlobUpload.sha256.in_(doomed)))
+                session.execute(delete(Blob).where(Blob.sha256.in_(doomed)))
+            for sha in doomed:
+                hidden.append((sha, store.hide(sha)))
+    except BaseException:
+        for _, token in hidden:
+            store.unhide(token)
+        raise
+    for _, token in hidden:
+        store.purge(token)
+    return [sha for sha, _ in hidden]

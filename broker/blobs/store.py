@@ -9,13 +9,15 @@ same few methods.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
@@ -59,6 +61,14 @@ class BlobStore(Protocol):
 
     def put(self, data: bytes) -> str: ...
 
+    def hide(self, sha256: str) -> Any:
+        """Move a blob out of reach (it no longer exists); ``unhide`` or ``purge`` it."""
+        ...
+
+    def unhide(self, token: Any) -> None: ...
+
+    def purge(self, token: Any) -> None: ...
+
 
 class LocalBlobStore:
     """Blobs as files ``ROOT/ab/cd/abcd...`` written atomically (temp file, then rename)."""
@@ -88,6 +98,23 @@ class LocalBlobStore:
 
     def upload(self) -> LocalUpload:
         return LocalUpload(self)
+
+    def hide(self, sha256: str) -> tuple[Path, Path] | None:
+        path = self.path(sha256)
+        aside = self.root / "tmp" / f"gc-{sha256}-{secrets.token_hex(4)}"
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return None
+        return path, aside
+
+    def unhide(self, token: tuple[Path, Path] | None) -> None:
+        if token is not None and not token[0].exists():
+            os.replace(token[1], token[0])
+
+    def purge(self, token: tuple[Path, Path] | None) -> None:
+        if token is not None:
+            token[1].unlink(missing_ok=True)
 
     def put(self, data: bytes) -> str:
         upload = self.upload()
@@ -126,13 +153,16 @@ class LocalUpload:
             return f.read(n)
 
     def commit(self) -> str:
+        """Store the bytes under their digest (a hard link to the upload's file, which
+        stays until ``discard``: committing again restores a blob deleted meanwhile)."""
         sha = self.sha256
         target = self._store.path(sha)
         if not target.exists():
             self._file.flush()
             os.fsync(self._file.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._path, target)
+            with contextlib.suppress(FileExistsError):  # the same bytes, stored at once
+                os.link(self._path, target)
         return sha
 
     def discard(self) -> None:

@@ -15,13 +15,11 @@ from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.jobs.models import Job
-from broker.jobs.router import job_out
-from broker.jobs.schemas import JobOut
 from broker.jobs.states import JobState
 from broker.market.models import Allocation
 from broker.offers.models import Offer
 from broker.runs import service
-from broker.runs.schemas import CheckpointIn, Finish, Progress, WorkOrder, WorkQuery
+from broker.runs.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/allocations", tags=["runs"])
@@ -85,25 +83,53 @@ def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> Work
     return work_order(session, *service.start(session, agent, allocation_id))
 
 
-@router.post("/{allocation_id}/progress", summary="Report steps done (provider)")
-def progress(
-    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Progress
-) -> JobOut:
-    job = service.progress(session, agent, allocation_id, body.steps_done, body.accelerator_seconds)
-    return job_out(session, job)
-
-
-@router.post("/{allocation_id}/checkpoint", summary="Record a checkpoint (provider)")
-def checkpoint(
-    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: CheckpointIn
-) -> JobOut:
-    return job_out(
-        session, service.checkpoint(session, agent, allocation_id, body.checkpoint, body.step)
+def run_out(session: Session, allocation_id: str, job: Job) -> RunOut:
+    """The provider's view of the job after a report (the allocation is in the session
+    already: no query)."""
+    allocation = session.get_one(Allocation, allocation_id)
+    return RunOut(
+        allocation_id=allocation.id,
+        status=allocation.status,
+        job_id=job.id,
+        state=JobState(job.state),
+        steps=job.steps,
+        steps_done=job.steps_done,
+        checkpoint=job.checkpoint_sha256,
+        checkpoint_step=job.checkpoint_step,
+        result=job.result_sha256,
+        error=job.error,
+        accelerator_seconds=allocation.usage_ms / 1000,
     )
 
 
-@router.post("/{allocation_id}/finish", summary="Finish a job: result or error (provider)")
-def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Finish) -> JobOut:
+@router.post("/{allocation_id}/progress", summary="Report steps done (provider)")
+def progress(
+    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Progress
+) -> RunOut:
+    job = service.progress(session, agent, allocation_id, body.steps_done, body.accelerator_seconds)
+    return run_out(session, allocation_id, job)
+
+
+@router.post(
+    "/{allocation_id}/checkpoint",
+    summary="Record a checkpoint (provider)",
+    description="The checkpoint must be an array bundle this node (or, for an offer listed "
+    "by hand, the provider's own key) uploaded since the job was matched to it.",
+)
+def checkpoint(
+    session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: CheckpointIn
+) -> RunOut:
+    job = service.checkpoint(session, agent, allocation_id, body.checkpoint, body.step)
+    return run_out(session, allocation_id, job)
+
+
+@router.post(
+    "/{allocation_id}/finish",
+    summary="Finish a job: result or error (provider)",
+    description="A result must be an array bundle this node (or, for an offer listed by "
+    "hand, the provider's own key) uploaded since the job was matched to it.",
+)
+def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Finish) -> RunOut:
     job = service.finish(
         session,
         agent,
@@ -115,4 +141,4 @@ def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: 
         accelerator_seconds=body.accelerator_seconds,
         max_attempts=get_settings().max_attempts,
     )
-    return job_out(session, job)
+    return run_out(session, allocation_id, job)

@@ -106,3 +106,21 @@ class Finish(BaseModel):
         "device error): hand the job back to the market, within its attempts",
     )
     accelerator_seconds: AcceleratorSeconds = None
+
+
+class RunOut(BaseModel):
+    """The provider's view of a job it runs, after a report: what running it needs and
+    what became of the report, nothing of the developer's (no bid, budget, location or
+    account)."""
+
+    allocation_id: str
+    status: AllocationStatus = Field(description="The allocation: active while it may run")
+    job_id: str
+    state: JobState = Field(description="The job's state after the report")
+    steps: int | None
+    steps_done: int
+    checkpoint: str | None = Field(description="The latest checkpoint recorded")
+    checkpoint_step: int
+    result: str | None
+    error: str | None = Field(description="Why the run ended, when it failed")
+    accelerator_seconds: float = Field(description="This allocation's usage recorded so far")

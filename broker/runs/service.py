@@ -20,7 +20,7 @@ from broker.accounts.models import Role
 from broker.auth import Agent
 from broker.billing import service as billing
 from broker.blobs.models import Blob, BlobKind
-from broker.blobs.service import get_blob, grant, leaf_specs
+from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
 from broker.jobs.models import Job
@@ -190,7 +190,7 @@ def checkpoint(session: Session, agent: Agent, allocation_id: str, sha256: str, 
             f"last step ({job.steps})",
             field="body.step",
         )
-    blob = _uploaded(session, agent, sha256, "body.checkpoint")
+    blob = _uploaded(session, agent, allocation, sha256, "body.checkpoint")
     _fits(leaf_specs(blob), manifest.inputs[: manifest.state_leaves], "checkpoint")
     job.checkpoint_sha256, job.checkpoint_step = sha256, step
     job.steps_done = max(job.steps_done, step)
@@ -231,7 +231,7 @@ def finish(
         if manifest is not None:
             if result is None:
                 raise InvalidInput("a succeeded job needs its result", field="body.result")
-            blob = _uploaded(session, agent, result, "body.result")
+            blob = _uploaded(session, agent, allocation, result, "body.result")
             expected = (
                 manifest.inputs[: manifest.state_leaves]
                 if manifest.kind == "iterative"
@@ -276,12 +276,24 @@ def _manifest(session: Session, job: Job) -> Manifest | None:
     return Manifest.model_validate(blob.meta)
 
 
-def _uploaded(session: Session, agent: Agent, sha256: str, field: str) -> Blob:
+def _uploaded(
+    session: Session, agent: Agent, allocation: Allocation, sha256: str, field: str
+) -> Blob:
+    """An array bundle the reporting node (or the provider's own key, for an offer listed
+    by hand) uploaded since the allocation was made: never another node's upload, nor
+    anything else the provider may read, which the developer would then be given."""
     try:
-        return get_blob(session, agent.account, sha256, BlobKind.arrays)
+        if agent.account.role == Role.admin and agent.node_id is None:
+            return get_blob(session, agent.account, sha256, BlobKind.arrays)
+        return uploaded_since(
+            session, agent.account, agent.node_id, sha256, BlobKind.arrays, allocation.created_at
+        )
     except NotFound:
+        who = f"node {agent.node_id}" if agent.node_id else "your own key"
         raise InvalidInput(
-            f"no array bundle {sha256} of yours: upload it to /v1/arrays first", field=field
+            f"no array bundle {sha256} uploaded by {who} for allocation {allocation.id}: "
+            "upload it to /v1/arrays first",
+            field=field,
         ) from None
 
 
