@@ -20,6 +20,7 @@ from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
 
 _HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
+_PEAK_FIELDS = ("memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
 
 
 def resolve_model(name: str) -> str:
@@ -66,7 +67,10 @@ def hardware_figures(data: OfferTerms) -> dict[str, object]:
     """Fill hardware figures from the catalog; explicit figures override it.
 
     Vendor and platform are facts of the model, so a mismatch is refused rather
-    than overridden; throughput and memory may differ (power caps, partitions).
+    than overridden; throughput and memory may be lower (power caps, partitions)
+    but never above the model's datasheet: inflated figures would win matches
+    with runtime estimates near zero. The catalog's ``host`` rows (the CPU) are
+    one machine's measurement, not a datasheet, and bound nothing.
     """
     spec = catalog.lookup(data.accelerator)
     given = {f: getattr(data, f) for f in _HARDWARE_FIELDS if getattr(data, f) is not None}
@@ -85,6 +89,15 @@ def hardware_figures(data: OfferTerms) -> dict[str, object]:
                 f"{spec.key} is a {getattr(spec, fact)} {fact} model, not {given[fact]}",
                 field=f"body.{fact}",
             )
+    if spec.form_factor != "host":
+        for name in _PEAK_FIELDS:
+            claimed, peak = given.get(name), getattr(spec, name)
+            if isinstance(claimed, int | float) and claimed > peak * (1 + 1e-9):
+                raise InvalidInput(
+                    f"{name} {claimed:g} is more than the {spec.name}'s datasheet figure "
+                    f"({peak:g}, {spec.source}): an offer may state less, never more",
+                    field=f"body.{name}",
+                )
     figures = {f: getattr(spec, f) for f in _HARDWARE_FIELDS}
     return {"accelerator": spec.key, **figures, **given}
 

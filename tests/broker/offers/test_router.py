@@ -244,7 +244,7 @@ def test_search_answers_the_json_of_its_response_model(
         accelerator="h100-sxm",
         price_per_hour="1000000",
         tflops_bf16=1e-7,
-        mem_bw_gbps=123456.789,
+        mem_bw_gbps=1234.567,
         available_hours=0.5,
         lat=1e-5,
         lon=-0.0,
@@ -403,3 +403,29 @@ def test_what_the_short_way_leaves_gets_fastapis_errors(
     assert response.status_code == status, response.text
     if field is not None:
         assert response.json()["error"]["field"] == field
+
+
+def test_hardware_figures_may_be_lower_than_the_datasheet_never_higher(
+    db: Session, client_for: ClientFactory
+) -> None:
+    """Inflated figures would make every runtime estimate near zero and win matches."""
+    _, key = make_account(db, Role.provider)
+    provider = client_for(key)
+    for field, value in (
+        ("tflops_bf16", 1e6),
+        ("tflops_fp32", 68),
+        ("mem_bw_gbps", 3351),
+        ("memory_gib", 81),
+    ):
+        refused = provider.post(
+            "/v1/offers", json=offer_body(accelerator="h100-sxm", **{field: value})
+        )
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["field"] == f"body.{field}"
+        assert "datasheet" in error["message"]
+    capped = provider.post(
+        "/v1/offers", json=offer_body(accelerator="h100-sxm", tflops_bf16=700, memory_gib=80)
+    )
+    assert capped.status_code == 201, capped.text
+    assert capped.json()["tflops_bf16"] == 700
