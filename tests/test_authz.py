@@ -196,6 +196,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ),
     ("POST", "/v1/invoices/{invoice_id}/pay"): Rule(ADMIN_ONLY),
     ("POST", "/v1/invoices/{invoice_id}/void"): Rule(ADMIN_ONLY),
+    # Only a held invoice is released: the world's is open.
+    ("POST", "/v1/invoices/{invoice_id}/release"): Rule(
+        Expect(401, 403, 403, 403, 403, 409, 403, 403)
+    ),
     ("GET", "/v1/statements"): Rule(
         Expect(401, 403, 403, 200, 200, 200, 403, 403), shows=sees("hand_offer", "provider")
     ),

@@ -202,6 +202,25 @@ def open_invoice(invoice: Invoice, hosted_invoice_url: str | None = None) -> Non
         invoice.status = InvoiceStatus.open
 
 
+def hold(invoice: Invoice, reason: str) -> bool:
+    """Keep an invoice from being opened or sent until an admin has looked: its copy at
+    the payment processor disagrees with it (``reason`` says how). Returns whether
+    anything changed."""
+    if invoice.status in (InvoiceStatus.paid, InvoiceStatus.void):
+        return False
+    changed = invoice.status != InvoiceStatus.held or invoice.hold_reason != reason
+    invoice.status, invoice.hold_reason = InvoiceStatus.held, reason[:2000]
+    return changed
+
+
+def release(invoice: Invoice) -> None:
+    """An admin has fixed what held the invoice: it goes back to the draft it was, and
+    the next billing pass checks Stripe's copy again before it opens it."""
+    if invoice.status != InvoiceStatus.held:
+        raise Conflict(f"invoice {invoice.id} is {invoice.status.value}, not held")
+    invoice.status, invoice.hold_reason = InvoiceStatus.draft, None
+
+
 def mark_paid(invoice: Invoice, when: datetime | None = None) -> bool:
     """Record a payment; returns whether anything changed (a repeat changes nothing)."""
     if invoice.status == InvoiceStatus.paid:

@@ -35,6 +35,9 @@ class StripeInvoice:
     status: str
     hosted_invoice_url: str | None
     amount_due: int
+    currency: str = "usd"
+    # The amount of each line, in cents (``lines``: read them all, past the first page).
+    line_amounts: tuple[int, ...] = ()
 
 
 class Stripe:
@@ -97,6 +100,23 @@ class Stripe:
         )
         return str(item.id)
 
+    def retrieve(self, invoice: str) -> StripeInvoice:
+        """Stripe's copy of an invoice with the amount of every line on it."""
+        found = _invoice(self._call(self._client.v1.invoices.retrieve, invoice))
+        lines = self._call(self._client.v1.invoices.line_items.list, invoice, params={"limit": 100})
+        # Reading the pages past the first calls Stripe too.
+        amounts = tuple(
+            self._call(lambda: [int(line["amount"]) for line in lines.auto_paging_iter()])
+        )
+        return StripeInvoice(
+            found.id,
+            found.status,
+            found.hosted_invoice_url,
+            found.amount_due,
+            found.currency,
+            amounts,
+        )
+
     def finalize(self, invoice: str) -> StripeInvoice:
         return _invoice(
             self._call(
@@ -130,6 +150,7 @@ def _invoice(obj: Any) -> StripeInvoice:
         status=str(data.get("status")),
         hosted_invoice_url=data.get("hosted_invoice_url"),
         amount_due=int(data.get("amount_due") or 0),
+        currency=str(data.get("currency") or "usd"),
     )
 
 

@@ -143,7 +143,7 @@ def void_invoice(
     with transactions(write=False) as session:
         invoice, _ = invoices.get_invoice(session, admin, invoice_id)
     gateway = Stripe.from_settings(get_settings())
-    if invoice.stripe_invoice_id is not None and invoice.status.value in ("draft", "open"):
+    if invoice.stripe_invoice_id is not None and invoice.status.value in ("draft", "open", "held"):
         if gateway is None:
             raise PaymentsUnavailable("this invoice is in Stripe, and Stripe is not configured")
         try:
@@ -154,6 +154,20 @@ def void_invoice(
         invoice, lines = invoices.get_invoice(session, admin, invoice_id, lock=True)
         invoices.mark_void(invoice)
         return _invoice_out(invoice, lines)
+
+
+@router.post(
+    "/v1/invoices/{invoice_id}/release",
+    response_model=InvoiceOut,
+    summary="Release a held invoice (admin): Stripe's copy is checked again, then opened",
+    description="An invoice is held when Stripe's copy disagrees with it (an item added "
+    "twice, an amount edited there): fix Stripe's draft first, or void the invoice. The "
+    "next billing pass compares them again before it finalizes.",
+)
+def release_invoice(session: SessionDep, admin: Admin, invoice_id: ObjectId) -> InvoiceOut:
+    invoice, lines = invoices.get_invoice(session, admin, invoice_id, lock=True)
+    invoices.release(invoice)
+    return _invoice_out(invoice, lines)
 
 
 @router.get(
@@ -255,6 +269,7 @@ def _summary(i: Invoice, line_count: int) -> InvoiceSummary:
         hosted_invoice_url=i.hosted_invoice_url,
         stripe_invoice_id=i.stripe_invoice_id,
         stripe_error=i.stripe_error,
+        hold_reason=i.hold_reason,
     )
 
 

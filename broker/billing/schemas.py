@@ -66,6 +66,12 @@ class InvoiceSummary(BaseModel):
     hosted_invoice_url: str | None = Field(description="Stripe's page to pay it, if any")
     stripe_invoice_id: str | None
     stripe_error: str | None = Field(description="Why the last sync to Stripe failed, if it did")
+    hold_reason: str | None = Field(
+        default=None,
+        description="Held (status held): how Stripe's copy disagrees with this invoice. It "
+        "is neither opened nor sent until an admin voids it or releases it "
+        "(POST /v1/invoices/{id}/release) once Stripe's copy is fixed",
+    )
 
 
 class InvoiceOut(InvoiceSummary):

@@ -26,7 +26,7 @@ from broker.accounts.models import Account
 from broker.billing import invoices
 from broker.billing.amounts import cents_to_usd
 from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus, StripeCustomer, StripeEvent
-from broker.billing.payments import PaymentsError, Stripe
+from broker.billing.payments import PaymentsError, Stripe, StripeInvoice
 from broker.config import Settings
 from broker.db import Transactions, utcnow
 
@@ -97,6 +97,12 @@ def sync_drafts(
         try:
             sync_invoice(transactions, gateway, invoice_id)
             report.synced.append(invoice_id)
+        except AmountMismatch as e:
+            # Never opened nor retried by itself: an admin looks (GET /v1/invoices?status=
+            # held), fixes Stripe's copy or voids it, then releases it.
+            report.sync_errors[invoice_id] = str(e)
+            log.error("invoice %s held for an admin: %s", invoice_id, e)
+            _hold(transactions, invoice_id, str(e))
         except PaymentsError as e:
             report.sync_errors[invoice_id] = str(e)
             log.warning("invoice %s: %s; the next billing pass retries", invoice_id, e)
@@ -147,19 +153,54 @@ def sync_invoice(transactions: Transactions, gateway: Stripe, invoice_id: str) -
         )
         with transactions() as session:
             session.get_one(Invoice, invoice_id).stripe_fee_item_id = item
-    final = gateway.finalize(stripe_id)
-    if final.amount_due != invoice.total_cents:
-        # Never open an invoice whose two copies disagree on what is owed.
-        raise PaymentsError(
-            f"Stripe's invoice {stripe_id} is for {final.amount_due} cents but invoice "
-            f"{invoice_id} totals {invoice.total_cents}"
-        )
+    # Compare before finalizing: a finalized invoice is sent and can no longer change.
+    copy = gateway.retrieve(stripe_id)
+    if copy.status == "draft" and (reason := _disagreement(invoice, lines, copy)):
+        raise AmountMismatch(f"not finalized: {reason}")
+    final = gateway.finalize(stripe_id) if copy.status == "draft" else copy
+    if reason := _disagreement(invoice, lines, final, items=False):
+        raise AmountMismatch(f"finalized on Stripe's side, not opened here: {reason}; void it")
     with transactions() as session:
         row = session.get_one(Invoice, invoice_id)
         invoices.open_invoice(row, final.hosted_invoice_url)
         row.stripe_error = None
         if final.status == "paid":
             invoices.mark_paid(row)
+
+
+class AmountMismatch(PaymentsError):
+    """Stripe's copy of an invoice disagrees with ours: it is held for an admin."""
+
+
+def _disagreement(
+    invoice: Invoice, lines: list[InvoiceLine], copy: StripeInvoice, *, items: bool = True
+) -> str | None:
+    """How Stripe's copy differs from the invoice (its currency, total, and with
+    ``items`` each item's amount), or None when they agree."""
+    ours = f"invoice {invoice.id} totals {invoice.total_cents} cents"
+    if copy.currency.lower() != invoice.currency.lower():
+        return f"Stripe's invoice {copy.id} is in {copy.currency}; {ours} in {invoice.currency}"
+    if items:
+        expected = sorted(
+            [line.amount_cents for line in lines] + [invoice.fee_cents] * bool(invoice.fee_cents)
+        )
+        theirs = sorted(copy.line_amounts)
+        if theirs != expected:
+            return (
+                f"Stripe's invoice {copy.id} has {len(theirs)} item(s) of {theirs} cents; "
+                f"{ours} in {len(expected)} of {expected}"
+            )
+    if copy.amount_due != invoice.total_cents:
+        return f"Stripe's invoice {copy.id} asks for {copy.amount_due} cents; {ours}"
+    return None
+
+
+def _hold(transactions: Transactions, invoice_id: str, reason: str) -> None:
+    with transactions() as session:
+        row = session.scalar(select(Invoice).where(Invoice.id == invoice_id).with_for_update())
+        if row is not None:
+            invoices.hold(row, reason)
+            row.stripe_error = reason[:2000]
 
 
 def _save_customer(transactions: Transactions, account: Account, customer_id: str) -> str:
@@ -230,6 +271,14 @@ def _apply(session: Session, kind: str, event: dict[str, Any]) -> str:
     invoice = _find(session, obj)
     if invoice is None:
         return f"ignored: no invoice of this broker is Stripe invoice {obj.get('id')!r}"
+    if invoice.status == InvoiceStatus.held:
+        return f"invoice {invoice.id} unchanged (held: {invoice.hold_reason})"
+    if kind in ("invoice.paid", "invoice.payment_succeeded", "invoice.finalized") and (
+        reason := _event_disagreement(invoice, kind, obj)
+    ):
+        invoices.hold(invoice, reason)
+        log.error("invoice %s held for an admin: %s", invoice.id, reason)
+        return f"invoice {invoice.id} held: {reason}"
     if kind in ("invoice.paid", "invoice.payment_succeeded"):
         paid_at = (obj.get("status_transitions") or {}).get("paid_at")
         when = datetime.fromtimestamp(paid_at, UTC) if isinstance(paid_at, int) else None
@@ -252,6 +301,25 @@ def _apply(session: Session, kind: str, event: dict[str, Any]) -> str:
         failed = invoices.mark_payment_failed(invoice, "Stripe marked it uncollectible")
         return _outcome(invoice, failed, "marked uncollectible")
     return f"ignored: {kind} changes nothing here"
+
+
+def _event_disagreement(invoice: Invoice, kind: str, obj: dict[str, Any]) -> str | None:
+    """How an event's invoice differs from ours in what is owed (or was paid)."""
+    currency = str(obj.get("currency") or invoice.currency)
+    if currency.lower() != invoice.currency.lower():
+        return f"Stripe's {kind} is in {currency}; invoice {invoice.id} in {invoice.currency}"
+    field = "amount_due" if kind == "invoice.finalized" else "amount_paid"
+    amount = obj.get(field)
+    if amount is None and kind != "invoice.finalized":
+        amount = obj.get("amount_due")  # an event without amount_paid: what was due
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        return f"Stripe's {kind} event has no {field} to check"
+    if amount != invoice.total_cents:
+        return (
+            f"Stripe's {kind} event has {field} {amount} cents; invoice {invoice.id} totals "
+            f"{invoice.total_cents}"
+        )
+    return None
 
 
 def _outcome(invoice: Invoice, changed: bool, what: str) -> str:

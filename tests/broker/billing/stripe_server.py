@@ -191,6 +191,36 @@ class FakeStripe:
         invoice.update(subtotal=total, total=total, amount_due=total, amount_remaining=total)
         return 200, item
 
+    @staticmethod
+    def _lines(invoice: dict[str, Any], query: dict[str, Any]) -> dict[str, Any]:
+        """A page of the invoice's lines, as Stripe pages lists (limit, starting_after)."""
+        lines = invoice["lines"]["data"]
+        after = query.get("starting_after")
+        start = next((i + 1 for i, line in enumerate(lines) if line["id"] == after), 0)
+        limit = int(query.get("limit", 10))
+        page = lines[start : start + limit]
+        return {
+            "object": "list",
+            "data": page,
+            "has_more": start + limit < len(lines),
+            "url": f"/v1/invoices/{invoice['id']}/lines",
+        }
+
+    def tamper(
+        self, invoice_id: str, *, amount: int | None = None, duplicate: bool = False
+    ) -> None:
+        """Change a draft's first line as someone on Stripe's dashboard could: its
+        amount, or the same item added once more."""
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            lines = invoice["lines"]["data"]
+            if amount is not None:
+                lines[0]["amount"] = amount
+            if duplicate:
+                lines.append({**lines[0], "id": f"{lines[0]['id']}_again"})
+            total = sum(line["amount"] for line in lines)
+            invoice.update(subtotal=total, total=total, amount_due=total, amount_remaining=total)
+
     def _finalize(self, invoice: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if invoice["status"] != "draft":
             return 400, _error(f"This invoice is already {invoice['status']}.", None)
@@ -221,6 +251,8 @@ class FakeStripe:
             return 404, _error(f"No such invoice: '{parts[2] if len(parts) > 2 else ''}'", "id")
         if method == "GET" and len(parts) == 3:
             return 200, invoice
+        if method == "GET" and parts[3:] == ["lines"]:
+            return 200, self._lines(invoice, form)
         if method == "POST" and parts[3:] == ["finalize"]:
             return self._finalize(invoice)
         if method == "POST" and parts[3:] == ["void"]:
@@ -257,7 +289,8 @@ class FakeStripe:
                     )
                     status = 400
                 return status, json.dumps(reply).encode(), "application/json"
-            form = _nested(parse_qsl(raw.decode(), keep_blank_values=True))
+            query = parse_qsl(urlsplit(path).query) if method == "GET" else []
+            form = _nested([*parse_qsl(raw.decode(), keep_blank_values=True), *query])
             routed = self._route(method, urlsplit(path).path, form, raw)
             if routed is not None:
                 status, reply = routed
