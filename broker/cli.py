@@ -134,15 +134,53 @@ def calibrate(
         typer.echo(f"saved to {path}", err=True)
 
 
+def agent_key(from_env: str, path: Path | None) -> str:
+    """The agent's API key: BROKER_API_KEY, or the file ``path``, which only its owner
+    may read or write (a key anyone on the machine can read is as good as leaked)."""
+    import stat
+
+    if from_env and path is not None:
+        raise ValueError("give the key one way: BROKER_API_KEY or --api-key-file, not both")
+    if path is None:
+        if not from_env.strip():
+            raise ValueError("give a provider API key: set BROKER_API_KEY or --api-key-file")
+        return from_env.strip()
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"the key file {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise ValueError(
+            f"the key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): "
+            f"chmod 600 {path}"
+        )
+    if info.st_uid != os.getuid():
+        raise ValueError(f"the key file {path} belongs to another user")
+    key = path.read_text().strip()
+    if not key:
+        raise ValueError(f"the key file {path} is empty")
+    return key
+
+
 @app.command()
 def agent(
     broker: Annotated[
         str, typer.Option(envvar="BROKER_URL", help="The broker's URL [BROKER_URL]")
     ] = "http://127.0.0.1:8000",
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BROKER_API_KEY_FILE",
+            help="A file holding the provider's API key, readable by its owner only "
+            "(chmod 600) [BROKER_API_KEY_FILE]; or set BROKER_API_KEY",
+        ),
+    ] = None,
     api_key: Annotated[
-        str,
-        typer.Option(envvar="BROKER_API_KEY", help="A provider account's API key [BROKER_API_KEY]"),
-    ] = "",
+        str | None,
+        typer.Option(hidden=True, help="Refused: a key on the command line is visible in ps"),
+    ] = None,
     adapter: Annotated[
         str, typer.Option(help="auto, or one of: nvidia, amd, tpu, edge, cpu")
     ] = "auto",
@@ -189,9 +227,18 @@ def agent(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not api_key:
-        typer.echo("error: give a provider API key: --api-key or BROKER_API_KEY", err=True)
+    if api_key is not None:
+        typer.echo(
+            "error: --api-key is refused: a key on the command line is visible to every user "
+            "of this machine (ps); set BROKER_API_KEY or give --api-key-file (chmod 600)",
+            err=True,
+        )
         raise typer.Exit(2)
+    try:
+        key = agent_key(os.environ.get("BROKER_API_KEY", ""), api_key_file)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -229,7 +276,7 @@ def agent(
     )
     config = AgentConfig(
         broker=broker,
-        api_key=api_key,
+        api_key=key,
         name=name or socket.gethostname().split(".")[0] or "node",
         region=region,
         country=country.upper(),

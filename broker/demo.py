@@ -138,7 +138,9 @@ def demo_keys() -> dict[str, str]:
 
 def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     agents = []
-    env = {**os.environ, "BROKER_API_KEY": ""}
+    # Each agent's key in its environment, never in its arguments (which `ps` shows to
+    # every user of the machine).
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_API_KEY_FILE"}
     base = [
         sys.executable,
         "-m",
@@ -153,7 +155,6 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
         cap = item.capacity
         argv = [
             *base,
-            "--api-key", keys[cap.account],
             "--name", cap.account.removeprefix("demo-"),
             "--adapter", "emulated",
             "--emulate", f"{cap.model}={cap.count}",
@@ -163,10 +164,10 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
             "--lat", str(item.lat),
             "--lon", str(item.lon),
         ]  # fmt: skip
-        agents.append(subprocess.Popen(argv, env=env))  # noqa: S603 - our own CLI
+        key = {"BROKER_API_KEY": keys[cap.account]}
+        agents.append(subprocess.Popen(argv, env={**env, **key}))  # noqa: S603 - our own CLI
     cpu = [
         *base,
-        "--api-key", keys["demo-cpu"],
         "--name", "this-machine",
         "--adapter", "cpu",
         "--cpu-slots", "2",
@@ -176,7 +177,8 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
         "--lat", "52.37",
         "--lon", "4.90",
     ]  # fmt: skip
-    agents.append(subprocess.Popen(cpu, env=env))  # noqa: S603 - our own CLI
+    cpu_env = {**env, "BROKER_API_KEY": keys["demo-cpu"]}
+    agents.append(subprocess.Popen(cpu, env=cpu_env))  # noqa: S603 - our own CLI
     return agents
 
 

@@ -125,12 +125,15 @@ def market(empty_database_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
             role: procs.cli("accounts", "create", role, "--role", role).strip().splitlines()[-1]
             for role in ("developer", "provider")
         }
+        key_file = tmp_path / "provider.key"  # never on the command line: ps shows it
+        key_file.touch(mode=0o600)
+        key_file.write_text(keys["provider"])
         for name, price in (("agent-a", "0.10"), ("agent-b", "0.20")):
             procs.start(
                 name,
                 "agent",
                 "--broker", url,
-                "--api-key", keys["provider"],
+                "--api-key-file", str(key_file),
                 "--adapter", "cpu",
                 "--price", f"cpu={price}",
                 "--name", name,
