@@ -11,11 +11,16 @@ Prints, for this machine's cpu backend:
   `jax.jit` loop (one dispatch a step) and versus one `jax.jit` of a
   `lax.fori_loop` over all the steps (what the runner does, in chunks), and
   checkpoint write (device to host, bundle) and restore;
+- a sandboxed run (``broker.agent.sandbox``: a child process per run, a spare
+  child kept ready) versus a run in the agent's own process: start-up with a
+  warm cache, the cold start the spare hides, and per-step time;
 - the roofline's predicted over measured runtime for the calibration programs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +36,13 @@ import numpy as np
 from jax import lax
 
 from broker.portable import arrays, calibrate, runner
-from broker.portable.artifact import package, package_step, start_cost_worker, stop_cost_worker
+from broker.portable.artifact import (
+    Artifact,
+    package,
+    package_step,
+    start_cost_worker,
+    stop_cost_worker,
+)
 
 
 def make_step(width: int) -> Callable[..., Any]:
@@ -210,6 +221,97 @@ def per_step(steps: int = 2000, repeats: int = 5) -> dict[str, float]:
     }
 
 
+def sandbox_start(repeats: int = 7, steps: int = 20_000) -> dict[str, float]:
+    """What running in a sandboxed child costs a provider, against running in the
+    agent's own process as before: median seconds from the artifact's bytes to the
+    result's, with a warm compilation cache, for a single call of a 512-wide,
+    8-layer MLP step; the same with no spare child ready (the cold start a spare
+    hides); and the per-step time of an iterative job in the child and here."""
+    from broker.agent.sandbox import Sandbox, SandboxConfig, limits_for
+
+    args = step_args(512, layers=8)
+    leaves = jax.tree.leaves(args)
+    data = package_step(make_step(512), args[0], *args[1:]).to_bytes()
+    small = step_args(128, layers=2, batch=32)
+    small_leaves = jax.tree.leaves(small)
+    small_data = package_step(make_step(128), small[0], *small[1:]).to_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        runner.enable_compilation_cache(cache)
+        box = Sandbox(SandboxConfig(), cache)
+        limits = limits_for({"accelerators": 1}, box.config, "cpu")
+
+        def in_process(blob: bytes, inputs: list[Any], n: int) -> tuple[float, float]:
+            start = time.perf_counter()
+            result = runner.run(Artifact.from_bytes(blob), inputs, steps=n)
+            arrays.encode(result.outputs)
+            return time.perf_counter() - start, result.timings.run
+
+        def sandboxed(blob: bytes, inputs: list[Any], n: int) -> tuple[float, float]:
+            workdir = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+            try:
+                start = time.perf_counter()
+                (workdir / "artifact.bin").write_bytes(blob)
+                (workdir / "inputs.bin").write_bytes(arrays.encode(inputs))
+                key = hashlib.sha256(blob).hexdigest()
+                spec = {
+                    "platform": "cpu",
+                    "steps": n,
+                    "checkpoint_every": None,
+                    "checkpoint_step": 0,
+                    "cache_dir": str(box.cache_for(key)),
+                }
+                outcome = box.run(
+                    spec,
+                    workdir,
+                    limits,
+                    should_stop=lambda: False,
+                    on_progress=lambda step: None,
+                    on_checkpoint=lambda step, path: None,
+                )
+                assert outcome.kind == "succeeded", outcome.message
+                assert outcome.result is not None
+                outcome.result.read_bytes()
+                return time.perf_counter() - start, outcome.run_seconds or 0.0
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+        def spare_ready() -> None:
+            spare = box._spare
+            if spare is not None:
+                spare.wait_ready(120)
+
+        for blob, inputs in ((data, leaves), (small_data, small_leaves)):
+            in_process(blob, inputs, 1)  # fill the caches, here and the child's
+            spare_ready()
+            sandboxed(blob, inputs, 1)
+        here, warm, cold = [], [], []
+        for _ in range(repeats):
+            here.append(in_process(data, leaves, 1)[0])
+            spare_ready()
+            warm.append(sandboxed(data, leaves, 1)[0])
+        box.close()
+        box = Sandbox(SandboxConfig(), cache, spare=False)
+        for _ in range(3):
+            cold.append(sandboxed(data, leaves, 1)[0])
+        box.close()
+        box = Sandbox(SandboxConfig(), cache)
+        spare_ready()
+        per_step_here = min(in_process(small_data, small_leaves, steps)[1] for _ in range(3))
+        per_step_child = []
+        for _ in range(3):
+            spare_ready()
+            per_step_child.append(sandboxed(small_data, small_leaves, steps)[1])
+        box.close()
+    return {
+        "in_process_s": statistics.median(here),
+        "sandbox_s": statistics.median(warm),
+        "cold_child_s": statistics.median(cold),
+        "step_here_us": per_step_here / steps * 1e6,
+        "step_child_us": min(per_step_child) / steps * 1e6,
+    }
+
+
 def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0]}")
     print("\npackaging for cpu+cuda+rocm+tpu vs one jax.jit(f).lower() (median of 7, cold)")
@@ -244,6 +346,19 @@ def main() -> None:
         f"  checkpoint of an 8x1024 MLP state ({steps['checkpoint_mb']:.1f} MB): write "
         f"{steps['checkpoint_write_s'] * 1e3:.1f} ms, restore "
         f"{steps['checkpoint_restore_s'] * 1e3:.1f} ms"
+    )
+    box = sandbox_start()
+    print("\nsandboxed run (a child process per run) vs in the agent's process, warm cache")
+    print(
+        f"  artifact bytes to result bytes, 8x512 MLP step, median of 7: in-process "
+        f"{box['in_process_s'] * 1e3:.0f} ms, sandboxed {box['sandbox_s'] * 1e3:.0f} ms "
+        f"(+{(box['sandbox_s'] - box['in_process_s']) * 1e3:.0f} ms; target +500 ms); "
+        f"with no spare child ready {box['cold_child_s'] * 1e3:.0f} ms"
+    )
+    print(
+        f"  per step, 20,000 steps of a 2x128 MLP (best of 3): in-process {box['step_here_us']:.1f} us, "
+        f"in the child {box['step_child_us']:.1f} us "
+        f"({(box['step_child_us'] / box['step_here_us'] - 1) * 100:+.1f}%)"
     )
     print("\nruntime prediction on cpu (broker calibrate)")
     print("  " + calibrate.report(calibrate.calibrate()).replace("\n", "\n  "))

@@ -96,6 +96,7 @@ def _run(order: dict[str, Any], channel: _Channel) -> None:
     from broker.portable import arrays, checks, runner
     from broker.portable.manifest import ArtifactError
 
+    began = time.perf_counter()
     work = Path(order["dir"])
     if order.get("cache_dir"):
         runner.enable_compilation_cache(Path(order["cache_dir"]))
@@ -112,6 +113,7 @@ def _run(order: dict[str, Any], channel: _Channel) -> None:
     except (ArtifactError, arrays.BundleError) as e:
         channel.send(refused=str(e))
         return
+    checked = time.perf_counter()
 
     def on_checkpoint(step: int, state: list[np.ndarray[Any, Any]]) -> None:
         name = f"checkpoint-{step}.bin"
@@ -146,8 +148,10 @@ def _run(order: dict[str, Any], channel: _Channel) -> None:
     channel.send(
         done="result.bin",
         steps_done=result.steps_done,
+        check_seconds=checked - began,
         compile_seconds=result.timings.compile,
         run_seconds=result.timings.run,
+        total_seconds=time.perf_counter() - began,
     )
 
 

@@ -12,13 +12,14 @@ agent stops. A child that crashes, aborts, runs out of memory or hits a limit
 ends its own run only, and the agent says why.
 
 A child takes about a second to import JAX, so the sandbox keeps one spare
-child started ahead of need: a run takes the spare and a new spare starts in
-its place.
+child started ahead of need: a run takes the spare, and a new spare starts when
+the run ends (not beside it, where it would take CPU from the run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -150,6 +152,7 @@ class Outcome:
     retry: bool = False
     result: Path | None = None
     steps_done: int = 0
+    run_seconds: float | None = None  # the child's time running the steps (benchmarks)
 
 
 class _Child:
@@ -308,7 +311,6 @@ class Sandbox:
             child, self._spare = self._spare, None
         if child is None or child.process.poll() is not None:
             child = self._start()
-        self._refill()
         return child
 
     def close(self) -> None:
@@ -328,13 +330,28 @@ class Sandbox:
 
     def cache_for(self, key: str) -> Path | None:
         """The compilation cache a run of artifact ``key`` may use: one per artifact, so a
-        run can only ever leave compiled code for the program it runs."""
+        run can only ever leave compiled code for the program it runs.
+
+        Isolated children run as another user, who may not reach the agent's cache
+        directory (it is often under root's home): theirs then live in a directory of
+        the system's temporary one that anyone may pass through but not list, one
+        per artifact, each the sandbox user's alone.
+        """
         if self.cache_dir is None:
             return None
-        path = self.cache_dir / "sandbox" / key
-        path.mkdir(parents=True, exist_ok=True)
-        if self._uid is not None:
-            os.chown(path, *self._uid)
+        if self._uid is None:
+            path = self.cache_dir / "sandbox" / key
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        digest = hashlib.sha256(str(self.cache_dir.resolve()).encode()).hexdigest()[:16]
+        root = Path(tempfile.gettempdir()) / f"broker-sandbox-cache-{digest}"
+        root.mkdir(mode=0o711, exist_ok=True)
+        if root.stat().st_uid != os.geteuid() or root.is_symlink():
+            raise RuntimeError(f"{root} is not this agent's: remove it, or set cache_dir")
+        os.chmod(root, 0o711)  # noqa: S103  (pass through, not list: see above)
+        path = root / key
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chown(path, *self._uid)
         return path
 
     def run(
@@ -366,6 +383,9 @@ class Sandbox:
             )
         finally:
             child.close()
+            # The next spare starts once this run is over: starting one (importing JAX)
+            # beside a run would take CPU from it.
+            self._refill()
 
     def _watch(
         self,
@@ -417,7 +437,12 @@ class Sandbox:
             elif "done" in message:
                 steps = int(message.get("steps_done", steps))
                 result = workdir / str(message["done"])
-                ended = Outcome("succeeded", result=result, steps_done=steps)
+                ended = Outcome(
+                    "succeeded",
+                    result=result,
+                    steps_done=steps,
+                    run_seconds=message.get("run_seconds"),
+                )
             elif "refused" in message:
                 ended = Outcome("refused", str(message["refused"])[:4000])
             elif "error" in message:
