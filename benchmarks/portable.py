@@ -356,8 +356,8 @@ def main() -> None:
         f"with no spare child ready {box['cold_child_s'] * 1e3:.0f} ms"
     )
     print(
-        f"  per step, 20,000 steps of a 2x128 MLP (best of 3): in-process {box['step_here_us']:.1f} us, "
-        f"in the child {box['step_child_us']:.1f} us "
+        f"  per step, 20,000 steps of a 2x128 MLP (best of 3): in-process "
+        f"{box['step_here_us']:.1f} us, in the child {box['step_child_us']:.1f} us "
         f"({(box['step_child_us'] / box['step_here_us'] - 1) * 100:+.1f}%)"
     )
     print("\nruntime prediction on cpu (broker calibrate)")
