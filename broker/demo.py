@@ -113,11 +113,14 @@ def listings() -> list[Listing]:
 
 
 def demo_keys() -> dict[str, str]:
-    """A fresh API key for each demo account, creating the accounts the first time."""
-    from sqlalchemy import select
+    """A fresh API key for each demo account, creating the accounts the first time; the
+    keys an earlier start printed are revoked (its agents' node keys go when they
+    register again)."""
+    from sqlalchemy import select, update
 
+    from broker.accounts.models import ApiKey
     from broker.accounts.service import create_account, issue_key
-    from broker.db import session_scope
+    from broker.db import session_scope, utcnow
 
     wanted = {cap.account: Role.provider for cap in PROVIDERS}
     wanted |= {"demo-cpu": Role.provider, "demo-admin": Role.admin}
@@ -129,6 +132,15 @@ def demo_keys() -> dict[str, str]:
             if account is None:
                 _, keys[name] = create_account(session, name, role)
             else:
+                session.execute(
+                    update(ApiKey)
+                    .where(
+                        ApiKey.account_id == account.id,
+                        ApiKey.node_id.is_(None),
+                        ApiKey.revoked_at.is_(None),
+                    )
+                    .values(revoked_at=utcnow())
+                )
                 keys[name] = issue_key(session, account)
     return keys
 

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from broker import demo
+from broker.accounts.service import authenticate
 from broker.cli import agent_key
+from broker.config import get_settings
+from broker.db import get_engine
 
 
 def _agent(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -73,3 +78,25 @@ def test_the_demo_passes_keys_in_the_environment(monkeypatch: pytest.MonkeyPatch
         assert not any(arg.startswith("bk_") for arg in argv), argv
         assert "--api-key" not in argv
         assert env["BROKER_API_KEY"] in keys.values()
+
+
+def test_each_demo_start_revokes_the_keys_the_last_one_printed(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_DATABASE_URL", fresh_engine.url.render_as_string(False))
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    try:
+        first = demo.demo_keys()
+        second = demo.demo_keys()
+    finally:
+        get_engine().dispose()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+    with Session(fresh_engine) as session:
+        for name in first:
+            assert authenticate(session, first[name]) is None, name
+            account = authenticate(session, second[name])
+            assert account is not None
+            assert account.name == name
