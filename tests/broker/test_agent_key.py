@@ -69,7 +69,7 @@ def test_the_demo_passes_keys_in_the_environment(monkeypatch: pytest.MonkeyPatch
         def __init__(self, argv: list[str], env: dict[str, str], **_: Any) -> None:
             started.append((argv, env))
 
-    monkeypatch.setattr(demo.subprocess, "Popen", Recorder)
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
     names = {cap.account for cap in demo.PROVIDERS} | {"demo-cpu"}
     keys = {name: f"bk_demo_{name}" for name in names}
     demo.start_agents("http://127.0.0.1:8000", keys)
