@@ -36,7 +36,7 @@ from adapters.base import Device
 from broker.agent.sandbox import Sandbox, SandboxConfig
 from broker.portable import _xla
 from broker.sdk.http import BrokerError, BrokerUnavailable
-from broker.sdk.provider import ProviderClient, RunHandle, run_work_order
+from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_work_order
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ class NodeAgent:
         self._lock = threading.Lock()
         self._unpriced: set[str] = set()
         self._remote: set[str] = set()
-        # Runs whose end could not be reported: handed back once the broker answers.
-        self._unreported: dict[str, str] = {}
+        # Runs whose end could not be reported: the finish to send once the broker answers.
+        self._unreported: dict[str, dict[str, Any]] = {}
         self._sandbox: Sandbox | None = None
 
     @property
@@ -272,19 +272,22 @@ class NodeAgent:
         self.hand_back_unreported()
 
     def hand_back_unreported(self) -> None:
-        """Report runs that ended without reaching the broker as failures to retry."""
+        """Send the ends of runs that could not reach the broker: their finish (a result
+        is not lost to an outage), or, for runs cut off, a failure to retry elsewhere."""
         assert self.client is not None
         with self._lock:
             pending = dict(self._unreported)
-        for allocation, reason in pending.items():
+        for allocation, report in pending.items():
             try:
-                self.client.finish(allocation, "failed", error=reason, retry=True)
+                self.client.finish(allocation, **report)
             except BrokerError as e:
                 if e.status not in (404, 409):  # 404/409: it ended meanwhile anyway
                     raise
             with self._lock:
                 self._unreported.pop(allocation, None)
-            log.info("allocation %s handed back to the market", allocation)
+            log.info(
+                "allocation %s: its end (%s) reached the broker", allocation, report["outcome"]
+            )
 
     def rediscover(self) -> None:
         devices = self.discover()
@@ -335,6 +338,10 @@ class NodeAgent:
                 sandbox=self.sandbox,
             )
             log.info("allocation %s: %s", allocation, outcome)
+        except FinishUnreported as e:
+            log.error("allocation %s ended, but the broker did not hear it: %s", allocation, e)
+            with self._lock:
+                self._unreported[allocation] = e.report  # sent again with the heartbeats
         except BrokerError as e:
             # The broker was unreachable or refused a report. The run is over here;
             # hand the job back (to resume from its last checkpoint) once it answers.
@@ -343,7 +350,11 @@ class NodeAgent:
                 if handle.started is None:
                     self._seen.discard(allocation)  # never started here: take it again
                 else:
-                    self._unreported[allocation] = f"the agent lost contact with the broker: {e}"
+                    self._unreported[allocation] = {
+                        "outcome": "failed",
+                        "error": f"the agent lost contact with the broker: {e}",
+                        "retry": True,
+                    }
         except Exception:
             log.exception("allocation %s: the run failed", allocation)
         finally:
@@ -373,12 +384,12 @@ class NodeAgent:
                 try:
                     orders = self.client.work(wait=self.config.poll_seconds)
                     delay = 1.0
-                except BrokerUnavailable as e:
-                    log.warning("broker unreachable (%s); retrying in %.0f s", e, delay)
-                    stop.wait(delay)
-                    delay = min(delay * 2, 30.0)
-                    continue
                 except BrokerError as e:
+                    if isinstance(e, BrokerUnavailable) or e.status >= 500:
+                        log.warning("broker unavailable (%s); retrying in %.0f s", e, delay)
+                        stop.wait(delay)
+                        delay = min(delay * 2, 30.0)
+                        continue
                     if e.status == 401:
                         raise AgentStopped(
                             f"the broker revoked this node's key ({e}): another agent registered "

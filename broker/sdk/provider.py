@@ -22,7 +22,7 @@ import numpy as np
 
 from broker.portable import _xla, arrays
 from broker.portable.artifact import Artifact
-from broker.sdk.http import BrokerError, Connection
+from broker.sdk.http import BrokerError, BrokerUnavailable, Connection
 
 if TYPE_CHECKING:
     from broker.agent.sandbox import Sandbox
@@ -47,6 +47,16 @@ class RunHandle:
             return 0.0
         end = self.ended if self.ended is not None else time.monotonic()
         return (end - self.started) * self.accelerators
+
+
+class FinishUnreported(BrokerError):
+    """A run ended, but the broker could not be told (unreachable, or 5xx after the
+    client's retries): ``report`` is the finish to send again (``ProviderClient.finish``
+    keyword arguments), so that finished work is not lost to an outage."""
+
+    def __init__(self, allocation_id: str, report: dict[str, Any], cause: BrokerError) -> None:
+        super().__init__(cause.status, cause.code, cause.message, cause.field)
+        self.allocation_id, self.report = allocation_id, report
 
 
 class ProviderClient(Connection):
@@ -175,8 +185,10 @@ def run_work_order(
 
     ``emulate`` (an agent started with ``--emulate``, for demos) runs the jobs of
     emulated offers, which name another platform, on this machine's backend, from
-    the artifact's version for it, and logs that it does. The broker being
-    unreachable raises BrokerUnavailable after retries.
+    the artifact's version for it, and logs that it does. Progress and
+    checkpoint reports the broker cannot take (unreachable, or 5xx, after the
+    client's retries) are skipped and the run goes on; a finish it cannot take
+    raises FinishUnreported, which carries the finish to send again.
     """
     from broker.agent.sandbox import Sandbox, limits_for, remove
 
@@ -193,13 +205,14 @@ def run_work_order(
 
     def finish(outcome: str, **report: Any) -> str:
         handle.ended = time.monotonic()
+        report = {"outcome": outcome, "accelerator_seconds": handle.accelerator_seconds(), **report}
         try:
-            job = client.finish(
-                allocation, outcome, accelerator_seconds=handle.accelerator_seconds(), **report
-            )
+            job = client.finish(allocation, **report)
         except BrokerError as e:
             if e.code == "allocation_ended":
                 return "ended"
+            if isinstance(e, BrokerUnavailable) or e.status >= 500:
+                raise FinishUnreported(allocation, report, e) from e
             raise
         requeued = outcome == "failed" and job["state"] == "open"
         return "requeued" if requeued else str(job["state"])
@@ -307,11 +320,19 @@ def run_work_order(
 
 
 def _ended(report: Any) -> bool:
-    """Send a report; True if the broker says the allocation has ended."""
+    """Send a report; True if the broker says the allocation has ended.
+
+    A report that still fails after the client's retries because the broker is
+    unavailable (unreachable, or 5xx: its database may be down) is skipped: the
+    run goes on, and the next report, or the finish, tells the broker.
+    """
     try:
         report()
     except BrokerError as e:
         if e.code == "allocation_ended":
             return True
+        if isinstance(e, BrokerUnavailable) or e.status >= 500:
+            log.warning("a report failed, the run goes on: %s", e)
+            return False
         raise
     return False
