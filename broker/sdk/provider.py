@@ -234,7 +234,7 @@ def run_work_order(
         return finish("failed", error=error, retry=True)
 
     steps_done = 0
-    last_report = time.monotonic()
+    last_report = -float("inf")  # the first report goes at once: usage counts from the start
 
     def report_progress() -> None:
         # Reported on a clock, not only when steps end, so that a single-call job
