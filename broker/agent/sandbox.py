@@ -27,6 +27,7 @@ import pwd
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+_MAX_MESSAGE = 64 * 1024
 
 
 def _runtime_gib() -> float:
@@ -181,7 +183,10 @@ class _Child:
 
     def _read_messages(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
+        # Lines are read with a bound: a child that writes a huge line costs nothing.
+        while line := self.process.stdout.readline(_MAX_MESSAGE):
+            if not line.endswith(b"\n"):
+                continue  # too long: not a message of ours
             try:
                 message = json.loads(line)
             except ValueError:
@@ -431,12 +436,11 @@ class Sandbox:
                 steps = int(message["progress"])
                 on_progress(steps)
             elif "checkpoint" in message:
-                path = workdir / str(message["file"])
-                if path.parent == workdir:
-                    on_checkpoint(int(message["checkpoint"]), path)
+                step = int(message["checkpoint"])
+                on_checkpoint(step, workdir / f"checkpoint-{step}.bin")
             elif "done" in message:
                 steps = int(message.get("steps_done", steps))
-                result = workdir / str(message["done"])
+                result = workdir / "result.bin"
                 ended = Outcome(
                     "succeeded",
                     result=result,
@@ -498,6 +502,18 @@ def _death(code: int, limits: Limits, tail: str) -> str:
     if tail:
         why += f"; its last output: {tail}"
     return why[:4000]
+
+
+def read_output(path: Path, limit: int) -> bytes:
+    """A file a child wrote in its directory, read without following a link it may
+    have put there instead (the agent may be root): a regular file of at most
+    ``limit`` bytes, else OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise OSError(f"{path.name} is not a regular file of at most {limit} bytes")
+        return f.read(limit + 1)[:limit]
 
 
 def remove(workdir: Path) -> None:

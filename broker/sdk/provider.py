@@ -190,7 +190,7 @@ def run_work_order(
     client's retries) are skipped and the run goes on; a finish it cannot take
     raises FinishUnreported, which carries the finish to send again.
     """
-    from broker.agent.sandbox import Sandbox, limits_for, remove
+    from broker.agent.sandbox import Sandbox, limits_for, read_output, remove
 
     allocation = order["allocation_id"]
     handle = handle or RunHandle(allocation, int(order["accelerators"]))
@@ -253,7 +253,7 @@ def run_work_order(
     def on_checkpoint(step: int, path: Path) -> None:
         nonlocal ended
         try:
-            state = arrays.decode(path.read_bytes())
+            state = arrays.decode(read_output(path, box.config.max_output_bytes + 1024 * 1024))
         except (OSError, arrays.BundleError) as e:
             log.warning("allocation %s: checkpoint at step %d unreadable: %s", allocation, step, e)
             return
@@ -311,7 +311,8 @@ def run_work_order(
             log.warning("allocation %s: %s", allocation, outcome.message)
             return finish("failed", error=outcome.message, retry=outcome.retry)
         assert outcome.result is not None
-        result = client.upload_bundle(outcome.result.read_bytes())
+        data = read_output(outcome.result, box.config.max_output_bytes + 1024 * 1024)
+        result = client.upload_bundle(data)
         return finish("succeeded", result=result)
     finally:
         remove(workdir)

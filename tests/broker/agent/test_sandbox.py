@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from broker.agent.sandbox import Limits, Outcome, Sandbox, SandboxConfig, can_isolate, limits_for
+from broker.agent.sandbox import (
+    Limits,
+    Outcome,
+    Sandbox,
+    SandboxConfig,
+    can_isolate,
+    limits_for,
+    read_output,
+)
 from broker.portable import arrays
 from broker.portable.artifact import Artifact, package, package_step
 from tests.broker.portable.test_hostile import getrf_declaring_a_1x1_result
@@ -238,3 +246,18 @@ def test_limits_follow_the_work_order() -> None:
     deadline = limits_for({"deadline_hours": 0.5, "accelerators": 1}, config, "cpu")
     assert not deadline.wall_retry
     assert "deadline" in deadline.wall_cause
+
+
+def test_the_agent_reads_what_a_child_wrote_without_following_its_links(tmp_path: Path) -> None:
+    """A child (broken out of JAX) could leave a link to a file only the agent may read
+    where its result belongs; the agent refuses it instead of uploading that file."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the agent's own file")
+    (tmp_path / "result.bin").symlink_to(secret)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        read_output(tmp_path / "result.bin", 1024)
+    (tmp_path / "big.bin").write_bytes(b"x" * 2048)
+    with pytest.raises(OSError, match="at most 1024 bytes"):
+        read_output(tmp_path / "big.bin", 1024)
+    (tmp_path / "ok.bin").write_bytes(b"bundle")
+    assert read_output(tmp_path / "ok.bin", 1024) == b"bundle"
