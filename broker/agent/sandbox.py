@@ -425,14 +425,17 @@ class Sandbox:
         started = time.monotonic()
         steps = 0
         ended: Outcome | None = None
+        closed = False  # the child closed its end: it is exiting (or says no more)
         while True:
-            try:
-                message = child.messages.get(timeout=tick)
-            except queue.Empty:
-                message = {}
+            message: dict[str, Any] | None = {}
+            if closed:
+                time.sleep(tick)
+            else:
+                with contextlib.suppress(queue.Empty):
+                    message = child.messages.get(timeout=tick)
             if message is None:
-                break  # the child closed its end: it exited
-            if "progress" in message:
+                closed = True
+            elif "progress" in message:
                 steps = int(message["progress"])
                 on_progress(steps)
             elif "checkpoint" in message:
@@ -440,10 +443,9 @@ class Sandbox:
                 on_checkpoint(step, workdir / f"checkpoint-{step}.bin")
             elif "done" in message:
                 steps = int(message.get("steps_done", steps))
-                result = workdir / "result.bin"
                 ended = Outcome(
                     "succeeded",
-                    result=result,
+                    result=workdir / "result.bin",
                     steps_done=steps,
                     run_seconds=message.get("run_seconds"),
                 )
@@ -453,10 +455,16 @@ class Sandbox:
                 program = bool(message.get("program"))
                 ended = Outcome("failed", str(message["error"])[:4000], retry=not program)
             if ended is not None:
-                child.process.wait()
+                try:  # it exits after its last word; one that lingers is killed
+                    child.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                break
+            if closed and child.process.poll() is not None:
                 break
             if on_tick is not None:
                 on_tick()
+            # Both checked until the child is gone, even once it has closed its end.
             if should_stop():
                 child.kill()
                 return Outcome("stopped", "stopped", steps_done=steps)

@@ -261,3 +261,29 @@ def test_the_agent_reads_what_a_child_wrote_without_following_its_links(tmp_path
         read_output(tmp_path / "big.bin", 1024)
     (tmp_path / "ok.bin").write_bytes(b"bundle")
     assert read_output(tmp_path / "ok.bin", 1024) == b"bundle"
+
+
+def test_a_child_that_stops_talking_is_still_stopped_at_its_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child that says it is ready, then closes its channel and runs on (what a
+    program broken out of JAX could do), is killed at the wall-time limit all the same."""
+    import sys
+
+    from broker.agent import sandbox as module
+
+    script = (
+        "import json, os, sys, time; "
+        "sys.stdout.write(json.dumps({'ready': True}) + '\\n'); sys.stdout.flush(); "
+        "sys.stdin.readline(); os.close(1); time.sleep(600)"
+    )
+    box = Sandbox(SandboxConfig(margin_seconds=0.5), spare=False)
+    monkeypatch.setattr(
+        box, "_start", lambda: module._Child([sys.executable, "-c", script], dict(os.environ))
+    )
+    started = time.monotonic()
+    outcome, _, _ = run(box, b"not an artifact", [np.zeros(1)], _limits(wall_seconds=1.5))
+    assert time.monotonic() - started < 15
+    assert outcome.kind == "failed"
+    assert "passed the test's limit" in outcome.message
+    box.close()
