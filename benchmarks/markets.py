@@ -85,6 +85,12 @@ REFERENCE_EFFICIENCY = 0.4
 ARITHMETIC_INTENSITY = 200.0  # flops per byte of the generated work
 OFFER_EFFICIENCY = 0.4
 WHOLE_NODE_SHARE = 0.25  # offers kept whole while counts are cut to reach the oversubscription
+#: The multi-accelerator family (``multi_share``): offers keep up to 16 accelerators
+#: (a 16-GPU node, or a TPU slice), and a job that is redrawn as a gang asks for 2,
+#: 4, 8 or, rarely, 16 of them. The sizes' shares follow the trace's own
+#: multi-GPU jobs (8 most common, then 2 and 4) with 16 added for the largest nodes.
+FAMILY_MAX_OFFER_COUNT = 16
+GANG_SIZES = ((2, 0.3), (4, 0.25), (8, 0.4), (16, 0.05))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +173,7 @@ def _eu_countries() -> tuple[str, ...]:
     return tuple(sorted({p.country for p in _places().values()} & EU_COUNTRIES))
 
 
-def _offers(n_offers: int, rng: random.Random) -> list[Offer]:
+def _offers(n_offers: int, rng: random.Random, max_count: int = MAX_OFFER_COUNT) -> list[Offer]:
     rows = _price_rows()
     places = _places()
     offers = []
@@ -184,7 +190,7 @@ def _offers(n_offers: int, rng: random.Random) -> list[Offer]:
                 vendor=spec.vendor,
                 accelerator=spec.key,
                 platform=spec.platform,
-                count=min(row.accelerator_count, MAX_OFFER_COUNT),
+                count=min(row.accelerator_count, max_count),
                 memory_gib=spec.memory_gib,
                 tflops_bf16=spec.tflops_bf16,
                 tflops_fp32=spec.tflops_fp32,
@@ -241,8 +247,27 @@ def _priority(rng: random.Random) -> int:
     return 1 if u < 0.80 else 2 if u < 0.95 else 3
 
 
-def _jobs(n_jobs: int, offers: list[Offer], rng: random.Random) -> list[Job]:
+def _gang_size(rng: random.Random) -> int:
+    u = rng.random()
+    for size, share in GANG_SIZES:
+        if u < share:
+            return size
+        u -= share
+    return GANG_SIZES[-1][0]
+
+
+def _jobs(
+    n_jobs: int,
+    offers: list[Offer],
+    rng: random.Random,
+    multi_share: float | None = None,
+    gangs: random.Random | None = None,
+) -> list[Job]:
+    """Jobs from the trace; with ``multi_share``, that share of them are gangs,
+    their sizes drawn from ``gangs`` (a stream of its own, so that every other
+    draw is the same whatever the share)."""
     trace = _trace_jobs()
+    gangs = gangs or random.Random(0)
     median_price = statistics.median(o.price_per_hour for o in offers) if offers else 1.0
     regions = sorted({o.region: (o.lat, o.lon) for o in offers}.items())
     eu = _eu_countries()
@@ -250,6 +275,8 @@ def _jobs(n_jobs: int, offers: list[Offer], rng: random.Random) -> list[Job]:
     for i in range(n_jobs):
         row = trace[i % len(trace)]
         accelerators = row.num_gpus
+        if multi_share is not None:
+            accelerators = _gang_size(gangs) if gangs.random() < multi_share else 1
         hours = min(max(row.duration_s, 60.0) / 3600.0, MAX_JOB_HOURS)
         models = _models(row.gpu_type)
         platforms = ("cuda",) if models else _platforms(rng)  # trace models are NVIDIA GPUs
@@ -301,21 +328,33 @@ def _jobs(n_jobs: int, offers: list[Offer], rng: random.Random) -> list[Job]:
 
 
 def build_market(
-    n_jobs: int, n_offers: int, seed: int = 0, oversubscription: float = 1.6
+    n_jobs: int,
+    n_offers: int,
+    seed: int = 0,
+    oversubscription: float = 1.6,
+    multi_share: float | None = None,
 ) -> Market:
     """A market of ``n_jobs`` trace jobs bidding for ``n_offers`` catalog offers.
 
     Offer counts are cut (each stays >= 1) so that demanded accelerators over
     offered accelerators is close to ``oversubscription``; when the offers are
     too few to reach it, they are left as sampled.
+
+    ``multi_share`` (0 to 1) builds the multi-accelerator family instead of the
+    trace's sizes (where 1 % of jobs need more than one accelerator): that
+    share of jobs are gangs of 2, 4, 8 or 16 (``GANG_SIZES``), and offers keep
+    up to 16 accelerators.
     """
     if n_jobs < 0 or n_offers < 0:
         raise ValueError("n_jobs and n_offers must be >= 0")
     if not oversubscription > 0:
         raise ValueError("oversubscription must be > 0")
+    if multi_share is not None and not 0 <= multi_share <= 1:
+        raise ValueError("multi_share must be in [0, 1]")
     rng = random.Random(seed)
-    offers = _offers(n_offers, rng)
-    jobs = _jobs(n_jobs, offers, rng)
+    family = multi_share is not None
+    offers = _offers(n_offers, rng, FAMILY_MAX_OFFER_COUNT if family else MAX_OFFER_COUNT)
+    jobs = _jobs(n_jobs, offers, rng, multi_share, random.Random(f"gangs-{seed}"))
     demand = sum(j.accelerators for j in jobs)
     target = max(math.ceil(demand / oversubscription), len(offers))
     counts = _cut_counts([o.count for o in offers], target, rng)
@@ -338,9 +377,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offers", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--oversubscription", type=float, default=1.6)
+    parser.add_argument(
+        "--multi-share", type=float, default=None, help="share of 2-16 accelerator jobs"
+    )
     parser.add_argument("--out", type=Path, default=Path("market.json"))
     args = parser.parse_args(argv)
-    market = build_market(args.jobs, args.offers, args.seed, args.oversubscription)
+    market = build_market(
+        args.jobs, args.offers, args.seed, args.oversubscription, args.multi_share
+    )
     write_market(args.out, market)
     offered = sum(o.count for o in market.offers)
     demanded = sum(j.accelerators for j in market.jobs)

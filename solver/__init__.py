@@ -6,6 +6,7 @@ types; ``broker solve`` reads them from a market file.
 
 from solver.clearing import first_come_first_served, placeable, solve
 from solver.market import Assignment, Job, Market, Offer, Result, Weights
+from solver.relax import Warm
 
 __all__ = [
     "Assignment",
@@ -13,6 +14,7 @@ __all__ = [
     "Market",
     "Offer",
     "Result",
+    "Warm",
     "Weights",
     "first_come_first_served",
     "placeable",

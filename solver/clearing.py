@@ -31,10 +31,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from solver import exact, integer, prices
-from solver.lp import solve_lp
+from solver import exact, integer, neighbourhood, prices, relax
 from solver.market import Assignment, Market, Result
 from solver.pairs import Candidates, FeasiblePairs, scan
+from solver.relax import Warm
 from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs
 
 FIRST_CANDIDATES = 32  # per job, from the scan
@@ -45,12 +45,19 @@ KEPT_PER_ROUND = 16  # per job, of the pairs already in the working set
 CP_SAT_BUDGET = 0.1
 MAX_ROUNDS = 50
 GAP_GOAL = 0.005  # rounds stop within 0.5 % of the bound, well inside the targets
+LP_SHARE = 0.75  # of the time left after the scan, at most, for the LP of a round with gangs
 
 
-def solve(market: Market, time_limit: float = 10.0) -> Result:
-    """Clear ``market`` in about ``time_limit`` seconds at most."""
+def solve(market: Market, time_limit: float = 10.0, warm: Warm | None = None) -> Result:
+    """Clear ``market`` in about ``time_limit`` seconds at most.
+
+    ``warm`` is the previous round's ``Result.warm``: its LP working set and
+    prices start this round's LP (it only speeds the round up; any value, stale
+    or foreign, gives a correct answer).
+    """
     started = time.perf_counter()
     deadline = started + time_limit
+    next_warm: Warm | None = None
     a = MarketArrays.build(market)
     if a.n_jobs == 0 or a.n_offers == 0:
         nothing = _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, {})
@@ -59,7 +66,40 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
     pairs, cands = scan(a, FIRST_CANDIDATES)
     unplaceable = tuple(a.jobs[j].id for j in np.flatnonzero(np.diff(pairs.start) == 0).tolist())
     stats: dict[str, float] = {"feasible_pairs": float(pairs.size), "scanned_at": _since(started)}
-    has_big_jobs = bool((a.j_accelerators > 1).any())
+    if pairs.size == 0:
+        nothing = _result(a, np.full(a.n_jobs, -1, dtype=np.int64), 0.0, started, stats)
+        return replace(nothing, unplaceable=unplaceable)
+    if (a.j_accelerators > 1).any():
+        # Gangs make the round a knapsack problem, which the flow's prices do
+        # not bound: the LP over every pair gives the true bound and says which
+        # gangs are worth placing where; the answer is rounded from it and then
+        # improved a few offers at a time with CP-SAT.
+        assigned, bound, next_warm = _knapsack(a, pairs, cands, warm, started, deadline, stats)
+    else:
+        assigned, bound = _transportation(a, pairs, cands, started, deadline, stats)
+    value = integer.objective(cands, assigned)
+    _Marks(started, bound, stats)(value)  # when not already marked on the way
+    stats["candidates"] = float(cands.size)
+    stats["improved_at"] = _since(started)
+    baseline = integer.first_come(a, pairs)
+    baseline_value = float(sum(_weights(a, pairs, baseline)))
+    stats["baseline_objective"] = baseline_value
+    if baseline_value > value:
+        assigned = baseline
+    result = _result(a, assigned, bound, started, stats)
+    return replace(result, unplaceable=unplaceable, warm=next_warm)
+
+
+def _transportation(
+    a: MarketArrays,
+    pairs: FeasiblePairs,
+    cands: Candidates,
+    started: float,
+    deadline: float,
+    stats: dict[str, float],
+) -> tuple[Ints, float]:
+    """One-accelerator jobs only: exact by min-cost flow over candidates that
+    pricing rounds grow until the flow's prices prove it optimal over every pair."""
     assigned = integer.assign(a, cands)
     bound: float | None = None
     rounds = 0
@@ -74,74 +114,129 @@ def solve(market: Market, time_limit: float = 10.0) -> Result:
         jobs, offers, weights = prices.improving(
             a, pairs, reduced, cands, assigned, price, ADDED_PER_ROUND
         )
-        # Stop while there is time for another round and the last steps (a final
-        # assignment with both orders, and the baseline) after it.
+        # Stop while there is time for another round and the result after it.
         if time.perf_counter() + 3 * last_round + _reserve(a) > deadline:
             break
         if bound - integer.objective(cands, assigned) <= GAP_GOAL * bound:
             break  # close enough to the bound: more rounds would not pay
         # The working set follows the prices: each job keeps the pairs that are
         # best at current prices (and its own), plus the newly improving ones.
-        # Pairs of big jobs stay: the flow's prices do not speak for them.
         here = assigned[cands.job] == cands.offer
-        big = a.j_accelerators[cands.job] > 1
-        net = cands.weight - a.j_accelerators[cands.job] * price[cands.offer]
-        cands.keep_best(net, KEPT_PER_ROUND, here | big)
+        net = cands.weight - price[cands.offer]
+        cands.keep_best(net, KEPT_PER_ROUND, here)
         if cands.add(jobs, offers, weights) == 0:
             break  # the prices point only at pairs the optimiser already has
-        assigned = integer.assign(a, cands, both_orders=False)
+        assigned = integer.assign(a, cands)
     assert bound is not None
     stats.update(rounds=float(rounds), rounds_done_at=_since(started))
+    return assigned, bound
 
-    # Big jobs make the round a knapsack problem, which the flow's prices do not
-    # bound well: on rounds small enough, the LP over every pair gives the true
-    # bound and says which big jobs are worth placing where.
-    lp_x = None
-    if has_big_jobs:
-        remaining = deadline - time.perf_counter() - _reserve(a)
-        solution = solve_lp(a, pairs, time_limit=remaining / 3)
-        if solution is not None:
-            bound = min(bound, prices.bound(a, pairs, solution.offer_price)[0])
-            chosen = solution.x > 1e-6
-            cands.add(
-                pairs.job[chosen].astype(np.int64),
-                pairs.offer[chosen].astype(np.int64),
-                pairs.weight[chosen],
-            )
-            lp_x = _on_candidates(a, pairs, solution.x, cands)
-    # The last word: both orders for big jobs (and the LP's), on the final set.
-    final = integer.assign(a, cands, lp_x=lp_x)
-    value, final_value = integer.objective(cands, assigned), integer.objective(cands, final)
-    if final_value > value:
-        assigned, value = final, final_value
-    stats["candidates"] = float(cands.size)
 
-    if has_big_jobs and bound - value > 1e-9 * max(1.0, abs(bound)):
-        share = float((a.j_accelerators > 1).mean())
+def _knapsack(
+    a: MarketArrays,
+    pairs: FeasiblePairs,
+    cands: Candidates,
+    warm: Warm | None,
+    started: float,
+    deadline: float,
+    stats: dict[str, float],
+) -> tuple[Ints, float, Warm | None]:
+    """The LP, its rounding and the neighbourhood search, for rounds with gangs.
+
+    Returns the answer, the bound and what the next round starts its LP from;
+    ``cands`` gains the LP's pairs (the answer is always made of candidates).
+    """
+    reserve = _reserve(a)
+    lp_deadline = time.perf_counter() + LP_SHARE * (deadline - time.perf_counter() - reserve)
+    lp = relax.relax(a, pairs, lp_deadline, warm=warm)
+    assert lp is not None  # there are pairs: solve() answered the round without any
+    bound = lp.bound
+    stats.update(
+        lp_iterations=float(lp.iterations),
+        lp_complete=float(lp.complete),
+        lp_pairs=float(len(lp.working)),
+        lp_done_at=_since(started),
+    )
+    cands.add(
+        pairs.job[lp.working].astype(np.int64),
+        pairs.offer[lp.working].astype(np.int64),
+        pairs.weight[lp.working],
+    )
+    x = np.zeros(pairs.size)
+    x[lp.working] = lp.x
+    lp_x = _on_candidates(a, pairs, x, cands)
+    marks = _Marks(started, bound, stats)
+    assigned = relax.round_down(a, pairs, lp)
+    marks(integer.objective(cands, assigned))
+    stats["rounded_at"] = _since(started)
+    if pairs.size <= exact.MAX_PAIRS:
+        # Small rounds: CP-SAT over every feasible pair, which can prove the optimum.
+        assigned, bound = _exact(a, pairs, cands, assigned, bound, deadline - reserve, marks)
+    else:
+        pool = neighbourhood.Pool(a, cands.job, cands.offer, cands.weight, lp_x)
+        assigned, steps = neighbourhood.search(
+            a, pool, assigned, bound, GAP_GOAL, deadline - reserve, on_better=marks
+        )
+        stats.update(steps)
+    stats["searched_at"] = _since(started)
+    return assigned, bound, relax.warm_from(a, pairs, lp)
+
+
+def _exact(
+    a: MarketArrays,
+    pairs: FeasiblePairs,
+    cands: Candidates,
+    assigned: Ints,
+    bound: float,
+    deadline: float,
+    marks: _Marks,
+) -> tuple[Ints, float]:
+    """CP-SAT over every pair, hinted with ``assigned``: once to prove the optimum
+    if it can, then with twice the budget each time while the answer is not
+    within the goal of the bound, until ``deadline``. ``cands`` gains the pairs
+    of the answer."""
+    every = Candidates(pairs.job.astype(np.int64), pairs.offer.astype(np.int64), pairs.weight)
+    value = integer.objective(every, assigned)
+    budget = CP_SAT_BUDGET
+    tries = 0
+    while time.perf_counter() < deadline and bound - value > (
+        GAP_GOAL * abs(bound) if tries else 1e-9 * max(1.0, abs(bound))
+    ):
+        tries += 1
         answer = exact.improve(
             a,
-            cands,
+            every,
             assigned,
-            deterministic_seconds=CP_SAT_BUDGET * (1 + 4 * share),
-            wall_seconds=deadline - time.perf_counter() - _reserve(a),
+            deterministic_seconds=budget,
+            wall_seconds=deadline - time.perf_counter(),
         )
-        if answer is not None:
-            better = integer.objective(cands, answer.assigned)
-            if better > value:
-                assigned, value = answer.assigned, better
-            if answer.optimal and cands.size == pairs.size:
-                # The candidates are every feasible pair: CP-SAT's bound is the
-                # round's, up to the rounding of its integer weights.
-                slack = exact.ROUNDING_USD * a.n_jobs
-                bound = min(bound, max(answer.bound + slack, value))
+        if answer is None:
+            break
+        if integer.objective(every, answer.assigned) > value:
+            assigned = answer.assigned
+            value = integer.objective(every, assigned)
+            marks(value)
+        if answer.optimal:
+            # Up to the rounding of CP-SAT's integer weights, its bound is the round's.
+            slack = exact.ROUNDING_USD * a.n_jobs
+            bound = min(bound, max(answer.bound + slack, value))
+            break
+        budget *= 2
+    used = integer.pairs_of(every, assigned)
+    cands.add(every.job[used], every.offer[used], every.weight[used])
+    return assigned, bound
 
-    stats["improved_at"] = _since(started)
-    baseline = integer.first_come(a, pairs)
-    baseline_value = float(sum(_weights(a, pairs, baseline)))
-    stats["baseline_objective"] = baseline_value
-    if baseline_value > value:
-        assigned = baseline
-    return replace(_result(a, assigned, bound, started, stats), unplaceable=unplaceable)
+
+class _Marks:
+    """Records in ``stats`` when the answer first came within 2 % and 1 % of ``bound``."""
+
+    def __init__(self, started: float, bound: float, stats: dict[str, float]):
+        self.started, self.bound, self.stats = started, bound, stats
+
+    def __call__(self, value: float) -> None:
+        for goal, key in ((0.02, "within_2pct_at"), (0.01, "within_1pct_at")):
+            if key not in self.stats and self.bound - value <= goal * abs(self.bound):
+                self.stats[key] = _since(self.started)
 
 
 def placeable(market: Market) -> frozenset[str]:

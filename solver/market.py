@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from solver.relax import Warm
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,8 @@ class Result:
     # Of the unassigned, the jobs that no offer of this market may take at all
     # (every rule applied): they stay unplaceable until the offers change.
     unplaceable: tuple[str, ...] = ()
+    # What the next round over much the same book starts its LP from (rounds with gangs).
+    warm: Warm | None = None
 
     @property
     def gap(self) -> float | None:

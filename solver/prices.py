@@ -56,9 +56,17 @@ def prove(a: MarketArrays, c: Candidates, assigned: Ints, max_rounds: int = 10_0
     return price
 
 
-def bound(a: MarketArrays, pairs: FeasiblePairs, price: Floats) -> tuple[float, Floats]:
-    """The upper bound for ``price``, and every pair's value net of the prices."""
-    reduced = pairs.weight - a.j_accelerators[pairs.job] * price[pairs.offer]
+def bound(
+    a: MarketArrays, pairs: FeasiblePairs, price: Floats, need: Floats | None = None
+) -> tuple[float, Floats]:
+    """The upper bound for ``price``, and every pair's value net of the prices.
+
+    ``need``, each pair's accelerators, saves looking them up again when given."""
+    if need is None:
+        need = a.j_accelerators[pairs.job].astype(np.float64)
+    reduced = price[pairs.offer]
+    reduced *= need
+    np.subtract(pairs.weight, reduced, out=reduced)
     best = np.zeros(a.n_jobs)
     nonempty = np.flatnonzero(np.diff(pairs.start) > 0)
     if len(nonempty):
@@ -88,3 +96,49 @@ def improving(
         pairs.offer[chosen].astype(np.int64),
         pairs.weight[chosen],
     )
+
+
+def prove_units(a: MarketArrays, pairs: FeasiblePairs, working: Ints, y: Floats) -> Floats:
+    """The smallest offer prices that prove the flow ``y`` (accelerators per working
+    pair) optimal for the LP over the working set, gangs included.
+
+    Per accelerator, pair ``p`` of job ``j`` is worth ``v_p = w_p / a_j``, and the
+    LP's dual asks ``u_j + pi_o >= v_p`` with equality where ``y_p > 0``. A job
+    not wholly placed has ``u_j = 0``, so each of its pairs sets a floor
+    ``pi_o >= v_p``; a placed job's offer ``o`` and any other pair ``q`` of it give
+    ``pi_q >= pi_o + v_q - v_p``. Longest paths from the floors, as in ``prove``.
+    """
+    job = pairs.job[working].astype(np.int64)
+    offer = pairs.offer[working].astype(np.int64)
+    need = a.j_accelerators[job]
+    value = pairs.weight[working] / need
+    placed = np.zeros(a.n_jobs)
+    np.add.at(placed, job, y)
+    whole = placed[job] >= need
+    price = np.zeros(a.n_offers)
+    np.maximum.at(price, offer[~whole], value[~whole])
+
+    # Moves: from each used pair of a wholly placed job to each other pair of it.
+    start = np.searchsorted(job, np.arange(a.n_jobs + 1))  # working is sorted by job
+    used = np.flatnonzero((y > 0) & whole)
+    lengths = start[job[used] + 1] - start[job[used]]
+    src_pair = np.repeat(used, lengths)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    dst_pair = np.repeat(start[job[used]], lengths) + offsets
+    other = dst_pair != src_pair
+    src_pair, dst_pair = src_pair[other], dst_pair[other]
+    src, dst = offer[src_pair], offer[dst_pair]
+    gain = value[dst_pair] - value[src_pair]
+    order = np.argsort(dst, kind="stable")
+    src, dst, gain = src[order], dst[order], gain[order]
+    heads = np.flatnonzero(np.diff(dst, prepend=-1))
+    if len(heads) == 0:
+        return price
+    targets = dst[heads]
+    for _ in range(10_000):
+        reach = np.maximum.reduceat(price[src] + gain, heads)
+        raised = reach > price[targets] + TOLERANCE_USD
+        if not raised.any():
+            break
+        price[targets[raised]] = reach[raised]
+    return price

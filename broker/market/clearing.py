@@ -48,7 +48,7 @@ from broker.market.models import Allocation, ClearingRound
 from broker.market.standing import Standing
 from broker.observability import observe_round
 from broker.offers.models import Offer, OfferStatus
-from solver import Market, Result, solve
+from solver import Market, Result, Warm, solve
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def leader(engine: Engine) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-Solve = Callable[[Market, float], Result]
+# A solve: the market, the time limit, and the last round's hand-over (or None).
+Solve = Callable[[Market, float, Warm | None], Result]
 
 
 def run_round(
@@ -125,8 +126,8 @@ def run_round(
     return record
 
 
-def _solve_here(market: Market, time_limit: float) -> Result:
-    return solve(market, time_limit=time_limit)
+def _solve_here(market: Market, time_limit: float, warm: Warm | None = None) -> Result:
+    return solve(market, time_limit=time_limit, warm=warm)
 
 
 def clear_in_process(interval: float) -> None:
@@ -172,7 +173,7 @@ class _BackgroundSolver:
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
 
-    def __call__(self, market: Market, time_limit: float) -> Result:
+    def __call__(self, market: Market, time_limit: float, warm: Warm | None = None) -> Result:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
@@ -180,7 +181,7 @@ class _BackgroundSolver:
                 initializer=_lower_priority,
             )
         try:
-            return self._pool.submit(solve, market, time_limit=time_limit).result()
+            return self._pool.submit(solve, market, time_limit=time_limit, warm=warm).result()
         except BrokenProcessPool:
             self._pool = None
             raise
@@ -235,7 +236,8 @@ def _run(
             )
         )
     try:
-        result = (solver or _solve_here)(market, settings.clear_time_limit_seconds)
+        warm = standing.warm if standing else None
+        result = (solver or _solve_here)(market, settings.clear_time_limit_seconds, warm)
         if standing:
             standing.solved(market, result)
         with transaction(engine) as session:

@@ -43,7 +43,7 @@ from broker.jobs.models import Job
 from broker.jobs.states import JobState
 from broker.market import adapt
 from broker.offers.models import Offer, OfferStatus
-from solver import Market, Result, placeable
+from solver import Market, Result, Warm, placeable
 from solver import market as sm
 
 _CHUNK = 500  # ids per ``IN (...)`` when reading changed rows
@@ -61,6 +61,8 @@ class Standing:
         self._seen: dict[str, sm.Offer] = {}
         self._weights: sm.Weights | None = None
         self._dormant: dict[str, sm.Job] = {}
+        # The last solve's LP working set and prices: the next one starts from them.
+        self.warm: Warm | None = None
 
     def read(self, session: Session, weights: sm.Weights) -> tuple[Market, dict[str, datetime]]:
         """The whole book (every open job, every active offer with free accelerators,
@@ -130,6 +132,7 @@ class Standing:
         jobs = {j.id: j for j in market.jobs}
         for job_id in result.unplaceable:
             self._dormant[job_id] = jobs[job_id]
+        self.warm = result.warm
 
     @property
     def dormant(self) -> frozenset[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import strategies as st
 
 from solver.market import Job, Market, Offer, Weights
@@ -85,4 +87,18 @@ def markets(draw: st.DrawFn, max_jobs: int = 7, max_offers: int = 4) -> Market:
             egress_usd_per_gb=0.09,
             latency_usd_per_ms=draw(st.sampled_from([0.0, 0.05])),
         ),
+    )
+
+
+@st.composite
+def gang_markets(draw: st.DrawFn, max_jobs: int = 10, max_offers: int = 4) -> Market:
+    """Markets where most jobs are gangs of 2-8 accelerators and offers hold 1-16:
+    rounds that are knapsack problems, not transportation problems."""
+    market = draw(markets(max_jobs=max_jobs, max_offers=max_offers))
+    sizes = st.sampled_from([1, 2, 2, 4, 4, 8])
+    counts = st.sampled_from([1, 2, 4, 6, 8, 16])
+    return Market(
+        offers=tuple(replace(o, count=draw(counts)) for o in market.offers),
+        jobs=tuple(replace(j, accelerators=draw(sizes)) for j in market.jobs),
+        weights=market.weights,
     )
