@@ -5,23 +5,26 @@ The pipeline uses the problem's structure rather than one big integer model:
 1. ``rules`` applies every market rule, vectorised over blocks of jobs x offers;
    ``pairs.scan`` keeps the feasible pairs, and each job's most valuable ones
    as the first candidates.
-2. ``integer.assign`` places one-accelerator jobs exactly by min-cost flow
-   (a transportation problem) and larger jobs around them.
-3. ``prices.prove`` turns the assignment into offer prices (the LP dual), which
-   bound the round over *all* feasible pairs; pairs the prices say could do
-   better join the candidates, and 2-3 repeat until none are left or time is up.
-4. Jobs needing several accelerators make the round a knapsack problem: on
-   rounds small enough the LP over every pair (GLOP) gives the true bound and
-   guides their rounding, and CP-SAT, hinted with the best assignment, improves
-   the answer.
-5. First-come-first-served (the peer baseline) is computed on the same pairs and
+2. A round of one-accelerator jobs is a transportation problem:
+   ``integer.assign`` solves it exactly by min-cost flow over the candidates,
+   ``prices.prove`` turns the answer into offer prices (the LP dual) that bound
+   the round over *all* feasible pairs, and pairs the prices say could do
+   better join the candidates until none are left.
+3. Gangs (jobs needing several accelerators on one offer) make the round a
+   multiple-knapsack problem. ``relax`` solves its LP exactly, as a
+   transportation problem in accelerators, by the same kind of column
+   generation; that gives the true LP bound and an answer that is integral but
+   for a few split gangs. ``relax.round_down`` makes it integral, and
+   ``neighbourhood.search`` re-packs a few offers at a time with CP-SAT while
+   the answer is further than ``GAP_GOAL`` from the bound and time remains
+   (small rounds: CP-SAT over every pair, which can prove the optimum).
+4. First-come-first-served (the peer baseline) is computed on the same pairs and
    kept if it is better, so a round never does worse than it.
 
-Answers are deterministic for a given input: there is no randomness, rounds of
-step 3 stop when no pair is left to add or the answer is within ``GAP_GOAL`` of
-the bound, and CP-SAT is bounded by deterministic time. The time limit is a
-safety net; only a machine too slow to reach those stops within it can give a
-different (earlier) answer.
+Answers are deterministic for a given input and time limit on a given machine
+when they stop at a goal: there is no randomness, and CP-SAT runs on one
+worker with deterministic time limits. A round that runs out of time stops
+where its clock says, so a slower machine can stop at an earlier answer.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs
 FIRST_CANDIDATES = 32  # per job, from the scan
 ADDED_PER_ROUND = 32  # per job, from pricing
 KEPT_PER_ROUND = 16  # per job, of the pairs already in the working set
-# CP-SAT's deterministic seconds per round; about ten wall seconds each on a
-# 2-core machine, so it polishes small rounds and leaves large ones alone.
+# CP-SAT's first deterministic budget over every pair of a small round (doubled
+# on each try that neither proves the optimum nor reaches the goal).
 CP_SAT_BUDGET = 0.1
 MAX_ROUNDS = 50
 GAP_GOAL = 0.005  # rounds stop within 0.5 % of the bound, well inside the targets
