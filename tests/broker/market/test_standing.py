@@ -25,7 +25,7 @@ from broker.market.standing import Standing
 from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferUpdate
 from broker.offers.service import update_offer, withdraw_offer
-from solver import Market, placeable
+from solver import Market, Result, Warm, placeable, solve
 from tests.broker.market.test_clearing import accounts, check_invariants, seed
 from tests.factories import make_account, make_job, make_offer
 
@@ -206,3 +206,31 @@ def test_left_out_jobs_are_always_ones_no_offer_can_take(fresh_engine: Engine) -
         assert placeable(Market(offers=fresh.offers, jobs=left_out)) == frozenset()
         check_invariants(fresh_engine, listed)
     assert standing.dormant  # the walk did leave jobs out
+
+
+def test_a_round_with_gangs_hands_its_lp_to_the_next(fresh_engine: Engine) -> None:
+    """The solver's warm start reaches the server's rounds: the next automatic
+    round's solve is given the LP working set and prices of the last one."""
+    provider, developer = accounts(fresh_engine)
+    for _ in range(3):
+        seed(fresh_engine, lambda s: make_offer(s, provider, price_per_hour="2.50", count=8))
+    for size in (8, 4, 4, 2, 8, 8):
+        seed(fresh_engine, lambda s, n=size: make_job(s, developer, accelerators=n))
+    given: list[object] = []
+
+    def spy(market: Market, time_limit: float, warm: Warm | None) -> Result:
+        given.append(warm)
+        return solve(market, time_limit=time_limit, warm=warm)
+
+    standing = Standing()
+    first = clearing.run_round(fresh_engine, SETTINGS, "auto", spy, standing)
+    assert first is not None
+    assert first.matched == 4  # 24 accelerators: 8 + 8 + 4 + 4, or 8 + 8 + 8
+    assert given == [None]
+    assert standing.warm is not None
+    assert standing.warm.pairs  # the jobs the LP placed, by id
+    handed = standing.warm
+    seed(fresh_engine, lambda s: make_offer(s, provider, price_per_hour="2.50", count=8))
+    second = clearing.run_round(fresh_engine, SETTINGS, "auto", spy, standing)
+    assert second is not None
+    assert given[1] is handed
