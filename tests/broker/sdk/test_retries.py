@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -66,6 +68,9 @@ def test_reports_failing_a_few_times_are_retried_and_the_run_finishes(
         run_round(fresh_engine, get_settings(), "manual")
         (order,) = provider.work()
         assert run_work_order(provider, order, progress_seconds=0.0) == "succeeded"
+        # The run's private directory is gone.
+        left = Path(tempfile.gettempdir()).glob(f"broker-run-{order['allocation_id']}-*")
+        assert not list(left)
         job.wait(timeout=30, poll=0.05, progress=False)
         assert job.data["steps_done"] == 40
         assert job.data["attempts"] == 1  # never handed back
