@@ -156,6 +156,8 @@ class Server:
             **os.environ,
             "BROKER_DATABASE_URL": url,
             "BROKER_DATA_DIR": str(data_dir),
+            # The benchmark's market is bids for capacity alone: nothing runs on them.
+            "BROKER_ALLOW_CAPACITY_BIDS": "1",
             **env,
         }
         self.workers = workers

@@ -76,7 +76,9 @@ class Keys:
 
 
 def seed(url: str, market: sm.Market) -> Keys:
-    """Accounts, then the market's offers and jobs, through the broker's services."""
+    """Accounts, then the market's offers and jobs, through the broker's services. The
+    jobs are bids for capacity alone (a market simulation), which this process's
+    settings must allow (BROKER_ALLOW_CAPACITY_BIDS=1)."""
     from broker.accounts.models import Role
     from broker.accounts.service import create_account
     from broker.db import make_engine, transaction
@@ -85,6 +87,10 @@ def seed(url: str, market: sm.Market) -> Keys:
     from broker.offers.schemas import OfferCreate
     from broker.offers.service import create_offer
 
+    from broker.config import get_settings
+
+    os.environ["BROKER_ALLOW_CAPACITY_BIDS"] = "1"
+    get_settings.cache_clear()
     engine = make_engine(url)
     try:
         with transaction(engine) as session:

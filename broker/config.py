@@ -185,6 +185,13 @@ class Settings(BaseSettings):
         description="Accept offers of hardware emulated on a CPU (labelled as such): for "
         "demos and tests, never for a real market",
     )
+    allow_capacity_bids: bool = Field(
+        default=False,
+        description="Accept bids without a program (capacity alone: platforms and a runtime "
+        "or the work): for market simulations, load tests and tests of the market, never for "
+        "a real market. Nothing runs on them: an agent matched to one fails it at once, "
+        "saying so. By default a bid must name its program (artifact and inputs)",
+    )
     secret_key: SecretStr | None = Field(
         default=None,
         min_length=32,

@@ -41,6 +41,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ.update(overrides)
     # Tests send requests as fast as they can; tests/broker/test_ops.py turns limits on.
     os.environ.setdefault("BROKER_RATE_LIMIT_PER_SECOND", "0")
+    # Most tests exercise the market with bids for capacity alone (no program to
+    # package); tests/broker/jobs/test_capacity_bids.py checks a default broker refuses them.
+    os.environ.setdefault("BROKER_ALLOW_CAPACITY_BIDS", "1")
     # No cost worker process beside each test process (and those it starts) that
     # packages a program; tests/broker/portable/test_costworker.py turns it on.
     os.environ.setdefault("BROKER_PACKAGE_WORKER", "0")

@@ -15,9 +15,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import manager_of_class
 
+from adapters import catalog
 from broker.accounts.models import Account, Role
 from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, get_store, leaf_specs, load_artifact
+from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.models import Job
@@ -65,8 +67,11 @@ def submit_job(
 
 
 def needs_database(data: JobCreate) -> bool:
-    """Whether ``prepare_job`` reads the database for ``data``: to check its program."""
-    return data.artifact is not None
+    """Whether ``prepare_job`` reads the database for ``data``: to check its program, or
+    a model the catalog does not know."""
+    return data.artifact is not None or any(
+        catalog.lookup(m) is None for m in data.accelerator_models
+    )
 
 
 def prepare_job(
@@ -78,6 +83,7 @@ def prepare_job(
     """
     program = _check_program(session, account, data)
     _check_consistent(data, program)
+    _check_catalog(session, data)
     values = _new_job(account, data, program)
     # The hash covers the job as stored, so equivalent bodies (reordered lists, model
     # aliases) count as the same request.
@@ -155,6 +161,15 @@ class _Program:
 def _check_program(session: Session | None, account: Account, data: JobCreate) -> _Program | None:
     """Check the job's artifact and inputs; each error names the field to fix."""
     if data.artifact is None:
+        if not get_settings().allow_capacity_bids:
+            raise InvalidInput(
+                "a job needs its program: package a JAX function and submit it with the "
+                "SDK (Client.submit) or `broker jobs submit FILE.py:function`, or upload it "
+                "to /v1/artifacts and its inputs to /v1/arrays. Bids for capacity alone, "
+                "with nothing to run, are taken only by a broker started with "
+                "BROKER_ALLOW_CAPACITY_BIDS=1 (market simulations)",
+                field="body.artifact",
+            )
         for name in ("inputs", "steps", "checkpoint_every"):
             if getattr(data, name) is not None:
                 raise InvalidInput(
@@ -211,6 +226,34 @@ def _check_program(session: Session | None, account: Account, data: JobCreate) -
         bytes=manifest.bytes * runs,
         dtype=manifest.dtype,
     )
+
+
+def _check_catalog(session: Session | None, data: JobCreate) -> None:
+    """Models and vendors a bid names must exist: in the hardware catalog, or listed by
+    some offer (a model outside the catalog); a typo would otherwise wait forever."""
+    unknown = [m for m in data.accelerator_models if catalog.lookup(m) is None]
+    if unknown and session is not None:
+        listed = set(
+            session.scalars(
+                select(Offer.accelerator)
+                .where(Offer.accelerator.in_([catalog.normalize_key(m) for m in unknown]))
+                .distinct()
+            )
+        )
+        unknown = [m for m in unknown if catalog.normalize_key(m) not in listed]
+    if unknown:
+        known = ", ".join(spec.key for spec in catalog.all_specs())
+        raise InvalidInput(
+            f"unknown accelerator model {unknown[0]!r}: no such model in the catalog or "
+            f"on offer; known models: {known} (GET /v1/catalog lists them with aliases)",
+            field="body.accelerator_models",
+        )
+    vendors = [v for v in data.vendors if v not in catalog.VENDORS]
+    if vendors:
+        raise InvalidInput(
+            f"unknown vendor {vendors[0]!r}; vendors: {', '.join(catalog.VENDORS)}",
+            field="body.vendors",
+        )
 
 
 def _referenced(session: Session, account: Account, sha256: str, kind: BlobKind, name: str) -> Blob:

@@ -157,6 +157,29 @@ def test_a_refused_bid_form_keeps_what_was_typed(browser_for: Any) -> None:
     assert "give platforms" in no_platform.text
 
 
+def test_a_default_broker_shows_how_to_submit_a_program_not_a_capacity_form(
+    browser_for: Any, monkeypatch: Any
+) -> None:
+    from broker.config import get_settings
+
+    developer: Browser = browser_for(Role.developer)
+    monkeypatch.setenv("BROKER_ALLOW_CAPACITY_BIDS", "0")
+    get_settings.cache_clear()
+    try:
+        page = developer.get("/jobs/new").text
+        refused = developer.post(
+            "/jobs/new", {"platforms": ["cpu"], "max_price_per_hour": "2", "duration_hours": "1"}
+        )
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert "broker jobs submit my_model.py:predict" in page
+    assert "Place the bid" not in page
+    assert refused.status_code == 422
+    assert "a job needs its program" in refused.text
+    assert "capacity alone" in developer.get("/jobs/new").text  # a simulation broker
+
+
 def test_a_developer_never_sees_another_developers_jobs(db: Session, browser_for: Any) -> None:
     alice: Browser = browser_for(Role.developer)
     bob: Browser = browser_for(Role.developer)

@@ -132,6 +132,7 @@ def _job_form(
         errors=errors or {},
         platforms=PLATFORMS,
         checked=platforms if platforms is not None else ["cuda"],
+        capacity_bids=get_settings().allow_capacity_bids,
     )
 
 
