@@ -236,6 +236,34 @@ def inspect_program(
     return targets, sites, hlo_cost(bytecode, cpu_backend())
 
 
+def smallest_cost(exported: export.Exported) -> dict[str, float] | None:
+    """XLA's cost analysis of a shape-polymorphic program at its smallest shapes (every
+    symbolic dimension 1), compiled for the CPU: a floor under the cost at any shapes
+    it runs on (for programs whose work grows with their sizes). None when the
+    program's shape constraints refuse those shapes."""
+    shapes = [a.shape for a in exported.in_avals]
+    names: set[str] = set()
+    for shape in shapes:
+        for d in shape:
+            if not isinstance(d, int):
+                names |= set(d.get_vars())
+    env = dict.fromkeys(names, 1)
+    try:
+        specs = [
+            jax.ShapeDtypeStruct(
+                tuple(d if isinstance(d, int) else int(d._evaluate(env)) for d in a.shape),
+                a.dtype,
+            )
+            for a in exported.in_avals
+        ]
+        args, kwargs = jax.tree.unflatten(exported.in_tree, specs)
+        # Compiled: XLA refines the program's dynamic shapes only when it compiles.
+        compiled = jax.jit(exported.call).lower(*args, **kwargs).compile()
+        return _cost_dict(compiled.cost_analysis())
+    except Exception:  # constraints (say, b >= 2) that the smallest shapes break
+        return None
+
+
 def _is(value: Any, kind: Any) -> bool:
     if isinstance(value, kind):
         return True

@@ -115,6 +115,17 @@ def verify_artifact(data: bytes) -> Artifact:
     if cost is not None:
         for key in ("flops", "bytes"):
             _close(key, cost[key], getattr(manifest, key))
+    # A polymorphic program's flops are its cost at example shapes the broker never
+    # sees; they may not be less than its cost at the smallest shapes it accepts (half
+    # of it, for slack; bytes are not floored, as fusion changes them).
+    elif (floor := _xla.smallest_cost(exported)) is not None and (
+        manifest.flops < 0.5 * floor["flops"] - 1.0
+    ):
+        raise ArtifactError(
+            f"the manifest's flops ({manifest.flops:.6g}) are less than XLA's cost "
+            f"analysis of the program at its smallest shapes ({floor['flops']:.6g}, "
+            "every symbolic dimension 1)"
+        )
     return artifact
 
 

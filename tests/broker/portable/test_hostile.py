@@ -220,3 +220,7 @@ def test_a_truly_polymorphic_program_is_still_accepted() -> None:
     verify_artifact(artifact.to_bytes())
     with pytest.raises(ArtifactError, match="polymorphic"):
         verify_artifact(_rebuild(artifact, polymorphic=False))
+    # Its cost cannot be checked at shapes the broker never sees, but it cannot be
+    # less than at the smallest shapes the program accepts.
+    with pytest.raises(ArtifactError, match=r"flops.*smallest shapes"):
+        verify_artifact(_rebuild(artifact, flops=0.0))
