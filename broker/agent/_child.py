@@ -177,8 +177,22 @@ def _warm_up(platform: str) -> None:
         _xla.initialize_cpu_routines()
 
 
+def _end_with(parent: int) -> None:
+    """Exit when the agent that started this process is gone (killed, say): nobody
+    would stop the run at its limits any more."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def main() -> None:
     setup = json.loads(sys.argv[1])
+    parent = os.getppid()
     # The messages keep the real stdout; anything the program or XLA prints goes to stderr.
     channel = _Channel(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
@@ -195,6 +209,7 @@ def main() -> None:
     _warm_up(platform)
     if setup.get("uid") is not None:
         _drop_root(int(setup["uid"]), int(setup["gid"]))
+    _end_with(parent)
     channel.send(ready=True, platform=platform, start_seconds=time.perf_counter() - began)
     line = sys.stdin.readline()
     if not line:

@@ -287,3 +287,49 @@ def test_a_child_that_stops_talking_is_still_stopped_at_its_limit(
     assert outcome.kind == "failed"
     assert "passed the test's limit" in outcome.message
     box.close()
+
+
+def test_children_end_when_their_agent_is_killed(tmp_path: Path) -> None:
+    """An agent killed outright (SIGKILL) cannot stop its runs any more: a child in
+    the middle of an endless program ends itself."""
+    import signal
+    import subprocess
+    import sys
+
+    pids = tmp_path / "pids"
+    script = f"""
+import numpy as np, jax.numpy as jnp
+from pathlib import Path
+from broker.agent.sandbox import Sandbox, SandboxConfig
+from broker.portable.artifact import package
+from tests.broker.agent.test_sandbox import forever, run
+box = Sandbox(SandboxConfig(), spare=False)
+take = box._take
+def taken():
+    child = take()
+    Path({str(pids)!r}).write_text(str(child.process.pid))
+    return child
+box._take = taken
+run(box, package(forever, jnp.zeros(1, jnp.int32)), [np.zeros(1, np.int32)])
+"""
+    agent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pid = int(pids.read_text())
+        time.sleep(3)  # well into the program
+        os.kill(pid, 0)  # running
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the child outlived its agent by 10 s")
