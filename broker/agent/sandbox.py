@@ -56,6 +56,24 @@ def can_isolate() -> bool:
     return sys.platform == "linux" and os.geteuid() == 0
 
 
+def _isolation_problem(user: str) -> str | None:
+    """Why children cannot be isolated here (None: they can): no such user, or a
+    root without the right to make namespaces (some containers)."""
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return f"there is no user {user!r} to run them as"
+    probe = (
+        "import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0)"
+    )
+    done = subprocess.run(  # noqa: S603  (our own interpreter, no shell)
+        [sys.executable, "-c", probe], capture_output=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        return "this root may not make network namespaces (a container without CAP_SYS_ADMIN?)"
+    return None
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """How the agent confines runs. The defaults suit a machine given over to the market."""
@@ -278,6 +296,11 @@ class Sandbox:
                 "isolating runs (a network namespace, an unprivileged user) needs an agent "
                 "running as root on Linux"
             )
+        if self.isolate and (problem := _isolation_problem(self.config.user)):
+            if self.config.isolate:  # asked for outright: do not run without it
+                raise RuntimeError(f"cannot isolate runs: {problem}")
+            log.warning("runs are not isolated (network, user): %s", problem)
+            self.isolate = False
         self._uid: tuple[int, int] | None = None
         if self.isolate:
             user = pwd.getpwnam(self.config.user)

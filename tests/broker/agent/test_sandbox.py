@@ -333,3 +333,17 @@ run(box, package(forever, jnp.zeros(1, jnp.int32)), [np.zeros(1, np.int32)])
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the child outlived its agent by 10 s")
+
+
+def test_isolation_is_left_out_where_it_cannot_be_had() -> None:
+    """Auto mode runs without isolation, and says so, where it is not to be had; asked
+    for outright, it refuses to start instead."""
+    if not can_isolate():
+        with pytest.raises(RuntimeError, match="root on Linux"):
+            Sandbox(SandboxConfig(isolate=True), spare=False)
+        assert not Sandbox(SandboxConfig(), spare=False).isolate
+        return
+    missing = SandboxConfig(user="no-such-user-here")
+    assert not Sandbox(missing, spare=False).isolate
+    with pytest.raises(RuntimeError, match="no user 'no-such-user-here'"):
+        Sandbox(SandboxConfig(isolate=True, user="no-such-user-here"), spare=False)
