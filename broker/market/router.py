@@ -10,11 +10,11 @@ from broker.auth import Admin, BatchedAccount, CurrentAccount
 from broker.config import get_settings
 from broker.db import EngineDep, SessionDep, TransactionsDep, read_only_session, transaction
 from broker.errors import NotFound
-from broker.market import service
+from broker.market import estimates, service
 from broker.market.cache import BookCache
 from broker.market.clearing import run_round
 from broker.market.models import ClearingRound
-from broker.market.schemas import BookQuery, CatalogEntry, OrderBook, RoundOut
+from broker.market.schemas import BookQuery, CatalogEntry, EstimateBand, OrderBook, RoundOut
 from broker.offers.service import resolve_model
 from broker.pagination import Page, PageQuery
 from broker.types import ObjectId
@@ -91,6 +91,25 @@ def rounds(
 ) -> Page[RoundOut]:
     rows, total = service.list_rounds(session, limit=query.limit, offset=query.offset)
     return Page.of([RoundOut.model_validate(r) for r in rows], total, query)
+
+
+@router.get(
+    "/v1/market/estimates",
+    response_model=list[EstimateBand],
+    summary="How runtime estimates held, per accelerator model",
+)
+def estimate_bands(session: SessionDep, _: CurrentAccount) -> list[EstimateBand]:
+    return [
+        EstimateBand(
+            model=b.model,
+            runs=b.runs,
+            median=b.median,
+            low=b.low,
+            high=b.high,
+            correction=b.correction,
+        )
+        for b in estimates.bands(session).values()
+    ]
 
 
 @router.get("/v1/market/rounds/{round_id}", response_model=RoundOut, summary="One clearing round")

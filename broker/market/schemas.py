@@ -69,6 +69,21 @@ class Unmatched(BaseModel):
     summary: str
 
 
+class EstimateBand(BaseModel):
+    """How runtime estimates on one accelerator model held: metered over estimated
+    runtime for its latest runs, and the correction later estimates get."""
+
+    model: str
+    runs: int
+    median: float = Field(description="Median of metered / estimated runtime")
+    low: float = Field(description="10th percentile of metered / estimated runtime")
+    high: float = Field(description="90th percentile of metered / estimated runtime")
+    correction: float = Field(
+        description="What estimates on this model are multiplied by: the median, once "
+        "there are enough runs, within a floor and a ceiling"
+    )
+
+
 class EstimatedCost(BaseModel):
     compute: Usd
     egress: Usd

@@ -30,6 +30,7 @@ read, so the memory is safe whoever else writes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -41,12 +42,13 @@ from sqlalchemy.orm import Session
 from broker.billing import service as billing
 from broker.jobs.models import Job
 from broker.jobs.states import JobState
-from broker.market import adapt
+from broker.market import adapt, estimates
 from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, Warm, placeable
 from solver import market as sm
 
 _CHUNK = 500  # ids per ``IN (...)`` when reading changed rows
+BANDS_EVERY_S = 60.0  # how often rounds read the observed ratios of estimates again
 
 
 class Standing:
@@ -63,6 +65,8 @@ class Standing:
         self._dormant: dict[str, sm.Job] = {}
         # The last solve's LP working set and prices: the next one starts from them.
         self.warm: Warm | None = None
+        # When the observed ratios of estimates were read, and what they were.
+        self._bands_read: tuple[float, dict[str, estimates.Band]] | None = None
 
     def read(self, session: Session, weights: sm.Weights) -> tuple[Market, dict[str, datetime]]:
         """The whole book (every open job, every active offer with free accelerators,
@@ -99,13 +103,21 @@ class Standing:
             if (left := budgets.get(r.id)) is not None:
                 job = replace(job, budget_usd=float(left) / 1e6)
             jobs.append(job)
+        observed = self._bands(session)
         offers = []
         for r in offer_rows:
             if (seen := self._offers.get(r.id)) is None:
                 continue
-            offer = seen[1]
+            offer = estimates.corrected(seen[1], observed)
             offers.append(offer if offer.count == r.free else replace(offer, count=r.free))
         return Market(offers=tuple(offers), jobs=tuple(jobs), weights=weights), versions
+
+    def _bands(self, session: Session) -> dict[str, estimates.Band]:
+        """The observed ratios of estimates, read again at most every ``BANDS_EVERY_S``."""
+        now = time.monotonic()
+        if self._bands_read is None or now - self._bands_read[0] >= BANDS_EVERY_S:
+            self._bands_read = (now, estimates.bands(session))
+        return self._bands_read[1]
 
     def to_solve(self, book: Market) -> Market:
         """``book`` without its dormant jobs; first wakes those an offer that grew

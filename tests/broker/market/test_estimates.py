@@ -1,0 +1,90 @@
+"""Observed ratios of runtime estimates: metered over estimated per model, the
+correction they earn within a floor and a ceiling, applied to later rounds."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.orm import Session
+
+from broker.accounts.models import Role
+from broker.config import Settings
+from broker.db import utcnow
+from broker.jobs.states import JobState
+from broker.market import estimates
+from broker.market.adapt import weights
+from broker.market.estimates import CEILING, FLOOR, MIN_RUNS, Band
+from broker.market.standing import Standing
+from broker.offers.models import Offer
+from tests.conftest import ClientFactory
+from tests.factories import make_account, make_job, make_offer, make_run
+
+MS_PER_HOUR = 3_600_000
+
+
+def _runs(db: Session, offer: Offer, ratios: list[float], **job: object) -> None:
+    """Finished first attempts on ``offer``: each estimated at one hour, metered at
+    ``ratio`` hours on each of its accelerators."""
+    developer, _ = make_account(db, Role.developer)
+    for ratio in ratios:
+        row = make_job(db, developer, accelerators=2)
+        row.duration_hours = job.get("duration_hours")  # type: ignore[assignment]
+        row.flops, row.bytes = 1e15, 1e12
+        row.state, row.attempts = JobState(str(job.get("state", "succeeded"))), 1
+        run = make_run(db, row, offer, int(ratio * MS_PER_HOUR) * 2, ended_at=utcnow())
+        run.runtime_hours = 1.0
+    db.flush()
+
+
+def test_the_correction_is_the_median_within_its_floor_and_ceiling() -> None:
+    rng = random.Random(3)
+    noisy = [1.6 * rng.uniform(0.9, 1.1) for _ in range(101)]
+    band = estimates._band("h100-sxm", noisy)
+    assert band.correction == pytest.approx(1.6, rel=0.05)  # converges on the series
+    assert band.low <= band.median <= band.high
+    # However far the runs push it, it stays inside [FLOOR, CEILING].
+    assert estimates._band("m", [50.0] * 20).correction == CEILING
+    assert estimates._band("m", [0.001] * 20).correction == FLOOR
+    # Too few runs correct nothing.
+    assert estimates._band("m", [3.0] * (MIN_RUNS - 1)).correction == 1.0
+
+
+def test_bands_count_only_runs_that_speak_for_the_estimate(db: Session) -> None:
+    provider, _ = make_account(db, Role.provider)
+    offer = make_offer(db, provider, accelerator="mi300x", count=8)
+    _runs(db, offer, [1.5] * 6)
+    _runs(db, offer, [9.0] * 6, duration_hours=2.0)  # stated by the developer
+    _runs(db, offer, [9.0] * 6, state="failed")
+    band = estimates.bands(db)["mi300x"]
+    assert band.runs == 6
+    assert band.median == pytest.approx(1.5)
+    assert band.correction == pytest.approx(1.5)
+
+
+def test_rounds_use_the_corrected_efficiency(db: Session) -> None:
+    provider, _ = make_account(db, Role.provider)
+    slow = make_offer(db, provider, accelerator="mi300x", count=8)
+    other = make_offer(db, provider, accelerator="h100-sxm", count=8)
+    _runs(db, slow, [2.0] * MIN_RUNS)
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    by_id = {o.id: o for o in book.offers}
+    assert by_id[slow.id].efficiency == pytest.approx(slow.efficiency / 2.0)
+    assert by_id[other.id].efficiency == other.efficiency
+
+
+def test_the_bands_are_in_the_api(db: Session, client_for: ClientFactory) -> None:
+    provider, _ = make_account(db, Role.provider)
+    _, key = make_account(db, Role.developer)
+    offer = make_offer(db, provider, accelerator="mi300x", count=8)
+    _runs(db, offer, [0.8] * MIN_RUNS)
+    answer = client_for(key).get("/v1/market/estimates")
+    assert answer.status_code == 200
+    [band] = answer.json()
+    assert band["model"] == "mi300x"
+    assert band["runs"] == MIN_RUNS
+    assert band["correction"] == pytest.approx(0.8)
+    assert Band(**{k: band[k] for k in ("model", "runs", "median", "low", "high")}).correction == (
+        pytest.approx(band["correction"])
+    )
