@@ -299,6 +299,7 @@ def _result(
     offers = assigned[jobs]
     block = evaluate_pairs(a, jobs, offers)
     cost = block.cost
+    startup = np.where(np.isnan(a.j_duration[jobs]), a.o_startup[offers], 0.0)
     objective = float((a.j_value[jobs] - cost).sum())
     assignments = tuple(
         Assignment(
@@ -310,6 +311,7 @@ def _result(
             egress_usd=float(block.egress[i]),
             latency_usd=float(block.latency[i]),
             rtt_ms=float(block.rtt[i]),
+            startup_seconds=float(startup[i]),
         )
         for i, (j, o) in enumerate(zip(jobs.tolist(), offers.tolist(), strict=True))
     )

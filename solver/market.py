@@ -34,6 +34,7 @@ class Offer:
     lon: float
     available_hours: float | None = None
     efficiency: float = 0.4
+    startup_seconds: float = 0.0  # before a program's work starts: loading, compiling
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class Assignment:
     egress_usd: float
     latency_usd: float
     rtt_ms: float
+    startup_seconds: float = 0.0  # of the runtime, the offer's start-up (programs only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +197,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "accelerators": (lambda v: v >= 1, "at least 1"),
     "priority": (lambda v: v >= 1, "at least 1"),
     "efficiency": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "startup_seconds": (lambda v: v >= 0, "at least 0"),
     "memory_gib": (lambda v: v >= 0, "at least 0"),
     "min_memory_gib": (lambda v: v >= 0, "at least 0"),
     "tflops_bf16": (lambda v: v > 0, "positive"),

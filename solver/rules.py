@@ -92,6 +92,7 @@ class MarketArrays:
     o_xyz: Floats  # points on the unit sphere, one row per offer
     o_available: Floats  # inf when unlimited
     o_efficiency: Floats
+    o_startup: Floats  # seconds
     o_vendor: Ints
     o_model: Ints
     o_platform: Ints
@@ -144,6 +145,7 @@ class MarketArrays:
             ).reshape(len(offers), 3),
             o_available=_opt([o.available_hours for o in offers], np.inf),
             o_efficiency=np.array([o.efficiency for o in offers], dtype=np.float64),
+            o_startup=np.array([o.startup_seconds for o in offers], dtype=np.float64),
             o_vendor=_codes([o.vendor for o in offers], vendors),
             o_model=_codes([o.accelerator for o in offers], models),
             o_platform=_codes([o.platform for o in offers], platforms),
@@ -288,7 +290,8 @@ def _shape(ji: Ints, oi: Ints) -> tuple[int, ...]:
 
 
 def _runtime(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
-    """Hours: the stated duration, or the roofline over the offer's peak figures."""
+    """Hours: the stated duration, or the offer's start-up plus the roofline over its
+    peak figures."""
     duration = a.j_duration[ji]
     runtime = np.broadcast_to(duration, _shape(ji, oi)).copy()
     roof = np.isnan(duration).reshape(-1) if ji.ndim == 1 else np.isnan(duration[:, 0])
@@ -300,7 +303,8 @@ def _runtime(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
         with np.errstate(divide="ignore", invalid="ignore"):
             compute_s = a.j_flops[rj] / (acc * tflops * 1e12 * eff)
             memory_s = a.j_bytes[rj] / (acc * a.o_bandwidth[ro] * 1e9 * eff)
-        runtime[roof] = np.nan_to_num(np.maximum(compute_s, memory_s), nan=np.inf) / 3600.0
+        work_s = np.nan_to_num(np.maximum(compute_s, memory_s), nan=np.inf)
+        runtime[roof] = (work_s + a.o_startup[ro]) / 3600.0
     return runtime
 
 

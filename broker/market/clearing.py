@@ -363,6 +363,7 @@ def _apply(
                 "accelerators": job.accelerators,
                 "price_per_hour_micros": offer.price_per_hour_micros,
                 "runtime_hours": a.runtime_hours,
+                "startup_seconds": a.startup_seconds,
                 "rtt_ms": a.rtt_ms,
                 "compute_micros": compute,
                 "egress_micros": egress,

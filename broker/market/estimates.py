@@ -2,21 +2,30 @@
 
 A job's runtime on an offer is estimated from its program (the roofline over
 the manifest's flops and bytes, docs/market.md). Every run that finishes puts
-a measurement beside that estimate: its metered accelerator time. Per model,
-the median of metered over estimated runtime over the latest runs is the
-**observed ratio**; once there are enough runs it corrects later estimates on
-offers of that model (their efficiency is divided by it), so that a model
-whose programs run slower than their roofline stops looking cheap, and one
-that runs faster stops looking dear.
+a measurement beside that estimate: its metered time. Per model, over the
+latest runs, the broker fits ``metered = startup + ratio x estimated``:
 
-The correction is clamped to ``[FLOOR, CEILING]``: metered time is what
-providers report (capped at wall time), so a provider who ran slowly on
+- the **ratio** is the median of metered over estimated time of the runs long
+  enough for start-up not to matter (``LONG_S``); it corrects the roofline (an
+  offer's efficiency is divided by it), so a model whose programs run slower
+  than their roofline stops looking cheap, and one that runs faster stops
+  looking dear;
+- the **start-up** is the median of what the runs took beyond their corrected
+  estimate: loading the program and its inputs, and compiling it. Clearing
+  adds it to every program's estimated runtime on that model, which is what
+  makes a small job's estimate honest (its work takes microseconds, its run
+  half a second).
+
+Both are clamped (``FLOOR``, ``CEILING``, ``MAX_STARTUP_S``): metered time is
+what providers report (capped at wall time), so a provider who ran slowly on
 purpose could otherwise move every estimate for its model without limit.
 
 Only runs that can speak for the estimate count: jobs whose runtime came from
 their program (no ``duration_hours`` stated by the developer), that succeeded
 in their first attempt (a resumed run meters only its last part), and whose
-estimate and meter are both positive.
+estimate and meter are both positive. Estimates made before a model had its
+start-up included it as 0; the fit reads the work part of each estimate back
+from the allocation (``runtime_hours`` less the start-up it was given).
 """
 
 from __future__ import annotations
@@ -35,28 +44,40 @@ from solver import market as sm
 
 FLOOR = 0.5  # the most a correction may shorten estimates (metered / estimated)
 CEILING = 2.0  # the most it may lengthen them
-MIN_RUNS = 5  # runs of a model before its ratio corrects anything
+MAX_STARTUP_S = 120.0  # the most start-up a model's runs can add to its estimates
+LONG_S = 60.0  # runs estimated at least this long speak for the ratio
+MIN_RUNS = 5  # runs of a model before its ratio, or its start-up, corrects anything
 WINDOW = 200  # the latest runs per model that count
 SCANNED = 20_000  # the latest runs read, all models together
-MS_PER_HOUR = 3_600_000
 
 
 @dataclass(frozen=True)
 class Band:
-    """Metered over estimated runtime for one accelerator model's latest runs."""
+    """Metered against estimated runtime for one accelerator model's latest runs."""
 
     model: str
     runs: int
-    median: float
-    low: float  # the 10th percentile
-    high: float  # the 90th percentile
+    median: float  # of metered / estimated, over all the runs
+    low: float  # its 10th percentile
+    high: float  # its 90th percentile
+    long_runs: int = 0  # runs estimated at LONG_S or more
+    long_median: float = 1.0  # of metered / estimated, over those
+    startup_s: float = 0.0  # median of metered less the corrected estimate, unclamped
 
     @property
     def correction(self) -> float:
-        """What estimates on this model are multiplied by (1 until enough runs)."""
-        if self.runs < MIN_RUNS:
+        """What the work part of estimates on this model is multiplied by (1 until
+        enough long runs)."""
+        if self.long_runs < MIN_RUNS:
             return 1.0
-        return min(CEILING, max(FLOOR, self.median))
+        return min(CEILING, max(FLOOR, self.long_median))
+
+    @property
+    def startup(self) -> float:
+        """Seconds added to every program's estimate on this model (0 until enough runs)."""
+        if self.runs < MIN_RUNS:
+            return 0.0
+        return min(MAX_STARTUP_S, max(0.0, self.startup_s))
 
 
 def bands(session: Session) -> dict[str, Band]:
@@ -67,6 +88,7 @@ def bands(session: Session) -> dict[str, Band]:
             Allocation.usage_ms,
             Allocation.accelerators,
             Allocation.runtime_hours,
+            Allocation.startup_seconds,
         )
         .join(Offer, Offer.id == Allocation.offer_id)
         .join(Job, Job.id == Allocation.job_id)
@@ -81,24 +103,32 @@ def bands(session: Session) -> dict[str, Band]:
         .order_by(Allocation.ended_at.desc(), Allocation.id)
         .limit(SCANNED)
     ).all()
-    ratios: dict[str, list[float]] = {}
-    for model, usage_ms, accelerators, runtime_hours in rows:
-        kept = ratios.setdefault(model, [])
+    runs: dict[str, list[tuple[float, float]]] = {}  # (estimated work, metered), seconds
+    for model, usage_ms, accelerators, runtime_hours, startup in rows:
+        kept = runs.setdefault(model, [])
         if len(kept) < WINDOW:
-            metered_hours = usage_ms / max(1, accelerators) / MS_PER_HOUR
-            kept.append(metered_hours / runtime_hours)
-    return {model: _band(model, values) for model, values in sorted(ratios.items())}
+            metered = usage_ms / max(1, accelerators) / 1000
+            work = runtime_hours * 3600 - (startup or 0.0)
+            if work > 0:
+                kept.append((work, metered))
+    return {model: fit(model, values) for model, values in sorted(runs.items()) if values}
 
 
-def _band(model: str, values: list[float]) -> Band:
-    ordered = sorted(values)
-    return Band(
+def fit(model: str, runs: list[tuple[float, float]]) -> Band:
+    """``metered = startup + ratio x work`` from ``(work, metered)`` seconds of runs."""
+    ratios = sorted(metered / work for work, metered in runs)
+    long = sorted(metered / work for work, metered in runs if work >= LONG_S)
+    band = Band(
         model=model,
-        runs=len(ordered),
-        median=statistics.median(ordered),
-        low=_percentile(ordered, 0.1),
-        high=_percentile(ordered, 0.9),
+        runs=len(runs),
+        median=statistics.median(ratios),
+        low=_percentile(ratios, 0.1),
+        high=_percentile(ratios, 0.9),
+        long_runs=len(long),
+        long_median=statistics.median(long) if long else 1.0,
     )
+    beyond = [metered - band.correction * work for work, metered in runs]
+    return replace(band, startup_s=statistics.median(beyond))
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -106,8 +136,13 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 def corrected(offer: sm.Offer, known: dict[str, Band]) -> sm.Offer:
-    """``offer`` with its efficiency divided by its model's correction."""
+    """``offer`` with its efficiency divided by its model's correction, and its
+    model's start-up."""
     band = known.get(offer.accelerator)
-    if band is None or band.correction == 1.0:
+    if band is None or (band.correction == 1.0 and band.startup == 0.0):
         return offer
-    return replace(offer, efficiency=min(1.0, offer.efficiency / band.correction))
+    return replace(
+        offer,
+        efficiency=min(1.0, offer.efficiency / band.correction),
+        startup_seconds=band.startup,
+    )

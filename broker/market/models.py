@@ -56,6 +56,8 @@ class Allocation(Base):
     accelerators: Mapped[int] = mapped_column(Integer)
     price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
     runtime_hours: Mapped[float] = mapped_column(Float)
+    # Of runtime_hours, the seconds of start-up the estimate included (docs/market.md).
+    startup_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     rtt_ms: Mapped[float] = mapped_column(Float)
     compute_micros: Mapped[int] = mapped_column(BigInteger)
     egress_micros: Mapped[int] = mapped_column(BigInteger)

@@ -107,6 +107,7 @@ def estimate_bands(session: SessionDep, _: CurrentAccount) -> list[EstimateBand]
             low=b.low,
             high=b.high,
             correction=b.correction,
+            startup_s=b.startup,
         )
         for b in estimates.bands(session).values()
     ]

@@ -79,8 +79,11 @@ class EstimateBand(BaseModel):
     low: float = Field(description="10th percentile of metered / estimated runtime")
     high: float = Field(description="90th percentile of metered / estimated runtime")
     correction: float = Field(
-        description="What estimates on this model are multiplied by: the median, once "
-        "there are enough runs, within a floor and a ceiling"
+        description="What the work part of estimates on this model is multiplied by: "
+        "the median over long runs, once there are enough, within a floor and a ceiling"
+    )
+    startup_s: float = Field(
+        description="Seconds of start-up added to every program's estimate on this model"
     )
 
 

@@ -45,6 +45,7 @@ def offers(draw: st.DrawFn, index: int) -> Offer:
         lon=lon,
         available_hours=draw(st.one_of(MAYBE, st.sampled_from([1.0, 4.0, 24.0]))),
         efficiency=draw(st.sampled_from([0.3, 0.4, 0.6])),
+        startup_seconds=draw(st.sampled_from([0.0, 0.0, 30.0, 3600.0])),
     )
 
 

@@ -15,7 +15,7 @@ from broker.db import utcnow
 from broker.jobs.states import JobState
 from broker.market import estimates
 from broker.market.adapt import weights
-from broker.market.estimates import CEILING, FLOOR, MIN_RUNS, Band
+from broker.market.estimates import CEILING, FLOOR, MAX_STARTUP_S, MIN_RUNS, Band
 from broker.market.standing import Standing
 from broker.offers.models import Offer
 from tests.conftest import ClientFactory
@@ -40,15 +40,30 @@ def _runs(db: Session, offer: Offer, ratios: list[float], **job: object) -> None
 
 def test_the_correction_is_the_median_within_its_floor_and_ceiling() -> None:
     rng = random.Random(3)
-    noisy = [1.6 * rng.uniform(0.9, 1.1) for _ in range(101)]
-    band = estimates._band("h100-sxm", noisy)
+    long = [(100.0, 160.0 * rng.uniform(0.9, 1.1)) for _ in range(101)]
+    band = estimates.fit("h100-sxm", long)
     assert band.correction == pytest.approx(1.6, rel=0.05)  # converges on the series
+    assert band.startup == pytest.approx(0.0, abs=5.0)
     assert band.low <= band.median <= band.high
     # However far the runs push it, it stays inside [FLOOR, CEILING].
-    assert estimates._band("m", [50.0] * 20).correction == CEILING
-    assert estimates._band("m", [0.001] * 20).correction == FLOOR
+    assert estimates.fit("m", [(100.0, 5000.0)] * 20).correction == CEILING
+    assert estimates.fit("m", [(100.0, 0.1)] * 20).correction == FLOOR
     # Too few runs correct nothing.
-    assert estimates._band("m", [3.0] * (MIN_RUNS - 1)).correction == 1.0
+    assert estimates.fit("m", [(100.0, 300.0)] * (MIN_RUNS - 1)).correction == 1.0
+
+
+def test_small_jobs_teach_the_start_up() -> None:
+    """Their work takes microseconds, their runs half a second: that is start-up,
+    not a slow roofline (only long runs speak for the ratio)."""
+    rng = random.Random(4)
+    tiny = [(2e-5, 0.5 * rng.uniform(0.9, 1.1)) for _ in range(40)]
+    long = [(300.0, 330.0 + 0.5) for _ in range(10)]
+    band = estimates.fit("cpu", tiny + long)
+    assert band.correction == pytest.approx(1.1, rel=0.01)
+    assert band.startup == pytest.approx(0.5, rel=0.15)
+    # A provider who reports slow runs moves it no further than the ceiling.
+    assert estimates.fit("cpu", [(1.0, 1e6)] * 20).startup == MAX_STARTUP_S
+    assert estimates.fit("cpu", [(1.0, 9.0)] * (MIN_RUNS - 1)).startup == 0.0
 
 
 def test_bands_count_only_runs_that_speak_for_the_estimate(db: Session) -> None:
@@ -71,6 +86,7 @@ def test_rounds_use_the_corrected_efficiency(db: Session) -> None:
     book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
     by_id = {o.id: o for o in book.offers}
     assert by_id[slow.id].efficiency == pytest.approx(slow.efficiency / 2.0)
+    assert by_id[slow.id].startup_seconds == pytest.approx(0.0, abs=1.0)
     assert by_id[other.id].efficiency == other.efficiency
 
 
@@ -85,6 +101,5 @@ def test_the_bands_are_in_the_api(db: Session, client_for: ClientFactory) -> Non
     assert band["model"] == "mi300x"
     assert band["runs"] == MIN_RUNS
     assert band["correction"] == pytest.approx(0.8)
-    assert Band(**{k: band[k] for k in ("model", "runs", "median", "low", "high")}).correction == (
-        pytest.approx(band["correction"])
-    )
+    assert band["startup_s"] == pytest.approx(0.0, abs=1.0)
+    assert isinstance(Band(model="m", runs=0, median=1, low=1, high=1).correction, float)
