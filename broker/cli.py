@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -42,14 +41,15 @@ def serve(
         bool,
         typer.Option(
             help="Also run the demo market (broker.demo): providers at real cloud prices, "
-            "emulated on this CPU and labelled so, a real CPU agent and demo developers"
+            "emulated on this CPU and labelled so, a real CPU agent and demo developers; "
+            "logs as text unless BROKER_LOG_FORMAT says otherwise"
         ),
     ] = False,
 ) -> None:
     """Serve the HTTP API and the dashboard; with BROKER_CLEAR_INTERVAL_SECONDS > 0,
-    clear the market in a process of its own."""
-    import uvicorn
-
+    clear the market in a process of its own. Ctrl-C or SIGTERM stops everything it
+    started within seconds: the demo first (its agents sign off while the server
+    still answers), then the web server, then the clearing process."""
     from broker.config import get_settings
     from broker.migrate import upgrade
 
@@ -57,6 +57,7 @@ def serve(
         # The demo's providers are emulated; a broker accepts them only when told to.
         os.environ["BROKER_ALLOW_EMULATION"] = "1"
         os.environ.setdefault("BROKER_CLEAR_INTERVAL_SECONDS", "3")
+        os.environ.setdefault("BROKER_LOG_FORMAT", "text")
         get_settings.cache_clear()
     settings = get_settings()
     if migrate:
@@ -75,44 +76,20 @@ def serve(
         shared.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     bind_host, bind_port = host or settings.host, port or settings.port
-    clearing = None
-    if settings.clear_interval_seconds > 0:
-        from broker.market.clearing import clear_in_process
+    from broker import supervise
 
-        context = multiprocessing.get_context("spawn")
-        clearing = context.Process(
-            target=clear_in_process, args=(settings.clear_interval_seconds,), name="clearing"
-        )
-        clearing.start()
-    demo_process = None
-    if demo:
-        import subprocess
-        import sys
-
-        local = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host  # noqa: S104
-        demo_process = subprocess.Popen(  # noqa: S603 - our own module
-            [sys.executable, "-m", "broker.demo", "--url", f"http://{local}:{bind_port}"]
-        )
-    try:
-        uvicorn.run(
-            "broker.app:create_served_app",
-            factory=True,
+    local = "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host  # noqa: S104
+    code = supervise.run(
+        supervise.Plan(
             host=bind_host,
             port=bind_port,
             workers=count,
-            log_level="info",
-            log_config=None,
-            access_log=False,  # the broker's own access line has the request id
+            clear_interval=settings.clear_interval_seconds,
+            demo_url=f"http://{local}:{bind_port}" if demo else None,
         )
-    finally:
-        if demo_process is not None:
-            demo_process.terminate()
-            demo_process.wait(timeout=60)
-        if clearing is not None:
-            clearing.terminate()  # it finishes the round it is in
-            clearing.join(settings.clear_time_limit_seconds + 60)
-            if clearing.is_alive():
-                clearing.kill()
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -189,10 +166,18 @@ def agent(
         typer.Option(help="MODEL=USD per accelerator-hour; repeat; '*' for any model"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Node name [this host's name]")] = None,
-    region: Annotated[str, typer.Option(help="Region the node is in")] = "local",
-    country: Annotated[str, typer.Option(help="ISO country code")] = "US",
-    lat: Annotated[float, typer.Option(min=-90, max=90, help="Latitude")] = 0.0,
-    lon: Annotated[float, typer.Option(min=-180, max=180, help="Longitude")] = 0.0,
+    region: Annotated[
+        str, typer.Option(help="Region the node is in, e.g. europe-west4 or a data centre's name")
+    ] = "local",
+    country: Annotated[
+        str | None, typer.Option(help="ISO country code of where the node is (required)")
+    ] = None,
+    lat: Annotated[
+        float | None, typer.Option(min=-90, max=90, help="Latitude of the node (required)")
+    ] = None,
+    lon: Annotated[
+        float | None, typer.Option(min=-180, max=180, help="Longitude of the node (required)")
+    ] = None,
     cpu_slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs the CPU runs at once")] = 1,
     edge_config: Annotated[
         str | None, typer.Option(help="JSON file describing edge devices and where they are")
@@ -213,20 +198,29 @@ def agent(
     discover_seconds: Annotated[
         float, typer.Option(min=1, help="Seconds between hardware discoveries")
     ] = 60.0,
+    poll_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.5, max=60, help="Longest wait of one poll for work; a stop waits for it too"
+        ),
+    ] = 5.0,
     verbose: Annotated[bool, typer.Option(help="Log debug detail")] = False,
+    debug: Annotated[bool, typer.Option(help="Show the traceback of an error")] = False,
 ) -> None:
-    """Run a provider agent: offer this machine's accelerators and run the jobs matched to them."""
+    """Run a provider agent: offer this machine's accelerators and run the jobs matched to them.
+
+    Say where the machine is (--country, --lat, --lon; --region): the market matches
+    bids by their countries and their users' latency from it."""
     import logging
     import os
     import signal
     import socket
+    import sys
     import threading
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from broker.logformat import configure_text_logging
+
+    configure_text_logging(logging.DEBUG if verbose else logging.INFO, debug_http=verbose)
     if api_key is not None:
         typer.echo(
             "error: --api-key is refused: a key on the command line is visible to every user "
@@ -239,6 +233,21 @@ def agent(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    missing = [
+        f"--{flag}" for flag, value in (("country", country), ("lat", lat), ("lon", lon))
+        if value is None
+    ]  # fmt: skip
+    if missing:
+        typer.echo(
+            f"error: say where this machine is: {', '.join(missing)} missing (e.g. --country NL "
+            "--lat 52.37 --lon 4.90; a cloud region's coordinates will do); bids choose "
+            "offers by country and by their users' latency from there",
+            err=True,
+        )
+        raise typer.Exit(2)
+    assert country is not None
+    assert lat is not None
+    assert lon is not None
     if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -286,16 +295,41 @@ def agent(
         adapter=adapter,
         options=options,
         discover_seconds=discover_seconds,
+        poll_seconds=poll_seconds,
         cache_dir=settings.data_dir / "xla-cache",
     )
+    from broker.sdk.http import BrokerError
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         NodeAgent(config).run(stop)
-    except AgentStopped as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # Runs stopped, the sandbox closed, the node signed off: nothing is left to
+        # clean up, and the interpreter's teardown with XLA loaded takes seconds on a
+        # busy machine, which a stop (make run's Ctrl-C) would wait for.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    except (AgentStopped, BrokerError, AdapterError) as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {_agent_error(exc)} (--debug shows the traceback)", err=True)
         raise typer.Exit(1) from None
+
+
+def _agent_error(exc: Exception) -> str:
+    """One line a provider can act on."""
+    from broker.sdk.http import BrokerError
+
+    if isinstance(exc, BrokerError) and exc.status == 401:
+        return (
+            f"the broker refused the API key: {exc.message}; check BROKER_API_KEY or the key file"
+        )
+    if isinstance(exc, BrokerError) and exc.status == 403:
+        return f"the broker refused this account: {exc.message} (is it a provider account?)"
+    return str(exc)
 
 
 @app.command()

@@ -149,6 +149,10 @@ def demo_keys() -> dict[str, str]:
 
 
 def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """One agent process per demo provider and one for this machine's CPU; each dies
+    with the demo should the demo be killed."""
+    from broker.supervise import die_with_parent
+
     agents = []
     # Each agent's key in its environment, never in its arguments (which `ps` shows to
     # every user of the machine).
@@ -162,6 +166,9 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
         url,
         "--discover-seconds",
         "600",
+        # Short polls: a stopping agent notices within a second and signs off.
+        "--poll-seconds",
+        "1",
     ]
     for item in listings():
         cap = item.capacity
@@ -177,7 +184,9 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
             "--lon", str(item.lon),
         ]  # fmt: skip
         key = {"BROKER_API_KEY": keys[cap.account]}
-        agents.append(subprocess.Popen(argv, env={**env, **key}))  # noqa: S603 - our own CLI
+        agents.append(
+            subprocess.Popen(argv, env={**env, **key}, preexec_fn=die_with_parent)  # noqa: S603 - our own CLI; no other thread yet
+        )
     cpu = [
         *base,
         "--name", "this-machine",
@@ -190,7 +199,7 @@ def start_agents(url: str, keys: dict[str, str]) -> list[subprocess.Popen[bytes]
         "--lon", "4.90",
     ]  # fmt: skip
     cpu_env = {**env, "BROKER_API_KEY": keys["demo-cpu"]}
-    agents.append(subprocess.Popen(cpu, env=cpu_env))  # noqa: S603 - our own CLI
+    agents.append(subprocess.Popen(cpu, env=cpu_env, preexec_fn=die_with_parent))  # noqa: S603 - our own CLI
     return agents
 
 
@@ -243,10 +252,13 @@ def submit_round(url: str, keys: dict[str, str], n: int) -> None:
             (params, np.int32(0)),
             x,
             y,
-            steps=20_000,
-            checkpoint_every=2_500,
+            # Long enough (some seconds on 4 accelerators) that its invoice line shows
+            # cents, not $0.00.
+            steps=100_000,
+            checkpoint_every=10_000,
             name=f"mlp-train-{n}",
             # A team that wants big-memory accelerators and pays for them.
+            accelerators=4,
             min_memory_gib=80,
             max_price_per_hour=8.0,
             budget_usd=5,
@@ -286,53 +298,142 @@ def invoice_all(url: str, keys: dict[str, str]) -> int:
     return made
 
 
-def _wait_for(url: str, timeout: float = 120) -> None:
+def _wait_for(url: str, stop: threading.Event, timeout: float = 120) -> bool:
+    """Whether the broker answered ``/readyz`` before ``timeout`` (False: stopped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
+                return True
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        if stop.wait(0.5):
+            return False
     raise SystemExit(f"demo: the broker at {url} did not answer within {timeout:g} s")
 
 
-def run(url: str, stop: threading.Event, waves: int = 6, every: float = 30.0) -> None:
-    """Set the demo market up, then keep it busy until ``stop``."""
-    _wait_for(url)
-    keys = demo_keys()
-    print(f"\nDemo market at {url}  (dashboard: {url}/)", flush=True)
-    print("Demo API keys (new ones each start; the broker keeps only their hashes):")
+def keys_file() -> Path:
+    """Where the demo writes its accounts' keys: ``var/demo-keys.txt`` by default."""
+    from broker.config import get_settings
+
+    return get_settings().data_dir / "demo-keys.txt"
+
+
+def save_keys(keys: dict[str, str], url: str) -> Path:
+    """Write the keys to ``keys_file()``, readable by this user only (they sign in as
+    any demo account), replacing the previous start's, which no longer work."""
+    path = keys_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Demo API keys for {url}, written {time.strftime('%Y-%m-%d %H:%M:%S')}."]
+    lines.append("# Each start of the demo replaces them; the previous ones are revoked.")
+    lines += [f"{name} {key}" for name, key in keys.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def print_keys(keys: dict[str, str], url: str, path: Path, heading: str) -> None:
+    print(f"\n{heading}", flush=True)
+    print(f"  dashboard: {url}/    API reference: {url}/docs")
+    print(f"  sign in with one of these keys (also in {path}):")
     for name, key in keys.items():
-        print(f"  {name:20s} {key}", flush=True)
-    print("Emulated providers run their jobs on this machine's CPU and are labelled so.\n")
+        print(f"    {name:20s} {key}")
+    print("  Emulated providers run their jobs on this machine's CPU and are labelled so.\n")
+    sys.stdout.flush()
+
+
+def _market_up(url: str, admin_key: str, stop: threading.Event, timeout: float = 90) -> int:
+    """Wait until every demo agent has listed its offers; the offers listed then."""
+    wanted = len(PROVIDERS) + 1
+    deadline = time.monotonic() + timeout
+    listed = 0
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            answer = httpx.get(
+                f"{url}/v1/offers",
+                params={"limit": 50},
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=5,
+            )
+            if answer.status_code == 200:
+                listed = len(answer.json()["items"])
+                if listed >= wanted:
+                    break
+        except httpx.TransportError:
+            pass
+        stop.wait(2.0)
+    return listed
+
+
+def _keep_busy(
+    url: str, keys: dict[str, str], stop: threading.Event, waves: int, every: float
+) -> None:
+    for wave in range(waves):
+        if stop.is_set():
+            return
+        try:
+            submit_round(url, keys, wave)
+        except Exception as exc:
+            log.warning("submitting demo wave %d failed: %s", wave, exc)
+        if stop.wait(every / 2):
+            return
+        try:
+            invoice_all(url, keys)
+        except Exception as exc:
+            log.warning("invoicing failed: %s", exc)
+        stop.wait(every / 2)
+    while not stop.wait(every):
+        try:
+            invoice_all(url, keys)
+        except Exception as exc:
+            log.warning("invoicing failed: %s", exc)
+
+
+AGENTS_STOP_SECONDS = 3.0  # agents sign off within this; then they are killed
+
+
+def stop_agents(
+    agents: list[subprocess.Popen[bytes]], seconds: float = AGENTS_STOP_SECONDS
+) -> None:
+    """SIGTERM every agent (each stops its runs and signs its node off), wait up to
+    ``seconds`` for them all, then kill those still running."""
+    for agent in agents:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    for agent in agents:
+        try:
+            agent.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("agent %d did not stop in %.1f s; killing it", agent.pid, seconds)
+            agent.kill()
+            agent.wait()
+
+
+def run(url: str, stop: threading.Event, waves: int = 6, every: float = 30.0) -> None:
+    """Set the demo market up, then keep it busy (in a thread) until ``stop``; then
+    stop the agents, which sign off while the broker still answers."""
+    if not _wait_for(url, stop):
+        return
+    keys = demo_keys()
+    path = save_keys(keys, url)
+    print_keys(keys, url, path, f"Demo market starting at {url}")
     agents = start_agents(url, keys)
     try:
-        for wave in range(waves):
-            if stop.is_set():
-                break
-            try:
-                submit_round(url, keys, wave)
-            except Exception:
-                log.exception("demo: submitting wave %d failed", wave)
-            if stop.wait(every / 2):
-                break
-            try:
-                invoice_all(url, keys)
-            except Exception:
-                log.exception("demo: invoicing failed")
-            stop.wait(every / 2)
-        while not stop.wait(every):
-            invoice_all(url, keys)
+        busy = threading.Thread(
+            target=_keep_busy, args=(url, keys, stop, waves, every), name="demo", daemon=True
+        )
+        busy.start()
+        listed = _market_up(url, keys["demo-admin"], stop)
+        if not stop.is_set():
+            print_keys(keys, url, path, f"The demo market is up: {listed} offers listed.")
+        while not stop.wait(0.5):
+            pass
     finally:
-        for agent in agents:
-            agent.send_signal(signal.SIGTERM)
-        for agent in agents:
-            try:
-                agent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        stop.set()
+        stop_agents(agents)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,14 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--waves", type=int, default=6, help="waves of demo jobs")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between waves")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s demo %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from broker.logformat import configure_text_logging
+
+    configure_text_logging()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        run(args.url.rstrip("/"), stop, args.waves, args.every)
-    except KeyboardInterrupt:
-        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run(args.url.rstrip("/"), stop, args.waves, args.every)
 
 
 if __name__ == "__main__":

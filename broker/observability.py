@@ -4,7 +4,10 @@ Every request gets an id (the caller's ``X-Request-ID`` when it sends a sane
 one, else a new one), echoed in the response and attached to every log record
 written while the request is handled. ``broker serve`` logs one JSON object per
 line (``BROKER_LOG_FORMAT=text`` for people), including an access line per
-request with its route, status and duration. API keys never reach the logs:
+request with its route, status and duration (agents' routine requests at debug
+level: they log what matters themselves, and a market with agents is not a wall of
+their polls). API keys
+never reach the logs:
 the access line names the route template and the account, never a header.
 
 ``/metrics`` serves Prometheus' text format: request counts and latencies by
@@ -45,6 +48,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.logformat import TextFormatter, quiet_jax
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -111,7 +116,14 @@ class RequestContext:
             HTTP_LATENCY.labels(method, template).observe(elapsed)
             if template not in ("/healthz", "/readyz", "/metrics"):
                 account = scope.get("state", {}).get("account_id")
-                access_log.info(
+                # Agents poll for work, report progress and fetch programs all the time,
+                # and log what matters themselves: their routine answers are debug
+                # lines, their refusals and errors are not.
+                routine = status < 400 and (
+                    template.startswith(_AGENT_ROUTES) or (method, template) in _AGENT_FETCHES
+                )
+                access_log.log(
+                    logging.DEBUG if routine else logging.INFO,
                     "%s %s %d",
                     method,
                     template,
@@ -127,6 +139,10 @@ class RequestContext:
             request_id.reset(token)
 
 
+_AGENT_ROUTES = ("/v1/allocations", "/v1/nodes")
+_AGENT_FETCHES = frozenset(
+    {("GET", "/v1/artifacts/{sha256}/content"), ("GET", "/v1/arrays/{sha256}/content")}
+)
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -266,9 +282,9 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-        )
+        formatter = TextFormatter()
+        if level.upper() != "DEBUG":
+            handler.addFilter(quiet_jax)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -413,10 +413,6 @@ class NodeAgent:
         deadline = time.monotonic() + self.config.stop_seconds
         for run in runs:
             run.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            sandbox, self._sandbox = self._sandbox, None
-        if sandbox is not None:
-            sandbox.close()
         if self.client is not None and self.node_id is not None:
             try:
                 self.client.sign_off(self.node_id)
@@ -424,6 +420,11 @@ class NodeAgent:
             except BrokerError as e:
                 log.warning("could not sign off (%s); the broker will declare the node lost", e)
             self.client.close()
+        # After signing off: an idle spare child can take a second or two to exit.
+        with self._lock:
+            sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None:
+            sandbox.close()
 
     def _beat_forever(self, stop: threading.Event) -> None:
         last_discovery = time.monotonic()
