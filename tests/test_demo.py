@@ -33,7 +33,18 @@ def _get(client: httpx.Client, path: str, key: str) -> Any:
     return answer.json()
 
 
-def test_serve_demo_shows_a_working_market(tmp_path: Path) -> None:
+def _session_processes(sid: int) -> list[str]:
+    """Live (not zombie) processes of session ``sid``: everything `broker serve` started."""
+    done = subprocess.run(
+        ["ps", "-o", "pid=,stat=,args=", "-s", str(sid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line for line in done.stdout.splitlines() if line.split()[1][0] != "Z"]
+
+
+def test_serve_demo_shows_a_working_market_and_stops_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     env = {
         **os.environ,
@@ -41,24 +52,36 @@ def test_serve_demo_shows_a_working_market(tmp_path: Path) -> None:
         "BROKER_DATABASE_URL": "",
         "BROKER_CLEAR_INTERVAL_SECONDS": "2",
     }
+    env.pop("BROKER_LOG_FORMAT", None)
+    env.pop("BROKER_ALLOW_CAPACITY_BIDS", None)  # the demo's bids all carry programs
+    log_path = tmp_path / "serve.log"
+    log_file = log_path.open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "serve", "--demo", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
         text=True,
+        start_new_session=True,  # as a terminal's foreground job: the session is all of it
     )
     try:
         keys: dict[str, str] = {}
+        printed = 0
         assert server.stdout is not None
         deadline = time.monotonic() + 180
         for line in server.stdout:
             parts = line.split()
             if len(parts) == 2 and parts[0].startswith("demo-") and parts[1].startswith("bk_"):
                 keys[parts[0]] = parts[1]
-            if "demo-eu-lab" in keys or time.monotonic() > deadline:
+                printed += parts[0] == "demo-eu-lab"
+            # The keys again, once every agent has listed its offers.
+            if printed == 2 or time.monotonic() > deadline:
                 break
+        assert printed == 2
         assert set(keys) >= {"demo-admin", "demo-ml-team", "demo-cpu"}
+        saved = tmp_path / "demo-keys.txt"
+        assert saved.stat().st_mode & 0o777 == 0o600
+        assert f"demo-ml-team {keys['demo-ml-team']}" in saved.read_text()
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=10) as client:
             while True:
@@ -76,12 +99,25 @@ def test_serve_demo_shows_a_working_market(tmp_path: Path) -> None:
             home = client.get("/", follow_redirects=True)
             assert home.status_code == 200
             assert "text/html" in home.headers["content-type"]
+            nodes = _get(client, "/v1/nodes?limit=50", keys["demo-admin"])["items"]
+            assert len(nodes) == len(PROVIDERS) + 1
+        assert len(_session_processes(server.pid)) > len(PROVIDERS) + 3
     finally:
-        server.send_signal(signal.SIGINT)
+        # Ctrl-C: the terminal signals the foreground job's process group.
+        os.killpg(server.pid, signal.SIGINT)
         try:
             server.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        if server.stdout:
-            server.stdout.close()
+        assert server.stdout is not None
+        server.stdout.close()
+        log_file.close()
+    logs = log_path.read_text()
+    assert server.returncode == 0, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    assert not logs.lstrip().startswith("{"), "the demo logs as text"
+    assert "GET /v1/allocations" not in logs  # agents' polling is quiet
+    # Nothing it started is left running, and every agent signed off first.
+    assert _session_processes(server.pid) == []
+    assert logs.count("signed off") == len(PROVIDERS) + 1, logs[-3000:]
