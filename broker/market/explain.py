@@ -26,6 +26,7 @@ RULE_TEXT = {
     "budget": "estimated cost, fee included, above what is left of the job's budget_usd",
     "deadline": "would not finish within deadline_hours, or the offer's available_hours",
     "latency": "round trip to the users above latency_slo_ms",
+    "carbon": "estimated emissions above the job's max_gco2",
     "value": "would cost more than the job's priority x placement value",
 }
 
