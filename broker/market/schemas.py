@@ -22,6 +22,15 @@ class Book(BaseModel):
     memory_gib: float
     asks: list[PriceLevel] = Field(description="Offers, cheapest first")
     bids: list[PriceLevel] = Field(description="Open jobs that accept this model, highest first")
+    unfillable: list[PriceLevel] = Field(
+        default_factory=list,
+        description="Open jobs that accept this model but need more accelerators than its "
+        "largest offer lists (a job runs on one offer): no offer here could fill them, so "
+        "they are kept out of bids, best_bid and spread; highest first",
+    )
+    largest_offer: int | None = Field(
+        default=None, description="Accelerators the largest active offer of this model lists"
+    )
     best_ask: Usd | None
     best_bid: Usd | None
     spread: Usd | None = Field(description="best_ask - best_bid when the book is not crossed")
@@ -63,6 +72,12 @@ class Unmatched(BaseModel):
     feasible: int = Field(description="Offers that pass every rule")
     ruled_out: dict[str, int] = Field(
         description="Per rule, the offers it rules out (an offer failing several counts in each)"
+    )
+    nearest: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per rule that rules offers out, the figure on offer nearest to passing "
+        "it (the largest offer, the cheapest ask, the nearest region...), among the offers "
+        "that pass every other rule, or all of them when none does",
     )
     last_round_id: str | None
     last_round_at: datetime | None

@@ -7,7 +7,9 @@ allow-lists, platforms and per-accelerator memory. Bid quantities therefore
 overlap across books; within one book they are exact.
 
 A book exists for every model with an ask, and for every catalog model an open
-job names explicitly.
+job names explicitly. A job needs all its accelerators on one offer, so a bid for
+more than the largest offer of a model lists could never be filled there: it is
+shown apart (``unfillable``), and never makes the book look crossed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class _Model:
     vendors: set[str] = field(default_factory=set)
     platforms: set[str] = field(default_factory=set)
     memory_gib: float = 0.0
+    largest: int = 0  # accelerators the largest active offer lists; 0: no offers
     asks: list[_Level] = field(default_factory=list)  # cheapest first, at most depth
 
 
@@ -54,7 +57,8 @@ class _BidGroup:
     vendors: tuple[str, ...]
     models: tuple[str, ...]
     platforms: tuple[str, ...]
-    levels: list[_Level] = field(default_factory=list)
+    # Limit prices, highest first, by how many accelerators each job needs.
+    by_size: dict[int, list[_Level]] = field(default_factory=dict)
 
     def accepts(self, m: _Model) -> bool:
         return (
@@ -82,8 +86,13 @@ def order_book(session: Session, accelerator: str | None = None, depth: int = 50
                 )
     books = []
     for model in sorted(models.values(), key=lambda m: m.key):
-        bids = _best_levels([g.levels for g in groups if g.accepts(model)], depth)
-        books.append(_book(model, bids))
+        fits: list[list[_Level]] = []
+        too_big: list[list[_Level]] = []
+        for group in groups:
+            if group.accepts(model):
+                for size, levels in group.by_size.items():
+                    (too_big if model.largest and size > model.largest else fits).append(levels)
+        books.append(_book(model, _best_levels(fits, depth), _best_levels(too_big, depth)))
     return OrderBook(books=books, generated_at=utcnow())
 
 
@@ -94,11 +103,17 @@ def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model
         condition = condition & (Offer.accelerator == key)
     models: dict[str, _Model] = {}
     kinds = (
-        select(Offer.accelerator, Offer.vendor, Offer.platform, func.max(Offer.memory_gib))
+        select(
+            Offer.accelerator,
+            Offer.vendor,
+            Offer.platform,
+            func.max(Offer.memory_gib),
+            func.max(Offer.capacity),
+        )
         .where(condition)
         .group_by(Offer.accelerator, Offer.vendor, Offer.platform)
     )
-    for accel, vendor, platform, memory in session.execute(kinds):
+    for accel, vendor, platform, memory, largest in session.execute(kinds):
         if accel not in models:
             spec = catalog.lookup(accel)
             models[accel] = _Model(key=accel, name=spec.name if spec else None)
@@ -106,6 +121,7 @@ def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model
         model.vendors.add(vendor)
         model.platforms.add(platform)
         model.memory_gib = max(model.memory_gib, memory)
+        model.largest = max(model.largest, int(largest))
     # One level per price, whatever vendor or platform spelling the offers use; only
     # the levels shown leave the database.
     levels = (
@@ -149,11 +165,12 @@ def _bid_groups(session: Session) -> list[_BidGroup]:
             needs[2],
             needs[3],
             Job.max_price_per_hour_micros,
+            Job.accelerators,
             func.sum(Job.accelerators),
             func.count(),
         )
         .where(Job.state == JobState.open)
-        .group_by(*needs, Job.max_price_per_hour_micros)
+        .group_by(*needs, Job.accelerators, Job.max_price_per_hour_micros)
         .order_by(Job.max_price_per_hour_micros.desc())
     )
     decoded: dict[str, tuple[str, ...]] = {}
@@ -164,11 +181,13 @@ def _bid_groups(session: Session) -> list[_BidGroup]:
         return decoded[text]
 
     groups: dict[tuple[float, str, str, str], _BidGroup] = {}
-    for memory, vendors, models, platforms, price, accelerators, jobs in session.execute(stmt):
+    rows = session.execute(stmt)
+    for memory, vendors, models, platforms, price, size, accelerators, jobs in rows:
         group = (memory, vendors, models, platforms)
         if group not in groups:
             groups[group] = _BidGroup(memory, decode(vendors), decode(models), decode(platforms))
-        groups[group].levels.append((price, int(accelerators), int(jobs)))
+        levels = groups[group].by_size.setdefault(int(size), [])
+        levels.append((price, int(accelerators), int(jobs)))
     return list(groups.values())
 
 
@@ -193,7 +212,7 @@ def _levels(levels: list[_Level]) -> list[PriceLevel]:
     ]
 
 
-def _book(model: _Model, bid_levels: list[_Level]) -> Book:
+def _book(model: _Model, bid_levels: list[_Level], unfillable: list[_Level]) -> Book:
     asks, bids = _levels(model.asks), _levels(bid_levels)
     best_ask = asks[0].price_per_hour if asks else None
     best_bid = bids[0].price_per_hour if bids else None
@@ -208,6 +227,8 @@ def _book(model: _Model, bid_levels: list[_Level]) -> Book:
         memory_gib=model.memory_gib,
         asks=asks,
         bids=bids,
+        unfillable=_levels(unfillable),
+        largest_offer=model.largest or None,
         best_ask=best_ask,
         best_bid=best_bid,
         spread=spread,

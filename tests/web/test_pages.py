@@ -389,3 +389,14 @@ def test_emulated_capacity_is_labelled_wherever_it_shows(db: Session, browser_fo
     assert "emulated" not in plain.group(0)
     assert ">emulated</span>" in provider.get(f"/offers/{emulated.id}").text
     assert developer.get("/jobs").status_code == 200
+
+
+def test_the_market_page_shows_unfillable_bids_apart(db: Session, browser_for: Any) -> None:
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    make_offer(db, provider.account, count=8, price_per_hour="2.49")
+    make_job(db, developer.account, accelerators=1000, max_price_per_hour="50")
+    page = developer.get("/market?model=h100-sxm").text
+    assert 'data-testid="unfillable"' in page
+    assert "more accelerators than its largest offer lists (8)" in page
+    assert "crossed" not in page

@@ -64,7 +64,8 @@ class JobView:
         if w.feasible:
             return f"{w.feasible} of {w.offers_considered} offers fit; waiting for the next round."
         rule, count = max(w.ruled_out.items(), key=lambda item: item[1])
-        return f"No offer fits: {RULE_TEXT[rule]} ({count} of {w.offers_considered})."
+        nearest = f"; {w.nearest[rule]}" if rule in w.nearest else ""
+        return f"No offer fits: {RULE_TEXT[rule]} ({count} of {w.offers_considered}{nearest})."
 
 
 def _developer(user: WebUser) -> Account:
