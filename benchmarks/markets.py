@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from adapters import catalog
+from adapters import catalog, grid
 from solver.market import Job, Market, Offer, Weights, dump_market
 
 DATA = Path(__file__).parent / "data"
@@ -77,6 +77,9 @@ EU_COUNTRIES = frozenset(
     ]
 )
 
+#: Clouds whose sites take the hyperscale PUE (``adapters.grid.PUE_BY_SITE``);
+#: the GPU clouds and marketplaces in the price sample take a colocation site's.
+HYPERSCALE = frozenset({"aws", "gcp", "azure", "oci"})
 MAX_ROW_ACCELERATORS = 64  # price rows above this (large TPU slices) are skipped
 MAX_OFFER_COUNT = 8  # accelerators per offer: one node
 MAX_JOB_HOURS = 72.0
@@ -202,6 +205,9 @@ def _offers(n_offers: int, rng: random.Random, max_count: int = MAX_OFFER_COUNT)
                 lon=place.lon,
                 available_hours=available,
                 efficiency=OFFER_EFFICIENCY,
+                power_w=spec.tdp_w or 0.0,
+                pue=grid.PUE_BY_SITE["cloud" if row.cloud in HYPERSCALE else "colocation"],
+                grid_g_per_kwh=grid.intensity(place.country, row.region, row.cloud).g_co2e_per_kwh,
             )
         )
     return offers

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
     egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
     latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)
+    carbon_usd_per_t: Decimal = Field(
+        default=Decimal("0"),
+        ge=0,
+        description="The market's carbon price, USD per tonne of CO2e, added to the cost "
+        "clearing minimises (not charged): 0 counts energy and carbon without pricing them",
+    )
     max_artifact_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest artifact upload, in bytes"
     )

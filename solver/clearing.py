@@ -312,6 +312,9 @@ def _result(
             latency_usd=float(block.latency[i]),
             rtt_ms=float(block.rtt[i]),
             startup_seconds=float(startup[i]),
+            energy_kwh=float(block.energy[i]),
+            gco2=float(block.gco2[i]),
+            carbon_usd=float(block.carbon[i]),
         )
         for i, (j, o) in enumerate(zip(jobs.tolist(), offers.tolist(), strict=True))
     )

@@ -35,6 +35,9 @@ class Offer:
     available_hours: float | None = None
     efficiency: float = 0.4
     startup_seconds: float = 0.0  # before a program's work starts: loading, compiling
+    power_w: float = 0.0  # per accelerator, under load (0: not known, no energy counted)
+    pue: float = 1.0  # the site's power usage effectiveness
+    grid_g_per_kwh: float = 0.0  # carbon intensity of the grid it draws from
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,8 @@ class Job:
     allowed_countries: tuple[str, ...] = ()
     priority: int = 1
     budget_usd: float | None = None  # the most its run may cost, the broker's fee included
+    max_gco2: float | None = None  # the most CO2e its run may emit, in grams
+    carbon_usd_per_t: float | None = None  # its own carbon price (None: the market's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,7 @@ class Weights:
     egress_usd_per_gb: float = 0.09
     latency_usd_per_ms: float = 0.0
     fee_rate: float = 0.0  # the broker's fee, a fraction of the compute charge (0.05 = 5 %)
+    carbon_usd_per_t: float = 0.0  # the market's carbon price, for jobs that set none
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +86,7 @@ class Market:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Job ``job`` runs on offer ``offer``; ``cost`` = compute + egress + latency (USD)."""
+    """Job ``job`` runs on offer ``offer``; ``cost`` = compute + egress + latency + carbon (USD)."""
 
     job: str
     offer: str
@@ -91,6 +97,9 @@ class Assignment:
     latency_usd: float
     rtt_ms: float
     startup_seconds: float = 0.0  # of the runtime, the offer's start-up (programs only)
+    energy_kwh: float = 0.0
+    gco2: float = 0.0
+    carbon_usd: float = 0.0  # the carbon price's part of ``cost`` (not charged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +148,9 @@ def _parts(a: Assignment) -> dict[str, float]:
         "compute_usd": a.compute_usd,
         "egress_usd": a.egress_usd,
         "latency_usd": a.latency_usd,
+        "carbon_usd": a.carbon_usd,
+        "energy_kwh": a.energy_kwh,
+        "gco2": a.gco2,
     }
 
 
@@ -198,6 +210,11 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "priority": (lambda v: v >= 1, "at least 1"),
     "efficiency": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "startup_seconds": (lambda v: v >= 0, "at least 0"),
+    "power_w": (lambda v: v >= 0, "at least 0"),
+    "pue": (lambda v: 1 <= v <= 5, "in [1, 5]"),
+    "grid_g_per_kwh": (lambda v: v >= 0, "at least 0"),
+    "max_gco2": (lambda v: v >= 0, "at least 0"),
+    "carbon_usd_per_t": (lambda v: v >= 0, "at least 0"),
     "memory_gib": (lambda v: v >= 0, "at least 0"),
     "min_memory_gib": (lambda v: v >= 0, "at least 0"),
     "tflops_bf16": (lambda v: v > 0, "positive"),

@@ -31,6 +31,7 @@ RULES = (
     "budget",
     "deadline",
     "latency",
+    "carbon",
     "value",
 )
 
@@ -93,6 +94,8 @@ class MarketArrays:
     o_available: Floats  # inf when unlimited
     o_efficiency: Floats
     o_startup: Floats  # seconds
+    o_kw: Floats  # kW drawn per accelerator at the wall: power x PUE / 1000
+    o_grid: Floats  # g CO2e per kWh
     o_vendor: Ints
     o_model: Ints
     o_platform: Ints
@@ -114,6 +117,8 @@ class MarketArrays:
     j_data_region: Ints  # -1 when none
     j_data_gb: Floats
     j_value: Floats  # priority x placement value
+    j_max_gco2: Floats  # inf when none
+    j_carbon_usd_per_g: Floats  # its carbon price, or the market's, per gram
     j_vendor_ok: Bools
     j_model_ok: Bools
     j_platform_ok: Bools
@@ -146,6 +151,8 @@ class MarketArrays:
             o_available=_opt([o.available_hours for o in offers], np.inf),
             o_efficiency=np.array([o.efficiency for o in offers], dtype=np.float64),
             o_startup=np.array([o.startup_seconds for o in offers], dtype=np.float64),
+            o_kw=np.array([o.power_w * o.pue / 1000 for o in offers], dtype=np.float64),
+            o_grid=np.array([o.grid_g_per_kwh for o in offers], dtype=np.float64),
             o_vendor=_codes([o.vendor for o in offers], vendors),
             o_model=_codes([o.accelerator for o in offers], models),
             o_platform=_codes([o.platform for o in offers], platforms),
@@ -174,6 +181,8 @@ class MarketArrays:
             ),
             j_data_gb=_opt([j.data_gb for j in jobs], 0.0),
             j_value=np.array([j.priority for j in jobs], dtype=np.float64) * w.placement_value_usd,
+            j_max_gco2=_opt([j.max_gco2 for j in jobs], np.inf),
+            j_carbon_usd_per_g=_opt([j.carbon_usd_per_t for j in jobs], w.carbon_usd_per_t) / 1e6,
             j_vendor_ok=_allow([j.vendors for j in jobs], vendors),
             j_model_ok=_allow([j.accelerator_models for j in jobs], models),
             # Platforms are what the program was built for: none means none.
@@ -206,10 +215,13 @@ class Block:
     compute: Floats
     egress: Floats
     latency: Floats
+    energy: Floats  # kWh
+    gco2: Floats
+    carbon: Floats  # USD, at the job's carbon price
 
     @property
     def cost(self) -> Floats:
-        return self.compute + self.egress + self.latency
+        return self.compute + self.egress + self.latency + self.carbon
 
     @property
     def feasible(self) -> Bools:
@@ -250,7 +262,11 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
         elsewhere = a.j_data_region[dj] != a.o_region[do]
         egress[data] = np.where(elsewhere, a.j_data_gb[dj] * w.egress_usd_per_gb, 0.0)
     latency = w.latency_usd_per_ms * rtt
-    cost = compute + egress + latency
+    # Energy and carbon: kWh = kW per accelerator (PUE included) x accelerators x hours.
+    energy = a.o_kw[oi] * acc * runtime
+    gco2 = energy * a.o_grid[oi]
+    carbon = gco2 * a.j_carbon_usd_per_g[ji]
+    cost = compute + egress + latency + carbon
 
     rules = {
         "capacity": count >= acc,
@@ -265,9 +281,10 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
         "budget": compute * (1 + w.fee_rate) <= a.j_budget[ji],
         "deadline": (runtime <= a.j_deadline[ji]) & (runtime <= a.o_available[oi]),
         "latency": rtt <= a.j_slo[ji],
+        "carbon": gco2 <= a.j_max_gco2[ji],
         "value": cost < a.j_value[ji],
     }
-    return Block(rules, runtime, rtt, compute, egress, latency)
+    return Block(rules, runtime, rtt, compute, egress, latency, energy, gco2, carbon)
 
 
 def _allowed(table: Bools, codes: Ints, ji: Ints, oi: Ints) -> Bools:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Row
 
+from adapters import catalog, grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
 from broker.jobs.models import Job
@@ -22,6 +24,7 @@ def weights(settings: Settings, fee_ppm: int) -> sm.Weights:
         egress_usd_per_gb=float(settings.egress_usd_per_gb),
         latency_usd_per_ms=float(settings.latency_usd_per_ms),
         fee_rate=fee_ppm / PPM,
+        carbon_usd_per_t=float(settings.carbon_usd_per_t),
     )
 
 
@@ -92,7 +95,23 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         lon=row.lon,
         available_hours=row.available_hours,
         efficiency=row.efficiency,
+        **_energy(row.vendor, row.accelerator, row.country, row.region),
     )
+
+
+@cache
+def _energy(vendor: str, model: str, country: str, region: str) -> dict[str, float]:
+    """What an offer draws and emits: its model's datasheet power (TDP), the PUE of
+    its kind of site (edge devices 1.0; otherwise a colocation site's 1.5, as the
+    broker cannot tell a hyperscale cloud's floor from a small data centre's), and
+    its region's or country's grid intensity (``adapters.grid``)."""
+    spec = catalog.lookup(model)
+    site = "edge" if vendor == "edge" else "colocation"
+    return {
+        "power_w": float(spec.tdp_w or 0.0) if spec is not None else 0.0,
+        "pue": grid.PUE_BY_SITE[site],
+        "grid_g_per_kwh": grid.intensity(country, region).g_co2e_per_kwh,
+    }
 
 
 def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.Job:

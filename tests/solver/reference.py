@@ -32,6 +32,19 @@ def rtt_ms(j: Job, o: Offer) -> float:
     return 2 * 6371 * math.asin(math.sqrt(min(1.0, h))) / 100
 
 
+def energy_kwh(j: Job, o: Offer) -> float:
+    return o.power_w * o.pue / 1000 * j.accelerators * runtime_hours(j, o)
+
+
+def gco2(j: Job, o: Offer) -> float:
+    return energy_kwh(j, o) * o.grid_g_per_kwh
+
+
+def carbon_usd(j: Job, o: Offer, w: Weights) -> float:
+    price = w.carbon_usd_per_t if j.carbon_usd_per_t is None else j.carbon_usd_per_t
+    return gco2(j, o) * price / 1e6
+
+
 def cost(j: Job, o: Offer, w: Weights) -> float:
     egress = (
         (j.data_gb or 0.0) * w.egress_usd_per_gb if j.data_region not in (None, o.region) else 0.0
@@ -40,6 +53,7 @@ def cost(j: Job, o: Offer, w: Weights) -> float:
         o.price_per_hour * j.accelerators * runtime_hours(j, o)
         + egress
         + w.latency_usd_per_ms * rtt_ms(j, o)
+        + carbon_usd(j, o, w)
     )
 
 
@@ -56,6 +70,7 @@ def feasible(j: Job, o: Offer, w: Weights, count: int | None = None) -> bool:
         and (j.deadline_hours is None or t <= j.deadline_hours)
         and (o.available_hours is None or t <= o.available_hours)
         and (j.latency_slo_ms is None or rtt_ms(j, o) <= j.latency_slo_ms)
+        and (j.max_gco2 is None or gco2(j, o) <= j.max_gco2)
         and cost(j, o, w) < j.priority * w.placement_value_usd
     )
 

@@ -46,6 +46,9 @@ def offers(draw: st.DrawFn, index: int) -> Offer:
         available_hours=draw(st.one_of(MAYBE, st.sampled_from([1.0, 4.0, 24.0]))),
         efficiency=draw(st.sampled_from([0.3, 0.4, 0.6])),
         startup_seconds=draw(st.sampled_from([0.0, 0.0, 30.0, 3600.0])),
+        power_w=draw(st.sampled_from([0.0, 75.0, 350.0, 700.0])),
+        pue=draw(st.sampled_from([1.0, 1.1, 1.5])),
+        grid_g_per_kwh=draw(st.sampled_from([0.0, 30.0, 450.0, 900.0])),
     )
 
 
@@ -73,6 +76,8 @@ def jobs(draw: st.DrawFn, index: int) -> Job:
         data_gb=draw(st.sampled_from([10.0, 500.0])) if data else None,
         allowed_countries=tuple(draw(st.sets(st.sampled_from(["NL", "DE", "US"]), max_size=2))),
         priority=draw(st.sampled_from([1, 1, 2, 5])),
+        max_gco2=draw(st.sampled_from([None, None, 500.0, 5000.0])),
+        carbon_usd_per_t=draw(st.sampled_from([None, None, 0.0, 100.0, 5000.0])),
     )
 
 
@@ -87,6 +92,7 @@ def markets(draw: st.DrawFn, max_jobs: int = 7, max_offers: int = 4) -> Market:
             placement_value_usd=draw(st.sampled_from([10.0, 100.0, 10_000.0])),
             egress_usd_per_gb=0.09,
             latency_usd_per_ms=draw(st.sampled_from([0.0, 0.05])),
+            carbon_usd_per_t=draw(st.sampled_from([0.0, 200.0])),
         ),
     )
 
