@@ -168,6 +168,8 @@ class StorageOut(BaseModel):
     blobs: int = Field(description="Distinct uploads the account keeps stored")
     quota_bytes: int
     quota_blobs: int
+    max_artifact_bytes: int = Field(description="The largest artifact one upload may be")
+    max_arrays_bytes: int = Field(description="The largest array bundle one upload may be")
     grace_hours: float = Field(
         description="An upload no job refers to is deleted this long after its last upload"
     )
@@ -187,6 +189,8 @@ def storage(session: SessionDep, account: CurrentAccount) -> StorageOut:
         blobs=used.blobs,
         quota_bytes=used.quota_bytes,
         quota_blobs=used.quota_blobs,
+        max_artifact_bytes=get_settings().max_artifact_bytes,
+        max_arrays_bytes=get_settings().max_arrays_bytes,
         grace_hours=get_settings().blob_grace_hours,
     )
 

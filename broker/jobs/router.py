@@ -19,7 +19,7 @@ from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.jobs import intake, service
 from broker.jobs.models import Job
-from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery
+from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, RunOut
 from broker.jobs.states import JobState
 from broker.market.allocations import latest_allocation
 from broker.market.explain import unmatched
@@ -243,6 +243,14 @@ def allocation_out(a: Allocation) -> AllocationOut:
         created_at=a.created_at,
         ended_at=a.ended_at,
     )
+
+
+@router.get("/{job_id}/runs", response_model=list[RunOut], summary="Every run of one of my jobs")
+def job_runs(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> list[RunOut]:
+    """The job's runs, oldest first: node, hardware, region, times, usage, and the reason
+    each ended, the agent's errors included."""
+    job = service.get_job(session, account, job_id)
+    return service.job_runs(session, job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")

@@ -150,6 +150,30 @@ class JobDetail(JobOut):
     unmatched: Unmatched | None = Field(description="For an open job: why it is not matched")
 
 
+class RunOut(BaseModel):
+    """One run of a job: where the market placed it and how it ended."""
+
+    allocation_id: str
+    status: str
+    node: str | None = Field(description="The agent's node that ran it (None: listed by hand)")
+    accelerator: str
+    accelerators: int
+    platform: str
+    emulated: bool = Field(description="Hardware emulated on a CPU (a demo)")
+    region: str
+    country: str
+    price_per_hour: Usd
+    estimated_runtime_hours: float
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    accelerator_seconds: float = Field(description="Usage its provider reported")
+    end_reason: str | None = Field(
+        description="Why it ended when it did not simply finish: the agent's error, a "
+        "cancellation, a lost node, a start timeout, the deadline"
+    )
+
+
 class JobQuery(PageQuery):
     state: JobState | None = Field(default=None, description="Only jobs in this state")
     account_id: IdField | None = Field(default=None, description="Admins: only this account's jobs")

@@ -23,10 +23,10 @@ from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.models import Job
-from broker.jobs.schemas import JobCreate, JobQuery
+from broker.jobs.schemas import JobCreate, JobQuery, RunOut
 from broker.jobs.states import JobState
 from broker.market.allocations import active_allocation, end_job
-from broker.money import usd_to_micros
+from broker.money import micros_to_usd, usd_to_micros
 from broker.offers.models import Offer
 from broker.offers.service import resolve_model
 from broker.portable.checks import check_inputs
@@ -452,3 +452,38 @@ def list_jobs(session: Session, viewer: Account, query: JobQuery) -> tuple[list[
         .offset(query.offset)
     ).all()
     return list(rows), total
+
+
+def job_runs(session: Session, job: Job) -> list[RunOut]:
+    """Every allocation of ``job``, oldest first, with its offer and node (one query)."""
+    from broker.market.models import Allocation
+    from broker.nodes.models import Node
+
+    rows = session.execute(
+        select(Allocation, Offer, Node.name)
+        .join(Offer, Offer.id == Allocation.offer_id)
+        .outerjoin(Node, Node.id == Offer.node_id)
+        .where(Allocation.job_id == job.id)
+        .order_by(Allocation.created_at, Allocation.id)
+    ).all()
+    return [
+        RunOut(
+            allocation_id=a.id,
+            status=a.status.value,
+            node=node,
+            accelerator=o.accelerator,
+            accelerators=a.accelerators,
+            platform=o.platform,
+            emulated=o.emulated,
+            region=o.region,
+            country=o.country,
+            price_per_hour=micros_to_usd(a.price_per_hour_micros),
+            estimated_runtime_hours=a.runtime_hours,
+            created_at=a.created_at,
+            started_at=a.started_at,
+            ended_at=a.ended_at,
+            accelerator_seconds=a.usage_ms / 1000,
+            end_reason=a.end_reason,
+        )
+        for a, o, node in rows
+    ]

@@ -13,6 +13,7 @@ import jax
 
 from broker.portable import arrays
 from broker.portable.artifact import ALL_PLATFORMS, Artifact, package, package_step
+from broker.portable.manifest import ArtifactError
 from broker.sdk.http import BINARY, BrokerError, Connection
 
 _FINAL = {"succeeded", "failed", "cancelled"}
@@ -68,14 +69,28 @@ class Client(Connection):
         ``priority``, ``budget_usd`` (the most the job may cost, fee included), ``name``
         and ``idempotency_key``.
         """
-        if steps is None:
-            artifact = package(
-                fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes
-            )
-        else:
-            artifact = package_step(
-                fn, args[0], *args[1:], platforms=platforms, polymorphic_shapes=polymorphic_shapes
-            )
+        try:
+            if steps is None:
+                artifact = package(
+                    fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes
+                )
+            else:
+                artifact = package_step(
+                    fn,
+                    args[0],
+                    *args[1:],
+                    platforms=platforms,
+                    polymorphic_shapes=polymorphic_shapes,
+                )
+        except NotImplementedError as e:
+            # What jax.export says of host callbacks (jax.pure_callback, io_callback,
+            # jax.debug.callback): a Python function of this machine cannot travel.
+            raise ArtifactError(
+                f"cannot package {getattr(fn, '__name__', fn)!s}: {e}. A job runs on "
+                "another machine, so its program must be pure JAX: no jax.pure_callback, "
+                "io_callback or jax.debug.callback (compute that part before submitting, "
+                "or in jax.numpy)"
+            ) from None
         return self.submit_artifact(
             artifact, args, steps=steps, checkpoint_every=checkpoint_every, **job_fields
         )
@@ -105,7 +120,9 @@ class Client(Connection):
     def upload_artifact(self, artifact: Artifact) -> str:
         """Upload an artifact unless the broker has it already; returns its address."""
         if not self.http.exists(f"/v1/artifacts/{artifact.sha256}"):
-            self.http.request("POST", "/v1/artifacts", content=artifact.to_bytes(), headers=BINARY)
+            data = artifact.to_bytes()
+            self.check_size("artifact", len(data))
+            self.http.request("POST", "/v1/artifacts", content=data, headers=BINARY)
         return artifact.sha256
 
     # -- reading ----------------------------------------------------------------------

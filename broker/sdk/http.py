@@ -153,8 +153,51 @@ class Connection:
         """Upload an encoded array bundle, unless already there; returns its address."""
         sha = hashlib.sha256(data).hexdigest()
         if not self.http.exists(f"/v1/arrays/{sha}"):
+            self.check_size("arrays", len(data))
             self.http.request("POST", "/v1/arrays", content=data, headers=BINARY)
         return sha
+
+    def check_size(self, kind: str, size: int) -> None:
+        """Refuse, before sending a byte, an upload the broker would refuse after all of
+        them: past its size limit for ``kind`` (``artifact`` or ``arrays``) or past what
+        is left of the account's storage quota. Small uploads skip the question."""
+        if size < CHECK_SIZES_FROM:
+            return
+        try:
+            storage = self.http.json("GET", "/v1/storage")
+        except BrokerError as e:
+            if e.status in (404, 405):  # an older broker: let the upload find out
+                return
+            raise
+        limit = storage.get(f"max_{kind}_bytes")
+        what = "the program" if kind == "artifact" else "the input arrays"
+        if limit is not None and size > limit:
+            raise BrokerError(
+                413,
+                "upload_too_large",
+                f"{what} take {_size(size)}; this broker takes at most {_size(limit)} in one "
+                f"upload (BROKER_MAX_{kind.upper()}_BYTES): send smaller inputs, or read the "
+                "data inside the program",
+            )
+        left = storage["quota_bytes"] - storage["bytes"]
+        if size > left:
+            raise BrokerError(
+                413,
+                "storage_quota",
+                f"{what} take {_size(size)}, but only {_size(max(0, left))} of this account's "
+                f"{_size(storage['quota_bytes'])} storage quota is left (GET /v1/storage)",
+            )
+
+
+# Uploads smaller than this go without asking for the limits first (one round trip less).
+CHECK_SIZES_FROM = 4 * 1024 * 1024
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 BINARY = {"Content-Type": "application/octet-stream"}

@@ -109,5 +109,13 @@ def test_a_matched_bid_without_a_program_fails_at_once_with_the_reason(
         ended = developer.http.json("GET", f"/v1/jobs/{job['id']}")
         assert ended["state"] == "failed"
         assert "no program to run" in ended["error"]
+        (run,) = developer.http.json("GET", f"/v1/jobs/{job['id']}/runs")
+        assert run["status"] == "finished"
+        assert "no program to run" in run["end_reason"]
+        assert (run["accelerator"], run["region"], run["node"]) == (
+            "cpu",
+            "europe-west4",
+            None,
+        )
         # The hardware is free again for the next bid.
         assert provider.http.json("GET", f"/v1/offers/{offer['id']}")["count"] == 2
