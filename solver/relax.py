@@ -133,18 +133,23 @@ def transport(a: MarketArrays, pairs: FeasiblePairs, working: Ints) -> Floats:
     capacities = np.concatenate([supply, a.j_accelerators[job], a.o_count[offers], [total]]).astype(
         np.int64
     )
-    costs = np.concatenate(
-        [np.zeros(n_jobs), -np.round(unit_value * SCALE), np.zeros(n_offers), [0]]
-    ).astype(np.int64)
-    flow = min_cost_flow.SimpleMinCostFlow()
-    flow.add_arcs_with_capacity_and_unit_cost(
-        tails.astype(np.int32), heads.astype(np.int32), capacities, costs
-    )
-    flow.set_nodes_supplies(
-        np.array([source, sink], dtype=np.int32), np.array([total, -total], dtype=np.int64)
-    )
-    if flow.solve() != flow.OPTIMAL:
-        raise RuntimeError("min-cost flow failed on the LP relaxation")
+    # Finest integer costs first; markets whose values overflow them at that
+    # scale (a huge placement value) are solved at a coarser one.
+    for scale in (SCALE, SCALE / 1e3, 1.0):
+        costs = np.concatenate(
+            [np.zeros(n_jobs), -np.round(unit_value * scale), np.zeros(n_offers), [0]]
+        ).astype(np.int64)
+        flow = min_cost_flow.SimpleMinCostFlow()
+        flow.add_arcs_with_capacity_and_unit_cost(
+            tails.astype(np.int32), heads.astype(np.int32), capacities, costs
+        )
+        flow.set_nodes_supplies(
+            np.array([source, sink], dtype=np.int32), np.array([total, -total], dtype=np.int64)
+        )
+        if flow.solve() == flow.OPTIMAL:
+            break
+    else:
+        raise RuntimeError("min-cost flow failed on the LP relaxation at every cost scale")
     arcs = np.arange(n_jobs, n_jobs + len(working))
     flows: Floats = flow.flows(arcs).astype(np.float64)
     return flows
