@@ -1,0 +1,32 @@
+"""offer energy: a provider's stated power per accelerator, PUE and grid intensity
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0011"
+down_revision: str | None = "0010"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("power_w", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("pue", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("grid_g_per_kwh", sa.Float(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.drop_column("grid_g_per_kwh")
+        batch_op.drop_column("pue")
+        batch_op.drop_column("power_w")
