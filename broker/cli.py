@@ -1,25 +1,73 @@
-"""The ``broker`` command: serve the API, migrate the database, manage accounts."""
+"""The ``broker`` command.
+
+Developers' and providers' commands talk to a broker over HTTP and need only the
+client install (``broker jobs``, ``offers``, ``market``, ``invoices list|show``,
+``agent``: ``broker.devcli``). The operator's commands work on the broker's
+database and need the server install (``serve``, ``db``, ``accounts``, ``keys``,
+``invoices generate``, ``calibrate``, ``solve``).
+"""
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from broker.accounts.models import Role
+from broker import devcli
 
 app = typer.Typer(help="The compute broker.", no_args_is_help=True, add_completion=False)
-db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
-accounts_app = typer.Typer(help="Accounts and API keys.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys: list, create, rotate, revoke.", no_args_is_help=True)
-invoices_app = typer.Typer(help="Invoices for developers' usage.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations (operators).", no_args_is_help=True)
+accounts_app = typer.Typer(help="Accounts and API keys (operators).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys: list, create, rotate, revoke (operators).", no_args_is_help=True
+)
+invoices_app = typer.Typer(
+    help="Invoices: yours over HTTP (list, show); every account's (generate, operators).",
+    no_args_is_help=True,
+)
+app.add_typer(devcli.jobs_app, name="jobs")
+app.add_typer(devcli.offers_app, name="offers")
+app.add_typer(devcli.market_app, name="market")
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(invoices_app, name="invoices")
+invoices_app.command("list")(devcli.invoices_list)
+invoices_app.command("show")(devcli.invoices_show)
+
+
+class RoleName(enum.StrEnum):
+    """broker.accounts.models.Role, spelled here so the client install (no SQLAlchemy)
+    can load this module."""
+
+    developer = "developer"
+    provider = "provider"
+    admin = "admin"
+
+
+agent_key = devcli.api_key  # the agent reads its key as the developer commands do
+
+
+def main() -> None:
+    """The ``broker`` console script: an operator's command on the client install says
+    what to install instead of a traceback."""
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        server_only = {"sqlalchemy", "alembic", "uvicorn", "fastapi", "ortools", "stripe"}
+        if exc.name and exc.name.split(".")[0] in server_only:
+            typer.echo(
+                f"error: this command needs the broker's server install ({exc.name} is "
+                "missing): pip install compute-broker, from the repository root",
+                err=True,
+            )
+            sys.exit(1)
+        raise
 
 
 def recommended_workers() -> int:
@@ -109,36 +157,6 @@ def calibrate(
     if save:
         path = calibration.save(result, get_settings().data_dir)
         typer.echo(f"saved to {path}", err=True)
-
-
-def agent_key(from_env: str, path: Path | None) -> str:
-    """The agent's API key: BROKER_API_KEY, or the file ``path``, which only its owner
-    may read or write (a key anyone on the machine can read is as good as leaked)."""
-    import stat
-
-    if from_env and path is not None:
-        raise ValueError("give the key one way: BROKER_API_KEY or --api-key-file, not both")
-    if path is None:
-        if not from_env.strip():
-            raise ValueError("give a provider API key: set BROKER_API_KEY or --api-key-file")
-        return from_env.strip()
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise ValueError(f"cannot read the key file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"the key file {path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise ValueError(
-            f"the key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): "
-            f"chmod 600 {path}"
-        )
-    if info.st_uid != os.getuid():
-        raise ValueError(f"the key file {path} belongs to another user")
-    key = path.read_text().strip()
-    if not key:
-        raise ValueError(f"the key file {path} is empty")
-    return key
 
 
 @app.command()
@@ -409,16 +427,17 @@ def invoices_generate(
 @accounts_app.command("create")
 def accounts_create(
     name: Annotated[str, typer.Argument(help="Account name, unique")],
-    role: Annotated[Role, typer.Option(help="What the account may do")] = Role.developer,
+    role: Annotated[RoleName, typer.Option(help="What the account may do")] = RoleName.developer,
 ) -> None:
     """Create an account; its API key is printed once, on the last line."""
+    from broker.accounts.models import Role
     from broker.accounts.service import create_account
     from broker.db import session_scope
     from broker.errors import BrokerError
 
     try:
         with session_scope() as session:
-            account, key = create_account(session, name, role)
+            account, key = create_account(session, name, Role(role.value))
             account_id = account.id
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
@@ -539,4 +558,4 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_..
 
 
 if __name__ == "__main__":
-    app()
+    main()
