@@ -50,6 +50,9 @@ OFFER_COLUMNS = (
     Offer.lon,
     Offer.available_hours,
     Offer.efficiency,
+    Offer.power_w,
+    Offer.pue,
+    Offer.grid_g_per_kwh,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -95,8 +98,15 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         lon=row.lon,
         available_hours=row.available_hours,
         efficiency=row.efficiency,
-        **_energy(row.vendor, row.accelerator, row.country, row.region),
+        **_energy(row.vendor, row.accelerator, row.country, row.region)
+        | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
     )
+
+
+def _stated(power_w: float | None, pue: float | None, grid_g: float | None) -> dict[str, float]:
+    """What the provider stated of its energy, where it did."""
+    stated = {"power_w": power_w, "pue": pue, "grid_g_per_kwh": grid_g}
+    return {k: v for k, v in stated.items() if v is not None}
 
 
 @cache

@@ -74,6 +74,10 @@ class Offer(Base):
     lon: Mapped[float] = mapped_column(Float)
     available_hours: Mapped[float | None] = mapped_column(Float, default=None)
     efficiency: Mapped[float] = mapped_column(Float, default=0.4)
+    # What the provider states of its energy (docs/market.md); None: the defaults.
+    power_w: Mapped[float | None] = mapped_column(Float, default=None)
+    pue: Mapped[float | None] = mapped_column(Float, default=None)
+    grid_g_per_kwh: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

@@ -47,6 +47,27 @@ class OfferTerms(BaseModel):
     mem_bw_gbps: PositiveFigure | None = None
     available_hours: Hours | None = None
     efficiency: Efficiency = 0.4
+    power_w: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="Watts one accelerator draws under load; default its model's datasheet "
+        "TDP. At least 30 % of the TDP and at most the TDP, where the catalog knows it",
+    )
+    pue: float | None = Field(
+        default=None,
+        ge=1,
+        le=3,
+        description="The site's power usage effectiveness; default 1.0 for edge devices, "
+        "1.5 for other sites",
+    )
+    grid_g_per_kwh: float | None = Field(
+        default=None,
+        ge=0,
+        le=2000,
+        description="Carbon intensity of the electricity used, g CO2e per kWh (a contract "
+        "for clean power, a plant on site); default the region's or the country's grid",
+    )
     emulated: bool = Field(
         default=False,
         description="Capacity of this model emulated on a CPU (demos): the agent runs its "
@@ -101,6 +122,11 @@ class OfferOut(BaseModel):
     lon: float
     available_hours: float | None
     efficiency: float
+    power_w: float | None = Field(description="Stated watts per accelerator (null: the TDP)")
+    pue: float | None = Field(description="Stated PUE (null: the default for its site)")
+    grid_g_per_kwh: float | None = Field(
+        description="Stated g CO2e per kWh (null: its region's or country's grid)"
+    )
     emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime
     updated_at: datetime

@@ -56,6 +56,9 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         available_hours=data.available_hours,
         efficiency=data.efficiency,
         emulated=data.emulated,
+        power_w=data.power_w,
+        pue=data.pue,
+        grid_g_per_kwh=data.grid_g_per_kwh,
         **hardware,
     )
     session.add(offer)
@@ -98,6 +101,17 @@ def hardware_figures(data: OfferTerms) -> dict[str, object]:
                     f"({peak:g}, {spec.source}): an offer may state less, never more",
                     field=f"body.{name}",
                 )
+        if (
+            data.power_w is not None
+            and spec.tdp_w
+            and not (0.3 * spec.tdp_w <= data.power_w <= spec.tdp_w * (1 + 1e-9))
+        ):
+            # Less power looks cleaner: a claim far under the datasheet is refused too.
+            raise InvalidInput(
+                f"power_w {data.power_w:g} is outside 30 % to 100 % of the {spec.name}'s "
+                f"TDP ({spec.tdp_w:g} W, {spec.source})",
+                field="body.power_w",
+            )
     figures = {f: getattr(spec, f) for f in _HARDWARE_FIELDS}
     return {"accelerator": spec.key, **figures, **given}
 

@@ -1,0 +1,63 @@
+"""What an offer draws and emits: stated by its provider, or the defaults (the
+model's TDP, the site's PUE, the grid of its region or country); clearing uses
+them (docs/market.md)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from adapters import grid
+from broker.accounts.models import Role
+from broker.config import Settings
+from broker.market.adapt import weights
+from broker.market.standing import Standing
+from tests.conftest import ClientFactory, signed_in
+from tests.factories import offer_body
+
+
+@pytest.fixture
+def provider(db: Session, client_for: ClientFactory) -> Any:
+    return signed_in(db, client_for, Role.provider)
+
+
+def _book(db: Session) -> dict[str, Any]:
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    return {o.id: o for o in book.offers}
+
+
+def test_an_offer_without_figures_takes_the_defaults(provider: Any, db: Session) -> None:
+    answer = provider.post("/v1/offers", json=offer_body(accelerator="h100-sxm", country="SE"))
+    assert answer.status_code == 201, answer.text
+    offer = answer.json()
+    assert (offer["power_w"], offer["pue"], offer["grid_g_per_kwh"]) == (None, None, None)
+    seen = _book(db)[offer["id"]]
+    assert seen.power_w == 700.0  # the H100 SXM's datasheet TDP
+    assert seen.pue == grid.PUE_BY_SITE["colocation"]
+    assert seen.grid_g_per_kwh == grid.intensity("SE").g_co2e_per_kwh
+
+
+def test_stated_figures_are_kept_and_used(provider: Any, db: Session) -> None:
+    body = offer_body(accelerator="h100-sxm", power_w=350, pue=1.1, grid_g_per_kwh=12)
+    offer = provider.post("/v1/offers", json=body).json()
+    assert (offer["power_w"], offer["pue"], offer["grid_g_per_kwh"]) == (350, 1.1, 12)
+    seen = _book(db)[offer["id"]]
+    assert (seen.power_w, seen.pue, seen.grid_g_per_kwh) == (350, 1.1, 12)
+
+
+@pytest.mark.parametrize(
+    ("claims", "field"),
+    [
+        ({"power_w": 100}, "power_w"),  # under 30 % of 700 W: would look clean
+        ({"power_w": 900}, "power_w"),  # over the datasheet
+        ({"pue": 0.8}, "pue"),  # no site uses less than its IT equipment
+        ({"grid_g_per_kwh": -1}, "grid_g_per_kwh"),
+    ],
+)
+def test_implausible_figures_are_refused(provider: Any, claims: dict[str, Any], field: str) -> None:
+    answer = provider.post("/v1/offers", json=offer_body(accelerator="h100-sxm", **claims))
+    assert answer.status_code == 422, answer.text
+    assert field in answer.text
