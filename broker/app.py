@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
@@ -221,6 +221,10 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        # /docs is served below from the dashboard's static files, never from a CDN,
+        # so it works offline; ReDoc (CDN only) is not served.
+        docs_url=None,
+        redoc_url=None,
     )
     install_handlers(app)
     settings = get_settings()
@@ -254,6 +258,19 @@ def create_app(
         billing_router,
     ):
         app.include_router(router)
+
+    @app.get("/docs", include_in_schema=False)
+    def api_reference() -> HTMLResponse:
+        """Swagger UI from web/static/swagger-ui (vendored: web/static/SOURCES.md)."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="Compute Broker API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
 
     @app.get(
         "/healthz",
