@@ -240,6 +240,8 @@ def allocation_out(a: Allocation) -> AllocationOut:
             latency=micros_to_usd(a.latency_micros),
             total=micros_to_usd(a.cost_micros),
         ),
+        energy_kwh=a.energy_kwh,
+        gco2=a.gco2,
         created_at=a.created_at,
         ended_at=a.ended_at,
     )

@@ -364,6 +364,8 @@ def _apply(
                 "price_per_hour_micros": offer.price_per_hour_micros,
                 "runtime_hours": a.runtime_hours,
                 "startup_seconds": a.startup_seconds,
+                "energy_kwh": a.energy_kwh,
+                "gco2": a.gco2,
                 "rtt_ms": a.rtt_ms,
                 "compute_micros": compute,
                 "egress_micros": egress,

@@ -58,6 +58,9 @@ class Allocation(Base):
     runtime_hours: Mapped[float] = mapped_column(Float)
     # Of runtime_hours, the seconds of start-up the estimate included (docs/market.md).
     startup_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # The match's estimated energy at the wall and emissions (docs/market.md).
+    energy_kwh: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    gco2: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     rtt_ms: Mapped[float] = mapped_column(Float)
     compute_micros: Mapped[int] = mapped_column(BigInteger)
     egress_micros: Mapped[int] = mapped_column(BigInteger)

@@ -119,6 +119,8 @@ class AllocationOut(BaseModel):
     runtime_hours: float = Field(description="Estimated runtime on this offer")
     rtt_ms: float
     estimated_cost: EstimatedCost
+    energy_kwh: float = Field(description="Estimated energy at the wall (PUE included)")
+    gco2: float = Field(description="Estimated emissions, g CO2e")
     created_at: datetime
     ended_at: datetime | None
 

@@ -1,4 +1,5 @@
-"""offer energy: a provider's stated power per accelerator, PUE and grid intensity
+"""offer energy: a provider's stated power per accelerator, PUE and grid intensity;
+a match's estimated energy and carbon
 
 Revision ID: 0011
 Revises: 0010
@@ -23,9 +24,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("power_w", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("pue", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("grid_g_per_kwh", sa.Float(), nullable=True))
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("energy_kwh", sa.Float(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("gco2", sa.Float(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.drop_column("gco2")
+        batch_op.drop_column("energy_kwh")
     with op.batch_alter_table("offers", schema=None) as batch_op:
         batch_op.drop_column("grid_g_per_kwh")
         batch_op.drop_column("pue")

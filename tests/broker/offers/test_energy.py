@@ -8,15 +8,20 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from adapters import grid
 from broker.accounts.models import Role
 from broker.config import Settings
+from broker.db import transaction
+from broker.market import clearing
 from broker.market.adapt import weights
+from broker.market.models import Allocation
 from broker.market.standing import Standing
+from tests.broker.market.test_clearing import accounts, seed
 from tests.conftest import ClientFactory, signed_in
-from tests.factories import offer_body
+from tests.factories import make_job, make_offer, offer_body
 
 
 @pytest.fixture
@@ -61,3 +66,31 @@ def test_implausible_figures_are_refused(provider: Any, claims: dict[str, Any], 
     answer = provider.post("/v1/offers", json=offer_body(accelerator="h100-sxm", **claims))
     assert answer.status_code == 422, answer.text
     assert field in answer.text
+
+
+def test_a_match_records_its_energy_and_carbon(fresh_engine: Engine) -> None:
+    """Cleared with a carbon price, the clean offer wins and the allocation carries
+    the estimate: kW x PUE x accelerators x hours, times the grid's intensity."""
+    provider, developer = accounts(fresh_engine)
+    dirty = seed(
+        fresh_engine,
+        lambda s: make_offer(s, provider, price_per_hour="2.00", grid_g_per_kwh=800, pue=1.2),
+    )
+    clean = seed(
+        fresh_engine,
+        lambda s: make_offer(s, provider, price_per_hour="2.10", grid_g_per_kwh=20, pue=1.2),
+    )
+    job = seed(fresh_engine, lambda s: make_job(s, developer, accelerators=2, duration_hours=3))
+    settings = Settings(
+        clear_time_limit_seconds=5, fee_percent=Decimal(0), carbon_usd_per_t=Decimal(500)
+    )
+    record = clearing.run_round(fresh_engine, settings)
+    assert record is not None
+    assert record.matched == 1
+    with transaction(fresh_engine, write=False) as s:
+        allocation = s.scalars(select(Allocation).where(Allocation.job_id == job.id)).one()
+        assert allocation.offer_id == clean.id != dirty.id
+        assert allocation.energy_kwh == pytest.approx(0.7 * 1.2 * 2 * 3)
+        assert allocation.gco2 == pytest.approx(0.7 * 1.2 * 2 * 3 * 20)
+        # What the developer pays is the ask; the carbon price only chose the offer.
+        assert allocation.cost_micros == 2_100_000 * 2 * 3
