@@ -54,6 +54,9 @@ class Job(Base):
     bytes: Mapped[float | None] = mapped_column(Float, default=None)
     dtype: Mapped[str | None] = mapped_column(String(8), default=None)
     deadline_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    # The most CO2e (g) its run may emit, and its own carbon price (docs/market.md).
+    max_gco2: Mapped[float | None] = mapped_column(Float, default=None)
+    carbon_usd_per_t: Mapped[float | None] = mapped_column(Float, default=None)
     latency_slo_ms: Mapped[float | None] = mapped_column(Float, default=None)
     user_lat: Mapped[float | None] = mapped_column(Float, default=None)
     user_lon: Mapped[float | None] = mapped_column(Float, default=None)

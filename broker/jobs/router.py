@@ -86,6 +86,8 @@ def _job_out(job: Job, cost: billing.JobCost) -> JobOut:
         bytes=job.bytes,
         dtype=job.dtype,
         deadline_hours=job.deadline_hours,
+        max_gco2=job.max_gco2,
+        carbon_usd_per_t=job.carbon_usd_per_t,
         latency_slo_ms=job.latency_slo_ms,
         user_lat=job.user_lat,
         user_lon=job.user_lon,

@@ -79,6 +79,20 @@ class JobCreate(BaseModel):
     bytes: Work | None = None
     dtype: Dtype | None = Field(default=None, description="bf16 (default with flops) or fp32")
     deadline_hours: Hours | None = None
+    max_gco2: Float | None = Field(
+        default=None,
+        gt=0,
+        le=1e12,
+        description="The most its run may emit, in g CO2e: offers whose estimate is higher "
+        "are ruled out",
+    )
+    carbon_usd_per_t: Float | None = Field(
+        default=None,
+        ge=0,
+        le=100_000,
+        description="What avoiding a tonne of CO2e is worth to it, in USD: added to the cost "
+        "clearing minimises (never charged); default the market's",
+    )
     latency_slo_ms: Float | None = Field(default=None, gt=0, le=1_000_000)
     user_lat: Latitude | None = None
     user_lon: Longitude | None = None
@@ -117,6 +131,8 @@ class JobOut(BaseModel):
     bytes: float | None
     dtype: str | None
     deadline_hours: float | None
+    max_gco2: float | None
+    carbon_usd_per_t: float | None
     latency_slo_ms: float | None
     user_lat: float | None
     user_lon: float | None

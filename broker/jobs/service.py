@@ -291,6 +291,8 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
         bytes=work_bytes,
         dtype=dtype or ("bf16" if data.duration_hours is None else None),
         deadline_hours=data.deadline_hours,
+        max_gco2=data.max_gco2,
+        carbon_usd_per_t=data.carbon_usd_per_t,
         latency_slo_ms=data.latency_slo_ms,
         user_lat=data.user_lat,
         user_lon=data.user_lon,
@@ -365,9 +367,18 @@ _HASHED_FIELDS = tuple(
 )
 
 
+# Columns added after requests were first hashed: hashed only when set, so that a
+# request stored before them still matches its replay.
+_HASHED_WHEN_SET = frozenset({"max_gco2", "carbon_usd_per_t"})
+
+
 def _request_hash(job: Mapping[str, Any]) -> str:
     # A column the request does not decide (usage_ms) is hashed as None, as it always was.
-    fields = {name: job.get(name) for name in _HASHED_FIELDS}
+    fields = {
+        name: job.get(name)
+        for name in _HASHED_FIELDS
+        if name not in _HASHED_WHEN_SET or job.get(name) is not None
+    }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

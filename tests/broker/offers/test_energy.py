@@ -94,3 +94,20 @@ def test_a_match_records_its_energy_and_carbon(fresh_engine: Engine) -> None:
         assert allocation.gco2 == pytest.approx(0.7 * 1.2 * 2 * 3 * 20)
         # What the developer pays is the ask; the carbon price only chose the offer.
         assert allocation.cost_micros == 2_100_000 * 2 * 3
+
+
+def test_a_job_sets_its_carbon_cap_and_price(db: Session, client_for: ClientFactory) -> None:
+    from tests.factories import job_body, make_account
+
+    _, key = make_account(db, Role.developer)
+    body = job_body(max_gco2=1500, carbon_usd_per_t=200)
+    answer = client_for(key).post("/v1/jobs", json=body)
+    assert answer.status_code == 201, answer.text
+    job = answer.json()
+    assert (job["max_gco2"], job["carbon_usd_per_t"]) == (1500, 200)
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    (seen,) = [j for j in book.jobs if j.id == job["id"]]
+    assert (seen.max_gco2, seen.carbon_usd_per_t) == (1500, 200)
+    refused = client_for(key).post("/v1/jobs", json=job_body(max_gco2=-1))
+    assert refused.status_code == 422
+    assert "max_gco2" in refused.text
