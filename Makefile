@@ -34,7 +34,7 @@ lint: $(VENV)/.dev-deps
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.dev-deps
-	$(BIN)/mypy broker adapters solver web migrations benchmarks tests examples
+	$(BIN)/mypy broker adapters solver web migrations benchmarks tests examples client
 
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest

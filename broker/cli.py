@@ -59,11 +59,16 @@ def main() -> None:
     try:
         app()
     except ModuleNotFoundError as exc:
+        # The server's libraries, or the repository's modules the client install leaves out.
         server_only = {"sqlalchemy", "alembic", "uvicorn", "fastapi", "ortools", "stripe"}
-        if exc.name and exc.name.split(".")[0] in server_only:
+        server_only |= {"psycopg", "pydantic_settings", "jinja2", "adapters", "solver", "web"}
+        name = exc.name or ""
+        if name.split(".")[0] in server_only or (
+            name.startswith("broker.") and name != "broker.sdk"
+        ):
             typer.echo(
-                f"error: this command needs the broker's server install ({exc.name} is "
-                "missing): pip install compute-broker, from the repository root",
+                f"error: this command needs the broker's full install ({name} is missing; "
+                "this is the client install): pip install -e . from the repository root",
                 err=True,
             )
             sys.exit(1)

@@ -11,11 +11,13 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field
 from sqlalchemy import JSON
 from sqlalchemy.dialects.postgresql import JSONB
 
+from broker import platforms
+
 # Lists of short strings (platforms, vendors, countries). JSONB on PostgreSQL so
 # that they compare and group; plain JSON text on SQLite. Always stored sorted.
 StrList = JSON().with_variant(JSONB(), "postgresql")
 
-Platform = Literal["cuda", "rocm", "tpu", "cpu"]
+Platform = platforms.Platform
 Dtype = Literal["bf16", "fp32"]
 
 VendorName = Annotated[

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.types import Platform
+from broker.platforms import Platform
 
 MAGIC = b"BRKART01"
 ALL_PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
