@@ -400,3 +400,25 @@ def test_the_market_page_shows_unfillable_bids_apart(db: Session, browser_for: A
     assert 'data-testid="unfillable"' in page
     assert "more accelerators than its largest offer lists (8)" in page
     assert "crossed" not in page
+
+
+def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
+    db: Session, browser_for: Any
+) -> None:
+    from broker.db import utcnow
+    from tests.factories import make_run
+
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    offer = make_offer(db, provider.account, region="europe-west4", country="NL")
+    job = make_job(db, developer.account, name="runs-shown")
+    run = make_run(db, job, offer, 90_000, ended_at=utcnow())
+    run.end_reason = "run failed: the offer is cuda but this machine runs jobs on cpu"
+    db.flush()
+    page = developer.get(f"/jobs/{job.id}").text
+    runs = re.search(r'<table data-testid="runs">.*?</table>', page, re.S)
+    assert runs, page
+    assert "listed by hand" in runs.group(0)
+    assert "1 &times; h100-sxm" in runs.group(0)
+    assert "europe-west4 (NL)" in runs.group(0)
+    assert "the offer is cuda but this machine runs jobs on cpu" in runs.group(0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated
 
@@ -20,7 +20,7 @@ from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
 from broker.jobs import service
 from broker.jobs.router import allocation_out, job_out, job_outs
-from broker.jobs.schemas import JobCreate, JobOut, JobQuery
+from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
 from broker.jobs.states import FINAL_STATES, JobState
 from broker.market.allocations import latest_placements
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
@@ -48,6 +48,7 @@ class JobView:
     allocation: AllocationOut | None
     offer: OfferOut | None
     waiting: Unmatched | None
+    runs: list[RunOut] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
@@ -180,6 +181,7 @@ def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
         allocation_out(allocation) if allocation else None,
         offer_out(offer) if offer else None,
         waiting,
+        service.job_runs(session, job),
     )
 
 
