@@ -149,6 +149,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/market/rounds"): Rule(ANY_KEY, shows=sees("round", *ACTORS[1:6])),
     ("GET", "/v1/market/rounds/{round_id}"): Rule(ANY_KEY),
     ("GET", "/v1/market/estimates"): Rule(ANY_KEY),
+    ("GET", "/v1/carbon"): Rule(ANY_KEY),
     # artifacts and array bundles
     ("POST", "/v1/artifacts"): Rule(
         # Roles pass, then the bytes are checked: these are not an artifact.

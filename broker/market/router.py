@@ -10,11 +10,18 @@ from broker.auth import Admin, BatchedAccount, CurrentAccount
 from broker.config import get_settings
 from broker.db import EngineDep, SessionDep, TransactionsDep, read_only_session, transaction
 from broker.errors import NotFound
-from broker.market import estimates, service
+from broker.market import carbon, estimates, service
 from broker.market.cache import BookCache
 from broker.market.clearing import run_round
 from broker.market.models import ClearingRound
-from broker.market.schemas import BookQuery, CatalogEntry, EstimateBand, OrderBook, RoundOut
+from broker.market.schemas import (
+    BookQuery,
+    CarbonMonth,
+    CatalogEntry,
+    EstimateBand,
+    OrderBook,
+    RoundOut,
+)
 from broker.offers.service import resolve_model
 from broker.pagination import Page, PageQuery
 from broker.types import ObjectId
@@ -110,6 +117,20 @@ def estimate_bands(session: SessionDep, _: CurrentAccount) -> list[EstimateBand]
             startup_s=b.startup,
         )
         for b in estimates.bands(session).values()
+    ]
+
+
+@router.get(
+    "/v1/carbon",
+    response_model=list[CarbonMonth],
+    summary="My runs' energy and emissions, by month",
+)
+def my_carbon(session: SessionDep, account: CurrentAccount) -> list[CarbonMonth]:
+    return [
+        CarbonMonth(
+            period=m.period, runs=m.runs, energy_kwh=m.energy_kwh, gco2=m.gco2, basis=m.basis
+        )
+        for m in carbon.by_month(session, account.id)
     ]
 
 

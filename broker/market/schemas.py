@@ -102,6 +102,16 @@ class EstimateBand(BaseModel):
     )
 
 
+class CarbonMonth(BaseModel):
+    """A month of a developer's runs: their energy and emissions."""
+
+    period: str = Field(description="YYYY-MM, by when the runs started (UTC)")
+    runs: int
+    energy_kwh: float
+    gco2: float
+    basis: str = Field(description="estimated: from the matches' estimates, not meters")
+
+
 class EstimatedCost(BaseModel):
     compute: Usd
     egress: Usd

@@ -111,3 +111,21 @@ def test_a_job_sets_its_carbon_cap_and_price(db: Session, client_for: ClientFact
     refused = client_for(key).post("/v1/jobs", json=job_body(max_gco2=-1))
     assert refused.status_code == 422
     assert "max_gco2" in refused.text
+
+
+def test_a_developer_sees_its_carbon_by_month(db: Session, client_for: ClientFactory) -> None:
+    from broker.db import utcnow
+    from tests.factories import make_account, make_run
+
+    provider, _ = make_account(db, Role.provider)
+    developer, key = make_account(db, Role.developer)
+    other, _ = make_account(db, Role.developer)
+    offer = make_offer(db, provider)
+    for owner, gco2 in ((developer, 100.0), (developer, 50.0), (other, 999.0)):
+        run = make_run(db, make_job(db, owner), offer, 60_000, ended_at=utcnow())
+        run.energy_kwh, run.gco2 = gco2 / 400, gco2
+    db.flush()
+    (month,) = client_for(key).get("/v1/carbon").json()
+    assert month["period"] == utcnow().strftime("%Y-%m")
+    assert (month["runs"], month["gco2"], month["basis"]) == (2, 150.0, "estimated")
+    assert month["energy_kwh"] == pytest.approx(150.0 / 400)
