@@ -219,7 +219,8 @@ def check_role(account: Account, *roles: Role) -> Account:
     allowed = {*roles, Role.admin}
     if account.role not in allowed:
         names = " or ".join(sorted(r.value for r in allowed))
-        raise Forbidden(f"this needs a {names} account; yours is a {account.role.value}")
+        yours = account.role.value
+        raise Forbidden(f"this needs {_a(names)} {names} account; yours is {_a(yours)} {yours}")
     return account
 
 
@@ -254,3 +255,8 @@ Admin = Annotated[Account, Depends(require_role(Role.admin))]
 # streaming one is checked in a short transaction, for long polls.
 AgentDep = Annotated[Agent, Depends(current_agent)]
 StreamingAgent = Annotated[Agent, Depends(streaming_agent)]
+
+
+def _a(word: str) -> str:
+    """The article before ``word``: an admin, a developer."""
+    return "an" if word[:1] in "aeiou" else "a"

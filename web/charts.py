@@ -53,6 +53,11 @@ class Chart:
         return not self.paths and not self.markers
 
     @property
+    def ranges(self) -> bool:
+        """Whether any marker's bar has a length (a round matched at several asks)."""
+        return any(m.y_low != m.y_high for m in self.markers)
+
+    @property
     def plot(self) -> tuple[float, float, float, float]:
         """The plot area: left, top, right, bottom."""
         return LEFT, TOP, self.width - RIGHT, self.height - BOTTOM

@@ -7,7 +7,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -117,6 +117,22 @@ def authenticate_keys(session: Session, keys: Sequence[str]) -> list[KeyOwner | 
     rows = session.execute(_BY_KEY_HASHES, {"key_hashes": wanted})
     owners = {row[0]: KeyOwner(row[1], row[2], row[3], row[0], row[4]) for row in rows}
     return [owners.get(h) if h is not None else None for h in hashes]
+
+
+def account_names(
+    session: Session, ids: Iterable[str] | None = None, role: Role | None = None
+) -> dict[str, str]:
+    """Account names by id: of ``ids``, or of every account (with ``role``, those of it
+    only), for pages that show people names rather than ids."""
+    stmt = select(Account.id, Account.name).order_by(Account.name)
+    if ids is not None:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        stmt = stmt.where(Account.id.in_(wanted))
+    if role is not None:
+        stmt = stmt.where(Account.role == role)
+    return {account_id: name for account_id, name in session.execute(stmt.limit(10_000))}
 
 
 def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Account], int]:

@@ -58,7 +58,8 @@ def check_transition(current: JobState, new: JobState) -> None:
     if new not in TRANSITIONS[current]:
         allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
         raise InvalidTransition(
-            f"a {current.value} job cannot become {new.value}; from {current.value} it may "
+            f"{'an' if current.value[0] in 'aeiou' else 'a'} {current.value} job cannot "
+            f"become {new.value}; from {current.value} it may "
             f"become {allowed}",
             field="state",
         )

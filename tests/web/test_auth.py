@@ -189,5 +189,5 @@ def test_each_role_opens_only_its_pages(browser_for: Any, role: Role) -> None:
         assert linked == (role in allowed and not admin_bid), url
     forbidden = person.get("/admin")
     if role != Role.admin:
-        assert "this needs a admin account" in forbidden.text
+        assert "this needs an admin account" in forbidden.text
         assert "<html" in forbidden.text  # a page, not the API's JSON

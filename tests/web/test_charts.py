@@ -70,6 +70,9 @@ def test_price_history_draws_one_marker_per_round() -> None:
     assert "$2.25 average" in first.label
     assert chart.summary.startswith("2 rounds matched h100-sxm; the latest cleared at $2.40")
     assert price_chart("l4", []).empty
+    # The legend speaks of bars only when some round has one to draw.
+    assert chart.ranges
+    assert not price_chart("h100-sxm", points[1:]).ranges
 
 
 def test_ticks_are_round_numbers() -> None:

@@ -422,3 +422,16 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     assert "1 &times; h100-sxm" in runs.group(0)
     assert "europe-west4 (NL)" in runs.group(0)
     assert "the offer is cuda but this machine runs jobs on cpu" in runs.group(0)
+
+
+def test_an_unknown_page_answers_a_page_and_the_api_json(client_for: ClientFactory) -> None:
+    client = client_for(None)
+    page = client.get("/no-such-page", headers={"Accept": "text/html,*/*"})
+    assert page.status_code == 404
+    assert "text/html" in page.headers["content-type"]
+    assert "There is no page at this address." in page.text
+    assert 'href="/docs"' in page.text  # the usual layout, links included
+    api = client.get("/v1/no-such-thing", headers={"Accept": "text/html"})
+    assert api.status_code == 404
+    assert api.json()["error"]["code"] == "not_found"
+    assert client.get("/no-such-page").json()["error"]["code"] == "not_found"

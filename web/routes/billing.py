@@ -6,8 +6,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy.orm import Session
 
 from broker.accounts.models import Role
+from broker.accounts.service import account_names
 from broker.auth import check_role
 from broker.billing import invoices, statements, sync
 from broker.billing.models import InvoiceStatus
@@ -17,7 +19,7 @@ from broker.errors import InvalidInput
 from broker.types import ObjectId
 from web.forms import choice
 from web.render import WebRoute, page, redirect
-from web.session import CheckedForm, WebUserDep
+from web.session import CheckedForm, WebUser, WebUserDep
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 
@@ -46,6 +48,7 @@ def invoice_list(
         "invoices.html",
         user,
         invoices=rows,
+        names=_names(session, user, [i.account_id for i in rows]),
         lines=invoices.line_counts(session, [i.id for i in rows]),
         total=total,
         limit=PER_PAGE,
@@ -77,9 +80,15 @@ def invoice(
         "invoice.html",
         user,
         invoice=found,
+        names=_names(session, user, [found.account_id]),
         lines=lines,
         fee_ppm=rates.pop() if len(rates) == 1 else None,
     )
+
+
+def _names(session: Session, user: WebUser, ids: list[str]) -> dict[str, str]:
+    """Admins see whose invoices they are, by account name."""
+    return account_names(session, ids) if user.account.role == Role.admin else {}
 
 
 def _day(value: str, name: str) -> date | None:
@@ -114,11 +123,15 @@ def earnings(
     if until <= since:
         raise InvalidInput("the end must be on or after the start", field="end")
     result = statements.statement(session, user.account, provider or None, since, until)
+    providers: list[tuple[str, str]] = []
+    if user.account.role == Role.admin:
+        providers = list(account_names(session, role=Role.provider).items())
     return page(
         request,
         "earnings.html",
         user,
         statement=result,
+        providers=providers,
         start=since.date().isoformat(),
         end=(until - timedelta(microseconds=1)).date().isoformat(),
         provider=provider,

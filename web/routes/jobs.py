@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
 from broker.accounts.models import Account, Role
+from broker.accounts.service import account_names
 from broker.auth import check_role
 from broker.blobs.models import BlobKind
 from broker.blobs.service import get_blob, get_store
@@ -99,11 +100,17 @@ def jobs(
                 waiting.get(job.id),
             )
         )
+    names = (
+        account_names(session, [j.account_id for j in rows])
+        if user.account.role == Role.admin
+        else {}
+    )
     return page(
         request,
         "jobs.html",
         user,
         views=views,
+        names=names,
         total=total,
         limit=PER_PAGE,
         offset=offset,
