@@ -29,6 +29,7 @@ from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
 from broker.jobs.models import Job
+from broker.market import carbon
 from broker.market.models import Allocation, AllocationStatus
 from broker.money import micros_to_usd
 from broker.offers.models import Offer
@@ -96,7 +97,10 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
     amount = usage_charge(a.usage_ms, a.price_per_hour_micros)
     hours = Fraction(a.usage_ms, 3_600_000)
     rate = micros_to_usd(a.price_per_hour_micros)
+    energy, gco2 = carbon.of_run(a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms)
     return InvoiceLine(
+        energy_kwh=energy,
+        gco2=gco2,
         id=new_id("inl"),
         invoice_id=invoice_id,
         allocation_id=a.id,

@@ -4,7 +4,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Enum, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
@@ -86,6 +86,9 @@ class InvoiceLine(Base):
     price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
     fee_ppm: Mapped[int] = mapped_column(Integer)
     amount_cents: Mapped[int] = mapped_column(BigInteger)
+    # The run's estimated energy and emissions for its metered time (docs/market.md).
+    energy_kwh: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    gco2: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     stripe_item_id: Mapped[str | None] = mapped_column(String(255), default=None)

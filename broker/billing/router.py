@@ -199,6 +199,8 @@ def get_statement(
                 runs=r.runs,
                 accelerator_hours=_hours(r.usage_ms),
                 amount=cents_to_usd(r.amount_cents),
+                energy_kwh=r.energy_kwh,
+                gco2=r.gco2,
             )
             for r in result.rows
         ],
@@ -290,6 +292,8 @@ def _invoice_out(i: Invoice, lines: list[InvoiceLine]) -> InvoiceOut:
                 rate_per_hour=micros_to_usd(ln.price_per_hour_micros),
                 fee_percent=ppm_to_percent(ln.fee_ppm),
                 amount=cents_to_usd(ln.amount_cents),
+                energy_kwh=ln.energy_kwh,
+                gco2=ln.gco2,
                 started_at=ln.started_at,
                 ended_at=ln.ended_at,
             )

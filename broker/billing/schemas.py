@@ -40,6 +40,8 @@ class InvoiceLineOut(BaseModel):
     rate_per_hour: Usd = Field(description="The ask locked at match, per accelerator-hour")
     fee_percent: Decimal = Field(description="The fee locked at match")
     amount: Usd = Field(description="Hours x rate, rounded to the cent once (half to even)")
+    energy_kwh: float = Field(description="Estimated energy of the metered time (PUE included)")
+    gco2: float = Field(description="Estimated emissions of the metered time, g CO2e")
     started_at: datetime | None
     ended_at: datetime | None
 
@@ -124,6 +126,8 @@ class StatementRowOut(BaseModel):
     runs: int
     accelerator_hours: Decimal
     amount: Usd = Field(description="Hours x rate, rounded to the cent once")
+    energy_kwh: float = Field(description="Estimated energy of the metered time (PUE included)")
+    gco2: float = Field(description="Estimated emissions of the metered time, g CO2e")
 
 
 class StatementOut(BaseModel):

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from broker.accounts.models import Account, Role
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
+from broker.market import carbon
 from broker.market.models import Allocation, AllocationStatus
 from broker.nodes.models import Node
 from broker.offers.models import Offer
@@ -35,6 +36,8 @@ class StatementRow:
     runs: int
     usage_ms: int
     exact_micros: Fraction
+    energy_kwh: float = 0.0  # estimated, for the metered time
+    gco2: float = 0.0
 
     @property
     def amount_cents(self) -> int:
@@ -95,4 +98,9 @@ def statement(
         row.runs += 1
         row.usage_ms += a.usage_ms
         row.exact_micros += usage_charge(a.usage_ms, a.price_per_hour_micros)
+        energy, gco2 = carbon.of_run(
+            a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms
+        )
+        row.energy_kwh += energy
+        row.gco2 += gco2
     return Statement(owner, start, end, list(rows.values()))

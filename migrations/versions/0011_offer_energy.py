@@ -1,5 +1,6 @@
 """offer energy: a provider's stated power per accelerator, PUE and grid intensity;
-a match's estimated energy and carbon; a job's carbon cap and carbon price
+a match's estimated energy and carbon, and an invoice line's; a job's carbon cap and
+carbon price
 
 Revision ID: 0011
 Revises: 0010
@@ -27,6 +28,9 @@ def upgrade() -> None:
     with op.batch_alter_table("allocations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("energy_kwh", sa.Float(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("gco2", sa.Float(), nullable=False, server_default="0"))
+    with op.batch_alter_table("invoice_lines", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("energy_kwh", sa.Float(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("gco2", sa.Float(), nullable=False, server_default="0"))
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("max_gco2", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("carbon_usd_per_t", sa.Float(), nullable=True))
@@ -36,6 +40,9 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("carbon_usd_per_t")
         batch_op.drop_column("max_gco2")
+    with op.batch_alter_table("invoice_lines", schema=None) as batch_op:
+        batch_op.drop_column("gco2")
+        batch_op.drop_column("energy_kwh")
     with op.batch_alter_table("allocations", schema=None) as batch_op:
         batch_op.drop_column("gco2")
         batch_op.drop_column("energy_kwh")

@@ -129,3 +129,31 @@ def test_a_developer_sees_its_carbon_by_month(db: Session, client_for: ClientFac
     assert month["period"] == utcnow().strftime("%Y-%m")
     assert (month["runs"], month["gco2"], month["basis"]) == (2, 150.0, "estimated")
     assert month["energy_kwh"] == pytest.approx(150.0 / 400)
+
+
+def test_invoices_and_statements_carry_the_metered_footprint(db: Session) -> None:
+    """The match estimated 2 accelerators for 1 h at 1.54 kWh and 616 g; the run was
+    metered at 3 accelerator-hours, so its line carries 3/2 of the estimate."""
+    from datetime import UTC, datetime, timedelta
+
+    from broker.billing import invoices
+    from broker.billing.models import InvoiceLine
+    from broker.billing.statements import statement
+    from tests.factories import make_account, make_run
+
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    provider, _ = make_account(db, Role.provider)
+    developer, _ = make_account(db, Role.developer)
+    offer = make_offer(db, provider)
+    run = make_run(db, make_job(db, developer, accelerators=2), offer, 3 * 3_600_000, ended_at=t0)
+    run.runtime_hours, run.energy_kwh, run.gco2 = 1.0, 1.54, 616.0
+    db.flush()
+    (invoice,) = invoices.generate(
+        db, period_start=t0 - timedelta(days=1), cutoff=t0 + timedelta(1)
+    )
+    (line,) = db.scalars(select(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id))
+    assert line.energy_kwh == pytest.approx(1.54 * 1.5)
+    assert line.gco2 == pytest.approx(616.0 * 1.5)
+    earned = statement(db, provider, None, t0 - timedelta(days=1), t0 + timedelta(days=1))
+    (row,) = earned.rows
+    assert (row.energy_kwh, row.gco2) == (pytest.approx(1.54 * 1.5), pytest.approx(616.0 * 1.5))
