@@ -137,6 +137,16 @@ def chromium() -> Iterator[Browser]:
         browser.close()
 
 
+# Tables that do not fit: wider than their scrolling wrapper (the reader must scroll
+# sideways to see a column) or than the window.
+OVERFLOWING_TABLES = """() => [...document.querySelectorAll('table')].filter(t => {
+    const box = t.closest('.table-wrap') || t.parentElement;
+    return t.scrollWidth > box.clientWidth + 1
+        || t.getBoundingClientRect().right > document.documentElement.clientWidth + 1;
+}).map(t => `${t.dataset.testid || 'a table'}: ${t.scrollWidth}px in ${
+    (t.closest('.table-wrap') || t.parentElement).clientWidth}px`)"""
+
+
 class Person:
     """One person's browser window: it may reach the broker and nothing else."""
 
@@ -189,6 +199,9 @@ class Person:
                  .map(e => e.name)"""
         )
         assert labels == [], f"inputs without a label on {self.page.url}: {labels}"
+        if self.page.viewport_size and self.page.viewport_size["width"] >= 1280:
+            overflowing = self.page.evaluate(OVERFLOWING_TABLES)
+            assert overflowing == [], f"tables wider than {self.page.url}'s page: {overflowing}"
 
     def close(self) -> None:
         self.context.close()
@@ -312,6 +325,7 @@ def _story(
         metered = row.get_by_test_id("metered").inner_text().split()[0]
         assert metered.startswith("$"), metered
         assert metered != "$0.00", metered
+    alice.check()  # at 1280 px, no table wider than the page
 
     # 7. The runs are invoiced: lines, fee and total.
     page = alice.go("/invoices")
@@ -363,6 +377,27 @@ def _story(
     bob.shot("15-other-developer-sees-nothing")
     bob.check()
 
+    # Bids no offer can fill: each says why, with the nearest figure on offer, and
+    # the jobs page still fits 1280 px; the book is not made to look crossed.
+    with httpx.Client(base_url=broker.url, headers=_bearer(broker, "bob")) as api:
+        for body in (
+            {"accelerators": 1000, "max_price_per_hour": "500", "name": "a-very-long-name-" * 3},
+            {"accelerators": 1, "max_price_per_hour": "0.0001"},
+        ):
+            bid = {"platforms": ["cpu"], "duration_hours": 1, **body}
+            assert api.post("/v1/jobs", json=bid).status_code == 201
+    page = bob.go("/jobs")
+    why = page.get_by_test_id("why")
+    expect(why.first).to_be_visible()
+    expect(page.get_by_test_id("jobs")).to_contain_text("the cheapest ask is $72.00/h")
+    expect(page.get_by_test_id("jobs")).to_contain_text("the largest offer has")
+    bob.check()
+    bob.shot("15b-other-developer-unmatched-bids")
+    page = bob.go("/market?model=cpu")
+    expect(page.get_by_test_id("unfillable")).to_contain_text("$500.00/h")
+    expect(page.locator("section[aria-labelledby=books-h]")).not_to_contain_text("crossed")
+    bob.check()
+
     # 10. At phone width every page fits; wide tables scroll inside their box.
     phone.sign_in()
     for path, name in (
@@ -387,6 +422,10 @@ def _story(
 
 
 STEPS, EVERY = 40, 10
+
+
+def _bearer(broker: Broker, name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {broker.keys[name]}"}
 
 
 def _step(state: Any) -> Any:
