@@ -411,7 +411,14 @@ def _story(
         phone.shot(f"16-phone-{name}")
     phone.check()
 
-    # 11. Signing out ends the session.
+    # 11. The API reference, linked from every page, works with no other host reachable.
+    page = alice.go("/jobs")
+    page.get_by_role("link", name="API reference").click()
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Compute Broker")
+    expect(page.locator(".swagger-ui .opblock-tag").first).to_be_visible()
+    assert alice.outside == [], alice.outside
+
+    # 12. Signing out ends the session.
     page = alice.go("/jobs")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
