@@ -19,7 +19,7 @@ a fresh ``Idempotency-Key`` to each, as the SDK does.
 
 The client is a few lines over asyncio streams rather than httpx: on this 2-core
 machine the generator shares the CPU with the server, and httpx spent about ten
-times the CPU per request (see README, "Measured: load").
+times the CPU per request (see docs/benchmarks.md, "Measured: load").
 """
 
 from __future__ import annotations
