@@ -429,6 +429,27 @@ def invoices_generate(
         raise typer.Exit(1)
 
 
+@accounts_app.command("list")
+def accounts_list(
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 200,
+) -> None:
+    """Every account: name, role, id, created, enabled or disabled."""
+    from broker.accounts.service import list_accounts
+    from broker.db import session_scope
+
+    with session_scope(write=False) as session:
+        rows, total = list_accounts(session, limit=limit, offset=0)
+        lines = [
+            (a.name, a.role.value, a.id, f"{a.created_at:%Y-%m-%d %H:%M}", a.disabled_at)
+            for a in rows
+        ]
+    typer.echo("name\trole\tid\tcreated\tstatus")
+    for name, role, account_id, created, disabled in lines:
+        status = "enabled" if disabled is None else f"disabled {disabled:%Y-%m-%d %H:%M}"
+        typer.echo("\t".join((name, role, account_id, created, status)))
+    typer.echo(f"{len(lines)} of {total} accounts", err=True)
+
+
 @accounts_app.command("create")
 def accounts_create(
     name: Annotated[str, typer.Argument(help="Account name, unique")],

@@ -46,6 +46,10 @@ def test_accounts_create_prints_the_key_last(empty_database_url: str) -> None:
     assert "already exists" in again.stderr
     bad_role = broker("accounts", "create", "x", "--role", "king", url=empty_database_url)
     assert bad_role.returncode == 2
+    listed = broker("accounts", "list", url=empty_database_url)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()[1:]]
+    assert [(r[0], r[1], r[4]) for r in rows] == [("acme labs", "provider", "enabled")]
 
 
 def test_invoices_generate_bills_ended_runs_once(empty_database_url: str) -> None:
