@@ -81,13 +81,12 @@ def seed(url: str, market: sm.Market) -> Keys:
     settings must allow (BROKER_ALLOW_CAPACITY_BIDS=1)."""
     from broker.accounts.models import Role
     from broker.accounts.service import create_account
+    from broker.config import get_settings
     from broker.db import make_engine, transaction
     from broker.jobs.schemas import JobCreate
     from broker.jobs.service import submit_job
     from broker.offers.schemas import OfferCreate
     from broker.offers.service import create_offer
-
-    from broker.config import get_settings
 
     os.environ["BROKER_ALLOW_CAPACITY_BIDS"] = "1"
     get_settings.cache_clear()
