@@ -2,9 +2,9 @@
 
 - ``min_cost_flow``: exact when every job needs one accelerator (a transportation
   problem), with OR-Tools' min-cost flow.
-- ``assign``: one-accelerator jobs by min-cost flow and jobs that need several
-  greedily, in both orders (big jobs first by value per accelerator, or last
-  into what the flow left); the better of the two.
+- ``assign``: a round of one-accelerator jobs, exactly, by min-cost flow;
+- ``fill_greedy``: pairs in a given order, each placed where room is left (the
+  LP's rounding, ``solver.relax.round_down``, uses both).
 - ``first_come``: each job in submission order takes its cheapest feasible
   offer with room left: the peer baseline, and a safety net.
 
@@ -17,7 +17,7 @@ import numpy as np
 from ortools.graph.python import min_cost_flow
 
 from solver.pairs import Candidates, FeasiblePairs
-from solver.rules import Floats, Ints, MarketArrays
+from solver.rules import Ints, MarketArrays
 
 _SCALES = (1e6, 1e3, 1.0)  # integer cost units per USD, finest first
 
@@ -89,38 +89,13 @@ def fill_greedy(
             residual[o] -= need[j]
 
 
-def assign(
-    a: MarketArrays, c: Candidates, both_orders: bool = True, lp_x: Floats | None = None
-) -> Ints:
-    """The best of the orders for placing big jobs around the exact flow: big jobs
-    last; unless not ``both_orders``, first by value per accelerator; and, given
-    the LP's values ``lp_x`` on the candidates, first in the order the LP prefers."""
-    multi = np.flatnonzero(a.j_accelerators[c.job] > 1)
-    single = np.flatnonzero(a.j_accelerators[c.job] == 1)
-    by_value = multi[np.argsort(-c.weight[multi], kind="stable")]
-
-    last = np.full(a.n_jobs, -1, dtype=np.int64)
+def assign(a: MarketArrays, c: Candidates) -> Ints:
+    """The best assignment over the candidates of a round of one-accelerator jobs: exact,
+    by min-cost flow. (Rounds with gangs are solved from their LP: ``solver.relax``.)"""
+    assigned = np.full(a.n_jobs, -1, dtype=np.int64)
     residual = a.o_count.copy()
-    min_cost_flow_fill(a, c, single, residual, last)
-    fill_greedy(a, c, by_value, residual, last)
-    if len(multi) == 0 or not both_orders:
-        return last
-
-    density = c.weight[multi] / a.j_accelerators[c.job[multi]]
-    orders = [multi[np.argsort(-density, kind="stable")]]
-    if lp_x is not None:
-        wanted = multi[lp_x[multi] > 1e-6]
-        orders.append(wanted[np.lexsort((-c.weight[wanted], -lp_x[wanted]))])
-    options = [last]
-    for order in orders:
-        first = np.full(a.n_jobs, -1, dtype=np.int64)
-        residual = a.o_count.copy()
-        fill_greedy(a, c, order, residual, first)
-        min_cost_flow_fill(a, c, single, residual, first)
-        fill_greedy(a, c, by_value, residual, first)
-        options.append(first)
-    values = [objective(c, option) for option in options]
-    return options[int(np.argmax(values))]
+    min_cost_flow_fill(a, c, np.flatnonzero(a.j_accelerators[c.job] == 1), residual, assigned)
+    return assigned
 
 
 def first_come(a: MarketArrays, pairs: FeasiblePairs) -> Ints:
