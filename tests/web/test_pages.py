@@ -435,3 +435,26 @@ def test_an_unknown_page_answers_a_page_and_the_api_json(client_for: ClientFacto
     assert api.status_code == 404
     assert api.json()["error"]["code"] == "not_found"
     assert client.get("/no-such-page").json()["error"]["code"] == "not_found"
+
+
+def test_a_running_job_shows_when_it_should_end(db: Session, browser_for: Any) -> None:
+    from datetime import timedelta
+
+    from broker.db import utcnow
+    from tests.factories import make_run
+
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    offer = make_offer(db, provider.account)
+    job = make_job(db, developer.account, name="eta")
+    make_run(db, job, offer, 0)  # running, no end yet
+    # An iterative job a quarter done after 60 s: about 180 s to go.
+    job.state = JobState.running
+    job.steps, job.steps_done = 400, 100
+    job.started_at = utcnow() - timedelta(seconds=60)
+    db.flush()
+    page = developer.get(f"/jobs/{job.id}").text
+    eta = re.search(r'data-testid="eta">in about ([0-9.]+) min', page)
+    assert eta, page
+    assert 2.9 <= float(eta.group(1)) <= 3.2
+    assert "at the pace of its steps so far" in page

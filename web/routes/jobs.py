@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from broker.auth import check_role
 from broker.blobs.models import BlobKind
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
-from broker.db import SessionDep
+from broker.db import SessionDep, utcnow
 from broker.errors import BrokerError, NotFound
 from broker.jobs import service
 from broker.jobs.router import allocation_out, job_out, job_outs
@@ -54,6 +55,19 @@ class JobView:
     @property
     def final(self) -> bool:
         return self.job.state in FINAL_STATES
+
+    def eta_seconds(self, now: datetime | None = None) -> float | None:
+        """Seconds until a running job ends, at the pace it has kept: for an iterative
+        job, its steps so far; for a single call, its match's estimated runtime."""
+        job = self.job
+        if job.state != JobState.running or job.started_at is None:
+            return None
+        elapsed = ((now or utcnow()) - job.started_at).total_seconds()
+        if job.steps and job.steps_done:
+            return max(0.0, elapsed * (job.steps - job.steps_done) / job.steps_done)
+        if self.allocation is not None and not job.steps:
+            return max(0.0, self.allocation.runtime_hours * 3600 - elapsed)
+        return None
 
     @property
     def reason(self) -> str:
