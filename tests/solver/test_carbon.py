@@ -78,12 +78,14 @@ def test_a_carbon_price_moves_work_to_clean_grids() -> None:
     )
     assert solve(market).assignments[0].offer == "dirty"  # cheaper, at no carbon price
     # 4.62 kWh x 780 g more = 3.6 kg; 0.2 $/h x 2 x 3 h = $1.20 more: worth it above 333 $/t.
-    assert solve(replace(market, weights=Weights(carbon_usd_per_t=300.0))).assignments[
-        0
-    ].offer == "dirty"
-    assert solve(replace(market, weights=Weights(carbon_usd_per_t=400.0))).assignments[
-        0
-    ].offer == "clean"
+    assert (
+        solve(replace(market, weights=Weights(carbon_usd_per_t=300.0))).assignments[0].offer
+        == "dirty"
+    )
+    assert (
+        solve(replace(market, weights=Weights(carbon_usd_per_t=400.0))).assignments[0].offer
+        == "clean"
+    )
 
 
 def _emissions(result: Result) -> float:

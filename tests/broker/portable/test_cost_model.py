@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from broker.portable.artifact import MAGIC, Artifact, package
+from broker.portable.artifact import Artifact, package
 from broker.portable.checks import verify_artifact
-from broker.portable.manifest import ArtifactError
+from broker.portable.manifest import MAGIC, ArtifactError
 
 N = 128
 MATMUL = 2 * N**3  # flops of one N x N matmul
@@ -46,7 +46,7 @@ def test_a_fused_elementwise_chain_reads_and_writes_its_arrays_about_once() -> N
 
 
 def test_a_loop_counts_as_often_as_it_runs() -> None:
-    def loop(x: jax.Array, w: jax.Array) -> jax.Array:
+    def loop(x: jax.Array, w: jax.Array) -> Any:
         return lax.fori_loop(0, 50, lambda i, s: jnp.tanh(s @ w), x)
 
     artifact = package(loop, _square(), _square())
@@ -68,7 +68,7 @@ def test_a_scan_counts_each_step() -> None:
 def test_nested_loops_multiply_through_calls() -> None:
     """The inner loop sits in a function the outer loop's body calls."""
 
-    def nested(x: jax.Array, w: jax.Array) -> jax.Array:
+    def nested(x: jax.Array, w: jax.Array) -> Any:
         inner = jax.jit(lambda s: lax.fori_loop(0, 5, lambda j, t: jnp.tanh(t @ w), s))
         return lax.fori_loop(0, 10, lambda i, s: inner(s), x)
 
@@ -98,7 +98,7 @@ def test_an_earlier_manifest_that_claims_more_work_is_accepted() -> None:
 def test_an_earlier_manifest_that_claims_less_work_is_refused() -> None:
     """A loop counted once would make its job look cheap: refused."""
 
-    def loop(x: jax.Array, w: jax.Array) -> jax.Array:
+    def loop(x: jax.Array, w: jax.Array) -> Any:
         return lax.fori_loop(0, 50, lambda i, s: jnp.tanh(s @ w), x)
 
     artifact = package(loop, _square(), _square())
