@@ -313,7 +313,13 @@ def create_app(
 
 def create_served_app() -> FastAPI:
     """The app as ``broker serve``'s workers run it: clearing rounds run in a process
-    of their own (``clearing.clear_in_process``), not in the workers."""
+    of their own (``clearing.clear_in_process``), not in the workers. A worker dies
+    at once with the process that started it, so none is left serving the port."""
+    import signal
+
+    from broker.supervise import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
     return create_app(auto_clear=False, served=True)
 
 

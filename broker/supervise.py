@@ -39,15 +39,19 @@ class Plan:
     demo_url: str | None  # the URL the demo reaches the server at; None: no demo
 
 
-def die_with_parent() -> None:
-    """Ask Linux for SIGTERM when this process's parent exits (elsewhere: nothing)."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux for ``sig`` when this process's parent exits (elsewhere: nothing)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+
+
+def _die_at_once_with_parent() -> None:
+    die_with_parent(signal.SIGKILL)
 
 
 def _http(host: str, port: int, workers: int) -> None:
@@ -81,15 +85,22 @@ def _clearing(interval: float) -> None:
 
 
 def _start(role: str, *args: str) -> subprocess.Popen[bytes]:
-    return _start_module("broker.supervise", role, *args)
+    # The web server dies at once if this process is killed outright: a new
+    # ``broker serve`` on the same port must not find the old one answering (its
+    # workers die with it, see ``broker.app.create_served_app``). A normal stop
+    # signals it first and waits, so this changes nothing then.
+    at_once = role == "http"
+    return _start_module("broker.supervise", role, *args, at_once=at_once)
 
 
-def _start_module(module: str, *args: str) -> subprocess.Popen[bytes]:
-    """``python -m module args`` in a process group of its own, dying with this one."""
+def _start_module(module: str, *args: str, at_once: bool = False) -> subprocess.Popen[bytes]:
+    """``python -m module args`` in a process group of its own, dying with this one
+    (SIGTERM, or SIGKILL ``at_once``)."""
     return subprocess.Popen(  # noqa: S603 - our own modules
         [sys.executable, "-m", module, *args],
         process_group=0,
-        preexec_fn=die_with_parent,  # only this thread runs here yet
+        # Only this thread runs here yet.
+        preexec_fn=_die_at_once_with_parent if at_once else die_with_parent,
     )
 
 
