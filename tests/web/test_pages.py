@@ -422,6 +422,8 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     assert "1 &times; h100-sxm" in runs.group(0)
     assert "europe-west4 (NL)" in runs.group(0)
     assert "the offer is cuda but this machine runs jobs on cpu" in runs.group(0)
+    # Estimated against metered runtime: 1 h estimated, 90 accelerator-seconds on 1.
+    assert "1 h / 1.5 min" in runs.group(0)
 
 
 def test_an_unknown_page_answers_a_page_and_the_api_json(client_for: ClientFactory) -> None:
