@@ -162,6 +162,9 @@ def calibrate(
     if save:
         path = calibration.save(result, get_settings().data_dir)
         typer.echo(f"saved to {path}", err=True)
+    typer.echo(
+        "how estimates held on the market's runs, per model: broker market estimates", err=True
+    )
 
 
 @app.command()

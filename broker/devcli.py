@@ -511,6 +511,37 @@ def market_book(
         _table(headers, rows)
 
 
+@market_app.command("estimates")
+def market_estimates(
+    broker: BrokerUrl = DEFAULT_URL,
+    api_key_file: KeyFile = None,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """How runtime estimates held per accelerator model: metered over estimated time of
+    its latest runs, and the correction and start-up clearing applies."""
+    with _errors(debug), _client(broker, api_key_file) as client:
+        bands = client.http.json("GET", "/v1/market/estimates")
+        if as_json:
+            _print_json(bands)
+            return
+        rows = [
+            (
+                b["model"],
+                b["runs"],
+                f"{b['median']:.2f}",
+                f"{b['low']:.2f}-{b['high']:.2f}",
+                f"{b['correction']:.2f}",
+                f"{b['startup_s']:.1f} s",
+            )
+            for b in bands
+        ]
+        headers = ("model", "runs", "metered/est", "10-90 %", "correction", "start-up")
+        _table(headers, rows)
+        if not rows:
+            typer.echo("(no finished runs of programs yet)")
+
+
 # ---- invoices (added to `broker invoices` by broker.cli) -------------------------------
 
 

@@ -68,6 +68,10 @@ def test_submit_run_and_read_a_job(world: dict[str, Any]) -> None:
     ]
     assert "$0.50/h" in broker(world, "offers", "list").stdout
     assert "cpu" in broker(world, "market", "book").stdout
+    # One finished run of a program is fewer than a band needs to correct anything.
+    bands = json.loads(broker(world, "market", "estimates", "--json").stdout)
+    assert [(b["model"], b["runs"], b["correction"]) for b in bands] == [("cpu", 1, 1.0)]
+    assert "metered/est" in broker(world, "market", "estimates").stdout
     assert broker(world, "invoices", "list").exit_code == 0
 
 
