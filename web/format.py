@@ -66,6 +66,24 @@ def accelerator_hours(seconds: float | None) -> str:
     return DASH if seconds is None else f"{_trim(seconds / 3600, 4)} accelerator-h"
 
 
+def kwh(value: float | None) -> str:
+    """Energy: ``0.42 kWh``, ``12 kWh``, ``1,200 kWh``."""
+    if value is None:
+        return DASH
+    return f"{value:,.0f} kWh" if value >= 100 else f"{_trim(value, 2 if value >= 1 else 3)} kWh"
+
+
+def co2(grams: float | None) -> str:
+    """Emissions: ``850 g CO2e``, ``1.2 kg CO2e``, ``3.4 t CO2e``."""
+    if grams is None:
+        return DASH
+    if grams >= 1e6:
+        return f"{_trim(grams / 1e6, 2)} t CO2e"
+    if grams >= 1000:
+        return f"{_trim(grams / 1000, 1)} kg CO2e"
+    return f"{grams:,.0f} g CO2e"
+
+
 def gib(value: float | None) -> str:
     if value is None:
         return DASH
@@ -133,6 +151,8 @@ FILTERS = {
     "hours": hours,
     "accelerator_hours": accelerator_hours,
     "gib": gib,
+    "kwh": kwh,
+    "co2": co2,
     "seconds": seconds,
     "percent": percent,
     "number": number,

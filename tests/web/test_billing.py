@@ -27,6 +27,7 @@ def test_a_developer_invoices_finished_runs_and_reads_the_invoice(
     developer: Browser = browser_for(Role.developer)
     provider: Browser = browser_for(Role.provider)
     run = _finished_run(db, developer, provider)
+    run.energy_kwh, run.gco2 = 1.54, 616.0  # estimated at match, for runtime_hours = 1
     assert "No invoices yet." in developer.get("/invoices").text
     made = developer.post("/invoices/generate")
     assert made.status_code == 303
@@ -49,6 +50,9 @@ def test_a_developer_invoices_finished_runs_and_reads_the_invoice(
     assert "$2.50/h" in detail
     assert "5 %" in detail
     assert re.search(r'data-testid="total"><strong>\$5.25</strong>', detail)
+    # The 2 h metered on the 1 h estimate: twice its energy and carbon.
+    assert "3.08 kWh" in detail
+    assert "1.2 kg CO2e" in detail
     assert "Pay with Stripe" not in detail
 
     # With Stripe, the invoice carries the page where it is paid.

@@ -414,8 +414,10 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     job = make_job(db, developer.account, name="runs-shown")
     run = make_run(db, job, offer, 90_000, ended_at=utcnow())
     run.end_reason = "run failed: the offer is cuda but this machine runs jobs on cpu"
+    run.energy_kwh, run.gco2 = 0.77, 2500.0
     db.flush()
     page = developer.get(f"/jobs/{job.id}").text
+    assert re.search(r'data-testid="carbon">0.77 kWh, 2.5 kg CO2e', page), page
     runs = re.search(r'<table data-testid="runs">.*?</table>', page, re.S)
     assert runs, page
     assert "listed by hand" in runs.group(0)
