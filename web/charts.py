@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from broker.market.carbon import Footprint
 from broker.market.schemas import Book, PricePoint
 from web.format import usd, when
 
@@ -198,6 +199,45 @@ def price_chart(model: str, points: Sequence[PricePoint]) -> Chart:
         chart.x_ticks.append(Tick(chart.markers[-1].x, when(points[-1].at)[5:16]))
     chart.y_ticks = [Tick(y(v), _price(v)) for v in y.ticks()]
     return chart
+
+
+def carbon_chart(offers: Sequence[Footprint]) -> Chart:
+    """Each offer's ask against the carbon of one of its accelerators for an hour: the
+    cheap-and-clean corner is the bottom left."""
+    chart = Chart(
+        title="Price against carbon of the offers",
+        summary=_carbon_summary(offers),
+        x_label="g CO2e per accelerator-hour",
+        y_label="USD per accelerator-hour",
+    )
+    if not offers:
+        return chart
+    left, top, right, bottom = chart.plot
+    x = _Scale(0.0, max(o.gco2_per_hour for o in offers), left + 8, right - 8)
+    y = _Scale(0.0, max(o.price_per_hour for o in offers), bottom, top)
+    for o in offers:
+        label = (
+            f"{o.accelerator} in {o.region}: {_price(o.price_per_hour)}/h, "
+            f"{o.gco2_per_hour:,.0f} g CO2e per accelerator-hour"
+        )
+        at = y(o.price_per_hour)
+        chart.markers.append(Marker(x(o.gco2_per_hour), at, at, at, label))
+    chart.x_ticks = [Tick(x(v), f"{v:,.0f}") for v in x.ticks()]
+    chart.y_ticks = [Tick(y(v), _price(v)) for v in y.ticks()]
+    return chart
+
+
+def _carbon_summary(offers: Sequence[Footprint]) -> str:
+    if not offers:
+        return "No offer has free accelerators."
+    cleanest = min(offers, key=lambda o: (o.gco2_per_hour, o.price_per_hour))
+    cheapest = min(offers, key=lambda o: (o.price_per_hour, o.gco2_per_hour))
+    return (
+        f"{len(offers)} offers. Cheapest: {cheapest.accelerator} in {cheapest.region} at "
+        f"{_price(cheapest.price_per_hour)}/h, {cheapest.gco2_per_hour:,.0f} g CO2e an hour; "
+        f"cleanest: {cleanest.accelerator} in {cleanest.region} at "
+        f"{_price(cleanest.price_per_hour)}/h, {cleanest.gco2_per_hour:,.0f} g CO2e an hour."
+    )
 
 
 def _price_summary(model: str, points: Sequence[PricePoint]) -> str:

@@ -38,6 +38,44 @@ def of_run(
     return energy_kwh / hours * metered, gco2 / hours * metered
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """An active offer's price and the carbon of one of its accelerators for an hour."""
+
+    offer_id: str
+    accelerator: str
+    region: str
+    price_per_hour: float
+    gco2_per_hour: float
+
+
+def footprints(session: Session, limit: int = 500) -> list[Footprint]:
+    """Active offers with free accelerators, cheapest first, with their carbon per
+    accelerator-hour as clearing counts it (stated figures, else the defaults)."""
+    from broker.market import adapt
+    from broker.offers.models import Offer, OfferStatus
+
+    rows = session.execute(
+        select(*adapt.OFFER_COLUMNS, Offer.count.label("free"))
+        .where(Offer.status == OfferStatus.active, Offer.count > 0)
+        .order_by(Offer.price_per_hour_micros, Offer.id)
+        .limit(limit)
+    ).all()
+    out = []
+    for row in rows:
+        o = adapt.offer(row, row.free)
+        out.append(
+            Footprint(
+                offer_id=o.id,
+                accelerator=o.accelerator,
+                region=o.region,
+                price_per_hour=o.price_per_hour,
+                gco2_per_hour=o.power_w * o.pue / 1000 * o.grid_g_per_kwh,
+            )
+        )
+    return out
+
+
 def by_month(session: Session, account_id: str) -> list[Month]:
     """The account's runs (matches that started), summed by the month they started."""
     rows = session.execute(

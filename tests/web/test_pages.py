@@ -402,6 +402,19 @@ def test_the_market_page_shows_unfillable_bids_apart(db: Session, browser_for: A
     assert "crossed" not in page
 
 
+def test_the_market_page_plots_price_against_carbon(db: Session, browser_for: Any) -> None:
+    provider: Browser = browser_for(Role.provider)
+    make_offer(db, provider.account, price_per_hour="2.49", pue=1.2, grid_g_per_kwh=500)
+    make_offer(db, provider.account, price_per_hour="3.10", pue=1.1, grid_g_per_kwh=20)
+    page = provider.get("/market").text
+    chart = re.search(r'<figure class="chart chart-carbon">.*?</figure>', page, re.S)
+    assert chart, page
+    # 700 W x 1.2 / 1000 x 500 g = 420 g an hour; 700 W x 1.1 / 1000 x 20 g = 15.4 g.
+    assert "$2.49/h, 420 g CO2e per accelerator-hour" in chart.group(0)
+    assert "$3.10/h, 15 g CO2e per accelerator-hour" in chart.group(0)
+    assert chart.group(0).count("<circle") == 2
+
+
 def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     db: Session, browser_for: Any
 ) -> None:

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from broker.db import SessionDep
+from broker.market.carbon import footprints
 from broker.market.service import list_rounds, order_book, price_history
-from web.charts import depth_chart, price_chart
+from web.charts import carbon_chart, depth_chart, price_chart
 from web.render import WebRoute, page
 from web.session import WebUserDep
 
@@ -39,6 +40,7 @@ def market(
         selected=selected,
         depth=depth_chart(selected) if selected else None,
         prices=price_chart(selected.accelerator, history) if selected else None,
+        carbon=carbon_chart(footprints(session)),
         history=history,
         rounds=rounds,
         total=total,
