@@ -1,6 +1,6 @@
 """XLA's cost analysis of a packaged program in a worker process, beside the export.
 
-The cost analysis converts StableHLO to HLO first (``_xla.hlo_cost``): 7 to 8 ms
+The cost analysis converts StableHLO to HLO first (``_cost.hlo_cost``): 7 to 8 ms
 for a small program, 5 ms of it a fixed cost, all of it holding the GIL, so in
 a thread it overlaps only the export's serialization. A worker process runs it
 on another core while the export runs (PyTorch Inductor compiles in a pool of
@@ -316,7 +316,8 @@ def main() -> None:
     import jax
     from jax.interpreters import mlir
 
-    from broker.portable._xla import cpu_backend, hlo_cost
+    from broker.portable._cost import hlo_cost
+    from broker.portable._xla import cpu_backend
 
     backend = cpu_backend()
     # The first conversion sets up what later ones reuse: done before ready.

@@ -189,7 +189,7 @@ def _same(what: str, actual: Any, claimed: Any) -> None:
 
 def _check_cost(exported: Any, cost: dict[str, float], flops: float, bytes_: float) -> None:
     """The manifest's flops and bytes are XLA's cost analysis of the program as XLA
-    optimizes it (``_xla.hlo_cost``). A manifest made before that model, with the
+    optimizes it (``_cost.hlo_cost``). A manifest made before that model, with the
     unoptimized module's analysis, is accepted only where it claims no less work
     than the program does: such a claim can only make its own job look dearer."""
     claims = {"flops": flops, "bytes": bytes_}

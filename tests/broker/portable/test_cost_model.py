@@ -1,6 +1,6 @@
 """The cost a manifest states, and the runtime estimates built on it, come from
 the program as XLA will run it: fused, and with each loop counted as often as
-it runs (``broker.portable._xla.hlo_cost``)."""
+it runs (``broker.portable._cost.hlo_cost``)."""
 
 from __future__ import annotations
 
