@@ -191,6 +191,11 @@ class MarketArrays:
         )
 
     @property
+    def carbon_matters(self) -> bool:
+        """Whether any job's carbon price or cap can change which pairs win."""
+        return bool((self.j_carbon_usd_per_g > 0).any() or np.isfinite(self.j_max_gco2).any())
+
+    @property
     def n_jobs(self) -> int:
         return len(self.jobs)
 
@@ -263,9 +268,13 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
         egress[data] = np.where(elsewhere, a.j_data_gb[dj] * w.egress_usd_per_gb, 0.0)
     latency = w.latency_usd_per_ms * rtt
     # Energy and carbon: kWh = kW per accelerator (PUE included) x accelerators x hours.
-    energy = a.o_kw[oi] * acc * runtime
-    gco2 = energy * a.o_grid[oi]
-    carbon = gco2 * a.j_carbon_usd_per_g[ji]
+    # A block of the scan needs them only where a price or a cap makes them matter.
+    if ji.ndim == 2 and not a.carbon_matters:
+        energy = gco2 = carbon = np.zeros(_shape(ji, oi))
+    else:
+        energy = a.o_kw[oi] * acc * runtime
+        gco2 = energy * a.o_grid[oi]
+        carbon = gco2 * a.j_carbon_usd_per_g[ji]
     cost = compute + egress + latency + carbon
 
     rules = {
