@@ -67,23 +67,20 @@ def relax(
     a: MarketArrays,
     pairs: FeasiblePairs,
     deadline: float,
-    seed: Ints | None = None,
     warm: Warm | None = None,
     price: Floats | None = None,
 ) -> Relaxation | None:
     """Solve the LP by pricing rounds until nothing is left to add, or ``deadline``.
 
-    ``seed`` (pair indices) joins the first working set, e.g. the pairs an
-    incumbent uses; the rest of it is each job's best pairs at ``price`` (or
-    ``warm``'s prices), with ``warm``'s pairs. None when there are no pairs.
+    The first working set is each job's best pairs at ``price`` (or ``warm``'s
+    prices) and a few spread over its offers, with ``warm``'s pairs. None when
+    there are no pairs.
     """
     if pairs.size == 0:
         return None
     start_price = _warm_prices(a, warm) if price is None else price
     in_set = np.zeros(pairs.size, dtype=bool)
     in_set[_first_working_set(a, pairs, start_price, warm)] = True
-    if seed is not None:
-        in_set[seed] = True
     need = a.j_accelerators[pairs.job].astype(np.float64)
     bound = np.inf
     iterations = 0
