@@ -405,14 +405,18 @@ def jobs_logs(
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
-    """What happened to a job, run by run: where each ran, and how and why it ended
-    (the agents' errors included)."""
+    """What happened to a job, run by run: where each ran, its log (the agent's lines and
+    the program's stderr), and how and why it ended (the agents' errors included)."""
     with _errors(debug), _client(broker, api_key_file) as client:
         job = client.http.json("GET", f"/v1/jobs/{job_id}")
         runs = client.http.json("GET", f"/v1/jobs/{job_id}/runs")
+        lines = client.http.json("GET", f"/v1/jobs/{job_id}/logs")
         if as_json:
-            _print_json(runs)
+            _print_json({"runs": runs, "log": lines})
             return
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for line in lines:
+            by_run.setdefault(line["allocation_id"], []).append(line)
         typer.echo(f"{job['created_at']:.19}  submitted {job['id']}")
         for run in runs:
             where = f"{run['accelerators']} x {run['accelerator']} in {run['region']}"
@@ -422,6 +426,9 @@ def jobs_logs(
             )
             if run["started_at"]:
                 typer.echo(f"{run['started_at']:.19}  started")
+            for line in by_run.get(run["allocation_id"], []):
+                who = "  | " if line["stream"] == "program" else "    "
+                typer.echo(f"{line['at']:.19}  {who}{line['text']}")
             if run["ended_at"]:
                 reason = f": {run['end_reason']}" if run["end_reason"] else ""
                 used = f", {run['accelerator_seconds']:.1f} accelerator-seconds"

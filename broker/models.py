@@ -8,6 +8,7 @@ from broker.jobs.models import Job
 from broker.market.models import Allocation, ClearingRound
 from broker.nodes.models import Node
 from broker.offers.models import Offer
+from broker.runs.models import RunLogLine
 
 __all__ = [
     "Account",
@@ -23,6 +24,7 @@ __all__ = [
     "Job",
     "Node",
     "Offer",
+    "RunLogLine",
     "StripeCustomer",
     "StripeEvent",
 ]

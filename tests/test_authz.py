@@ -141,6 +141,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/jobs"): Rule(ANY_KEY, shows=sees("job", "developer", "admin")),
     ("GET", "/v1/jobs/{job_id}"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
     ("GET", "/v1/jobs/{job_id}/runs"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
+    ("GET", "/v1/jobs/{job_id}/logs"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
     ("POST", "/v1/jobs/{job_id}/cancel"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
     # market
     ("GET", "/v1/market/book"): Rule(ANY_KEY),

@@ -21,6 +21,7 @@ the market and resume from their last checkpoint elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ import httpx
 
 from adapters import catalog, registry
 from adapters.base import Device
+from broker.agent.probe import ProbeFailed, measure_startup
 from broker.agent.sandbox import Sandbox, SandboxConfig
 from broker.portable import _xla
 from broker.sdk.http import BrokerError, BrokerUnavailable
@@ -85,6 +87,9 @@ class AgentConfig:
     platform: str | None = None
     # How runs are confined (each in a child process of its own, with limits).
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    # Measure a run's start-up with a tiny program after signing on, and state it with
+    # the offers (broker.agent.probe).
+    measure_startup: bool = True
     transport: httpx.BaseTransport | None = None  # tests
 
 
@@ -114,6 +119,7 @@ class NodeAgent:
         # Runs whose end could not be reported: the finish to send once the broker answers.
         self._unreported: dict[str, dict[str, Any]] = {}
         self._sandbox: Sandbox | None = None
+        self.startup_seconds: float | None = None  # measured (broker.agent.probe)
 
     @property
     def sandbox(self) -> Sandbox:
@@ -174,6 +180,8 @@ class NodeAgent:
                     offer[name] = value
             if first.emulated_on is not None:
                 offer["emulated"] = True
+            if self.startup_seconds is not None:
+                offer["startup_seconds"] = round(self.startup_seconds, 3)
             offers.append(offer)
         return offers
 
@@ -226,6 +234,8 @@ class NodeAgent:
         )
         self.publish(self.offers(self._devices))
         self.sandbox  # noqa: B018  (its spare child starts importing JAX now, not at the first run)
+        if config.measure_startup and self.startup_seconds is None and self._offers:
+            threading.Thread(target=self._measure_startup, name="probe", daemon=True).start()
         log.info(
             "node %s (%s) registered; offering %s",
             config.name,
@@ -236,6 +246,22 @@ class NodeAgent:
             )
             or "nothing",
         )
+
+    def _measure_startup(self) -> None:
+        """Measure a run's start-up here, then publish the offers again with it."""
+        client, node = self.client, self.node_id
+        assert client is not None
+        assert node is not None
+        platform = self.config.platform or _xla.local_platform()
+        try:
+            seconds = measure_startup(self.sandbox, platform, lambda: client.heartbeat(node, {}))
+        except (ProbeFailed, BrokerError, OSError) as e:
+            log.warning("could not measure a run's start-up on this machine: %s", e)
+            return
+        self.startup_seconds = seconds
+        log.info("a run's start-up on this machine: %.3f s (stated with the offers)", seconds)
+        with contextlib.suppress(BrokerError):  # the next rediscovery publishes them anyway
+            self.publish(self.offers(self._devices))
 
     def publish(self, offers: list[dict[str, Any]]) -> None:
         assert self.client is not None

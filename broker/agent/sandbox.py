@@ -173,6 +173,9 @@ class Outcome:
     result: Path | None = None
     steps_done: int = 0
     run_seconds: float | None = None  # the child's time running the steps (benchmarks)
+    compile_seconds: float | None = None  # the child's time compiling the program
+    total_seconds: float | None = None  # the child's, from the work order to the result
+    stderr: str = ""  # the end of what the child wrote to its stderr (the run's log)
 
 
 class _Child:
@@ -219,10 +222,14 @@ class _Child:
             self._stderr += chunk
             del self._stderr[:-8192]  # the end is what says what went wrong
 
-    def stderr_tail(self) -> str:
+    def stderr_text(self) -> str:
+        """The end of the child's stderr (its last 8 KiB), once it has closed it."""
         for reader in self._readers:
             reader.join(timeout=2)
-        text = self._stderr.decode(errors="replace").strip()
+        return self._stderr.decode(errors="replace").strip()
+
+    def stderr_tail(self) -> str:
+        text = self.stderr_text()
         lines = [line for line in text.splitlines() if line.strip()]
         return "\n".join(lines[-6:])[-1500:]
 
@@ -406,9 +413,12 @@ class Sandbox:
         self.prepare(workdir)
         child = self._take()
         try:
-            return self._watch(
+            outcome = self._watch(
                 child, spec, workdir, limits, should_stop, on_progress, on_checkpoint, on_tick, tick
             )
+            if child.process.poll() is not None:  # else it lingers: close() kills it first
+                outcome.stderr = child.stderr_text()
+            return outcome
         finally:
             child.close()
             # The next spare starts once this run is over: starting one (importing JAX)
@@ -471,6 +481,8 @@ class Sandbox:
                     result=workdir / "result.bin",
                     steps_done=steps,
                     run_seconds=message.get("run_seconds"),
+                    compile_seconds=message.get("compile_seconds"),
+                    total_seconds=message.get("total_seconds"),
                 )
             elif "refused" in message:
                 ended = Outcome("refused", str(message["refused"])[:4000])

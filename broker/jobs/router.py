@@ -19,7 +19,7 @@ from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.jobs import intake, service
 from broker.jobs.models import Job
-from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, RunOut
+from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, LogLineOut, RunOut
 from broker.jobs.states import JobState
 from broker.market.allocations import latest_allocation
 from broker.market.explain import unmatched
@@ -27,6 +27,7 @@ from broker.market.models import Allocation
 from broker.market.schemas import AllocationOut, EstimatedCost
 from broker.money import micros_to_usd
 from broker.pagination import Page
+from broker.runs import logs
 from broker.shortcuts import shortcut_route
 from broker.types import ObjectId
 
@@ -255,6 +256,26 @@ def job_runs(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> 
     each ended, the agent's errors included."""
     job = service.get_job(session, account, job_id)
     return service.job_runs(session, job)
+
+
+@router.get(
+    "/{job_id}/logs", response_model=list[LogLineOut], summary="The log of every run of my job"
+)
+def job_logs(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> list[LogLineOut]:
+    """The lines the agents reported of the job's runs, run by run (oldest first): what
+    the agent did (fetching, start-up, checkpoints, the end) and what the program wrote
+    to its stderr. At most 1,000 lines a run are kept."""
+    job = service.get_job(session, account, job_id)
+    return [
+        LogLineOut(
+            allocation_id=line.allocation_id,
+            seq=line.seq,
+            at=line.at,
+            stream=line.stream,
+            text=line.text,
+        )
+        for line in logs.of_job(session, job.id)
+    ]
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")

@@ -190,6 +190,16 @@ class RunOut(BaseModel):
     )
 
 
+class LogLineOut(BaseModel):
+    """A line of a run's log, as the run's agent reported it."""
+
+    allocation_id: str = Field(description="The run it belongs to")
+    seq: int = Field(description="Its number in the run, from 0")
+    at: datetime = Field(description="When the agent wrote it")
+    stream: str = Field(description="agent: the agent's own line; program: the program's stderr")
+    text: str
+
+
 class JobQuery(PageQuery):
     state: JobState | None = Field(default=None, description="Only jobs in this state")
     account_id: IdField | None = Field(default=None, description="Admins: only this account's jobs")

@@ -13,6 +13,7 @@ from adapters import catalog, grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
 from broker.jobs.models import Job
+from broker.market.estimates import MAX_STARTUP_S
 from broker.money import MICROS_PER_USD
 from broker.offers.models import Offer
 from solver import market as sm
@@ -53,6 +54,7 @@ OFFER_COLUMNS = (
     Offer.power_w,
     Offer.pue,
     Offer.grid_g_per_kwh,
+    Offer.startup_seconds,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -100,6 +102,7 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         lon=row.lon,
         available_hours=row.available_hours,
         efficiency=row.efficiency,
+        startup_seconds=min(row.startup_seconds or 0.0, MAX_STARTUP_S),
         **_energy(row.vendor, row.accelerator, row.country, row.region)
         | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
     )

@@ -137,9 +137,10 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 def corrected(offer: sm.Offer, known: dict[str, Band]) -> sm.Offer:
     """``offer`` with its efficiency divided by its model's correction, and its
-    model's start-up."""
+    model's fitted start-up once the model has runs enough (until then, the start-up
+    its agent measured, already on the offer)."""
     band = known.get(offer.accelerator)
-    if band is None or (band.correction == 1.0 and band.startup == 0.0):
+    if band is None or band.runs < MIN_RUNS:
         return offer
     return replace(
         offer,

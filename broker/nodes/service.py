@@ -257,6 +257,10 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "available_hours": data.available_hours,
         "efficiency": data.efficiency,
         "emulated": data.emulated,
+        "power_w": data.power_w,
+        "pue": data.pue,
+        "grid_g_per_kwh": data.grid_g_per_kwh,
+        "startup_seconds": data.startup_seconds,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
     if any(getattr(offer, k) != v for k, v in changes.items()):

@@ -78,6 +78,9 @@ class Offer(Base):
     power_w: Mapped[float | None] = mapped_column(Float, default=None)
     pue: Mapped[float | None] = mapped_column(Float, default=None)
     grid_g_per_kwh: Mapped[float | None] = mapped_column(Float, default=None)
+    # Seconds from a work order to the program's first step, as the agent measured
+    # them at sign-on (docs/market.md); None: not measured.
+    startup_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

@@ -52,6 +52,7 @@ def offer_out(offer: Offer) -> OfferOut:
         power_w=offer.power_w,
         pue=offer.pue,
         grid_g_per_kwh=offer.grid_g_per_kwh,
+        startup_seconds=offer.startup_seconds,
         emulated=offer.emulated,
         created_at=offer.created_at,
         updated_at=offer.updated_at,

@@ -68,6 +68,14 @@ class OfferTerms(BaseModel):
         description="Carbon intensity of the electricity used, g CO2e per kWh (a contract "
         "for clean power, a plant on site); default the region's or the country's grid",
     )
+    startup_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=600,
+        description="Seconds every run takes besides the program's work (checks, compiling, "
+        "fetching and reporting), as the agent measured them; added to each program's "
+        "estimated runtime until the model's finished runs give the broker its own figure",
+    )
     emulated: bool = Field(
         default=False,
         description="Capacity of this model emulated on a CPU (demos): the agent runs its "
@@ -126,6 +134,9 @@ class OfferOut(BaseModel):
     pue: float | None = Field(description="Stated PUE (null: the default for its site)")
     grid_g_per_kwh: float | None = Field(
         description="Stated g CO2e per kWh (null: its region's or country's grid)"
+    )
+    startup_seconds: float | None = Field(
+        default=None, description="A run's start-up as its agent measured it (null: not measured)"
     )
     emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime

@@ -59,6 +59,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         power_w=data.power_w,
         pue=data.pue,
         grid_g_per_kwh=data.grid_g_per_kwh,
+        startup_seconds=data.startup_seconds,
         **hardware,
     )
     session.add(offer)

@@ -106,7 +106,9 @@ def run_out(session: Session, allocation_id: str, job: Job) -> RunOut:
 def progress(
     session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: Progress
 ) -> RunOut:
-    job = service.progress(session, agent, allocation_id, body.steps_done, body.accelerator_seconds)
+    job = service.progress(
+        session, agent, allocation_id, body.steps_done, body.accelerator_seconds, body.log
+    )
     return run_out(session, allocation_id, job)
 
 
@@ -140,5 +142,6 @@ def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: 
         retry=body.retry,
         accelerator_seconds=body.accelerator_seconds,
         max_attempts=get_settings().max_attempts,
+        log=body.log,
     )
     return run_out(session, allocation_id, job)

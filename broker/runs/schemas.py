@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from broker.jobs.states import JobState
 from broker.market.models import AllocationStatus
@@ -75,11 +75,39 @@ AcceleratorSeconds = Annotated[
 ]
 
 
+class LogLine(BaseModel):
+    """A line of the run's log (docs/api.md): the agent's, or the program's stderr."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq: Int = Field(
+        ge=0,
+        le=1_000_000,
+        description="Its number in the run, from 0 (a line sent twice is kept once)",
+    )
+    at: AwareDatetime = Field(description="When the agent wrote it")
+    stream: Literal["agent", "program"] = Field(
+        default="agent", description="The agent's own line, or the program's stderr"
+    )
+    text: str = Field(max_length=2000, pattern=r"^[^\x00]*$")
+
+
+LogLines = Annotated[
+    list[LogLine],
+    Field(
+        default_factory=list,
+        max_length=200,
+        description="Lines of the run's log written since the last report",
+    ),
+]
+
+
 class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps_done: Int = Field(ge=0, le=100_000_000)
     accelerator_seconds: AcceleratorSeconds = None
+    log: LogLines
 
 
 class CheckpointIn(BaseModel):
@@ -106,6 +134,7 @@ class Finish(BaseModel):
         "device error): hand the job back to the market, within its attempts",
     )
     accelerator_seconds: AcceleratorSeconds = None
+    log: LogLines
 
 
 class RunOut(BaseModel):

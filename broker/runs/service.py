@@ -30,6 +30,7 @@ from broker.market.models import Allocation, AllocationStatus
 from broker.offers.models import Offer
 from broker.portable.arrays import LeafSpec
 from broker.portable.manifest import Manifest, TensorSpec
+from broker.runs import logs
 
 _RUN_FAILED = "the run failed: "
 
@@ -157,10 +158,12 @@ def progress(
     allocation_id: str,
     steps_done: int,
     accelerator_seconds: float | None = None,
+    log: Sequence[logs.Line] = (),
 ) -> Job:
     allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
     _running(job)
+    logs.append(session, allocation, log)
     if meter(session, allocation, job, accelerator_seconds):
         billing.stop_at_budget(session, job)
         return job
@@ -210,6 +213,7 @@ def finish(
     retry: bool = False,
     accelerator_seconds: float | None = None,
     max_attempts: int = 1,
+    log: Sequence[logs.Line] = (),
 ) -> Job:
     """End the run with its result (succeeded) or the reason (failed), and free the
     capacity. A failure the provider marks ``retry`` (the machine, not the program)
@@ -222,6 +226,7 @@ def finish(
     _active(allocation)
     if job.state == JobState.matched:
         raise Conflict("start the job before finishing it", field="body.outcome")
+    logs.append(session, allocation, log)
     over_budget = meter(session, allocation, job, accelerator_seconds)
     if state == JobState.failed and over_budget:
         billing.stop_at_budget(session, job)

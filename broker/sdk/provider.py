@@ -23,9 +23,10 @@ import numpy as np
 from broker.portable import _xla, arrays
 from broker.portable.artifact import Artifact
 from broker.sdk.http import BrokerError, BrokerUnavailable, Connection
+from broker.sdk.runlog import RunLog
 
 if TYPE_CHECKING:
-    from broker.agent.sandbox import Sandbox
+    from broker.agent.sandbox import Outcome, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,17 @@ class ProviderClient(Connection):
         return result
 
     def progress(
-        self, allocation_id: str, steps_done: int, accelerator_seconds: float | None = None
+        self,
+        allocation_id: str,
+        steps_done: int,
+        accelerator_seconds: float | None = None,
+        log: list[dict[str, Any]] | None = None,
     ) -> None:
-        body = {"steps_done": steps_done, "accelerator_seconds": accelerator_seconds}
+        body = {
+            "steps_done": steps_done,
+            "accelerator_seconds": accelerator_seconds,
+            "log": log or [],
+        }
         self.http.request("POST", f"/v1/allocations/{allocation_id}/progress", json=body)
 
     def checkpoint(self, allocation_id: str, state: list[np.ndarray[Any, Any]], step: int) -> str:
@@ -129,6 +138,7 @@ class ProviderClient(Connection):
         *,
         retry: bool = False,
         accelerator_seconds: float | None = None,
+        log: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         body = {
             "outcome": outcome,
@@ -136,6 +146,7 @@ class ProviderClient(Connection):
             "error": error,
             "retry": retry,
             "accelerator_seconds": accelerator_seconds,
+            "log": log or [],
         }
         data: dict[str, Any] = self.http.json(
             "POST", f"/v1/allocations/{allocation_id}/finish", json=body
@@ -198,6 +209,7 @@ def run_work_order(
     if handle.started is None:
         handle.started = time.monotonic()
     ended = False
+    run_log = RunLog()
     limit = order.get("usage_limit_seconds")
 
     def over_budget() -> bool:
@@ -205,7 +217,14 @@ def run_work_order(
 
     def finish(outcome: str, **report: Any) -> str:
         handle.ended = time.monotonic()
-        report = {"outcome": outcome, "accelerator_seconds": handle.accelerator_seconds(), **report}
+        error = report.get("error")
+        run_log.write(f"the run {outcome}" + (f": {error}" if error else ""))
+        report = {
+            "outcome": outcome,
+            "accelerator_seconds": handle.accelerator_seconds(),
+            "log": run_log.last(),
+            **report,
+        }
         try:
             job = client.finish(allocation, **report)
         except BrokerError as e:
@@ -221,6 +240,7 @@ def run_work_order(
         return finish("failed", error=f"allocation {allocation} has no program to run")
     here = _xla.local_platform()
     if order["platform"] != here and emulate and order.get("emulated"):
+        run_log.write(f"the offer emulates {order['platform']}: the run uses this machine's {here}")
         log.warning(
             "allocation %s: the offer emulates %s; running job %s on this machine's %s",
             allocation,
@@ -244,7 +264,13 @@ def run_work_order(
         if not ended and now - last_report >= progress_seconds:
             last_report = now
             used = handle.accelerator_seconds()
-            ended = _ended(lambda: client.progress(allocation, steps_done, used))
+            lines = run_log.pending()
+
+            def send() -> None:
+                client.progress(allocation, steps_done, used, log=lines)
+                run_log.sent(lines)
+
+            ended = _ended(send)
 
     def on_progress(step: int) -> None:
         nonlocal steps_done
@@ -260,16 +286,25 @@ def run_work_order(
         finally:
             path.unlink(missing_ok=True)
         ended = ended or _ended(lambda: client.checkpoint(allocation, state, step))
+        run_log.write(f"checkpoint at step {step} saved")
 
     own = sandbox is None
     box = sandbox if sandbox is not None else Sandbox(cache_dir=cache_dir, spare=False)
     workdir = Path(tempfile.mkdtemp(prefix=f"broker-run-{allocation}-"))
     try:
-        (workdir / "artifact.bin").write_bytes(client.download_artifact(order["artifact"]))
-        (workdir / "inputs.bin").write_bytes(client.download_arrays(order["inputs"]))
+        began = time.monotonic()
+        program = client.download_artifact(order["artifact"])
+        (workdir / "artifact.bin").write_bytes(program)
+        inputs = client.download_arrays(order["inputs"])
+        (workdir / "inputs.bin").write_bytes(inputs)
+        run_log.write(
+            f"fetched the program ({_kib(program)}) and its inputs ({_kib(inputs)}) "
+            f"in {time.monotonic() - began:.2f} s"
+        )
         if order["checkpoint"]:
             data = client.download_arrays(order["checkpoint"])
             (workdir / "checkpoint.bin").write_bytes(data)
+            run_log.write(f"resuming from the checkpoint at step {order['checkpoint_step']}")
             log.info(
                 "allocation %s resumes job %s from its checkpoint at step %d",
                 allocation,
@@ -293,6 +328,7 @@ def run_work_order(
             on_checkpoint=on_checkpoint,
             on_tick=report_progress,
         )
+        _record(run_log, outcome, here)
         if outcome.kind == "stopped":
             # Over budget, the run ends as a failure whichever noticed first: this agent,
             # or the broker from the last progress report (then the report is a repeat).
@@ -313,11 +349,28 @@ def run_work_order(
         assert outcome.result is not None
         data = read_output(outcome.result, box.config.max_output_bytes + 1024 * 1024)
         result = client.upload_bundle(data)
+        run_log.write(f"uploaded the result ({_kib(data)})")
         return finish("succeeded", result=result)
     finally:
         remove(workdir)
         if own:
             box.close()
+
+
+def _kib(data: bytes) -> str:
+    return f"{len(data) / 1024:,.1f} KiB"
+
+
+def _record(run_log: RunLog, outcome: Outcome, platform: str) -> None:
+    """What the sandboxed child said of its run, in the run's log."""
+    if outcome.compile_seconds is not None:
+        run_log.write(f"compiled for {platform} in {outcome.compile_seconds:.3f} s")
+    if outcome.run_seconds is not None:
+        steps = f"{outcome.steps_done} steps" if outcome.steps_done != 1 else "1 step"
+        run_log.write(f"ran {steps} in {outcome.run_seconds:.3f} s")
+    if outcome.kind == "stopped":
+        run_log.write("stopped before its end")
+    run_log.write(outcome.stderr, stream="program")
 
 
 def _ended(report: Any) -> bool:

@@ -62,6 +62,12 @@ def test_submit_run_and_read_a_job(world: dict[str, Any]) -> None:
     logs = broker(world, "jobs", "logs", job_id)
     assert "matched to 1 x cpu in europe-west4 at $0.50/h" in logs.stdout
     assert "started" in logs.stdout
+    # The run's own log, as its agent reported it: fetching, compiling, the end.
+    assert "fetched the program (" in logs.stdout
+    assert "compiled for cpu in " in logs.stdout
+    assert "the run succeeded" in logs.stdout
+    as_json = json.loads(broker(world, "jobs", "logs", job_id, "--json").stdout)
+    assert [line["seq"] for line in as_json["log"]] == list(range(len(as_json["log"])))
     listed = json.loads(broker(world, "jobs", "list", "--json").stdout)
     assert [(j["id"], j["name"], j["state"]) for j in listed["items"]] == [
         (job_id, "hello", "succeeded")

@@ -439,6 +439,36 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     assert "the offer is cuda but this machine runs jobs on cpu" in runs.group(0)
     # Estimated against metered runtime: 1 h estimated, 90 accelerator-seconds on 1.
     assert "1 h / 1.5 min" in runs.group(0)
+    assert 'data-testid="run-log"' not in page  # no lines reported: no log shown
+
+
+def test_the_job_page_shows_each_runs_log(db: Session, browser_for: Any) -> None:
+    from datetime import UTC, datetime
+
+    from broker.runs.models import RunLogLine
+    from tests.factories import make_run
+
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    offer = make_offer(db, provider.account)
+    job = make_job(db, developer.account, name="log-shown")
+    run = make_run(db, job, offer, 1_000)
+    at = datetime(2026, 12, 3, 10, 0, 5, tzinfo=UTC)
+    for seq, stream, text in ((0, "agent", "compiled for cpu in 0.120 s"),
+                              (1, "program", "W xla: <slow> & costly")):  # fmt: skip
+        db.add(
+            RunLogLine(
+                allocation_id=run.id, seq=seq, job_id=job.id, at=at, stream=stream, text=text
+            )
+        )
+    db.flush()
+    page = developer.get(f"/jobs/{job.id}").text
+    log = re.search(r'<pre class="log" data-testid="run-log">(.*?)</pre>', page, re.S)
+    assert log, page
+    assert log.group(1).splitlines() == [
+        "10:00:05 compiled for cpu in 0.120 s",
+        "10:00:05 | W xla: &lt;slow&gt; &amp; costly",  # escaped: a program's text is not HTML
+    ]
 
 
 def test_an_unknown_page_answers_a_page_and_the_api_json(client_for: ClientFactory) -> None:

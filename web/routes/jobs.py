@@ -30,6 +30,8 @@ from broker.market.schemas import AllocationOut, Unmatched
 from broker.money import Usd
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut
+from broker.runs import logs
+from broker.runs.models import RunLogLine
 from broker.types import ObjectId
 from web.forms import attempt, choice, given, listed, text, values
 from web.render import WebRoute, form_errors, page, redirect
@@ -51,6 +53,7 @@ class JobView:
     offer: OfferOut | None
     waiting: Unmatched | None
     runs: list[RunOut] = field(default_factory=list)
+    log: dict[str, list[RunLogLine]] = field(default_factory=dict)  # by allocation
 
     @property
     def final(self) -> bool:
@@ -203,7 +206,15 @@ def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
         offer_out(offer) if offer else None,
         waiting,
         service.job_runs(session, job),
+        _log_by_run(session, job.id),
     )
+
+
+def _log_by_run(session: SessionDep, job_id: str) -> dict[str, list[RunLogLine]]:
+    by_run: dict[str, list[RunLogLine]] = {}
+    for line in logs.of_job(session, job_id):
+        by_run.setdefault(line.allocation_id, []).append(line)
+    return by_run
 
 
 def _job_page(

@@ -100,6 +100,18 @@ def test_the_agent_runs_what_the_market_matches(agent: dict[str, Any]) -> None:
     job.wait(timeout=60, poll=0.05, progress=False)
     np.testing.assert_array_equal(job.result(), np.full((4, 4), 3.0))
     assert job.data["accelerator_seconds"] > 0
+    # The run's log reached the broker with its reports: the agent's lines, the end.
+    lines = developer.http.json("GET", f"/v1/jobs/{job.id}/logs")
+    texts = [line["text"] for line in lines]
+    assert texts[0].startswith("fetched the program (")
+    assert any(t.startswith("compiled for cpu in ") for t in texts)
+    assert texts[-1] == "the run succeeded"
+    # After signing on, the agent measured a run's start-up and stated it with its offer.
+    measured = _wait(
+        lambda: developer.http.json("GET", "/v1/offers")["items"][0]["startup_seconds"]
+    )
+    assert 0 < measured < 60
+    assert agent["node"].startup_seconds == pytest.approx(measured, abs=0.001)
 
     agent["stop"].set()
     agent["thread"].join(timeout=60)

@@ -90,6 +90,24 @@ def test_rounds_use_the_corrected_efficiency(db: Session) -> None:
     assert by_id[other.id].efficiency == other.efficiency
 
 
+def test_an_agents_measured_startup_counts_until_the_models_runs_speak(db: Session) -> None:
+    provider, _ = make_account(db, Role.provider)
+    measured = make_offer(db, provider, accelerator="mi300x", count=8)
+    measured.startup_seconds = 0.4
+    absurd = make_offer(db, provider, accelerator="h100-sxm", count=8)
+    absurd.startup_seconds = 600.0  # the most an offer may state, above the clamp
+    db.flush()
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    by_id = {o.id: o for o in book.offers}
+    assert by_id[measured.id].startup_seconds == pytest.approx(0.4)
+    assert by_id[absurd.id].startup_seconds == MAX_STARTUP_S
+    # Runs enough of the model: the broker's own fit replaces what the agent said.
+    _runs(db, measured, [1.0] * MIN_RUNS)
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    fitted = estimates.bands(db)["mi300x"].startup
+    assert {o.id: o for o in book.offers}[measured.id].startup_seconds == fitted
+
+
 def test_the_bands_are_in_the_api(db: Session, client_for: ClientFactory) -> None:
     provider, _ = make_account(db, Role.provider)
     _, key = make_account(db, Role.developer)

@@ -176,3 +176,48 @@ def test_long_poll_waits_for_work(fresh_engine: Engine, fresh_client_for: Client
     assert provider.get("/v1/allocations", params={"wait": 0.6}).json() == []
     assert time.monotonic() - started >= 0.5
     assert provider.get("/v1/allocations", params={"wait": 31}).status_code == 422
+
+
+def _line(seq: int, text: str, stream: str = "agent") -> dict[str, Any]:
+    return {"seq": seq, "at": "2026-12-03T10:00:00+00:00", "stream": stream, "text": text}
+
+
+def test_run_log_lines_are_kept_once_in_order_and_shown_to_the_developer(
+    matched: dict[str, Any],
+) -> None:
+    provider, developer = matched["provider"], matched["developer"]
+    alloc, job_id = matched["order"]["allocation_id"], matched["job"]["id"]
+    provider.post(f"/v1/allocations/{alloc}/start")
+    first = {"steps_done": 1, "log": [_line(0, "fetched"), _line(1, "compiled")]}
+    assert provider.post(f"/v1/allocations/{alloc}/progress", json=first).is_success
+    # A report sent again (its answer lost) adds nothing; the next carries new lines.
+    assert provider.post(f"/v1/allocations/{alloc}/progress", json=first).is_success
+    warning = _line(2, "W external/xla: slow", "program")
+    finish = {"outcome": "failed", "error": "XLA OOM", "log": [_line(1, "compiled"), warning]}
+    assert provider.post(f"/v1/allocations/{alloc}/finish", json=finish).is_success
+
+    lines = developer.get(f"/v1/jobs/{job_id}/logs").json()
+    assert [(x["seq"], x["stream"], x["text"]) for x in lines] == [
+        (0, "agent", "fetched"),
+        (1, "agent", "compiled"),
+        (2, "program", "W external/xla: slow"),
+    ]
+    assert {x["allocation_id"] for x in lines} == {alloc}
+    stranger = _client(matched["engine"], matched["clients"], Role.developer)
+    assert stranger.get(f"/v1/jobs/{job_id}/logs").status_code == 404
+
+
+def test_run_log_lines_are_checked_and_capped(matched: dict[str, Any]) -> None:
+    provider, developer = matched["provider"], matched["developer"]
+    alloc, job_id = matched["order"]["allocation_id"], matched["job"]["id"]
+    provider.post(f"/v1/allocations/{alloc}/start")
+    naive = {"steps_done": 1, "log": [{**_line(0, "x"), "at": "2026-12-03T10:00:00"}]}
+    assert provider.post(f"/v1/allocations/{alloc}/progress", json=naive).status_code == 422
+    too_many = {"steps_done": 1, "log": [_line(i, "x") for i in range(201)]}
+    assert provider.post(f"/v1/allocations/{alloc}/progress", json=too_many).status_code == 422
+    for start in range(0, 1200, 200):
+        batch = {"steps_done": 1, "log": [_line(i, f"line {i}") for i in range(start, start + 200)]}
+        assert provider.post(f"/v1/allocations/{alloc}/progress", json=batch).is_success
+    lines = developer.get(f"/v1/jobs/{job_id}/logs").json()
+    assert len(lines) == 1000  # a run keeps 1000 lines: a flood fills no database
+    assert lines[-1]["text"] == "line 999"
