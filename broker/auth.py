@@ -11,7 +11,6 @@ from fastapi import BackgroundTasks, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
 from broker.accounts.service import (
     KeyOwner,
     authenticate_key,
@@ -23,6 +22,7 @@ from broker.accounts.service import (
 from broker.coalesce import Batched
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.errors import Forbidden, Unauthorized
+from broker.models.account import Account, Role
 from broker.ratelimit import forget_key, remember_key
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,10 @@ from typing import Annotated
 from fastapi import Depends, Request, Response
 from starlette.datastructures import FormData
 
-from broker.accounts.models import Account, Role
 from broker.accounts.service import session_account
 from broker.config import Settings, get_settings
 from broker.db import SessionDep
+from broker.models.account import Account, Role
 
 SESSION_COOKIE = "broker_session"
 SIGNIN_COOKIE = "broker_signin"

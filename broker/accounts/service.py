@@ -15,9 +15,9 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, ApiKey, Role
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
+from broker.models.account import Account, ApiKey, Role
 
 KEY_PREFIX = "bk_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,99}$")

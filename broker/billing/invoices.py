@@ -23,16 +23,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
 from broker.billing.amounts import fee_on, to_cents, usage_charge
-from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.jobs.models import Job
 from broker.market import carbon
-from broker.market.models import Allocation, AllocationStatus
+from broker.models.account import Account, Role
+from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.money import micros_to_usd
-from broker.offers.models import Offer
 
 Period = Literal["month", "week", "day"]
 

@@ -9,12 +9,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.auth import Admin, CurrentAccount, StreamingAccount, check_role
 from broker.billing import invoices, statements, sync
 from broker.billing import service as billing
 from broker.billing.amounts import cents_to_usd, ppm_to_percent
-from broker.billing.models import Invoice, InvoiceLine
 from broker.billing.payments import PaymentsError, Stripe, verify_event
 from broker.billing.schemas import (
     FeeIn,
@@ -32,6 +30,8 @@ from broker.billing.schemas import (
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, utcnow
 from broker.errors import BrokerError, Conflict, InvalidInput, NotFound
+from broker.models.account import Role
+from broker.models.billing import Invoice, InvoiceLine
 from broker.money import micros_to_usd
 from broker.pagination import Page
 from broker.types import ObjectId

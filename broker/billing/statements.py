@@ -16,13 +16,13 @@ from fractions import Fraction
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
 from broker.market import carbon
-from broker.market.models import Allocation, AllocationStatus
-from broker.nodes.models import Node
-from broker.offers.models import Offer
+from broker.models.account import Account, Role
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.node import Node
+from broker.models.offer import Offer
 
 
 @dataclass

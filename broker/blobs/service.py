@@ -13,15 +13,15 @@ from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
-from broker.blobs.models import Blob, BlobGrant, BlobKind, BlobUpload
 from broker.blobs.store import BlobStore, LocalBlobStore, Upload
 from broker.config import get_settings
 from broker.db import Transactions, new_id, utcnow
 from broker.errors import BrokerError, InvalidInput, NotFound
-from broker.jobs.models import Job
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.account import Account, Role
+from broker.models.blob import Blob, BlobGrant, BlobKind, BlobUpload
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.portable import arrays
 from broker.portable.manifest import ArtifactError
 

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account
 from broker.accounts.service import authenticate_keys, due_for_touch, touch_keys
 from broker.auth import developer_of
 from broker.coalesce import Batched
 from broker.db import Transactions, new_id
 from broker.errors import BrokerError
 from broker.jobs import service
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
+from broker.models.account import Account
+from broker.models.job import Job
 
 
 @dataclass(frozen=True, slots=True)

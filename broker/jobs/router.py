@@ -11,20 +11,20 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.accounts.models import Account
 from broker.auth import BatchedDeveloper, CurrentAccount, bearer_key
 from broker.billing import service as billing
 from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.jobs import intake, service
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, RunOut
-from broker.jobs.states import JobState
 from broker.market.allocations import latest_allocation
 from broker.market.explain import unmatched
-from broker.market.models import Allocation
 from broker.market.schemas import AllocationOut, EstimatedCost
+from broker.models.account import Account
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
 from broker.money import micros_to_usd
 from broker.pagination import Page
 from broker.shortcuts import shortcut_route

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.jobs.states import JobState
 from broker.market.schemas import AllocationOut, Unmatched
+from broker.models.job_state import JobState
 from broker.money import Usd
 from broker.pagination import PageQuery
 from broker.types import (

@@ -16,18 +16,18 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import manager_of_class
 
 from adapters import catalog
-from broker.accounts.models import Account, Role
-from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, get_store, leaf_specs, load_artifact
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobQuery, RunOut
-from broker.jobs.states import JobState
 from broker.market.allocations import active_allocation, end_job
+from broker.models.account import Account, Role
+from broker.models.blob import Blob, BlobKind
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.offer import Offer
 from broker.money import micros_to_usd, usd_to_micros
-from broker.offers.models import Offer
 from broker.offers.service import resolve_model
 from broker.portable.checks import check_inputs
 from broker.portable.manifest import ArtifactError, Manifest
@@ -467,8 +467,8 @@ def list_jobs(session: Session, viewer: Account, query: JobQuery) -> tuple[list[
 
 def job_runs(session: Session, job: Job) -> list[RunOut]:
     """Every allocation of ``job``, oldest first, with its offer and node (one query)."""
-    from broker.market.models import Allocation
-    from broker.nodes.models import Node
+    from broker.models.market import Allocation
+    from broker.models.node import Node
 
     rows = session.execute(
         select(Allocation, Offer, Node.name)

@@ -6,10 +6,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from broker.db import utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 
 
 def active_allocation(session: Session, job_id: str) -> Allocation | None:

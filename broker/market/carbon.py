@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.jobs.models import Job
-from broker.market.models import Allocation
+from broker.models.job import Job
+from broker.models.market import Allocation
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def footprints(session: Session, limit: int = 500) -> list[Footprint]:
     """Active offers with free accelerators, cheapest first, with their carbon per
     accelerator-hour as clearing counts it (stated figures, else the defaults)."""
     from broker.market import adapt
-    from broker.offers.models import Offer, OfferStatus
+    from broker.models.offer import Offer, OfferStatus
 
     rows = session.execute(
         select(*adapt.OFFER_COLUMNS, Offer.count.label("free"))

@@ -41,13 +41,13 @@ from broker.billing.amounts import with_fee
 from broker.config import Settings
 from broker.db import new_id, transaction, utcnow
 from broker.errors import Conflict
-from broker.jobs.models import Job
-from broker.jobs.states import JobState, check_transition
 from broker.market import adapt
-from broker.market.models import Allocation, ClearingRound
 from broker.market.standing import Standing
+from broker.models.job import Job
+from broker.models.job_state import JobState, check_transition
+from broker.models.market import Allocation, ClearingRound
+from broker.models.offer import Offer, OfferStatus
 from broker.observability import observe_round
-from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, Warm, solve
 
 log = logging.getLogger(__name__)

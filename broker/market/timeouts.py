@@ -31,11 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.db import utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
 from broker.market.allocations import end_job, release_offer, requeue
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer, OfferStatus
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer, OfferStatus
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from broker.auth import AgentDep, CurrentAccount
 from broker.config import get_settings
 from broker.db import SessionDep
 from broker.errors import Forbidden
+from broker.models.node import Node
 from broker.nodes import service
-from broker.nodes.models import Node
 from broker.nodes.schemas import (
     DeviceReport,
     Heartbeat,

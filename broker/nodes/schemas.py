@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.nodes.models import NodeStatus
+from broker.models.node import NodeStatus
 from broker.offers.schemas import OfferOut, OfferTerms
 from broker.pagination import PageQuery
 from broker.types import (

@@ -15,19 +15,19 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, ApiKey, Role
 from broker.accounts.service import issue_key
 from broker.auth import Agent
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.jobs.models import Job
 from broker.market.allocations import requeue
-from broker.market.models import Allocation, AllocationStatus
+from broker.models.account import Account, ApiKey, Role
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.node import Node, NodeStatus
+from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
-from broker.nodes.models import Node, NodeStatus
 from broker.nodes.schemas import DeviceReport, Heartbeat, NodeOffer, NodeQuery, NodeRegister
-from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate
 from broker.offers.service import (
     check_emulation,

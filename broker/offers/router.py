@@ -7,7 +7,6 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 
-from broker.accounts.models import Account
 from broker.auth import (
     BatchedAccount,
     CurrentAccount,
@@ -16,9 +15,10 @@ from broker.auth import (
     bearer_key,
 )
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
+from broker.models.account import Account
+from broker.models.offer import Offer
 from broker.money import micros_to_usd
 from broker.offers import pages, service
-from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
 from broker.pagination import Page
 from broker.shortcuts import shortcut_route

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.models.offer import OfferStatus
 from broker.money import Usd
-from broker.offers.models import OfferStatus
 from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,

@@ -10,13 +10,13 @@ from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
-from broker.accounts.models import Account, Role
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.market.allocations import release_offer
+from broker.models.account import Account, Role
+from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
-from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
 
 _HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")

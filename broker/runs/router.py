@@ -14,10 +14,10 @@ from broker.auth import Agent, AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation
-from broker.offers.models import Offer
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
+from broker.models.offer import Offer
 from broker.runs import service
 from broker.runs.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
 from broker.types import ObjectId

@@ -5,8 +5,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.jobs.states import JobState
-from broker.market.models import AllocationStatus
+from broker.models.job_state import JobState
+from broker.models.market import AllocationStatus
 from broker.types import Float, Int, Text
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]

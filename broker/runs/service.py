@@ -16,18 +16,18 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.auth import Agent
 from broker.billing import service as billing
-from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
 from broker.market.allocations import end_job, requeue
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.account import Role
+from broker.models.blob import Blob, BlobKind
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.portable.arrays import LeafSpec
 from broker.portable.manifest import Manifest, TensorSpec
 

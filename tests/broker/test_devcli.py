@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from broker.accounts.models import Role
 from broker.cli import app
 from broker.config import get_settings
 from broker.db import transaction
 from broker.devcli import UserError, parse_args
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import ProviderClient, run_work_order
 from tests.factories import make_account, offer_body
 

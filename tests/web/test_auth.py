@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import ApiKey, Role
 from broker.accounts.service import issue_key
 from broker.db import utcnow
-from broker.nodes.models import Node
+from broker.models.account import ApiKey, Role
+from broker.models.node import Node
 from tests.conftest import ClientFactory
 from tests.factories import make_account
 from tests.web.conftest import Browser, csrf_of, sign_in

@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.accounts.service import account_names
 from broker.auth import check_role
 from broker.billing import invoices, statements, sync
-from broker.billing.models import InvoiceStatus
 from broker.config import get_settings
 from broker.db import SessionDep, TransactionsDep, read_only_session, utcnow
 from broker.errors import InvalidInput
+from broker.models.account import Role
+from broker.models.billing import InvoiceStatus
 from broker.types import ObjectId
 from web.forms import choice
 from web.render import WebRoute, page, redirect

@@ -12,10 +12,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from broker.accounts.models import Account, Role
 from broker.accounts.service import account_names
 from broker.auth import check_role
-from broker.blobs.models import BlobKind
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
 from broker.db import SessionDep, utcnow
@@ -23,10 +21,12 @@ from broker.errors import BrokerError, NotFound
 from broker.jobs import service
 from broker.jobs.router import allocation_out, job_out, job_outs
 from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
-from broker.jobs.states import FINAL_STATES, JobState
 from broker.market.allocations import latest_placements
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
 from broker.market.schemas import AllocationOut, Unmatched
+from broker.models.account import Account, Role
+from broker.models.blob import BlobKind
+from broker.models.job_state import FINAL_STATES, JobState
 from broker.money import Usd
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut

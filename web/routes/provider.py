@@ -8,15 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from broker.accounts.models import Account, Role
 from broker.auth import check_role
 from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
-from broker.nodes.models import NodeStatus
+from broker.models.account import Account, Role
+from broker.models.node import NodeStatus
+from broker.models.offer import OfferStatus
 from broker.nodes.schemas import NodeQuery
 from broker.nodes.service import list_nodes
 from broker.offers import service
-from broker.offers.models import OfferStatus
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferUpdate
 from broker.types import ObjectId

@@ -4,7 +4,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import ApiKey, Role
 from broker.accounts.service import (
     authenticate,
     create_account,
@@ -15,7 +14,8 @@ from broker.accounts.service import (
 )
 from broker.db import utcnow
 from broker.errors import Conflict, InvalidInput
-from broker.nodes.models import Node
+from broker.models.account import ApiKey, Role
+from broker.models.node import Node
 
 
 def test_key_is_returned_once_and_stored_hashed(db: Session) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import transaction, utcnow
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import Client, ProviderClient, run_work_order
 from tests.broker.portable.programs import sgd_args, sgd_step
 from tests.conftest import ClientFactory

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import ProviderClient, run_work_order
 from broker.sdk.http import Connection
 from tests.conftest import ClientFactory, signed_in

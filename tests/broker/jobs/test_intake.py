@@ -13,14 +13,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.auth import _key_checks
 from broker.coalesce import Batched, _flush_shared
 from broker.db import EngineTransactions, transaction
 from broker.errors import Forbidden, InvalidInput, Unauthorized
 from broker.jobs import intake, service
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
+from broker.models.account import Role
+from broker.models.job import Job
 from tests.factories import job_body, make_account
 
 

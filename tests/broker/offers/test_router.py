@@ -5,10 +5,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.models.account import Account, Role
+from broker.models.offer import Offer
 from broker.offers import pages, service
 from broker.offers import router as router_module
-from broker.offers.models import Offer
 from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut, OfferQuery
 from broker.pagination import Page

@@ -9,8 +9,8 @@ import numpy as np
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from broker.blobs.models import BlobUpload
 from broker.db import utcnow
+from broker.models.blob import BlobUpload
 from broker.portable import arrays
 from broker.runs.schemas import RunOut
 from tests.conftest import ClientFactory

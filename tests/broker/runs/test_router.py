@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.portable import arrays
 from broker.portable.artifact import package_step
 from tests.broker.portable.programs import sgd_args, sgd_step

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_work_order
 from tests.factories import make_account, offer_body
 
@@ -146,9 +146,9 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
 
 
 def requeue(engine: Engine, job_id: str) -> None:
-    from broker.jobs.models import Job
-    from broker.jobs.states import JobState
     from broker.market.allocations import end_job
+    from broker.models.job import Job
+    from broker.models.job_state import JobState
 
     with transaction(engine) as session:
         job = session.get(Job, job_id)

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import Client, ProviderClient, run_work_order
 from broker.sdk.http import BrokerError, BrokerUnavailable, Http
 from tests.broker.portable.programs import sgd_args, sgd_step

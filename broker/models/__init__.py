@@ -1,13 +1,13 @@
 """Every table, imported in one place so Alembic and tests see the whole schema."""
 
-from broker.accounts.models import Account, ApiKey
-from broker.billing.models import FeeSetting, Invoice, InvoiceLine, StripeCustomer, StripeEvent
-from broker.blobs.models import Blob, BlobGrant
 from broker.db import Base
-from broker.jobs.models import Job
-from broker.market.models import Allocation, ClearingRound
-from broker.nodes.models import Node
-from broker.offers.models import Offer
+from broker.models.account import Account, ApiKey
+from broker.models.billing import FeeSetting, Invoice, InvoiceLine, StripeCustomer, StripeEvent
+from broker.models.blob import Blob, BlobGrant
+from broker.models.job import Job
+from broker.models.market import Allocation, ClearingRound
+from broker.models.node import Node
+from broker.models.offer import Offer
 
 __all__ = [
     "Account",
