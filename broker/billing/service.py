@@ -21,7 +21,7 @@ from broker.billing.amounts import (
 )
 from broker.config import Settings
 from broker.db import new_id, utcnow
-from broker.market.allocations import end_job
+from broker.ledger import end_job
 from broker.models.account import Account
 from broker.models.billing import FeeSetting
 from broker.models.job import Job

@@ -18,7 +18,7 @@ from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
 from broker.jobs import intake, service
 from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, RunOut
-from broker.market.allocations import latest_allocation
+from broker.ledger import latest_allocation
 from broker.market.explain import unmatched
 from broker.market.schemas import AllocationOut, EstimatedCost
 from broker.models.account import Account

@@ -21,7 +21,7 @@ from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.schemas import JobCreate, JobQuery, RunOut
-from broker.market.allocations import active_allocation, end_job
+from broker.ledger import active_allocation, end_job
 from broker.models.account import Account, Role
 from broker.models.blob import Blob, BlobKind
 from broker.models.job import Job

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.db import utcnow
-from broker.market.allocations import end_job, release_offer, requeue
+from broker.ledger import end_job, release_offer, requeue
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation, AllocationStatus

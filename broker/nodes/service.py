@@ -16,11 +16,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts.service import issue_key
+from broker.allocations.service import meter
 from broker.auth import Agent
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.market.allocations import requeue
+from broker.ledger import requeue
 from broker.models.account import Account, ApiKey, Role
 from broker.models.job import Job
 from broker.models.market import Allocation, AllocationStatus
@@ -36,7 +37,6 @@ from broker.offers.service import (
     resolve_model,
     withdraw_offer,
 )
-from broker.runs.service import meter
 
 
 def register(

@@ -13,7 +13,7 @@ from adapters import catalog
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.market.allocations import release_offer
+from broker.ledger import release_offer
 from broker.models.account import Account, Role
 from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros

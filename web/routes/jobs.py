@@ -21,7 +21,7 @@ from broker.errors import BrokerError, NotFound
 from broker.jobs import service
 from broker.jobs.router import allocation_out, job_out, job_outs
 from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
-from broker.market.allocations import latest_placements
+from broker.ledger import latest_placements
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
 from broker.market.schemas import AllocationOut, Unmatched
 from broker.models.account import Account, Role

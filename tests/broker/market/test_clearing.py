@@ -11,8 +11,8 @@ from sqlalchemy import Engine, func, select
 
 from broker.config import Settings
 from broker.db import transaction
+from broker.ledger import end_job
 from broker.market import clearing
-from broker.market.allocations import end_job
 from broker.models.account import Account, Role
 from broker.models.job import Job
 from broker.models.job_state import JobState

@@ -8,8 +8,8 @@ from sqlalchemy import Engine
 
 from broker.config import Settings
 from broker.db import transaction
+from broker.ledger import latest_placements
 from broker.market import clearing
-from broker.market.allocations import latest_placements
 from broker.market.service import list_rounds, price_history
 from tests.broker.market.test_clearing import accounts, seed
 from tests.factories import make_job, make_offer

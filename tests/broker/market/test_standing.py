@@ -15,9 +15,9 @@ from broker.billing.service import set_fee
 from broker.config import Settings
 from broker.db import transaction
 from broker.jobs.service import change_bid
+from broker.ledger import end_job
 from broker.market import clearing
 from broker.market.adapt import weights
-from broker.market.allocations import end_job
 from broker.market.standing import Standing
 from broker.models.account import Account, Role
 from broker.models.job import Job

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from broker.allocations import service as runs
 from broker.auth import Caller
 from broker.db import new_id, utcnow
 from broker.market.timeouts import sweep_runs
@@ -16,7 +17,6 @@ from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation
 from broker.models.offer import Offer, OfferStatus
-from broker.runs import service as runs
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer
 

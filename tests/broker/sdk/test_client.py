@@ -146,7 +146,7 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
 
 
 def requeue(engine: Engine, job_id: str) -> None:
-    from broker.market.allocations import end_job
+    from broker.ledger import end_job
     from broker.models.job import Job
     from broker.models.job_state import JobState
 

@@ -21,7 +21,7 @@ from broker.billing import service as billing
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
-from broker.market.allocations import end_job, requeue
+from broker.ledger import end_job, requeue
 from broker.models.account import Role
 from broker.models.blob import Blob, BlobKind
 from broker.models.job import Job

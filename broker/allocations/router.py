@@ -10,6 +10,8 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from broker.allocations import service
+from broker.allocations.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
 from broker.auth import Agent, AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
@@ -18,8 +20,6 @@ from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation
 from broker.models.offer import Offer
-from broker.runs import service
-from broker.runs.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/allocations", tags=["runs"])

@@ -9,10 +9,10 @@ import numpy as np
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from broker.allocations.schemas import RunOut
 from broker.db import utcnow
 from broker.models.blob import BlobUpload
 from broker.portable import arrays
-from broker.runs.schemas import RunOut
 from tests.conftest import ClientFactory
 from tests.test_authz import build_world
 
