@@ -1,15 +1,30 @@
-"""Allocations: capacity a match holds, and handing it back when the job ends."""
+"""The allocation ledger: matched work, the one module that changes it.
+
+An **allocation** is a job holding accelerators of an offer at the ask locked
+when a round matched them. This module is the only code that creates
+allocations, moves a matched or running job to another state, or changes an
+offer's free count (``Offer.count``); every domain (jobs, offers, nodes,
+billing, the provider's side in ``broker.allocations``, clearing) calls it
+instead of writing those columns itself. It sits below the domains and imports
+only the tables (``broker.models``) and ``broker.db``.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from broker.db import utcnow
+from broker.db import new_id, utcnow
+from broker.errors import Conflict
 from broker.models.job import Job
-from broker.models.job_state import JobState
+from broker.models.job_state import JobState, check_transition
 from broker.models.market import Allocation, AllocationStatus
-from broker.models.offer import Offer
+from broker.models.offer import Offer, OfferStatus
 
 
 def active_allocation(session: Session, job_id: str) -> Allocation | None:
@@ -29,7 +44,7 @@ def latest_allocation(session: Session, job_id: str) -> Allocation | None:
     )
 
 
-def latest_placements(session: Session, job_ids: list[str]) -> dict[str, tuple[Allocation, Offer]]:
+def latest_allocations(session: Session, job_ids: list[str]) -> dict[str, tuple[Allocation, Offer]]:
     """Each job's latest allocation and the offer it was matched to (jobs never
     matched are left out): where a job runs or ran, and at what locked ask."""
     if not job_ids:
@@ -108,3 +123,118 @@ def release_offer(session: Session, offer: Offer) -> int:
     for job, _ in rows:
         end_job(session, job, JobState.open, "the offer was withdrawn")
     return len(rows)
+
+
+def withdraw_offer(session: Session, offer: Offer, *, release_matched: bool = True) -> None:
+    """Take an active or suspended offer off the market (doing so twice is harmless).
+
+    With ``release_matched`` its matched-but-not-started jobs go back to the book
+    at once; a node that went away hands back all of its jobs itself (``requeue``).
+    """
+    if offer.status not in (OfferStatus.active, OfferStatus.suspended):
+        return
+    offer.status = OfferStatus.withdrawn
+    offer.withdrawn_at = offer.updated_at = utcnow()
+    session.flush()
+    if release_matched:
+        release_offer(session, offer)
+
+
+def resize_offer(offer: Offer, capacity: int) -> None:
+    """Set an offer's capacity; its free count follows, never below what matches hold."""
+    held = offer.capacity - offer.count
+    if capacity < held:
+        raise Conflict(
+            f"{held} accelerators of this offer are held by matched or running jobs; "
+            f"capacity cannot go below {held}",
+            field="body.capacity",
+        )
+    offer.capacity, offer.count = capacity, capacity - held
+
+
+def held(offer: Offer) -> int:
+    """Accelerators of ``offer`` that active allocations hold."""
+    return offer.capacity - offer.count
+
+
+def start(session: Session, job: Job, allocation: Allocation, offer: Offer) -> None:
+    """The provider started a matched job (rows locked by the caller); starting a
+    running job again (a retried request) changes nothing."""
+    if job.state != JobState.matched:
+        return
+    job.move_to(JobState.running)
+    job.attempts += 1
+    job.started_at = allocation.started_at = job.updated_at
+    offer.unstarted_strikes = 0  # broker.market.timeouts: strikes count in a row
+    session.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class NewAllocation:
+    """A match a clearing round checked against the locked rows, priced exactly."""
+
+    job_id: str
+    job_state: JobState  # as read under the row lock
+    offer_id: str
+    accelerators: int
+    price_per_hour_micros: int
+    runtime_hours: float
+    startup_seconds: float
+    energy_kwh: float
+    gco2: float
+    rtt_ms: float
+    compute_micros: int
+    egress_micros: int
+    latency_micros: int
+    fee_ppm: int
+
+
+def allocate(
+    session: Session, round_id: str, matches: Sequence[NewAllocation], now: datetime | None = None
+) -> None:
+    """Record a round's matches in bulk (a large round makes thousands): each job
+    goes ``open -> matched`` through the state machine's own check, each offer's
+    free count drops by what its matches hold, in SQL (``count = count - n``)."""
+    if not matches:
+        return
+    for m in matches:
+        check_transition(m.job_state, JobState.matched)
+    now = now or utcnow()
+    session.execute(
+        insert(Allocation),
+        [
+            {
+                "id": new_id("alc"),
+                "job_id": m.job_id,
+                "offer_id": m.offer_id,
+                "round_id": round_id,
+                "accelerators": m.accelerators,
+                "price_per_hour_micros": m.price_per_hour_micros,
+                "runtime_hours": m.runtime_hours,
+                "startup_seconds": m.startup_seconds,
+                "energy_kwh": m.energy_kwh,
+                "gco2": m.gco2,
+                "rtt_ms": m.rtt_ms,
+                "compute_micros": m.compute_micros,
+                "egress_micros": m.egress_micros,
+                "latency_micros": m.latency_micros,
+                "cost_micros": m.compute_micros + m.egress_micros + m.latency_micros,
+                "fee_ppm": m.fee_ppm,
+            }
+            for m in matches
+        ],
+    )
+    session.execute(
+        update(Job),
+        [{"id": m.job_id, "state": JobState.matched, "updated_at": now} for m in matches],
+    )
+    used: Counter[str] = Counter()
+    for m in matches:
+        used[m.offer_id] += m.accelerators
+    offers = Offer.__table__
+    session.execute(
+        update(offers)
+        .where(offers.c.id == bindparam("offer_id"))
+        .values(count=offers.c.count - bindparam("used"), updated_at=bindparam("now")),
+        [{"offer_id": i, "used": n, "now": now} for i, n in sorted(used.items())],
+    )

@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker import ledger
 from broker.auth import Agent
 from broker.billing import service as billing
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
@@ -112,12 +113,7 @@ def start(session: Session, agent: Agent, allocation_id: str) -> tuple[Allocatio
     """Mark the job running. Starting again (a retried request) changes nothing."""
     allocation, offer, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
-    if job.state == JobState.matched:
-        job.move_to(JobState.running)
-        job.attempts += 1
-        job.started_at = allocation.started_at = job.updated_at
-        offer.unstarted_strikes = 0  # broker.market.timeouts: strikes count in a row
-        session.flush()
+    ledger.start(session, job, allocation, offer)
     return allocation, offer, job
 
 

@@ -15,13 +15,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from broker import ledger
 from broker.accounts.service import issue_key
 from broker.allocations.service import meter
 from broker.auth import Agent
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.ledger import requeue
 from broker.models.account import Account, ApiKey, Role
 from broker.models.job import Job
 from broker.models.market import Allocation, AllocationStatus
@@ -248,18 +248,16 @@ def sync_offers(
 def _refresh(offer: Offer, data: OfferCreate) -> None:
     """Update an offer in place; capacity never drops below what matches hold."""
     figures = hardware_figures(data)
-    held = offer.capacity - offer.count
-    capacity = max(data.count, held)
+    capacity = max(data.count, ledger.held(offer))
     changes: dict[str, Any] = {
         "price_per_hour_micros": usd_to_micros(data.price_per_hour),
-        "capacity": capacity,
-        "count": capacity - held,
         "available_hours": data.available_hours,
         "efficiency": data.efficiency,
         "emulated": data.emulated,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
-    if any(getattr(offer, k) != v for k, v in changes.items()):
+    if capacity != offer.capacity or any(getattr(offer, k) != v for k, v in changes.items()):
+        ledger.resize_offer(offer, capacity)
         for k, v in changes.items():
             setattr(offer, k, v)
         offer.updated_at = utcnow()
@@ -298,8 +296,8 @@ def _hand_back(session: Session, node: Node, reason: str, max_attempts: int) -> 
         )
     )
     for offer in offers:
-        offer.status = OfferStatus.withdrawn
-        offer.withdrawn_at = offer.updated_at = utcnow()
+        # Every job the node holds goes back below, running ones included.
+        ledger.withdraw_offer(session, offer, release_matched=False)
     rows = session.execute(
         select(Allocation, Job)
         .join(Offer, Offer.id == Allocation.offer_id)
@@ -309,7 +307,7 @@ def _hand_back(session: Session, node: Node, reason: str, max_attempts: int) -> 
         .with_for_update()
     ).all()
     for _, job in rows:
-        requeue(session, job, reason, max_attempts)
+        ledger.requeue(session, job, reason, max_attempts)
     session.flush()
     return len(rows)
 

@@ -10,10 +10,10 @@ from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
+from broker import ledger
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.ledger import release_offer
 from broker.models.account import Account, Role
 from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
@@ -155,15 +155,7 @@ def update_offer(session: Session, owner: Account, offer_id: str, data: OfferUpd
     if "price_per_hour" in changes:
         offer.price_per_hour_micros = usd_to_micros(changes.pop("price_per_hour"))
     if "capacity" in changes:
-        held = offer.capacity - offer.count
-        capacity = changes.pop("capacity")
-        if capacity < held:
-            raise Conflict(
-                f"{held} accelerators of this offer are held by matched or running jobs; "
-                f"capacity cannot go below {held}",
-                field="body.capacity",
-            )
-        offer.capacity, offer.count = capacity, capacity - held
+        ledger.resize_offer(offer, changes.pop("capacity"))
     for name, value in changes.items():
         setattr(offer, name, value)
     offer.updated_at = utcnow()
@@ -177,12 +169,8 @@ def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
     Jobs matched to it but not yet running go back to the order book.
     """
     offer = get_own_offer(session, owner, offer_id, lock=True)
-    if offer.status in (OfferStatus.active, OfferStatus.suspended):
-        offer.status = OfferStatus.withdrawn
-        offer.withdrawn_at = offer.updated_at = utcnow()
-        session.flush()
-        # Matches that have not started go back to the book; running jobs finish.
-        release_offer(session, offer)
+    # Matches that have not started go back to the book; running jobs finish.
+    ledger.withdraw_offer(session, offer)
     return offer
 
 

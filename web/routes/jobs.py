@@ -21,7 +21,7 @@ from broker.errors import BrokerError, NotFound
 from broker.jobs import service
 from broker.jobs.router import allocation_out, job_out, job_outs
 from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
-from broker.ledger import latest_placements
+from broker.ledger import latest_allocations
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
 from broker.market.schemas import AllocationOut, Unmatched
 from broker.models.account import Account, Role
@@ -101,7 +101,7 @@ def jobs(
     rows, total = service.list_jobs(
         session, account, JobQuery(state=wanted, limit=PER_PAGE, offset=offset)
     )
-    placed = latest_placements(session, [job.id for job in rows])
+    placed = latest_allocations(session, [job.id for job in rows])
     waiting = unmatched_many(session, [j for j in rows if j.state == JobState.open], get_settings())
     views = []
     for job, shown in zip(rows, job_outs(session, rows), strict=True):
@@ -195,7 +195,7 @@ def submit_job(
 
 def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
     job = service.get_job(session, _developer(user), job_id)
-    allocation, offer = latest_placements(session, [job.id]).get(job.id, (None, None))
+    allocation, offer = latest_allocations(session, [job.id]).get(job.id, (None, None))
     waiting = unmatched(session, job, get_settings()) if job.state == JobState.open else None
     return JobView(
         job_out(session, job),
