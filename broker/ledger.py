@@ -231,7 +231,7 @@ def allocate(
     used: Counter[str] = Counter()
     for m in matches:
         used[m.offer_id] += m.accelerators
-    offers = Offer.__table__
+    offers = Offer.metadata.tables["offers"]
     session.execute(
         update(offers)
         .where(offers.c.id == bindparam("offer_id"))

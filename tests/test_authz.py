@@ -32,8 +32,8 @@ from fastapi.routing import iter_route_contexts
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.accounts.callers import Agent
 from broker.app import create_app
-from broker.auth import Agent
 from broker.billing import invoices
 from broker.blobs import service as blobs
 from broker.config import get_settings

@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
+from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
-from broker.accounts.service import session_account
+from broker.accounts.service import key_owner
+from broker.auth import SIGNED_IN
 from broker.config import Settings, get_settings
 from broker.db import SessionDep
+from broker.errors import BrokerError
 from broker.models.account import Account, Role
 
 SESSION_COOKIE = "broker_session"
@@ -176,7 +179,7 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     """Route dependency: the signed-in account, or a redirect to the sign-in page."""
     secret = secret_key(get_settings())
     token = verify(secret, request.cookies.get(SESSION_COOKIE, ""))
-    account = session_account(session, token.key_id) if token else None
+    account = _signed_in(session, token.key_id) if token else None
     if token is None or account is None:
         # Back to this page after signing in; a form's target is no page to go back to.
         next_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -186,6 +189,15 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     request.state.web_user = user  # for error pages rendered after the route gave up
     request.state.account_id = account.id  # for the access log, as the API's requests
     return user
+
+
+def _signed_in(session: Session, key_id: str) -> Account | None:
+    """The account a session's key still admits, by the API's own rule (``SIGNED_IN``)."""
+    owner = key_owner(session, key_id)
+    try:
+        return None if owner is None else SIGNED_IN.admit(owner).account
+    except BrokerError:  # a node key: never a person's session
+        return None
 
 
 WebUserDep = Annotated[WebUser, Depends(web_user)]

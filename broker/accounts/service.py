@@ -143,37 +143,16 @@ def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Ac
     return list(rows), total
 
 
-def sign_in(session: Session, key: str) -> tuple[Account, str] | None:
-    """For a browser session: the enabled account that owns ``key`` and the key's id,
-    or None. Node keys are refused: they belong to one node's agent, not to a person."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
-        return None
+def key_owner(session: Session, key_id: str) -> KeyOwner | None:
+    """``authenticate_key`` by the key's id, for a browser session signed in with it:
+    None once the key is revoked or its account disabled, so revoking the key ends the
+    session. Whether the owner may sign in at all is ``broker.auth``'s to say."""
     row = session.execute(
-        select(Account, ApiKey.id)
+        select(ApiKey.key_hash, Account, ApiKey.node_id, ApiKey.id, ApiKey.last_used_at)
         .join(ApiKey, ApiKey.account_id == Account.id)
-        .where(
-            ApiKey.key_hash == hash_key(key),
-            ApiKey.revoked_at.is_(None),
-            ApiKey.node_id.is_(None),
-            Account.disabled_at.is_(None),
-        )
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None), Account.disabled_at.is_(None))
     ).first()
-    return (row[0], row[1]) if row else None
-
-
-def session_account(session: Session, key_id: str) -> Account | None:
-    """The account behind a browser session signed in with key ``key_id``, while that
-    key is unrevoked and the account enabled: revoking the key ends the session."""
-    return session.scalar(
-        select(Account)
-        .join(ApiKey, ApiKey.account_id == Account.id)
-        .where(
-            ApiKey.id == key_id,
-            ApiKey.revoked_at.is_(None),
-            ApiKey.node_id.is_(None),
-            Account.disabled_at.is_(None),
-        )
-    )
+    return KeyOwner(row[1], row[2], row[3], row[0], row[4]) if row else None
 
 
 # ---- managing keys and accounts -----------------------------------------------------

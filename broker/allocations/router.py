@@ -10,9 +10,10 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from broker.accounts.callers import Agent
 from broker.allocations import service
 from broker.allocations.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
-from broker.auth import Agent, AgentDep, StreamingAgent
+from broker.auth import AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker import ledger
-from broker.auth import Agent
+from broker.accounts.callers import Agent
 from broker.billing import service as billing
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from broker.auth import Admin, CurrentAccount, StreamingAccount, check_role
+from broker.accounts.callers import check_role
+from broker.auth import Admin, CurrentAccount, StreamingAccount
 from broker.billing import invoices, statements, sync
 from broker.billing import service as billing
 from broker.billing.amounts import cents_to_usd, ppm_to_percent

@@ -12,14 +12,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from broker.auth import (
-    Caller,
-    CallerDep,
-    CurrentAccount,
-    StreamingAccount,
-    StreamingCaller,
-    check_role,
-)
+from broker.accounts.callers import Caller, check_role
+from broker.auth import CallerDep, CurrentAccount, StreamingAccount, StreamingCaller
 from broker.blobs import service
 from broker.blobs.store import Upload
 from broker.config import get_settings

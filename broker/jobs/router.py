@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.auth import BatchedDeveloper, CurrentAccount, bearer_key
+from broker.auth import BATCHED_DEVELOPER, BatchedDeveloper, CurrentAccount, bearer_key
 from broker.billing import service as billing
 from broker.billing.amounts import ppm_to_percent
 from broker.config import get_settings
@@ -158,7 +158,9 @@ async def _submit_shortcut(request: Request) -> Response | None:
         return None
     key, body, idempotency_key = data
     transactions = await request_transactions(request)
-    developer, job = await intake.submit_with_key(transactions, key, body, idempotency_key)
+    developer, job = await intake.submit_with_key(
+        transactions, key, body, idempotency_key, BATCHED_DEVELOPER.admit_key
+    )
     request.state.account_id = developer.id  # for the access log (never the key)
     if job is not None:
         return _json(_job_out(job, _UNMATCHED), 201)

@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker import ledger
+from broker.accounts.callers import Agent
 from broker.accounts.service import issue_key
 from broker.allocations.service import meter
-from broker.auth import Agent
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound

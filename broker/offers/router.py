@@ -8,10 +8,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 
 from broker.auth import (
+    BATCHED_ACCOUNT,
     BatchedAccount,
     CurrentAccount,
     Provider,
-    batched_account_for,
     bearer_key,
 )
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
@@ -94,7 +94,7 @@ async def _search_shortcut(request: Request) -> Response | None:
     if key is None or query is None:
         return None
     transactions = await request_transactions(request)
-    account = await batched_account_for(request, transactions, key)
+    account = (await BATCHED_ACCOUNT.admit_batched(request, transactions, key)).account
     return await _search(transactions, account, query)
 
 

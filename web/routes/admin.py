@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
+from broker.accounts.callers import check_role
 from broker.accounts.service import create_account, list_accounts, set_disabled
-from broker.auth import check_role
 from broker.billing import service as billing
 from broker.billing.schemas import FeeIn
 from broker.config import get_settings

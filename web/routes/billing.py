@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
+from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
-from broker.auth import check_role
 from broker.billing import invoices, statements, sync
 from broker.config import get_settings
 from broker.db import SessionDep, TransactionsDep, read_only_session, utcnow

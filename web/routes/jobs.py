@@ -12,8 +12,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
+from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
-from broker.auth import check_role
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
 from broker.db import SessionDep, utcnow

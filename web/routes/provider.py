@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from broker.auth import check_role
+from broker.accounts.callers import check_role
 from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
 from broker.models.account import Account, Role

@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from broker.accounts.callers import Caller
 from broker.allocations import service as runs
-from broker.auth import Caller
 from broker.db import new_id, utcnow
 from broker.market.timeouts import sweep_runs
 from broker.models.account import Account, Role
