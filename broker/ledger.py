@@ -125,6 +125,19 @@ def release_offer(session: Session, offer: Offer) -> int:
     return len(rows)
 
 
+def run_footprint(
+    energy_kwh: float, gco2: float, runtime_hours: float, accelerators: int, usage_ms: int
+) -> tuple[float, float]:
+    """A run's energy and emissions for the time it was metered: the match's estimate per
+    accelerator-hour (power x PUE, x the grid's intensity) times the accelerator-hours
+    billed. Still an estimate (of power), on measured time."""
+    hours = runtime_hours * max(1, accelerators)
+    if hours <= 0:
+        return 0.0, 0.0
+    metered = usage_ms / 3_600_000
+    return energy_kwh / hours * metered, gco2 / hours * metered
+
+
 def withdraw_offer(session: Session, offer: Offer, *, release_matched: bool = True) -> None:
     """Take an active or suspended offer off the market (doing so twice is harmless).
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
-from broker.market import carbon
+from broker.ledger import run_footprint
 from broker.models.account import Account, Role
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.node import Node
@@ -98,7 +98,7 @@ def statement(
         row.runs += 1
         row.usage_ms += a.usage_ms
         row.exact_micros += usage_charge(a.usage_ms, a.price_per_hour_micros)
-        energy, gco2 = carbon.of_run(
+        energy, gco2 = run_footprint(
             a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms
         )
         row.energy_kwh += energy

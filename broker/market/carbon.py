@@ -25,19 +25,6 @@ class Month:
     basis: str = "estimated"
 
 
-def of_run(
-    energy_kwh: float, gco2: float, runtime_hours: float, accelerators: int, usage_ms: int
-) -> tuple[float, float]:
-    """A run's energy and emissions for the time it was metered: the match's estimate per
-    accelerator-hour (power x PUE, x the grid's intensity) times the accelerator-hours
-    billed. Still an estimate (of power), on measured time."""
-    hours = runtime_hours * max(1, accelerators)
-    if hours <= 0:
-        return 0.0, 0.0
-    metered = usage_ms / 3_600_000
-    return energy_kwh / hours * metered, gco2 / hours * metered
-
-
 @dataclass(frozen=True)
 class Footprint:
     """An active offer's price and the carbon of one of its accelerators for an hour."""

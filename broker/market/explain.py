@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from broker.billing import service as billing
 from broker.config import Settings
+from broker.jobs.schemas import Unmatched
 from broker.market import adapt
-from broker.market.schemas import Unmatched
 from broker.models.job import Job
 from broker.models.market import ClearingRound
 from broker.models.offer import Offer, OfferStatus

@@ -103,6 +103,8 @@ class NodeOffers(BaseModel):
 
 
 class NodeOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     provider_id: str
     name: str

@@ -102,6 +102,9 @@ class OfferUpdate(BaseModel):
 
 
 class OfferOut(BaseModel):
+    # Read from the table's row (``Offer.price_per_hour`` gives the ask in dollars).
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     provider_id: str
     node_id: str | None = Field(description="The node whose agent publishes it, if any")

@@ -14,21 +14,20 @@ from pydantic import TypeAdapter, ValidationError
 
 from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
+from broker.allocations.schemas import AllocationOut
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
 from broker.db import SessionDep, utcnow
 from broker.errors import BrokerError, NotFound
 from broker.jobs import service
-from broker.jobs.router import allocation_out, job_out, job_outs
-from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
+from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut, Unmatched
+from broker.jobs.views import job_out, job_outs
 from broker.ledger import latest_allocations
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
-from broker.market.schemas import AllocationOut, Unmatched
 from broker.models.account import Account, Role
 from broker.models.blob import BlobKind
 from broker.models.job_state import FINAL_STATES, JobState
 from broker.money import Usd
-from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut
 from broker.types import ObjectId
 from web.forms import attempt, choice, given, listed, text, values
@@ -109,8 +108,8 @@ def jobs(
         views.append(
             JobView(
                 shown,
-                allocation_out(allocation) if allocation else None,
-                offer_out(offer) if offer else None,
+                AllocationOut.of(allocation) if allocation else None,
+                OfferOut.model_validate(offer) if offer else None,
                 waiting.get(job.id),
             )
         )
@@ -199,8 +198,8 @@ def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
     waiting = unmatched(session, job, get_settings()) if job.state == JobState.open else None
     return JobView(
         job_out(session, job),
-        allocation_out(allocation) if allocation else None,
-        offer_out(offer) if offer else None,
+        AllocationOut.of(allocation) if allocation else None,
+        OfferOut.model_validate(offer) if offer else None,
         waiting,
         service.job_runs(session, job),
     )
