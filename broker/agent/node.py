@@ -9,7 +9,7 @@ the provider's network). Three kinds of thread share the work:
   allocation, re-publishes the offers when the broker had declared the node
   lost, and re-runs discovery now and then so offers follow the hardware;
 - runner threads run one allocation each through ``run_work_order``, each in a
-  sandboxed child process of its own (``broker.agent.sandbox``): a program that
+  sandboxed child process of its own (``broker.sandbox``): a program that
   crashes, loops or eats memory ends its own run, never the agent or the others.
 
 An allocation is run at most once per agent. A restarted agent registers the
@@ -33,8 +33,8 @@ import httpx
 
 from adapters import catalog, registry
 from adapters.base import Device
-from broker.agent.sandbox import Sandbox, SandboxConfig
 from broker.portable import _xla
+from broker.sandbox import Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
 from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_work_order
 

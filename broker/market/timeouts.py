@@ -14,7 +14,7 @@ rules ``docs/market.md`` states:
 - a run past its offer's ``available_hours`` (from the run's start, plus a margin)
   goes back to the market, to resume from its last checkpoint elsewhere.
 
-The agent enforces the same limits on its own machine (``broker.agent.sandbox``)
+The agent enforces the same limits on its own machine (``broker.sandbox``)
 a margin earlier, so it normally reports the end first; this sweep covers agents
 that cannot (gone quiet, or listed by hand with no agent at all).
 

@@ -3,7 +3,7 @@ and run it.
 
 ``run_work_order`` is one job's whole life on a provider's machine: start it,
 download its artifact, inputs and latest checkpoint, run it in a sandboxed
-child process (``broker.agent.sandbox``), upload checkpoints as it goes and the
+child process (``broker.sandbox``), upload checkpoints as it goes and the
 result at the end, and report the accelerator-seconds it used. The provider agent
 (``broker.agent``) calls it for each allocation it picks up.
 """
@@ -25,7 +25,7 @@ from broker.portable.artifact import Artifact
 from broker.sdk.http import BrokerError, BrokerUnavailable, Connection
 
 if TYPE_CHECKING:
-    from broker.agent.sandbox import Sandbox
+    from broker.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_work_order(
     ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
     broker then ends the job as failed, over budget.
 
-    The program runs in a child process of ``sandbox`` (``broker.agent.sandbox``;
+    The program runs in a child process of ``sandbox`` (``broker.sandbox``;
     a one-off sandbox when none is given), never in this one, under limits from
     the work order; the child checks the artifact again before it runs it. It is
     killed within about a progress report of the job being cancelled, its budget
@@ -190,7 +190,7 @@ def run_work_order(
     client's retries) are skipped and the run goes on; a finish it cannot take
     raises FinishUnreported, which carries the finish to send again.
     """
-    from broker.agent.sandbox import Sandbox, limits_for, read_output, remove
+    from broker.sandbox import Sandbox, limits_for, read_output, remove
 
     allocation = order["allocation_id"]
     handle = handle or RunHandle(allocation, int(order["accelerators"]))
