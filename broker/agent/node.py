@@ -8,7 +8,7 @@ the provider's network). Three kinds of thread share the work:
 - a heartbeat thread keeps the node online, reports the usage of every running
   allocation, re-publishes the offers when the broker had declared the node
   lost, and re-runs discovery now and then so offers follow the hardware;
-- runner threads run one allocation each through ``run_work_order``, each in a
+- runner threads run one allocation each through ``run_allocation``, each in a
   sandboxed child process of its own (``broker.sandbox``): a program that
   crashes, loops or eats memory ends its own run, never the agent or the others.
 
@@ -36,7 +36,7 @@ from adapters.base import Device
 from broker.portable import _xla
 from broker.sandbox import Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
-from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_work_order
+from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_allocation
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class NodeAgent:
         allocation = order["allocation_id"]
         log.info("running job %s (allocation %s)", order["job_id"], allocation)
         try:
-            outcome = run_work_order(
+            outcome = run_allocation(
                 self.client,
                 order,
                 cache_dir=self.config.cache_dir,

@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session
 
 from broker.accounts.callers import Agent
 from broker.allocations import service
-from broker.allocations.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
+from broker.allocations.schemas import (
+    CheckpointIn,
+    Finish,
+    Progress,
+    ProviderAllocation,
+    RunOut,
+    WorkQuery,
+)
 from broker.auth import AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
@@ -23,14 +30,16 @@ from broker.models.market import Allocation
 from broker.models.offer import Offer
 from broker.types import ObjectId
 
-router = APIRouter(prefix="/v1/allocations", tags=["runs"])
+router = APIRouter(prefix="/v1/allocations", tags=["allocations"])
 
 _POLL_SECONDS = 0.5
 
 
-def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
+def provider_allocation(
+    session: Session, allocation: Allocation, offer: Offer, job: Job
+) -> ProviderAllocation:
     cap_ms = billing.usage_cap_ms(session, allocation, job)
-    return WorkOrder(
+    return ProviderAllocation(
         allocation_id=allocation.id,
         status=allocation.status,
         job_id=job.id,
@@ -55,9 +64,9 @@ def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job)
     )
 
 
-def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
+def _work(transactions: Transactions, agent: Agent) -> list[ProviderAllocation]:
     with transactions(write=False) as session:
-        return [work_order(session, *row) for row in service.work_for(session, agent)]
+        return [provider_allocation(session, *row) for row in service.work_for(session, agent)]
 
 
 @router.get(
@@ -70,7 +79,7 @@ def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
 )
 async def list_work(
     transactions: TransactionsDep, agent: StreamingAgent, query: Annotated[WorkQuery, Query()]
-) -> list[WorkOrder]:
+) -> list[ProviderAllocation]:
     deadline = time.monotonic() + query.wait
     while True:
         orders = await run_in_threadpool(_work, transactions, agent)
@@ -80,8 +89,8 @@ async def list_work(
 
 
 @router.post("/{allocation_id}/start", summary="Start a matched job (provider)")
-def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> WorkOrder:
-    return work_order(session, *service.start(session, agent, allocation_id))
+def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> ProviderAllocation:
+    return provider_allocation(session, *service.start(session, agent, allocation_id))
 
 
 def run_out(session: Session, allocation_id: str, job: Job) -> RunOut:

@@ -61,7 +61,7 @@ class AllocationOut(BaseModel):
         )
 
 
-class WorkOrder(BaseModel):
+class ProviderAllocation(BaseModel):
     """A job the market gave to one of the provider's offers: what to run and from where."""
 
     allocation_id: str

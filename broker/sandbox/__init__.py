@@ -95,7 +95,7 @@ class SandboxConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """One run's limits, from its work order."""
+    """One run's limits, from its allocation."""
 
     wall_seconds: float
     wall_cause: str  # what the wall-time limit is, for the developer

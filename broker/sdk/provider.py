@@ -1,7 +1,7 @@
 """The provider's client: register a node, fetch the work the market matched to it
 and run it.
 
-``run_work_order`` is one job's whole life on a provider's machine: start it,
+``run_allocation`` is one job's whole life on a provider's machine: start it,
 download its artifact, inputs and latest checkpoint, run it in a sandboxed
 child process (``broker.sandbox``), upload checkpoints as it goes and the
 result at the end, and report the accelerator-seconds it used. The provider agent
@@ -156,7 +156,7 @@ class ProviderClient(Connection):
         return arrays.decode(self.http.download(f"/v1/arrays/{sha256}/content", sha256))
 
 
-def run_work_order(
+def run_allocation(
     client: ProviderClient,
     order: dict[str, Any],
     *,
@@ -171,13 +171,13 @@ def run_work_order(
     repeat, handed back to the market), ``ended`` (the broker ended the allocation
     meanwhile: the developer cancelled, or the node was declared lost) or
     ``stopped`` (``handle.stop`` was set; the job resumes from its last checkpoint
-    when the market hands it out again). A run that reaches the work order's
+    when the market hands it out again). A run that reaches the allocation's
     ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
     broker then ends the job as failed, over budget.
 
     The program runs in a child process of ``sandbox`` (``broker.sandbox``;
     a one-off sandbox when none is given), never in this one, under limits from
-    the work order; the child checks the artifact again before it runs it. It is
+    the allocation; the child checks the artifact again before it runs it. It is
     killed within about a progress report of the job being cancelled, its budget
     reached, ``handle.stop`` set, or its wall-time limit (the job's deadline, the
     offer's available hours) passed. A crash, an abort or a limit in the child
@@ -337,3 +337,7 @@ def _ended(report: Any) -> bool:
             return False
         raise
     return False
+
+
+# The name from before matched work had one name (allocation); providers' scripts use it.
+run_work_order = run_allocation

@@ -224,7 +224,7 @@ def test_the_child_has_no_network_and_no_root() -> None:
         box.close()
 
 
-def test_limits_follow_the_work_order() -> None:
+def test_limits_follow_the_allocation() -> None:
     config = SandboxConfig(margin_seconds=60, runtime_gib=3.0, max_run_hours=24)
     order = {
         "deadline_hours": 2.0,

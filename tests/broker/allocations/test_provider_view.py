@@ -23,7 +23,7 @@ def _bundle(value: float) -> bytes:
     return arrays.encode([np.full(2, value, np.float32)])  # what the world's job returns
 
 
-def test_reports_answer_with_the_work_order_view_not_the_developers_job(
+def test_reports_answer_with_the_provider_allocation_view_not_the_developers_job(
     db: Session, client_for: ClientFactory
 ) -> None:
     world = build_world(db)

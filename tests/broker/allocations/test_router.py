@@ -70,7 +70,7 @@ def matched(fresh_engine: Engine, fresh_client_for: ClientFactory) -> dict[str, 
     }
 
 
-def test_work_order_says_what_to_run(matched: dict[str, Any]) -> None:
+def test_the_provider_allocation_says_what_to_run(matched: dict[str, Any]) -> None:
     order, job = matched["order"], matched["job"]
     assert order["job_id"] == job["id"]
     assert order["job_state"] == "matched"

@@ -16,7 +16,7 @@ from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
 from broker.models.account import Role
-from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_work_order
+from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_allocation
 from tests.factories import make_account, offer_body
 
 PRICE: dict[str, Any] = {"max_price_per_hour": 4.0, "deadline_hours": 6}
@@ -66,7 +66,7 @@ def clear(engine: Engine) -> None:
 
 
 def run_all(provider: ProviderClient) -> list[str]:
-    return [run_work_order(provider, order) for order in provider.work()]
+    return [run_allocation(provider, order) for order in provider.work()]
 
 
 def test_submit_wait_result_equals_plain_jax(market: dict[str, Any]) -> None:
@@ -123,7 +123,7 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
 
     provider.checkpoint = dying_checkpoint  # type: ignore[method-assign,assignment]
     with pytest.raises(KeyboardInterrupt):
-        run_work_order(provider, order)
+        run_allocation(provider, order)
     provider.checkpoint = real_checkpoint  # type: ignore[method-assign,assignment]
     assert client.job(job.id).data["checkpoint_step"] == 10
 
@@ -132,7 +132,7 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
     clear(market["engine"])
     (order,) = provider.work()
     assert order["checkpoint_step"] == 10
-    assert run_work_order(provider, order) == "succeeded"
+    assert run_allocation(provider, order) == "succeeded"
     job.wait(timeout=30, poll=0.05, progress=False)
     assert job.data["attempts"] == 2
     assert job.data["steps_done"] == 20
@@ -199,7 +199,7 @@ def test_a_job_is_never_run_as_another_platform(market: dict[str, Any]) -> None:
     clear(market["engine"])
     (order,) = provider.work()
     assert order["platform"] == "cuda"
-    assert run_work_order(provider, order) == "requeued"
+    assert run_allocation(provider, order) == "requeued"
     back = job.refresh().data
     assert back["state"] == "open"
     assert "the offer is cuda but this machine runs jobs on cpu" in back["error"]
