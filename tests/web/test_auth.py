@@ -100,8 +100,8 @@ def test_a_tampered_cookie_is_refused(browser_for: Any) -> None:
     admin: Browser = browser_for(Role.admin)
     token = admin.client.cookies.get("broker_session")
     assert token
-    body, mac = token.split(".")
-    admin.client.cookies.set("broker_session", f"{body}x.{mac}")
+    body, rest = token.split(".", 1)  # itsdangerous: payload.timestamp.signature
+    admin.client.cookies.set("broker_session", f"{body}x.{rest}")
     assert admin.get("/admin", follow_redirects=False).status_code == 303
 
 
