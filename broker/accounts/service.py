@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from broker.accounts.visibility import sees_all
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
 from broker.models.account import Account, ApiKey, Role
@@ -201,7 +202,7 @@ def _own_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:
 def _limited(viewer: Account | None) -> bool:
     """Whether ``viewer`` manages only its own keys: None is the operator (the ``broker``
     command, with the database at hand), who manages all, as admins do."""
-    return viewer is not None and viewer.role != Role.admin
+    return not sees_all(viewer)
 
 
 def revoke_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:

@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 
 from broker import ledger
 from broker.accounts.callers import Agent
+from broker.accounts.visibility import own_rows, sees_all
 from broker.billing import service as billing
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
 from broker.ledger import end_job, requeue
-from broker.models.account import Role
 from broker.models.blob import Blob, BlobKind
 from broker.models.job import Job
 from broker.models.job_state import JobState
@@ -52,8 +52,8 @@ def work_for(session: Session, agent: Agent) -> list[tuple[Allocation, Offer, Jo
     )
     if agent.node_id is not None:
         stmt = stmt.where(Offer.node_id == agent.node_id)
-    elif agent.account.role != Role.admin:
-        stmt = stmt.where(Offer.provider_id == agent.account.id)
+    else:
+        stmt = stmt.where(*own_rows(agent.account, Offer.provider_id))
     return [(a, o, j) for a, o, j in session.execute(stmt).all()]
 
 
@@ -70,7 +70,7 @@ def get_allocation(
     offer = session.get(Offer, allocation.offer_id) if allocation else None
     if allocation is None or offer is None:
         raise NotFound(f"no allocation {allocation_id!r} on your offers")
-    admin = agent.account.role == Role.admin
+    admin = sees_all(agent.account)
     if agent.node_id is not None and offer.node_id != agent.node_id:
         raise NotFound(f"no allocation {allocation_id!r} on this node")
     if not admin and offer.provider_id != agent.account.id:
@@ -279,7 +279,7 @@ def _uploaded(
     by hand) uploaded since the allocation was made: never another node's upload, nor
     anything else the provider may read, which the developer would then be given."""
     try:
-        if agent.account.role == Role.admin and agent.node_id is None:
+        if sees_all(agent.account) and agent.node_id is None:
             return get_blob(session, agent.account, sha256, BlobKind.arrays)
         return uploaded_since(
             session, agent.account, agent.node_id, sha256, BlobKind.arrays, allocation.created_at

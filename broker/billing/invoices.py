@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from broker.accounts.visibility import own_rows, owns
 from broker.billing.amounts import fee_on, to_cents, usage_charge
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
@@ -272,7 +273,7 @@ def get_invoice(
     if lock:
         stmt = stmt.with_for_update()
     invoice = session.scalar(stmt)
-    if invoice is None or (viewer.role != Role.admin and invoice.account_id != viewer.id):
+    if invoice is None or not owns(viewer, invoice.account_id):
         raise NotFound(f"no invoice {invoice_id!r} of yours")
     lines = session.scalars(
         select(InvoiceLine)
@@ -293,10 +294,8 @@ def list_invoices(
 ) -> tuple[list[Invoice], int]:
     """Newest first: the developer's own; an admin's, everyone's (or ``account_id``'s)."""
     _check_reader(viewer)
-    conditions = []
-    if viewer.role != Role.admin:
-        conditions.append(Invoice.account_id == viewer.id)
-    elif account_id is not None:
+    conditions = own_rows(viewer, Invoice.account_id)
+    if not conditions and account_id is not None:
         conditions.append(Invoice.account_id == account_id)
     if status is not None:
         conditions.append(Invoice.status == status)

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from broker.accounts.callers import check_role
+from broker.accounts.visibility import sees_all
 from broker.auth import Admin, CurrentAccount, StreamingAccount
 from broker.billing import invoices, statements, sync
 from broker.billing import service as billing
@@ -107,7 +108,7 @@ def generate_invoices(
     transactions: TransactionsDep, account: StreamingAccount, body: GenerateIn | None = None
 ) -> GenerateOut:
     check_role(account, Role.developer)
-    account_id = account.id if account.role != Role.admin else (body.account_id if body else None)
+    account_id = (body.account_id if body else None) if sees_all(account) else account.id
     report = sync.generate(transactions, get_settings(), account_id=account_id, period_end=False)
     with transactions(write=False) as session:
         rows = [session.get_one(Invoice, i) for i in report.invoices]

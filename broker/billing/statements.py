@@ -16,6 +16,7 @@ from fractions import Fraction
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.accounts.visibility import owns
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
 from broker.ledger import run_footprint
@@ -64,7 +65,7 @@ def statement(
     if viewer.role == Role.developer:
         raise Forbidden("statements are for providers; a developer's charges are in invoices")
     owner = provider_id or viewer.id
-    if viewer.role != Role.admin and owner != viewer.id:
+    if not owns(viewer, owner):
         raise Forbidden("a provider sees its own statement only")
     runs = session.execute(
         select(Allocation, Offer, Node.name)

@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session
 from broker import ledger
 from broker.accounts.callers import Agent
 from broker.accounts.service import issue_key
+from broker.accounts.visibility import own_rows, owns
 from broker.allocations.service import meter
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.models.account import Account, ApiKey, Role
+from broker.models.account import Account, ApiKey
 from broker.models.job import Job
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.node import Node, NodeStatus
@@ -91,15 +92,13 @@ def _devices(devices: list[DeviceReport]) -> list[dict[str, Any]]:
 def get_node(session: Session, viewer: Account, node_id: str) -> Node:
     """A node its provider (or an admin) may read; others get 404."""
     node = session.get(Node, node_id)
-    if node is None or (viewer.role != Role.admin and node.provider_id != viewer.id):
+    if node is None or not owns(viewer, node.provider_id):
         raise NotFound(f"no node {node_id!r} of yours")
     return node
 
 
 def list_nodes(session: Session, viewer: Account, query: NodeQuery) -> tuple[list[Node], int]:
-    conditions = []
-    if viewer.role != Role.admin:
-        conditions.append(Node.provider_id == viewer.id)
+    conditions = own_rows(viewer, Node.provider_id)
     if query.status is not None:
         conditions.append(Node.status == query.status)
     total = session.scalar(select(func.count()).select_from(Node).where(*conditions)) or 0
@@ -117,7 +116,7 @@ def _agent_node(session: Session, agent: Agent, node_id: str) -> Node:
     """The node, locked, if the caller is its agent (or its provider, or an admin)."""
     node = session.scalar(select(Node).where(Node.id == node_id).with_for_update())
     account = agent.account
-    if node is None or (account.role != Role.admin and node.provider_id != account.id):
+    if node is None or not owns(account, node.provider_id):
         raise NotFound(f"no node {node_id!r} of yours")
     if agent.node_id is not None and agent.node_id != node.id:
         raise Forbidden(f"this key is node {agent.node_id}'s; it cannot act for node {node_id}")

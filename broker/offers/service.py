@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session
 
 from adapters import catalog
 from broker import ledger
+from broker.accounts.visibility import changeable_offers, owns, sees_all
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.models.account import Account, Role
+from broker.models.account import Account
 from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
@@ -122,20 +123,14 @@ def get_visible_offer(session: Session, viewer: Account, offer_id: str) -> Offer
     Others answer 404, so ids of withdrawn offers do not leak.
     """
     offer = session.get(Offer, offer_id)
-    if offer is None or not (
-        offer.status == OfferStatus.active
-        or offer.provider_id == viewer.id
-        or viewer.role == Role.admin
-    ):
+    if offer is None or not (offer.status == OfferStatus.active or owns(viewer, offer.provider_id)):
         raise NotFound(f"no offer {offer_id!r}")
     return offer
 
 
 def get_own_offer(session: Session, owner: Account, offer_id: str, *, lock: bool = False) -> Offer:
     """An offer the caller may change: its own, or any for an admin."""
-    stmt = select(Offer).where(Offer.id == offer_id)
-    if owner.role != Role.admin:
-        stmt = stmt.where(Offer.provider_id == owner.id)
+    stmt = changeable_offers(owner).where(Offer.id == offer_id)
     if lock:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     offer = session.scalar(stmt)
@@ -235,7 +230,7 @@ def _parameters(viewer: Account, f: OfferQuery) -> dict[str, Any]:
     """The search's values, by the name of their condition (``_CONDITIONS``)."""
     if f.mine:
         visibility = {"owner": viewer.id}
-    elif viewer.role != Role.admin and f.status != OfferStatus.active:
+    elif not sees_all(viewer) and f.status != OfferStatus.active:
         visibility = {"viewer": viewer.id}  # a search for active offers needs no such condition
     else:
         visibility = {}

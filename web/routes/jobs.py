@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
+from broker.accounts.visibility import sees_all
 from broker.allocations.schemas import AllocationOut
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
@@ -113,11 +114,7 @@ def jobs(
                 waiting.get(job.id),
             )
         )
-    names = (
-        account_names(session, [j.account_id for j in rows])
-        if user.account.role == Role.admin
-        else {}
-    )
+    names = account_names(session, [j.account_id for j in rows]) if sees_all(user.account) else {}
     return page(
         request,
         "jobs.html",

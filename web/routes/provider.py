@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
 from broker.accounts.callers import check_role
+from broker.accounts.visibility import sees_all
 from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
 from broker.models.account import Account, Role
@@ -103,7 +104,7 @@ def _offers_page(
 ) -> Response:
     account = _provider(user)
     query = OfferQuery(
-        mine=account.role != Role.admin,
+        mine=not sees_all(account),
         status=status,
         sort=OfferSort.newest,
         limit=PER_PAGE,
