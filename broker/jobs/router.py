@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from broker.allocations.schemas import AllocationOut
@@ -92,7 +91,8 @@ async def _submit_shortcut(request: Request) -> Response | None:
     return _json(out, 200, {_REPLAYED: "true"})
 
 
-_KEY_HEADER = re.compile(r"[\x21-\x7e]{1,255}")  # as IdempotencyKey declares it
+# The header's rule is the route's own declaration (``IdempotencyKey``), not a copy.
+_KEY_HEADER = TypeAdapter(IdempotencyKey)
 
 
 async def _well_formed(request: Request) -> tuple[str, JobCreate, str | None] | None:
@@ -106,8 +106,11 @@ async def _well_formed(request: Request) -> tuple[str, JobCreate, str | None] | 
     if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
         return None
     idempotency_key = headers.get("idempotency-key")
-    if idempotency_key is not None and not _KEY_HEADER.fullmatch(idempotency_key):
-        return None
+    if idempotency_key is not None:
+        try:
+            _KEY_HEADER.validate_python(idempotency_key)
+        except ValidationError:
+            return None
     try:
         # As FastAPI reads a JSON body: json.loads, then the model in Python mode.
         body = JobCreate.model_validate(json.loads(await request.body()))
