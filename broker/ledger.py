@@ -203,7 +203,10 @@ class NewAllocation:
 
 
 def allocate(
-    session: Session, round_id: str, matches: Sequence[NewAllocation], now: datetime | None = None
+    session: Session,
+    round_id: str | None,
+    matches: Sequence[NewAllocation],
+    now: datetime | None = None,
 ) -> None:
     """Record a round's matches in bulk (a large round makes thousands): each job
     goes ``open -> matched`` through the state machine's own check, each offer's
