@@ -26,12 +26,13 @@ run: $(VENV)/.run-deps
 	$(BIN)/broker db upgrade
 	$(BIN)/broker serve --no-migrate $(if $(filter 0,$(DEMO)),,--demo)
 
-## Lint, type-check, and run the tests on SQLite and (when installed) PostgreSQL.
+## Lint (and the import layers), type-check, and run the tests on SQLite and (when installed) PostgreSQL.
 test: lint typecheck pytest pytest-postgres
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py  # imports run one way (README, Layout)
 
 typecheck: $(VENV)/.dev-deps
 	$(BIN)/mypy broker adapters solver web migrations benchmarks tests examples client

@@ -11,7 +11,7 @@ Prints, for this machine's cpu backend:
   `jax.jit` loop (one dispatch a step) and versus one `jax.jit` of a
   `lax.fori_loop` over all the steps (what the runner does, in chunks), and
   checkpoint write (device to host, bundle) and restore;
-- a sandboxed run (``broker.agent.sandbox``: a child process per run, a spare
+- a sandboxed run (``broker.sandbox``: a child process per run, a spare
   child kept ready) versus a run in the agent's own process: start-up with a
   warm cache, the cold start the spare hides, and per-step time;
 - the roofline's predicted over measured runtime for the calibration programs.
@@ -227,7 +227,7 @@ def sandbox_start(repeats: int = 7, steps: int = 20_000) -> dict[str, float]:
     result's, with a warm compilation cache, for a single call of a 512-wide,
     8-layer MLP step; the same with no spare child ready (the cold start a spare
     hides); and the per-step time of an iterative job in the child and here."""
-    from broker.agent.sandbox import Sandbox, SandboxConfig, limits_for
+    from broker.sandbox import Sandbox, SandboxConfig, limits_for
 
     args = step_args(512, layers=8)
     leaves = jax.tree.leaves(args)

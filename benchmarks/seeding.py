@@ -79,12 +79,12 @@ def seed(url: str, market: sm.Market) -> Keys:
     """Accounts, then the market's offers and jobs, through the broker's services. The
     jobs are bids for capacity alone (a market simulation), which this process's
     settings must allow (BROKER_ALLOW_CAPACITY_BIDS=1)."""
-    from broker.accounts.models import Role
     from broker.accounts.service import create_account
     from broker.config import get_settings
     from broker.db import make_engine, transaction
     from broker.jobs.schemas import JobCreate
     from broker.jobs.service import submit_job
+    from broker.models.account import Role
     from broker.offers.schemas import OfferCreate
     from broker.offers.service import create_offer
 

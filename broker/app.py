@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from broker.accounts.router import router as accounts_router
+from broker.allocations.router import router as runs_router
 from broker.billing import sync
 from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
@@ -42,7 +43,6 @@ from broker.observability import (
 )
 from broker.offers.router import router as offers_router
 from broker.ratelimit import RateLimit
-from broker.runs.router import router as runs_router
 from web import install as install_web
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,21 @@
-"""Who is calling: the bearer-key dependency and role checks."""
+"""Who is calling: one configurable dependency, ``Authenticator``, for every route.
+
+Every way in (the API's routes, the busy routes' batched key checks, the
+submission batch, the dashboard's session cookie) finds the key's owner and then
+asks the same ``Authenticator.admit`` whether it may call: a node key only where
+node keys are admitted, then the role. Only *where* the key is looked up
+differs (``Source``): in the request's transaction, in a short one of its own
+(uploads, long polls), or in a batch with other requests' keys."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import BackgroundTasks, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.accounts.callers import Agent, Caller, check_role, own_key
 from broker.accounts.service import (
     KeyOwner,
     authenticate_key,
@@ -22,7 +26,8 @@ from broker.accounts.service import (
 )
 from broker.coalesce import Batched
 from broker.db import SessionDep, Transactions, TransactionsDep
-from broker.errors import Forbidden, Unauthorized
+from broker.errors import Unauthorized
+from broker.models.account import Account, Role
 from broker.ratelimit import forget_key, remember_key
 
 log = logging.getLogger(__name__)
@@ -30,39 +35,7 @@ log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer bk_...`")
 
 
-class NodeKeyNotAllowed(Forbidden):
-    code = "node_key_not_allowed"
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is calling: the account behind the key and, for a node key, the node the
-    key acts for (``node_id`` None: one of the account's own keys).
-
-    A node key authenticates as its provider but may act only for its node: the
-    node's heartbeats, offers and allocations (``AgentDep``), and the files the jobs
-    on it need (``CallerDep``). Every other endpoint refuses it (``CurrentAccount``).
-    """
-
-    account: Account
-    node_id: str | None
-    key_id: str | None = None
-
-
-# A provider calling as the agent of one node (a node key), or as itself (its own
-# key, which acts for offers listed by hand).
-Agent = Caller
-
-
-def _owner(session: Session, credentials: HTTPAuthorizationCredentials | None) -> KeyOwner:
-    key = _key(credentials)
-    return _checked(key, authenticate_key(session, key))
-
-
-def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
-    if credentials is None:
-        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
-    return credentials.credentials
+Source = Literal["request", "streaming", "batched"]
 
 
 def _checked(key: str, found: KeyOwner | None) -> KeyOwner:
@@ -76,12 +49,10 @@ def _checked(key: str, found: KeyOwner | None) -> KeyOwner:
     return found
 
 
-def _caller_of(owner: KeyOwner) -> Caller:
-    return Caller(owner.account, owner.node_id, owner.key_id)
-
-
-def _known(key: str, found: KeyOwner | None) -> Caller:
-    return _caller_of(_checked(key, found))
+def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
+        raise Unauthorized("send an API key: 'Authorization: Bearer <key>'")
+    return credentials.credentials
 
 
 # Keys of concurrent requests checked together, in one query, in a transaction shared
@@ -107,60 +78,109 @@ async def _touch_batched(transactions: Transactions, owner: KeyOwner) -> None:
             log.warning("could not record that key %s was used", owner.key_id, exc_info=True)
 
 
-def _own_key(caller: Caller) -> Account:
-    if caller.node_id is not None:
-        raise NodeKeyNotAllowed(
-            f"this is node {caller.node_id}'s key: it acts only for that node (heartbeats, "
-            "offers, allocations and the files its jobs need); use the provider's own API "
-            "key for this"
-        )
-    return caller.account
+def _known(request: Request, owner: KeyOwner) -> KeyOwner:
+    request.state.account_id = owner.account.id  # for the access log (never the key)
+    return owner
 
 
-def current_caller(
+# Where a request's key is looked up: each gives the key's owner (Unauthorized if it
+# has none) and records that the key was used. FastAPI runs a dependency once per
+# request, so a route with two ``Authenticator`` dependencies looks its key up once.
+def _request_owner(
     request: Request,
     session: SessionDep,
     transactions: TransactionsDep,
     background: BackgroundTasks,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    owner = _owner(session, credentials)
+) -> KeyOwner:
+    key = _key(credentials)
+    owner = _checked(key, authenticate_key(session, key))
     if due_for_touch(owner):  # after the response, outside the request's transaction
         background.add_task(_touch_now, transactions, owner.key_id)
-    request.state.account_id = owner.account.id  # for the access log (never the key)
-    return _caller_of(owner)
+    return _known(request, owner)
 
 
-def streaming_caller(
+def _streaming_owner(
     request: Request,
     transactions: TransactionsDep,
     background: BackgroundTasks,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    """The caller, checked in a short transaction of its own: for uploads, which stream
-    their body before they touch the database and must not hold a session meanwhile."""
+) -> KeyOwner:
+    """Checked in a short transaction of its own: for uploads, which stream their body
+    before they touch the database and must not hold a session meanwhile, and long polls."""
+    key = _key(credentials)
     with transactions(write=False) as session:
-        owner = _owner(session, credentials)
+        owner = _checked(key, authenticate_key(session, key))
     if due_for_touch(owner):
         background.add_task(_touch_now, transactions, owner.key_id)
-    request.state.account_id = owner.account.id
-    return _caller_of(owner)
+    return _known(request, owner)
 
 
-async def batched_caller(
+async def _batched_owner(
     request: Request,
     transactions: TransactionsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    """The caller, its key checked together with other requests' keys (one query for
-    all the keys that arrived meanwhile), outside the request's own transaction:
-    for the busiest endpoints. The account it gives is detached: read it, do not
-    change it."""
-    key = _key(credentials)
+) -> KeyOwner:
+    """Checked together with other requests' keys (one query for all the keys that
+    arrived meanwhile), outside the request's own transaction: for the busiest
+    endpoints. The account it gives is detached: read it, do not change it."""
+    return await _owner_in_batch(request, transactions, _key(credentials))
+
+
+async def _owner_in_batch(request: Request, transactions: Transactions, key: str) -> KeyOwner:
     owner = _checked(key, await _key_checks.submit(transactions, key))
     await _touch_batched(transactions, owner)
-    request.state.account_id = owner.account.id
-    return _caller_of(owner)
+    return _known(request, owner)
+
+
+_SOURCES: dict[Source, Any] = {
+    "request": _request_owner,
+    "streaming": _streaming_owner,
+    "batched": _batched_owner,
+}
+
+
+class Authenticator:
+    """Who may call a route: ``roles`` (admins always pass; none: any role), whether a
+    node key may (``node_keys``: the route acts for one node, and gets the ``Caller``
+    with its ``node_id``; otherwise it gets the ``Account`` and node keys are
+    refused), and where the key is looked up (``source``).
+
+    ``dependency`` is the route dependency; ``admit`` is the rule itself, for a key
+    looked up elsewhere (the submission batch, the dashboard's session).
+    """
+
+    def __init__(self, *roles: Role, node_keys: bool = False, source: Source = "request") -> None:
+        self.roles = roles
+        self.node_keys = node_keys
+        self.source = source
+        owner_dep = _SOURCES[source]
+
+        # async: no I/O here, so FastAPI runs it on the event loop instead of a thread.
+        async def dependency(owner: KeyOwner = Depends(owner_dep)) -> Caller | Account:
+            caller = self.admit(owner)
+            return caller if node_keys else caller.account
+
+        self.dependency = dependency
+
+    def admit(self, owner: KeyOwner) -> Caller:
+        """The caller ``owner`` authenticates, if this route admits it: NodeKeyNotAllowed
+        or Forbidden otherwise."""
+        caller = Caller(owner.account, owner.node_id, owner.key_id)
+        if not self.node_keys:
+            own_key(caller)
+        if self.roles:
+            check_role(caller.account, *self.roles)
+        return caller
+
+    def admit_key(self, key: str, found: KeyOwner | None) -> Caller:
+        """``admit`` for a key looked up by the caller (None: no such key, Unauthorized)."""
+        return self.admit(_checked(key, found))
+
+    async def admit_batched(self, request: Request, transactions: Transactions, key: str) -> Caller:
+        """``admit`` for a handler that read the key itself (``bearer_key``), the key
+        checked in a batch as the ``batched`` source does."""
+        return self.admit(await _owner_in_batch(request, transactions, key))
 
 
 async def bearer_key(request: Request) -> str | None:
@@ -170,93 +190,26 @@ async def bearer_key(request: Request) -> str | None:
     return None if credentials is None else credentials.credentials
 
 
-async def batched_account_for(request: Request, transactions: Transactions, key: str) -> Account:
-    """``BatchedAccount`` for a handler that read the key itself (``bearer_key``): the
-    key checked in a batch, node keys refused."""
-    owner = _checked(key, await _key_checks.submit(transactions, key))
-    await _touch_batched(transactions, owner)
-    request.state.account_id = owner.account.id
-    return _own_key(_caller_of(owner))
-
-
-def developer_of(key: str, found: KeyOwner | None) -> Account:
-    """The developer (or admin) account behind one of its own keys, as
-    ``BatchedDeveloper`` admits it: Unauthorized, NodeKeyNotAllowed or Forbidden
-    otherwise. For work that checks its key in a batch of its own
-    (``broker.jobs.intake.submit_with_key``)."""
-    return check_role(_own_key(_known(key, found)), Role.developer)
-
-
-# The wrappers below do no I/O: async, so FastAPI runs them on the event loop rather
-# than sending each to a worker thread.
-async def current_account(caller: Annotated[Caller, Depends(current_caller)]) -> Account:
-    """The account behind one of its own keys (node keys are refused)."""
-    return _own_key(caller)
-
-
-async def streaming_account(caller: Annotated[Caller, Depends(streaming_caller)]) -> Account:
-    return _own_key(caller)
-
-
-CurrentAccount = Annotated[Account, Depends(current_account)]
-StreamingAccount = Annotated[Account, Depends(streaming_account)]
-CallerDep = Annotated[Caller, Depends(current_caller)]
-StreamingCaller = Annotated[Caller, Depends(streaming_caller)]
-
-
-def require_role(*roles: Role) -> Callable[[Account], Awaitable[Account]]:
-    """A dependency that admits only the given roles (admins always pass)."""
-
-    # async: no I/O here, so FastAPI runs it on the event loop instead of a thread.
-    async def check(account: CurrentAccount) -> Account:
-        return check_role(account, *roles)
-
-    return check
-
-
-def check_role(account: Account, *roles: Role) -> Account:
-    """``account`` if it has one of ``roles`` (admins always pass); Forbidden otherwise."""
-    allowed = {*roles, Role.admin}
-    if account.role not in allowed:
-        names = " or ".join(sorted(r.value for r in allowed))
-        yours = account.role.value
-        raise Forbidden(f"this needs {_a(names)} {names} account; yours is {_a(yours)} {yours}")
-    return account
-
-
-def _agent(caller: Caller) -> Agent:
-    check_role(caller.account, Role.provider)
-    return caller
-
-
-async def current_agent(caller: CallerDep) -> Agent:
-    return _agent(caller)
-
-
-async def streaming_agent(caller: StreamingCaller) -> Agent:
-    return _agent(caller)
-
-
-async def _batched_developer(caller: Annotated[Caller, Depends(batched_caller)]) -> Account:
-    return check_role(_own_key(caller), Role.developer)
-
-
-async def _batched_account(caller: Annotated[Caller, Depends(batched_caller)]) -> Account:
-    return _own_key(caller)
-
-
-Developer = Annotated[Account, Depends(require_role(Role.developer))]
-# CurrentAccount and Developer with the key checked in a batch (``batched_caller``).
-BatchedAccount = Annotated[Account, Depends(_batched_account)]
-BatchedDeveloper = Annotated[Account, Depends(_batched_developer)]
-Provider = Annotated[Account, Depends(require_role(Role.provider))]
-Admin = Annotated[Account, Depends(require_role(Role.admin))]
+CurrentAccount = Annotated[Account, Depends(Authenticator().dependency)]
+StreamingAccount = Annotated[Account, Depends(Authenticator(source="streaming").dependency)]
+Developer = Annotated[Account, Depends(Authenticator(Role.developer).dependency)]
+Provider = Annotated[Account, Depends(Authenticator(Role.provider).dependency)]
+Admin = Annotated[Account, Depends(Authenticator(Role.admin).dependency)]
+# CurrentAccount and Developer with the key checked in a batch.
+BATCHED_ACCOUNT = Authenticator(source="batched")
+BATCHED_DEVELOPER = Authenticator(Role.developer, source="batched")
+BatchedAccount = Annotated[Account, Depends(BATCHED_ACCOUNT.dependency)]
+BatchedDeveloper = Annotated[Account, Depends(BATCHED_DEVELOPER.dependency)]
+# Any caller, a node key included (it may fetch the files its node's jobs need).
+CallerDep = Annotated[Caller, Depends(Authenticator(node_keys=True).dependency)]
+StreamingCaller = Annotated[
+    Caller, Depends(Authenticator(node_keys=True, source="streaming").dependency)
+]
 # Node agents (or providers themselves) reporting on the work they run; the
 # streaming one is checked in a short transaction, for long polls.
-AgentDep = Annotated[Agent, Depends(current_agent)]
-StreamingAgent = Annotated[Agent, Depends(streaming_agent)]
-
-
-def _a(word: str) -> str:
-    """The article before ``word``: an admin, a developer."""
-    return "an" if word[:1] in "aeiou" else "a"
+AgentDep = Annotated[Agent, Depends(Authenticator(Role.provider, node_keys=True).dependency)]
+StreamingAgent = Annotated[
+    Agent, Depends(Authenticator(Role.provider, node_keys=True, source="streaming").dependency)
+]
+# The dashboard: a person signed in with one of their own keys, any role.
+SIGNED_IN = Authenticator()

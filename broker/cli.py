@@ -42,7 +42,7 @@ invoices_app.command("show")(devcli.invoices_show)
 
 
 class RoleName(enum.StrEnum):
-    """broker.accounts.models.Role, spelled here so the client install (no SQLAlchemy)
+    """broker.models.account.Role, spelled here so the client install (no SQLAlchemy)
     can load this module."""
 
     developer = "developer"
@@ -459,10 +459,10 @@ def accounts_create(
     role: Annotated[RoleName, typer.Option(help="What the account may do")] = RoleName.developer,
 ) -> None:
     """Create an account; its API key is printed once, on the last line."""
-    from broker.accounts.models import Role
     from broker.accounts.service import create_account
     from broker.db import session_scope
     from broker.errors import BrokerError
+    from broker.models.account import Role
 
     try:
         with session_scope() as session:

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from broker.accounts.models import Account, Role
+from broker.models.account import Account, Role
 
 log = logging.getLogger("broker.demo")
 
@@ -118,9 +118,9 @@ def demo_keys() -> dict[str, str]:
     register again)."""
     from sqlalchemy import select, update
 
-    from broker.accounts.models import ApiKey
     from broker.accounts.service import create_account, issue_key
     from broker.db import session_scope, utcnow
+    from broker.models.account import ApiKey
 
     wanted = {cap.account: Role.provider for cap in PROVIDERS}
     wanted |= {"demo-cpu": Role.provider, "demo-admin": Role.admin}

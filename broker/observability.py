@@ -193,9 +193,9 @@ class MarketCollector(Collector):
         yield from families
 
     def _read(self) -> list[GaugeMetricFamily]:
-        from broker.jobs.models import Job
-        from broker.nodes.models import Node
-        from broker.offers.models import Offer, OfferStatus
+        from broker.models.job import Job
+        from broker.models.node import Node
+        from broker.models.offer import Offer, OfferStatus
 
         jobs = GaugeMetricFamily("broker_jobs", "Jobs by state", labels=["state"])
         offers = GaugeMetricFamily(

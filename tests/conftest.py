@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.app import create_app
 from broker.db import get_session, get_transactions, make_engine
 from broker.migrate import alembic_config
+from broker.models.account import Role
 from tests.databases import fresh_database
 from tests.factories import make_account
 

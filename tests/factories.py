@@ -8,14 +8,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
 from broker.accounts.service import create_account
 from broker.db import new_id, utcnow
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
 from broker.jobs.service import submit_job
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.account import Account, Role
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.offers.schemas import OfferCreate
 from broker.offers.service import create_offer
 

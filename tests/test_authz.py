@@ -32,16 +32,16 @@ from fastapi.routing import iter_route_contexts
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, ApiKey, Role
+from broker.accounts.callers import Agent
 from broker.app import create_app
-from broker.auth import Agent
 from broker.billing import invoices
 from broker.blobs import service as blobs
-from broker.blobs.models import Blob, BlobGrant, BlobKind, BlobUpload
 from broker.config import get_settings
 from broker.db import new_id, utcnow
-from broker.jobs.states import JobState
-from broker.market.models import ClearingRound
+from broker.models.account import Account, ApiKey, Role
+from broker.models.blob import Blob, BlobGrant, BlobKind, BlobUpload
+from broker.models.job_state import JobState
+from broker.models.market import ClearingRound
 from broker.nodes import service as nodes
 from broker.nodes.schemas import NodeOffer, NodeRegister
 from broker.offers.service import withdraw_offer

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import RoundInProgress, run_round
+from broker.models.account import Role
 from tests.factories import make_account
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,14 +27,14 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from broker.accounts.models import Role
-from broker.billing.models import InvoiceLine
 from broker.db import make_engine, transaction
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation, AllocationStatus
 from broker.migrate import upgrade
-from broker.offers.models import Offer
+from broker.models.account import Role
+from broker.models.billing import InvoiceLine
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from tests.factories import job_body, make_account, offer_body
 from tests.test_live_server import Server
 

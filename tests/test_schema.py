@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy.orm import Session
 
 from broker.app import create_app
-from broker.market.models import ClearingRound
+from broker.models.market import ClearingRound
 from tests.conftest import ClientFactory
 from tests.test_authz import RULES, World, build_world
 

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.accounts.service import issue_key
 from broker.app import create_app
 from broker.config import get_settings
 from broker.db import get_session, get_transactions, request_engine, transaction
+from broker.models.account import Role
 from broker.sdk import Client
 from tests.conftest import ClientFactory, LiveServer
 from tests.factories import job_body, make_account

@@ -14,8 +14,8 @@ from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from broker.accounts.models import Role
 from broker.errors import BrokerError
+from broker.models.account import Role
 from web.format import FILTERS
 from web.session import CSRF_FIELD, SESSION_COOKIE, SignInRequired, WebUser
 

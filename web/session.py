@@ -1,7 +1,8 @@
-"""The dashboard's sign-in session: an HMAC-signed cookie, and CSRF tokens for forms.
+"""The dashboard's sign-in session: a signed cookie, and CSRF tokens for forms.
 
-The cookie holds the id of the API key the person signed in with, an expiry
-and a random nonce, signed with the broker's secret key. Nothing in it is
+The cookie holds the id of the API key the person signed in with and a random
+nonce, signed and timestamped with the broker's secret key by itsdangerous
+(``URLSafeTimedSerializer``; it expires ``SESSION_SECONDS`` after it was issued). Nothing in it is
 secret, and it is never trusted unsigned: every request checks the signature,
 the expiry, and that the key is still unrevoked and its account enabled, so
 revoking the key ends the session at the next click.
@@ -12,10 +13,7 @@ sign-in, from a nonce cookie of its own); every POST is refused without it.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import json
 import os
 import secrets
 import time
@@ -25,12 +23,16 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
+from itsdangerous import BadData, Signer, TimestampSigner, URLSafeTimedSerializer
+from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
-from broker.accounts.models import Account, Role
-from broker.accounts.service import session_account
+from broker.accounts.service import key_owner
+from broker.auth import SIGNED_IN
 from broker.config import Settings, get_settings
 from broker.db import SessionDep
+from broker.errors import BrokerError
+from broker.models.account import Account, Role
 
 SESSION_COOKIE = "broker_session"
 SIGNIN_COOKIE = "broker_signin"
@@ -76,16 +78,18 @@ def _stored_secret(path: Path) -> bytes:
     return key.encode()
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+class _Clock(TimestampSigner):
+    """itsdangerous's timestamp signer, on a clock a test may set (``now``)."""
+
+    now: float | None = None
+
+    def get_timestamp(self) -> int:
+        return int(self.now if self.now is not None else time.time())
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _mac(secret: bytes, purpose: str, message: str) -> str:
-    return _b64(hmac.new(secret, f"{purpose}:{message}".encode(), hashlib.sha256).digest())
+def _sessions(secret: bytes, now: float | None) -> URLSafeTimedSerializer:
+    clock = type("_At", (_Clock,), {"now": now})
+    return URLSafeTimedSerializer(secret, salt="session", signer=clock)
 
 
 def _same(given: str, expected: str) -> bool:
@@ -103,32 +107,24 @@ class SessionToken:
 
 def issue(secret: bytes, key_id: str, now: float | None = None) -> str:
     """A signed session token for the API key ``key_id``."""
-    payload = {
-        "k": key_id,
-        "e": int((now if now is not None else time.time()) + SESSION_SECONDS),
-        "n": secrets.token_urlsafe(16),
-    }
-    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
-    return f"{body}.{_mac(secret, 'session', body)}"
+    return _sessions(secret, now).dumps({"k": key_id, "n": secrets.token_urlsafe(16)})
 
 
 def verify(secret: bytes, token: str, now: float | None = None) -> SessionToken | None:
     """The token's contents if its signature holds and it has not expired; else None."""
-    body, _, mac = token.partition(".")
-    if not body or not _same(mac, _mac(secret, "session", body)):
-        return None
     try:
-        payload = json.loads(_unb64(body))
-        found = SessionToken(str(payload["k"]), int(payload["e"]), str(payload["n"]))
-    except (ValueError, KeyError, TypeError):
+        payload, issued = _sessions(secret, now).loads(
+            token, max_age=SESSION_SECONDS - 1, return_timestamp=True
+        )
+        return SessionToken(
+            str(payload["k"]), int(issued.timestamp()) + SESSION_SECONDS, str(payload["n"])
+        )
+    except (BadData, KeyError, TypeError, UnicodeError):
         return None
-    if found.expires <= (now if now is not None else time.time()):
-        return None
-    return found
 
 
 def csrf_token(secret: bytes, nonce: str) -> str:
-    return _mac(secret, "csrf", nonce)
+    return Signer(secret, salt="csrf").get_signature(nonce).decode()
 
 
 def csrf_ok(secret: bytes, nonce: str, token: object) -> bool:
@@ -176,7 +172,7 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     """Route dependency: the signed-in account, or a redirect to the sign-in page."""
     secret = secret_key(get_settings())
     token = verify(secret, request.cookies.get(SESSION_COOKIE, ""))
-    account = session_account(session, token.key_id) if token else None
+    account = _signed_in(session, token.key_id) if token else None
     if token is None or account is None:
         # Back to this page after signing in; a form's target is no page to go back to.
         next_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -186,6 +182,15 @@ def web_user(request: Request, session: SessionDep) -> WebUser:
     request.state.web_user = user  # for error pages rendered after the route gave up
     request.state.account_id = account.id  # for the access log, as the API's requests
     return user
+
+
+def _signed_in(session: Session, key_id: str) -> Account | None:
+    """The account a session's key still admits, by the API's own rule (``SIGNED_IN``)."""
+    owner = key_owner(session, key_id)
+    try:
+        return None if owner is None else SIGNED_IN.admit(owner).account
+    except BrokerError:  # a node key: never a person's session
+        return None
 
 
 WebUserDep = Annotated[WebUser, Depends(web_user)]

@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from broker.accounts import service
-from broker.accounts.models import ApiKey
 from broker.accounts.schemas import (
     AccountCreate,
     AccountCreated,
@@ -16,6 +15,7 @@ from broker.accounts.schemas import (
 )
 from broker.auth import Admin, CurrentAccount
 from broker.db import SessionDep
+from broker.models.account import ApiKey
 from broker.pagination import Page, PageQuery
 from broker.types import ObjectId
 

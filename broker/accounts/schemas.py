@@ -4,7 +4,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from broker.types import IdField
 
 

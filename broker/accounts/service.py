@@ -15,9 +15,10 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, ApiKey, Role
+from broker.accounts.visibility import sees_all
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
+from broker.models.account import Account, ApiKey, Role
 
 KEY_PREFIX = "bk_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,99}$")
@@ -143,37 +144,16 @@ def list_accounts(session: Session, *, limit: int, offset: int) -> tuple[list[Ac
     return list(rows), total
 
 
-def sign_in(session: Session, key: str) -> tuple[Account, str] | None:
-    """For a browser session: the enabled account that owns ``key`` and the key's id,
-    or None. Node keys are refused: they belong to one node's agent, not to a person."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
-        return None
+def key_owner(session: Session, key_id: str) -> KeyOwner | None:
+    """``authenticate_key`` by the key's id, for a browser session signed in with it:
+    None once the key is revoked or its account disabled, so revoking the key ends the
+    session. Whether the owner may sign in at all is ``broker.auth``'s to say."""
     row = session.execute(
-        select(Account, ApiKey.id)
+        select(ApiKey.key_hash, Account, ApiKey.node_id, ApiKey.id, ApiKey.last_used_at)
         .join(ApiKey, ApiKey.account_id == Account.id)
-        .where(
-            ApiKey.key_hash == hash_key(key),
-            ApiKey.revoked_at.is_(None),
-            ApiKey.node_id.is_(None),
-            Account.disabled_at.is_(None),
-        )
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None), Account.disabled_at.is_(None))
     ).first()
-    return (row[0], row[1]) if row else None
-
-
-def session_account(session: Session, key_id: str) -> Account | None:
-    """The account behind a browser session signed in with key ``key_id``, while that
-    key is unrevoked and the account enabled: revoking the key ends the session."""
-    return session.scalar(
-        select(Account)
-        .join(ApiKey, ApiKey.account_id == Account.id)
-        .where(
-            ApiKey.id == key_id,
-            ApiKey.revoked_at.is_(None),
-            ApiKey.node_id.is_(None),
-            Account.disabled_at.is_(None),
-        )
-    )
+    return KeyOwner(row[1], row[2], row[3], row[0], row[4]) if row else None
 
 
 # ---- managing keys and accounts -----------------------------------------------------
@@ -222,7 +202,7 @@ def _own_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:
 def _limited(viewer: Account | None) -> bool:
     """Whether ``viewer`` manages only its own keys: None is the operator (the ``broker``
     command, with the database at hand), who manages all, as admins do."""
-    return viewer is not None and viewer.role != Role.admin
+    return not sees_all(viewer)
 
 
 def revoke_key(session: Session, viewer: Account | None, key_id: str) -> ApiKey:

@@ -8,8 +8,8 @@ the provider's network). Three kinds of thread share the work:
 - a heartbeat thread keeps the node online, reports the usage of every running
   allocation, re-publishes the offers when the broker had declared the node
   lost, and re-runs discovery now and then so offers follow the hardware;
-- runner threads run one allocation each through ``run_work_order``, each in a
-  sandboxed child process of its own (``broker.agent.sandbox``): a program that
+- runner threads run one allocation each through ``run_allocation``, each in a
+  sandboxed child process of its own (``broker.sandbox``): a program that
   crashes, loops or eats memory ends its own run, never the agent or the others.
 
 An allocation is run at most once per agent. A restarted agent registers the
@@ -35,10 +35,10 @@ import httpx
 from adapters import catalog, registry
 from adapters.base import Device
 from broker.agent.probe import ProbeFailed, measure_startup
-from broker.agent.sandbox import Sandbox, SandboxConfig
 from broker.portable import _xla
+from broker.sandbox import Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
-from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_work_order
+from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_allocation
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ class NodeAgent:
         allocation = order["allocation_id"]
         log.info("running job %s (allocation %s)", order["job_id"], allocation)
         try:
-            outcome = run_work_order(
+            outcome = run_allocation(
                 self.client,
                 order,
                 cache_dir=self.config.cache_dir,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.agent.sandbox import Sandbox, limits_for
+from broker.sandbox import Sandbox, limits_for
 
 log = logging.getLogger(__name__)
 

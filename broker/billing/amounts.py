@@ -41,12 +41,7 @@ def with_fee(amount: Fraction, fee_ppm: int) -> Fraction:
 def to_cents(micros: Fraction) -> int:
     """Round an exact micro-dollar amount to whole cents, half to even: the one
     rounding step between metering and an invoice."""
-    quotient = micros / MICROS_PER_CENT
-    floor, rest = divmod(quotient.numerator, quotient.denominator)
-    twice = 2 * rest
-    if twice > quotient.denominator or (twice == quotient.denominator and floor % 2 == 1):
-        floor += 1
-    return floor
+    return round(micros / MICROS_PER_CENT)  # Fraction.__round__ rounds half to even
 
 
 def to_micros(micros: Fraction) -> int:

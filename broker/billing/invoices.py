@@ -23,16 +23,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.accounts.visibility import own_rows, owns
 from broker.billing.amounts import fee_on, to_cents, usage_charge
-from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.jobs.models import Job
-from broker.market import carbon
-from broker.market.models import Allocation, AllocationStatus
+from broker.ledger import run_footprint
+from broker.models.account import Account, Role
+from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.money import micros_to_usd
-from broker.offers.models import Offer
 
 Period = Literal["month", "week", "day"]
 
@@ -97,7 +98,7 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
     amount = usage_charge(a.usage_ms, a.price_per_hour_micros)
     hours = Fraction(a.usage_ms, 3_600_000)
     rate = micros_to_usd(a.price_per_hour_micros)
-    energy, gco2 = carbon.of_run(a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms)
+    energy, gco2 = run_footprint(a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms)
     return InvoiceLine(
         energy_kwh=energy,
         gco2=gco2,
@@ -272,7 +273,7 @@ def get_invoice(
     if lock:
         stmt = stmt.with_for_update()
     invoice = session.scalar(stmt)
-    if invoice is None or (viewer.role != Role.admin and invoice.account_id != viewer.id):
+    if invoice is None or not owns(viewer, invoice.account_id):
         raise NotFound(f"no invoice {invoice_id!r} of yours")
     lines = session.scalars(
         select(InvoiceLine)
@@ -293,10 +294,8 @@ def list_invoices(
 ) -> tuple[list[Invoice], int]:
     """Newest first: the developer's own; an admin's, everyone's (or ``account_id``'s)."""
     _check_reader(viewer)
-    conditions = []
-    if viewer.role != Role.admin:
-        conditions.append(Invoice.account_id == viewer.id)
-    elif account_id is not None:
+    conditions = own_rows(viewer, Invoice.account_id)
+    if not conditions and account_id is not None:
         conditions.append(Invoice.account_id == account_id)
     if status is not None:
         conditions.append(Invoice.status == status)

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.auth import Admin, CurrentAccount, StreamingAccount, check_role
+from broker.accounts.callers import check_role
+from broker.accounts.visibility import sees_all
+from broker.auth import Admin, CurrentAccount, StreamingAccount
 from broker.billing import invoices, statements, sync
 from broker.billing import service as billing
 from broker.billing.amounts import cents_to_usd, ppm_to_percent
-from broker.billing.models import Invoice, InvoiceLine
 from broker.billing.payments import PaymentsError, Stripe, verify_event
 from broker.billing.schemas import (
     FeeIn,
@@ -32,6 +32,8 @@ from broker.billing.schemas import (
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, utcnow
 from broker.errors import BrokerError, Conflict, InvalidInput, NotFound
+from broker.models.account import Role
+from broker.models.billing import Invoice, InvoiceLine
 from broker.money import micros_to_usd
 from broker.pagination import Page
 from broker.types import ObjectId
@@ -106,7 +108,7 @@ def generate_invoices(
     transactions: TransactionsDep, account: StreamingAccount, body: GenerateIn | None = None
 ) -> GenerateOut:
     check_role(account, Role.developer)
-    account_id = account.id if account.role != Role.admin else (body.account_id if body else None)
+    account_id = (body.account_id if body else None) if sees_all(account) else account.id
     report = sync.generate(transactions, get_settings(), account_id=account_id, period_end=False)
     with transactions(write=False) as session:
         rows = [session.get_one(Invoice, i) for i in report.invoices]

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.billing.models import InvoiceStatus
+from broker.models.billing import InvoiceStatus
 from broker.money import Usd
 from broker.pagination import PageQuery
 from broker.types import IdField, Moment

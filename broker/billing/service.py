@@ -12,7 +12,6 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account
 from broker.billing.amounts import (
     percent_to_ppm,
     to_micros,
@@ -20,13 +19,14 @@ from broker.billing.amounts import (
     usage_within,
     with_fee,
 )
-from broker.billing.models import FeeSetting
 from broker.config import Settings
 from broker.db import new_id, utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.allocations import end_job
-from broker.market.models import Allocation
+from broker.ledger import end_job
+from broker.models.account import Account
+from broker.models.billing import FeeSetting
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
 from broker.money import micros_to_usd
 
 

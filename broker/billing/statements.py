@@ -16,13 +16,14 @@ from fractions import Fraction
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.accounts.visibility import owns
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
-from broker.market import carbon
-from broker.market.models import Allocation, AllocationStatus
-from broker.nodes.models import Node
-from broker.offers.models import Offer
+from broker.ledger import run_footprint
+from broker.models.account import Account, Role
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.node import Node
+from broker.models.offer import Offer
 
 
 @dataclass
@@ -64,7 +65,7 @@ def statement(
     if viewer.role == Role.developer:
         raise Forbidden("statements are for providers; a developer's charges are in invoices")
     owner = provider_id or viewer.id
-    if viewer.role != Role.admin and owner != viewer.id:
+    if not owns(viewer, owner):
         raise Forbidden("a provider sees its own statement only")
     runs = session.execute(
         select(Allocation, Offer, Node.name)
@@ -98,7 +99,7 @@ def statement(
         row.runs += 1
         row.usage_ms += a.usage_ms
         row.exact_micros += usage_charge(a.usage_ms, a.price_per_hour_micros)
-        energy, gco2 = carbon.of_run(
+        energy, gco2 = run_footprint(
             a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms
         )
         row.energy_kwh += energy

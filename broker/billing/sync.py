@@ -22,13 +22,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account
 from broker.billing import invoices
 from broker.billing.amounts import cents_to_usd
-from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus, StripeCustomer, StripeEvent
 from broker.billing.payments import PaymentsError, Stripe, StripeInvoice
 from broker.config import Settings
 from broker.db import Transactions, utcnow
+from broker.models.account import Account
+from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus, StripeCustomer, StripeEvent
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
-from broker.auth import (
-    Caller,
-    CallerDep,
-    CurrentAccount,
-    StreamingAccount,
-    StreamingCaller,
-    check_role,
-)
+from broker.accounts.callers import Caller, check_role
+from broker.auth import CallerDep, CurrentAccount, StreamingAccount, StreamingCaller
 from broker.blobs import service
-from broker.blobs.models import Blob, BlobKind
 from broker.blobs.store import Upload
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
 from broker.errors import ErrorOut
+from broker.models.account import Account, Role
+from broker.models.blob import Blob, BlobKind
 from broker.portable.manifest import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])

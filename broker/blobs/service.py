@@ -13,15 +13,16 @@ from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
-from broker.blobs.models import Blob, BlobGrant, BlobKind, BlobUpload
+from broker.accounts.visibility import sees_all
 from broker.blobs.store import BlobStore, LocalBlobStore, Upload
 from broker.config import get_settings
 from broker.db import Transactions, new_id, utcnow
 from broker.errors import BrokerError, InvalidInput, NotFound
-from broker.jobs.models import Job
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.account import Account
+from broker.models.blob import Blob, BlobGrant, BlobKind, BlobUpload
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.portable import arrays
 from broker.portable.manifest import ArtifactError
 
@@ -217,7 +218,7 @@ def get_blob(
 
 
 def _may_read(session: Session, viewer: Account, sha256: str, node_id: str | None) -> bool:
-    if viewer.role == Role.admin and node_id is None:
+    if sees_all(viewer) and node_id is None:
         return True
     running = (
         exists()

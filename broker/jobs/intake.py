@@ -15,21 +15,21 @@ again, find their jobs by those ids instead of storing them twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account
-from broker.accounts.service import authenticate_keys, due_for_touch, touch_keys
-from broker.auth import developer_of
+from broker.accounts.callers import Caller
+from broker.accounts.service import KeyOwner, authenticate_keys, due_for_touch, touch_keys
 from broker.coalesce import Batched
 from broker.db import Transactions, new_id
 from broker.errors import BrokerError
 from broker.jobs import service
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
+from broker.models.account import Account
+from broker.models.job import Job
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,8 @@ class KeyedSubmission:
     key: str
     data: JobCreate
     idempotency_key: str | None
+    # Whether the key's owner may submit: the route's own rule (``broker.auth``).
+    admit: Callable[[str, KeyOwner | None], Caller]
     job_id: str = field(default_factory=lambda: new_id("job"))
 
 
@@ -105,7 +107,7 @@ def _store_keyed(
     used: list[str] = []
     for i, owner in enumerate(authenticate_keys(session, [s.key for s in batch])):
         try:
-            accounts[i] = developer_of(batch[i].key, owner)
+            accounts[i] = batch[i].admit(batch[i].key, owner).account
         except BrokerError as e:  # an unknown key, a node's key, a provider's key
             refused[i] = e
             continue
@@ -140,14 +142,18 @@ _keyed_submissions: Batched[KeyedSubmission, tuple[Account, Stored]] = Batched(
 
 
 async def submit_with_key(
-    transactions: Transactions, key: str, data: JobCreate, idempotency_key: str | None
+    transactions: Transactions,
+    key: str,
+    data: JobCreate,
+    idempotency_key: str | None,
+    admit: Callable[[str, KeyOwner | None], Caller],
 ) -> tuple[Account, Stored]:
     """``submit`` for a request whose key is checked in the same batch as its job is
     stored (one trip to the database, not two): the developer's account, and the job
-    stored or None (``submit``). The key's refusals (``broker.auth.developer_of``)
-    and the job's are raised."""
+    stored or None (``submit``). The key's refusals (``admit``, the route's
+    ``broker.auth.Authenticator``) and the job's are raised."""
     return await _keyed_submissions.submit(
-        transactions, KeyedSubmission(key, data, idempotency_key)
+        transactions, KeyedSubmission(key, data, idempotency_key, admit)
     )
 
 

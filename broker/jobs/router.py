@@ -1,33 +1,24 @@
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Sequence
-from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from broker.accounts.models import Account
-from broker.auth import BatchedDeveloper, CurrentAccount, bearer_key
-from broker.billing import service as billing
-from broker.billing.amounts import ppm_to_percent
+from broker.allocations import logs
+from broker.allocations.schemas import AllocationOut
+from broker.auth import BATCHED_DEVELOPER, BatchedDeveloper, CurrentAccount, bearer_key
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
-from broker.jobs import intake, service
-from broker.jobs.models import Job
+from broker.jobs import intake, service, views
 from broker.jobs.schemas import JobCreate, JobDetail, JobOut, JobQuery, LogLineOut, RunOut
-from broker.jobs.states import JobState
-from broker.market.allocations import latest_allocation
+from broker.ledger import latest_allocation
 from broker.market.explain import unmatched
-from broker.market.models import Allocation
-from broker.market.schemas import AllocationOut, EstimatedCost
-from broker.money import micros_to_usd
+from broker.models.account import Account
+from broker.models.job_state import JobState
 from broker.pagination import Page
-from broker.runs import logs
 from broker.shortcuts import shortcut_route
 from broker.types import ObjectId
 
@@ -46,74 +37,6 @@ IdempotencyKey = Annotated[
 ]
 
 
-def job_out(session: Session, job: Job) -> JobOut:
-    return job_outs(session, [job])[0]
-
-
-def job_outs(session: Session, jobs: Sequence[Job]) -> list[JobOut]:
-    """Jobs as the API shows them, with their costs (one query for all of them)."""
-    costs = billing.job_costs(session, [j.id for j in jobs])
-    return [_job_out(j, costs[j.id]) for j in jobs]
-
-
-_UNMATCHED = billing.JobCost(
-    price_per_hour_micros=None, fee_ppm=None, estimated_micros=None, metered_micros=0
-)
-
-
-def _usd(micros: int | None) -> Decimal | None:
-    return None if micros is None else micros_to_usd(micros)
-
-
-def _job_out(job: Job, cost: billing.JobCost) -> JobOut:
-    return JobOut(
-        id=job.id,
-        account_id=job.account_id,
-        name=job.name,
-        state=JobState(job.state),
-        accelerators=job.accelerators,
-        min_memory_gib=job.min_memory_gib,
-        vendors=job.vendors,
-        accelerator_models=job.accelerator_models,
-        platforms=job.platforms,
-        max_price_per_hour=micros_to_usd(job.max_price_per_hour_micros),
-        budget_usd=_usd(job.budget_micros),
-        price_per_hour=_usd(cost.price_per_hour_micros),
-        fee_percent=None if cost.fee_ppm is None else ppm_to_percent(cost.fee_ppm),
-        estimated_cost_usd=_usd(cost.estimated_micros),
-        cost_usd=micros_to_usd(cost.metered_micros),
-        duration_hours=job.duration_hours,
-        flops=job.flops,
-        bytes=job.bytes,
-        dtype=job.dtype,
-        deadline_hours=job.deadline_hours,
-        max_gco2=job.max_gco2,
-        carbon_usd_per_t=job.carbon_usd_per_t,
-        latency_slo_ms=job.latency_slo_ms,
-        user_lat=job.user_lat,
-        user_lon=job.user_lon,
-        data_region=job.data_region,
-        data_gb=job.data_gb,
-        allowed_countries=job.allowed_countries,
-        priority=job.priority,
-        artifact=job.artifact_sha256,
-        inputs=job.inputs_sha256,
-        steps=job.steps,
-        checkpoint_every=job.checkpoint_every,
-        steps_done=job.steps_done,
-        checkpoint=job.checkpoint_sha256,
-        checkpoint_step=job.checkpoint_step,
-        result=job.result_sha256,
-        attempts=job.attempts,
-        accelerator_seconds=job.usage_ms / 1000,
-        error=job.error,
-        started_at=job.started_at,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        finished_at=job.finished_at,
-    )
-
-
 async def submit_job(
     transactions: TransactionsDep,
     developer: BatchedDeveloper,
@@ -126,7 +49,7 @@ async def submit_job(
     # Most requests take _submit_shortcut's shorter way to the same place.
     job = await intake.submit(transactions, developer, body, idempotency_key)
     if job is not None:
-        return _job_out(job, _UNMATCHED)  # a new job has no match to look up
+        return views.job_out_of(job, views.UNMATCHED)  # a new job has no match to look up
     response.status_code = 200
     response.headers[_REPLAYED] = "true"
     return await run_in_threadpool(_replay, transactions, developer, body, idempotency_key)
@@ -145,8 +68,8 @@ def _replay(
     with transactions(write=True) as session:
         job, created = service.submit_job(session, developer, body, idempotency_key)
         if created:  # the key's job is not there (nothing is deleted: should not happen)
-            return _job_out(job, _UNMATCHED)
-        return job_out(session, job)
+            return views.job_out_of(job, views.UNMATCHED)
+        return views.job_out(session, job)
 
 
 async def _submit_shortcut(request: Request) -> Response | None:
@@ -159,15 +82,18 @@ async def _submit_shortcut(request: Request) -> Response | None:
         return None
     key, body, idempotency_key = data
     transactions = await request_transactions(request)
-    developer, job = await intake.submit_with_key(transactions, key, body, idempotency_key)
+    developer, job = await intake.submit_with_key(
+        transactions, key, body, idempotency_key, BATCHED_DEVELOPER.admit_key
+    )
     request.state.account_id = developer.id  # for the access log (never the key)
     if job is not None:
-        return _json(_job_out(job, _UNMATCHED), 201)
+        return _json(views.job_out_of(job, views.UNMATCHED), 201)
     out = await run_in_threadpool(_replay, transactions, developer, body, idempotency_key)
     return _json(out, 200, {_REPLAYED: "true"})
 
 
-_KEY_HEADER = re.compile(r"[\x21-\x7e]{1,255}")  # as IdempotencyKey declares it
+# The header's rule is the route's own declaration (``IdempotencyKey``), not a copy.
+_KEY_HEADER = TypeAdapter(IdempotencyKey)
 
 
 async def _well_formed(request: Request) -> tuple[str, JobCreate, str | None] | None:
@@ -181,8 +107,11 @@ async def _well_formed(request: Request) -> tuple[str, JobCreate, str | None] | 
     if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
         return None
     idempotency_key = headers.get("idempotency-key")
-    if idempotency_key is not None and not _KEY_HEADER.fullmatch(idempotency_key):
-        return None
+    if idempotency_key is not None:
+        try:
+            _KEY_HEADER.validate_python(idempotency_key)
+        except ValidationError:
+            return None
     try:
         # As FastAPI reads a JSON body: json.loads, then the model in Python mode.
         body = JobCreate.model_validate(json.loads(await request.body()))
@@ -213,7 +142,7 @@ def list_jobs(
     session: SessionDep, account: CurrentAccount, query: Annotated[JobQuery, Query()]
 ) -> Page[JobOut]:
     rows, total = service.list_jobs(session, account, query)
-    return Page.of(job_outs(session, rows), total, query)
+    return Page.of(views.job_outs(session, rows), total, query)
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Read one of my jobs")
@@ -221,32 +150,9 @@ def get_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> J
     job = service.get_job(session, account, job_id)
     allocation = latest_allocation(session, job.id)
     return JobDetail(
-        **job_out(session, job).model_dump(),
-        allocation=allocation_out(allocation) if allocation else None,
+        **views.job_out(session, job).model_dump(),
+        allocation=AllocationOut.of(allocation) if allocation else None,
         unmatched=unmatched(session, job, get_settings()) if job.state == JobState.open else None,
-    )
-
-
-def allocation_out(a: Allocation) -> AllocationOut:
-    return AllocationOut(
-        id=a.id,
-        status=a.status.value,
-        offer_id=a.offer_id,
-        round_id=a.round_id,
-        accelerators=a.accelerators,
-        price_per_hour=micros_to_usd(a.price_per_hour_micros),
-        runtime_hours=a.runtime_hours,
-        rtt_ms=a.rtt_ms,
-        estimated_cost=EstimatedCost(
-            compute=micros_to_usd(a.compute_micros),
-            egress=micros_to_usd(a.egress_micros),
-            latency=micros_to_usd(a.latency_micros),
-            total=micros_to_usd(a.cost_micros),
-        ),
-        energy_kwh=a.energy_kwh,
-        gco2=a.gco2,
-        created_at=a.created_at,
-        ended_at=a.ended_at,
     )
 
 
@@ -280,4 +186,4 @@ def job_logs(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel one of my jobs")
 def cancel_job(session: SessionDep, account: CurrentAccount, job_id: ObjectId) -> JobOut:
-    return job_out(session, service.cancel_job(session, account, job_id))
+    return views.job_out(session, service.cancel_job(session, account, job_id))

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.jobs.states import JobState
-from broker.market.schemas import AllocationOut, Unmatched
+from broker.allocations.schemas import AllocationOut
+from broker.models.job_state import JobState
 from broker.money import Usd
 from broker.pagination import PageQuery
 from broker.types import (
@@ -29,6 +29,25 @@ from broker.types import (
 Hours = Annotated[float, NotBool, Field(gt=0, le=100_000)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
 Work = Annotated[float, NotBool, Field(ge=0, le=1e30)]
+
+
+class Unmatched(BaseModel):
+    """Why an open job is not matched: how many active offers each rule rules out."""
+
+    offers_considered: int
+    feasible: int = Field(description="Offers that pass every rule")
+    ruled_out: dict[str, int] = Field(
+        description="Per rule, the offers it rules out (an offer failing several counts in each)"
+    )
+    nearest: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per rule that rules offers out, the figure on offer nearest to passing "
+        "it (the largest offer, the cheapest ask, the nearest region...), among the offers "
+        "that pass every other rule, or all of them when none does",
+    )
+    last_round_id: str | None
+    last_round_at: datetime | None
+    summary: str
 
 
 class JobCreate(BaseModel):

@@ -16,18 +16,19 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import manager_of_class
 
 from adapters import catalog
-from broker.accounts.models import Account, Role
-from broker.blobs.models import Blob, BlobKind
+from broker.accounts import visibility
 from broker.blobs.service import get_blob, get_store, leaf_specs, load_artifact
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate, JobQuery, RunOut
-from broker.jobs.states import JobState
-from broker.market.allocations import active_allocation, end_job
+from broker.ledger import active_allocation, end_job
+from broker.models.account import Account
+from broker.models.blob import Blob, BlobKind
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.offer import Offer
 from broker.money import micros_to_usd, usd_to_micros
-from broker.offers.models import Offer
 from broker.offers.service import resolve_model
 from broker.portable.checks import check_inputs
 from broker.portable.manifest import ArtifactError, Manifest
@@ -401,9 +402,7 @@ def _replay(job: Job, request_hash: str) -> Job:
 
 def get_job(session: Session, viewer: Account, job_id: str, *, lock: bool = False) -> Job:
     """A job the viewer may see: its own, or any for an admin; others answer 404."""
-    stmt = select(Job).where(Job.id == job_id)
-    if viewer.role != Role.admin:
-        stmt = stmt.where(Job.account_id == viewer.id)
+    stmt = visibility.readable_jobs(viewer).where(Job.id == job_id)
     if lock:
         # populate_existing: the row as it is once locked, not as first read.
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
@@ -447,10 +446,8 @@ def change_bid(session: Session, viewer: Account, job_id: str, max_price_per_hou
 
 
 def list_jobs(session: Session, viewer: Account, query: JobQuery) -> tuple[list[Job], int]:
-    conditions = []
-    if viewer.role != Role.admin:
-        conditions.append(Job.account_id == viewer.id)
-    elif query.account_id:
+    conditions = visibility.own_rows(viewer, Job.account_id)
+    if not conditions and query.account_id:
         conditions.append(Job.account_id == query.account_id)
     if query.state:
         conditions.append(Job.state == query.state)
@@ -467,8 +464,8 @@ def list_jobs(session: Session, viewer: Account, query: JobQuery) -> tuple[list[
 
 def job_runs(session: Session, job: Job) -> list[RunOut]:
     """Every allocation of ``job``, oldest first, with its offer and node (one query)."""
-    from broker.market.models import Allocation
-    from broker.nodes.models import Node
+    from broker.models.market import Allocation
+    from broker.models.node import Node
 
     rows = session.execute(
         select(Allocation, Offer, Node.name)

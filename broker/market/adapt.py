@@ -12,10 +12,10 @@ from sqlalchemy import Row
 from adapters import catalog, grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
-from broker.jobs.models import Job
 from broker.market.estimates import MAX_STARTUP_S
+from broker.models.job import Job
+from broker.models.offer import Offer
 from broker.money import MICROS_PER_USD
-from broker.offers.models import Offer
 from solver import market as sm
 
 

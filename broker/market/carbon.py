@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.jobs.models import Job
-from broker.market.models import Allocation
+from broker.models.job import Job
+from broker.models.market import Allocation
 
 
 @dataclass(frozen=True)
@@ -23,19 +23,6 @@ class Month:
     energy_kwh: float
     gco2: float
     basis: str = "estimated"
-
-
-def of_run(
-    energy_kwh: float, gco2: float, runtime_hours: float, accelerators: int, usage_ms: int
-) -> tuple[float, float]:
-    """A run's energy and emissions for the time it was metered: the match's estimate per
-    accelerator-hour (power x PUE, x the grid's intensity) times the accelerator-hours
-    billed. Still an estimate (of power), on measured time."""
-    hours = runtime_hours * max(1, accelerators)
-    if hours <= 0:
-        return 0.0, 0.0
-    metered = usage_ms / 3_600_000
-    return energy_kwh / hours * metered, gco2 / hours * metered
 
 
 @dataclass(frozen=True)
@@ -53,7 +40,7 @@ def footprints(session: Session, limit: int = 500) -> list[Footprint]:
     """Active offers with free accelerators, cheapest first, with their carbon per
     accelerator-hour as clearing counts it (stated figures, else the defaults)."""
     from broker.market import adapt
-    from broker.offers.models import Offer, OfferStatus
+    from broker.models.offer import Offer, OfferStatus
 
     rows = session.execute(
         select(*adapt.OFFER_COLUMNS, Offer.count.label("free"))

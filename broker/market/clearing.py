@@ -32,22 +32,23 @@ from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
-from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from broker import ledger
 from broker.billing import service as billing
 from broker.billing.amounts import with_fee
 from broker.config import Settings
 from broker.db import new_id, transaction, utcnow
 from broker.errors import Conflict
-from broker.jobs.models import Job
-from broker.jobs.states import JobState, check_transition
 from broker.market import adapt
-from broker.market.models import Allocation, ClearingRound
 from broker.market.standing import Standing
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import ClearingRound
+from broker.models.offer import Offer, OfferStatus
 from broker.observability import observe_round
-from broker.offers.models import Offer, OfferStatus
 from solver import Market, Result, Warm, solve
 
 log = logging.getLogger(__name__)
@@ -332,8 +333,7 @@ def _apply(
     }
     budgets = billing.budgets_left(session, jobs.values())
     free = {offer_id: o.free for offer_id, o in offers.items()}
-    check_transition(JobState.open, JobState.matched)
-    allocations: list[dict[str, object]] = []
+    matches: list[ledger.NewAllocation] = []
     stale = 0
     for a in result.assignments:
         job, offer = jobs.get(a.job), offers.get(a.offer)
@@ -354,40 +354,24 @@ def _apply(
             # The solver's budget rule is in floats; this is the exact check.
             stale += 1
             continue
-        allocations.append(
-            {
-                "id": new_id("alc"),
-                "job_id": job.id,
-                "offer_id": offer.id,
-                "round_id": round_id,
-                "accelerators": job.accelerators,
-                "price_per_hour_micros": offer.price_per_hour_micros,
-                "runtime_hours": a.runtime_hours,
-                "startup_seconds": a.startup_seconds,
-                "energy_kwh": a.energy_kwh,
-                "gco2": a.gco2,
-                "rtt_ms": a.rtt_ms,
-                "compute_micros": compute,
-                "egress_micros": egress,
-                "latency_micros": latency,
-                "cost_micros": compute + egress + latency,
-                "fee_ppm": fee_ppm,
-            }
+        matches.append(
+            ledger.NewAllocation(
+                job_id=job.id,
+                job_state=JobState(job.state),
+                offer_id=offer.id,
+                accelerators=job.accelerators,
+                price_per_hour_micros=offer.price_per_hour_micros,
+                runtime_hours=a.runtime_hours,
+                startup_seconds=a.startup_seconds,
+                energy_kwh=a.energy_kwh,
+                gco2=a.gco2,
+                rtt_ms=a.rtt_ms,
+                compute_micros=compute,
+                egress_micros=egress,
+                latency_micros=latency,
+                fee_ppm=fee_ppm,
+            )
         )
         free[offer.id] -= job.accelerators
-    if allocations:
-        # In bulk: a large round makes thousands of matches.
-        now = utcnow()
-        session.execute(insert(Allocation), allocations)
-        session.execute(
-            update(Job),
-            [
-                {"id": x["job_id"], "state": JobState.matched, "updated_at": now}
-                for x in allocations
-            ],
-        )
-        used = {str(x["offer_id"]) for x in allocations}
-        session.execute(
-            update(Offer), [{"id": i, "count": free[i], "updated_at": now} for i in sorted(used)]
-        )
-    return len(allocations), stale
+    ledger.allocate(session, round_id, matches)
+    return len(matches), stale

@@ -36,10 +36,10 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from solver import market as sm
 
 FLOOR = 0.5  # the most a correction may shorten estimates (metered / estimated)

@@ -10,12 +10,12 @@ from sqlalchemy.orm import Session
 
 from broker.billing import service as billing
 from broker.config import Settings
-from broker.jobs.models import Job
+from broker.jobs.schemas import Unmatched
 from broker.market import adapt
-from broker.market.models import ClearingRound
-from broker.market.schemas import Unmatched
+from broker.models.job import Job
+from broker.models.market import ClearingRound
+from broker.models.offer import Offer, OfferStatus
 from broker.money import format_usd, micros_to_usd
-from broker.offers.models import Offer, OfferStatus
 from solver.market import Market
 from solver.rules import RULES, Block, MarketArrays, evaluate
 

@@ -13,7 +13,6 @@ from broker.errors import NotFound
 from broker.market import carbon, estimates, service
 from broker.market.cache import BookCache
 from broker.market.clearing import run_round
-from broker.market.models import ClearingRound
 from broker.market.schemas import (
     BookQuery,
     CarbonMonth,
@@ -22,6 +21,7 @@ from broker.market.schemas import (
     OrderBook,
     RoundOut,
 )
+from broker.models.market import ClearingRound
 from broker.offers.service import resolve_model
 from broker.pagination import Page, PageQuery
 from broker.types import ObjectId

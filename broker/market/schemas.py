@@ -65,25 +65,6 @@ class CatalogEntry(BaseModel):
     source: str
 
 
-class Unmatched(BaseModel):
-    """Why an open job is not matched: how many active offers each rule rules out."""
-
-    offers_considered: int
-    feasible: int = Field(description="Offers that pass every rule")
-    ruled_out: dict[str, int] = Field(
-        description="Per rule, the offers it rules out (an offer failing several counts in each)"
-    )
-    nearest: dict[str, str] = Field(
-        default_factory=dict,
-        description="Per rule that rules offers out, the figure on offer nearest to passing "
-        "it (the largest offer, the cheapest ask, the nearest region...), among the offers "
-        "that pass every other rule, or all of them when none does",
-    )
-    last_round_id: str | None
-    last_round_at: datetime | None
-    summary: str
-
-
 class EstimateBand(BaseModel):
     """How runtime estimates on one accelerator model held: metered over estimated
     runtime for its latest runs, and the correction later estimates get."""
@@ -110,29 +91,6 @@ class CarbonMonth(BaseModel):
     energy_kwh: float
     gco2: float
     basis: str = Field(description="estimated: from the matches' estimates, not meters")
-
-
-class EstimatedCost(BaseModel):
-    compute: Usd
-    egress: Usd
-    latency: Usd
-    total: Usd
-
-
-class AllocationOut(BaseModel):
-    id: str
-    status: str
-    offer_id: str
-    round_id: str | None
-    accelerators: int
-    price_per_hour: Usd = Field(description="The provider's ask, locked when the round cleared")
-    runtime_hours: float = Field(description="Estimated runtime on this offer")
-    rtt_ms: float
-    estimated_cost: EstimatedCost
-    energy_kwh: float = Field(description="Estimated energy at the wall (PUE included)")
-    gco2: float = Field(description="Estimated emissions, g CO2e")
-    created_at: datetime
-    ended_at: datetime | None
 
 
 class RoundOut(BaseModel):

@@ -25,12 +25,12 @@ from sqlalchemy.orm import Session
 
 from adapters import catalog
 from broker.db import utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation, ClearingRound
 from broker.market.schemas import Book, OrderBook, PriceLevel, PricePoint
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, ClearingRound
+from broker.models.offer import Offer, OfferStatus
 from broker.money import micros_to_usd
-from broker.offers.models import Offer, OfferStatus
 from broker.offers.service import resolve_model
 
 # A price level before it is shown: (price in micro-dollars, accelerators, orders).

@@ -40,10 +40,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.billing import service as billing
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
 from broker.market import adapt, estimates
-from broker.offers.models import Offer, OfferStatus
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.offer import Offer, OfferStatus
 from solver import Market, Result, Warm, placeable
 from solver import market as sm
 

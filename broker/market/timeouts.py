@@ -14,7 +14,7 @@ rules ``docs/market.md`` states:
 - a run past its offer's ``available_hours`` (from the run's start, plus a margin)
   goes back to the market, to resume from its last checkpoint elsewhere.
 
-The agent enforces the same limits on its own machine (``broker.agent.sandbox``)
+The agent enforces the same limits on its own machine (``broker.sandbox``)
 a margin earlier, so it normally reports the end first; this sweep covers agents
 that cannot (gone quiet, or listed by hand with no agent at all).
 
@@ -31,11 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.db import utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.allocations import end_job, release_offer, requeue
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer, OfferStatus
+from broker.ledger import end_job, release_offer, requeue
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer, OfferStatus
 
 
 @dataclass(frozen=True)

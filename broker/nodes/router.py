@@ -11,9 +11,7 @@ from broker.config import get_settings
 from broker.db import SessionDep
 from broker.errors import Forbidden
 from broker.nodes import service
-from broker.nodes.models import Node
 from broker.nodes.schemas import (
-    DeviceReport,
     Heartbeat,
     HeartbeatOut,
     NodeOffers,
@@ -23,31 +21,11 @@ from broker.nodes.schemas import (
     NodeRegister,
     NodeRegistered,
 )
-from broker.offers.router import offer_out
+from broker.offers.schemas import OfferOut
 from broker.pagination import Page
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
-
-
-def node_out(node: Node) -> NodeOut:
-    return NodeOut(
-        id=node.id,
-        provider_id=node.provider_id,
-        name=node.name,
-        status=node.status,
-        status_reason=node.status_reason,
-        adapters=node.adapters,
-        region=node.region,
-        country=node.country,
-        lat=node.lat,
-        lon=node.lon,
-        devices=[DeviceReport.model_validate(d) for d in node.devices],
-        agent_version=node.agent_version,
-        last_heartbeat_at=node.last_heartbeat_at,
-        created_at=node.created_at,
-        updated_at=node.updated_at,
-    )
 
 
 @router.post(
@@ -70,7 +48,7 @@ def register(
     if not created:
         response.status_code = 200
     return NodeRegistered(
-        node=node_out(node),
+        node=NodeOut.model_validate(node),
         api_key=key,
         heartbeat_seconds=round(settings.node_timeout_s / 4, 3),
         timeout_seconds=settings.node_timeout_s,
@@ -82,12 +60,12 @@ def list_nodes(
     session: SessionDep, account: CurrentAccount, query: Annotated[NodeQuery, Query()]
 ) -> Page[NodeOut]:
     rows, total = service.list_nodes(session, account, query)
-    return Page.of([node_out(n) for n in rows], total, query)
+    return Page.of([NodeOut.model_validate(n) for n in rows], total, query)
 
 
 @router.get("/{node_id}", response_model=NodeOut, summary="Read a node (its provider)")
 def get_node(session: SessionDep, account: CurrentAccount, node_id: ObjectId) -> NodeOut:
-    return node_out(service.get_node(session, account, node_id))
+    return NodeOut.model_validate(service.get_node(session, account, node_id))
 
 
 @router.post("/{node_id}/heartbeat", response_model=HeartbeatOut, summary="Heartbeat (agent)")
@@ -95,7 +73,7 @@ def heartbeat(
     session: SessionDep, agent: AgentDep, node_id: ObjectId, body: Heartbeat
 ) -> HeartbeatOut:
     node, resync, ended = service.heartbeat(session, agent, node_id, body)
-    return HeartbeatOut(node=node_out(node), resync=resync, ended=ended)
+    return HeartbeatOut(node=NodeOut.model_validate(node), resync=resync, ended=ended)
 
 
 @router.put(
@@ -109,7 +87,7 @@ def sync_offers(
     session: SessionDep, agent: AgentDep, node_id: ObjectId, body: NodeOffers
 ) -> NodeOffersOut:
     offers = service.sync_offers(session, agent, node_id, body.offers)
-    return NodeOffersOut(offers=[offer_out(o) for o in offers])
+    return NodeOffersOut(offers=[OfferOut.model_validate(o) for o in offers])
 
 
 @router.delete(
@@ -120,4 +98,6 @@ def sync_offers(
     "resume from their last checkpoint; its node key stops working.",
 )
 def stop(session: SessionDep, agent: AgentDep, node_id: ObjectId) -> NodeOut:
-    return node_out(service.stop(session, agent, node_id, get_settings().max_attempts))
+    return NodeOut.model_validate(
+        service.stop(session, agent, node_id, get_settings().max_attempts)
+    )

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.nodes.models import NodeStatus
+from broker.models.node import NodeStatus
 from broker.offers.schemas import OfferOut, OfferTerms
 from broker.pagination import PageQuery
 from broker.types import (
@@ -103,6 +103,8 @@ class NodeOffers(BaseModel):
 
 
 class NodeOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     provider_id: str
     name: str

@@ -15,19 +15,21 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, ApiKey, Role
+from broker import ledger
+from broker.accounts.callers import Agent
 from broker.accounts.service import issue_key
-from broker.auth import Agent
+from broker.accounts.visibility import own_rows, owns
+from broker.allocations.service import meter
 from broker.billing import service as billing
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.jobs.models import Job
-from broker.market.allocations import requeue
-from broker.market.models import Allocation, AllocationStatus
+from broker.models.account import Account, ApiKey
+from broker.models.job import Job
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.node import Node, NodeStatus
+from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
-from broker.nodes.models import Node, NodeStatus
 from broker.nodes.schemas import DeviceReport, Heartbeat, NodeOffer, NodeQuery, NodeRegister
-from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate
 from broker.offers.service import (
     check_emulation,
@@ -36,7 +38,6 @@ from broker.offers.service import (
     resolve_model,
     withdraw_offer,
 )
-from broker.runs.service import meter
 
 
 def register(
@@ -91,15 +92,13 @@ def _devices(devices: list[DeviceReport]) -> list[dict[str, Any]]:
 def get_node(session: Session, viewer: Account, node_id: str) -> Node:
     """A node its provider (or an admin) may read; others get 404."""
     node = session.get(Node, node_id)
-    if node is None or (viewer.role != Role.admin and node.provider_id != viewer.id):
+    if node is None or not owns(viewer, node.provider_id):
         raise NotFound(f"no node {node_id!r} of yours")
     return node
 
 
 def list_nodes(session: Session, viewer: Account, query: NodeQuery) -> tuple[list[Node], int]:
-    conditions = []
-    if viewer.role != Role.admin:
-        conditions.append(Node.provider_id == viewer.id)
+    conditions = own_rows(viewer, Node.provider_id)
     if query.status is not None:
         conditions.append(Node.status == query.status)
     total = session.scalar(select(func.count()).select_from(Node).where(*conditions)) or 0
@@ -117,7 +116,7 @@ def _agent_node(session: Session, agent: Agent, node_id: str) -> Node:
     """The node, locked, if the caller is its agent (or its provider, or an admin)."""
     node = session.scalar(select(Node).where(Node.id == node_id).with_for_update())
     account = agent.account
-    if node is None or (account.role != Role.admin and node.provider_id != account.id):
+    if node is None or not owns(account, node.provider_id):
         raise NotFound(f"no node {node_id!r} of yours")
     if agent.node_id is not None and agent.node_id != node.id:
         raise Forbidden(f"this key is node {agent.node_id}'s; it cannot act for node {node_id}")
@@ -248,12 +247,9 @@ def sync_offers(
 def _refresh(offer: Offer, data: OfferCreate) -> None:
     """Update an offer in place; capacity never drops below what matches hold."""
     figures = hardware_figures(data)
-    held = offer.capacity - offer.count
-    capacity = max(data.count, held)
+    capacity = max(data.count, ledger.held(offer))
     changes: dict[str, Any] = {
         "price_per_hour_micros": usd_to_micros(data.price_per_hour),
-        "capacity": capacity,
-        "count": capacity - held,
         "available_hours": data.available_hours,
         "efficiency": data.efficiency,
         "emulated": data.emulated,
@@ -263,7 +259,8 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "startup_seconds": data.startup_seconds,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
-    if any(getattr(offer, k) != v for k, v in changes.items()):
+    if capacity != offer.capacity or any(getattr(offer, k) != v for k, v in changes.items()):
+        ledger.resize_offer(offer, capacity)
         for k, v in changes.items():
             setattr(offer, k, v)
         offer.updated_at = utcnow()
@@ -302,8 +299,8 @@ def _hand_back(session: Session, node: Node, reason: str, max_attempts: int) -> 
         )
     )
     for offer in offers:
-        offer.status = OfferStatus.withdrawn
-        offer.withdrawn_at = offer.updated_at = utcnow()
+        # Every job the node holds goes back below, running ones included.
+        ledger.withdraw_offer(session, offer, release_matched=False)
     rows = session.execute(
         select(Allocation, Job)
         .join(Offer, Offer.id == Allocation.offer_id)
@@ -313,7 +310,7 @@ def _hand_back(session: Session, node: Node, reason: str, max_attempts: int) -> 
         .with_for_update()
     ).all()
     for _, job in rows:
-        requeue(session, job, reason, max_attempts)
+        ledger.requeue(session, job, reason, max_attempts)
     session.flush()
     return len(rows)
 

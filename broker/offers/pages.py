@@ -21,8 +21,8 @@ from typing import Any
 from pydantic_core import to_json
 from sqlalchemy import Select, select
 
+from broker.models.offer import Offer
 from broker.money import format_usd, micros_to_usd
-from broker.offers.models import Offer
 from broker.offers.schemas import OfferOut
 from broker.pagination import PageQuery
 

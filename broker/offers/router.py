@@ -7,18 +7,16 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 
-from broker.accounts.models import Account
 from broker.auth import (
+    BATCHED_ACCOUNT,
     BatchedAccount,
     CurrentAccount,
     Provider,
-    batched_account_for,
     bearer_key,
 )
 from broker.db import SessionDep, Transactions, TransactionsDep, request_transactions
-from broker.money import micros_to_usd
+from broker.models.account import Account
 from broker.offers import pages, service
-from broker.offers.models import Offer
 from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferUpdate
 from broker.pagination import Page
 from broker.shortcuts import shortcut_route
@@ -27,44 +25,9 @@ from broker.types import ObjectId
 router = APIRouter(prefix="/v1/offers", tags=["offers"])
 
 
-def offer_out(offer: Offer) -> OfferOut:
-    return OfferOut(
-        id=offer.id,
-        provider_id=offer.provider_id,
-        node_id=offer.node_id,
-        status=offer.status,
-        vendor=offer.vendor,
-        accelerator=offer.accelerator,
-        platform=offer.platform,
-        count=offer.count,
-        capacity=offer.capacity,
-        memory_gib=offer.memory_gib,
-        tflops_bf16=offer.tflops_bf16,
-        tflops_fp32=offer.tflops_fp32,
-        mem_bw_gbps=offer.mem_bw_gbps,
-        price_per_hour=micros_to_usd(offer.price_per_hour_micros),
-        region=offer.region,
-        country=offer.country,
-        lat=offer.lat,
-        lon=offer.lon,
-        available_hours=offer.available_hours,
-        efficiency=offer.efficiency,
-        power_w=offer.power_w,
-        pue=offer.pue,
-        grid_g_per_kwh=offer.grid_g_per_kwh,
-        startup_seconds=offer.startup_seconds,
-        emulated=offer.emulated,
-        created_at=offer.created_at,
-        updated_at=offer.updated_at,
-        withdrawn_at=offer.withdrawn_at,
-        suspended_at=offer.suspended_at,
-        suspended_reason=offer.suspended_reason,
-    )
-
-
 @router.post("", response_model=OfferOut, status_code=201, summary="List capacity (provider)")
 def create_offer(session: SessionDep, provider: Provider, body: OfferCreate) -> OfferOut:
-    return offer_out(service.create_offer(session, provider, body))
+    return OfferOut.model_validate(service.create_offer(session, provider, body))
 
 
 async def search_offers(
@@ -95,7 +58,7 @@ async def _search_shortcut(request: Request) -> Response | None:
     if key is None or query is None:
         return None
     transactions = await request_transactions(request)
-    account = await batched_account_for(request, transactions, key)
+    account = (await BATCHED_ACCOUNT.admit_batched(request, transactions, key)).account
     return await _search(transactions, account, query)
 
 
@@ -121,16 +84,16 @@ router.add_api_route(
 
 @router.get("/{offer_id}", response_model=OfferOut, summary="Read an offer")
 def get_offer(session: SessionDep, account: CurrentAccount, offer_id: ObjectId) -> OfferOut:
-    return offer_out(service.get_visible_offer(session, account, offer_id))
+    return OfferOut.model_validate(service.get_visible_offer(session, account, offer_id))
 
 
 @router.patch("/{offer_id}", response_model=OfferOut, summary="Change an offer (its provider)")
 def update_offer(
     session: SessionDep, provider: Provider, offer_id: ObjectId, body: OfferUpdate
 ) -> OfferOut:
-    return offer_out(service.update_offer(session, provider, offer_id, body))
+    return OfferOut.model_validate(service.update_offer(session, provider, offer_id, body))
 
 
 @router.delete("/{offer_id}", response_model=OfferOut, summary="Withdraw an offer (its provider)")
 def withdraw_offer(session: SessionDep, provider: Provider, offer_id: ObjectId) -> OfferOut:
-    return offer_out(service.withdraw_offer(session, provider, offer_id))
+    return OfferOut.model_validate(service.withdraw_offer(session, provider, offer_id))

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.models.offer import OfferStatus
 from broker.money import Usd
-from broker.offers.models import OfferStatus
 from broker.pagination import PageQuery
 from broker.types import (
     CountryCode,
@@ -110,6 +110,9 @@ class OfferUpdate(BaseModel):
 
 
 class OfferOut(BaseModel):
+    # Read from the table's row (``Offer.price_per_hour`` gives the ask in dollars).
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     provider_id: str
     node_id: str | None = Field(description="The node whose agent publishes it, if any")

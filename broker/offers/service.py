@@ -10,13 +10,14 @@ from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from adapters import catalog
-from broker.accounts.models import Account, Role
+from broker import ledger
+from broker.accounts.visibility import changeable_offers, owns, sees_all
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
-from broker.market.allocations import release_offer
+from broker.models.account import Account
+from broker.models.offer import Offer, OfferStatus
 from broker.money import usd_to_micros
-from broker.offers.models import Offer, OfferStatus
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
 
 _HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
@@ -123,20 +124,14 @@ def get_visible_offer(session: Session, viewer: Account, offer_id: str) -> Offer
     Others answer 404, so ids of withdrawn offers do not leak.
     """
     offer = session.get(Offer, offer_id)
-    if offer is None or not (
-        offer.status == OfferStatus.active
-        or offer.provider_id == viewer.id
-        or viewer.role == Role.admin
-    ):
+    if offer is None or not (offer.status == OfferStatus.active or owns(viewer, offer.provider_id)):
         raise NotFound(f"no offer {offer_id!r}")
     return offer
 
 
 def get_own_offer(session: Session, owner: Account, offer_id: str, *, lock: bool = False) -> Offer:
     """An offer the caller may change: its own, or any for an admin."""
-    stmt = select(Offer).where(Offer.id == offer_id)
-    if owner.role != Role.admin:
-        stmt = stmt.where(Offer.provider_id == owner.id)
+    stmt = changeable_offers(owner).where(Offer.id == offer_id)
     if lock:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     offer = session.scalar(stmt)
@@ -156,15 +151,7 @@ def update_offer(session: Session, owner: Account, offer_id: str, data: OfferUpd
     if "price_per_hour" in changes:
         offer.price_per_hour_micros = usd_to_micros(changes.pop("price_per_hour"))
     if "capacity" in changes:
-        held = offer.capacity - offer.count
-        capacity = changes.pop("capacity")
-        if capacity < held:
-            raise Conflict(
-                f"{held} accelerators of this offer are held by matched or running jobs; "
-                f"capacity cannot go below {held}",
-                field="body.capacity",
-            )
-        offer.capacity, offer.count = capacity, capacity - held
+        ledger.resize_offer(offer, changes.pop("capacity"))
     for name, value in changes.items():
         setattr(offer, name, value)
     offer.updated_at = utcnow()
@@ -178,12 +165,8 @@ def withdraw_offer(session: Session, owner: Account, offer_id: str) -> Offer:
     Jobs matched to it but not yet running go back to the order book.
     """
     offer = get_own_offer(session, owner, offer_id, lock=True)
-    if offer.status in (OfferStatus.active, OfferStatus.suspended):
-        offer.status = OfferStatus.withdrawn
-        offer.withdrawn_at = offer.updated_at = utcnow()
-        session.flush()
-        # Matches that have not started go back to the book; running jobs finish.
-        release_offer(session, offer)
+    # Matches that have not started go back to the book; running jobs finish.
+    ledger.withdraw_offer(session, offer)
     return offer
 
 
@@ -248,7 +231,7 @@ def _parameters(viewer: Account, f: OfferQuery) -> dict[str, Any]:
     """The search's values, by the name of their condition (``_CONDITIONS``)."""
     if f.mine:
         visibility = {"owner": viewer.id}
-    elif viewer.role != Role.admin and f.status != OfferStatus.active:
+    elif not sees_all(viewer) and f.status != OfferStatus.active:
         visibility = {"viewer": viewer.id}  # a search for active offers needs no such condition
     else:
         visibility = {}

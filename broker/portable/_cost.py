@@ -284,3 +284,10 @@ def cost_dict(cost: Any) -> dict[str, float]:
         "flops": max(0.0, float(cost.get("flops", 0.0))),
         "bytes": max(0.0, float(cost.get("bytes accessed", 0.0))),
     }
+
+
+def cpu_backend() -> Any:
+    """The CPU backend: XLA's cost analysis here uses its cost model."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.get_backend("cpu")

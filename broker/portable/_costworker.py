@@ -316,8 +316,7 @@ def main() -> None:
     import jax
     from jax.interpreters import mlir
 
-    from broker.portable._cost import hlo_cost
-    from broker.portable._xla import cpu_backend
+    from broker.portable._cost import cpu_backend, hlo_cost
 
     backend = cpu_backend()
     # The first conversion sets up what later ones reuse: done before ready.

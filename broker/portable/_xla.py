@@ -37,7 +37,7 @@ from jax.interpreters import mlir
 
 from broker.portable import _costworker
 from broker.portable._cost import cost_dict as _cost_dict
-from broker.portable._cost import hlo_cost, unoptimized_cost
+from broker.portable._cost import cpu_backend, hlo_cost, unoptimized_cost
 from broker.portable.routines import CallSite, Tensor
 
 
@@ -336,13 +336,6 @@ def _for_cost(module: Any, cases: list[Any]) -> bytes:
     merged: it may change ``module``), as MLIR bytecode."""
     _drop_unused_cases(_merge_identical_branches(cases))
     return mlir.module_to_bytecode(module)
-
-
-def cpu_backend() -> Any:
-    """The CPU backend: XLA's cost analysis here uses its cost model."""
-    from jax._src import xla_bridge
-
-    return xla_bridge.get_backend("cpu")
 
 
 def _merge_identical_branches(cases: list[Any]) -> list[Any]:

@@ -27,6 +27,7 @@ from jax import export
 
 from broker.portable import _costworker, _xla
 from broker.portable.arrays import dtype_name
+from broker.portable.custom_calls import check_custom_calls
 from broker.portable.manifest import (
     ALL_PLATFORMS,
     MAGIC,
@@ -194,8 +195,6 @@ def _package(
     custom_calls = result.custom_calls
     if state_leaves is not None:
         _check_step(exported, state_leaves, fn)
-    from broker.portable.checks import check_custom_calls
-
     check_custom_calls(custom_calls, platforms)
     manifest = Manifest(
         kind="function" if state_leaves is None else "iterative",

@@ -1,9 +1,9 @@
 """The provider's client: register a node, fetch the work the market matched to it
 and run it.
 
-``run_work_order`` is one job's whole life on a provider's machine: start it,
+``run_allocation`` is one job's whole life on a provider's machine: start it,
 download its artifact, inputs and latest checkpoint, run it in a sandboxed
-child process (``broker.agent.sandbox``), upload checkpoints as it goes and the
+child process (``broker.sandbox``), upload checkpoints as it goes and the
 result at the end, and report the accelerator-seconds it used. The provider agent
 (``broker.agent``) calls it for each allocation it picks up.
 """
@@ -26,7 +26,7 @@ from broker.sdk.http import BrokerError, BrokerUnavailable, Connection
 from broker.sdk.runlog import RunLog
 
 if TYPE_CHECKING:
-    from broker.agent.sandbox import Outcome, Sandbox
+    from broker.sandbox import Outcome, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class ProviderClient(Connection):
         return arrays.decode(self.http.download(f"/v1/arrays/{sha256}/content", sha256))
 
 
-def run_work_order(
+def run_allocation(
     client: ProviderClient,
     order: dict[str, Any],
     *,
@@ -182,13 +182,13 @@ def run_work_order(
     repeat, handed back to the market), ``ended`` (the broker ended the allocation
     meanwhile: the developer cancelled, or the node was declared lost) or
     ``stopped`` (``handle.stop`` was set; the job resumes from its last checkpoint
-    when the market hands it out again). A run that reaches the work order's
+    when the market hands it out again). A run that reaches the allocation's
     ``usage_limit_seconds`` (the job's budget) stops there and reports it; the
     broker then ends the job as failed, over budget.
 
-    The program runs in a child process of ``sandbox`` (``broker.agent.sandbox``;
+    The program runs in a child process of ``sandbox`` (``broker.sandbox``;
     a one-off sandbox when none is given), never in this one, under limits from
-    the work order; the child checks the artifact again before it runs it. It is
+    the allocation; the child checks the artifact again before it runs it. It is
     killed within about a progress report of the job being cancelled, its budget
     reached, ``handle.stop`` set, or its wall-time limit (the job's deadline, the
     offer's available hours) passed. A crash, an abort or a limit in the child
@@ -201,7 +201,7 @@ def run_work_order(
     client's retries) are skipped and the run goes on; a finish it cannot take
     raises FinishUnreported, which carries the finish to send again.
     """
-    from broker.agent.sandbox import Sandbox, limits_for, read_output, remove
+    from broker.sandbox import Sandbox, limits_for, read_output, remove
 
     allocation = order["allocation_id"]
     handle = handle or RunHandle(allocation, int(order["accelerators"]))
@@ -390,3 +390,7 @@ def _ended(report: Any) -> bool:
             return False
         raise
     return False
+
+
+# The name from before matched work had one name (allocation); providers' scripts use it.
+run_work_order = run_allocation

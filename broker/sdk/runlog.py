@@ -13,7 +13,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
-MAX_LINES = 1000  # as the broker keeps (broker.runs.models.MAX_LINES)
+MAX_LINES = 1000  # as the broker keeps (broker.models.run_log.MAX_LINES)
 MAX_TEXT = 2000  # characters of one line
 BATCH = 200  # lines one report carries
 

@@ -6,9 +6,9 @@ import sys
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.accounts.service import authenticate
 from broker.db import make_engine
+from broker.models.account import Role
 
 
 def broker(*args: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -55,8 +55,8 @@ def test_accounts_create_prints_the_key_last(empty_database_url: str) -> None:
 def test_invoices_generate_bills_ended_runs_once(empty_database_url: str) -> None:
     from datetime import UTC, datetime
 
-    from broker.billing.models import Invoice
     from broker.db import transaction
+    from broker.models.billing import Invoice
     from tests.factories import make_account, make_job, make_offer, make_run
 
     assert broker("db", "upgrade", url=empty_database_url).returncode == 0

@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from broker.accounts.models import Role
 from broker.cli import app
 from broker.config import get_settings
 from broker.db import transaction
 from broker.devcli import UserError, parse_args
 from broker.market.clearing import run_round
-from broker.sdk import ProviderClient, run_work_order
+from broker.models.account import Role
+from broker.sdk import ProviderClient, run_allocation
 from tests.factories import make_account, offer_body
 
 HELLO = str(Path(__file__).resolve().parents[2] / "examples" / "hello.py")
@@ -53,7 +53,7 @@ def test_submit_run_and_read_a_job(world: dict[str, Any]) -> None:
 
     run_round(world["engine"], get_settings(), "manual")
     provider = world["provider"]
-    assert [run_work_order(provider, order) for order in provider.work()] == ["succeeded"]
+    assert [run_allocation(provider, order) for order in provider.work()] == ["succeeded"]
 
     shown = broker(world, "jobs", "show", job_id)
     assert shown.exit_code == 0, shown.output

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import get_session, transaction
 from broker.market.clearing import run_round
-from broker.market.models import ClearingRound
+from broker.models.account import Role
+from broker.models.market import ClearingRound
 from broker.observability import JsonFormatter, RequestIdFilter
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, make_account

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from tests.conftest import ClientFactory
 from tests.factories import make_account
 

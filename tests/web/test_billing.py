@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.billing.models import Invoice
 from broker.db import utcnow
+from broker.models.account import Role
+from broker.models.billing import Invoice
 from tests.factories import make_job, make_offer, make_run
 from tests.web.conftest import Browser
 

@@ -463,14 +463,14 @@ def _submit_program(broker: Broker) -> str:
 def _run_matched_jobs(broker: Broker) -> None:
     """The provider's machine: the program runs with the SDK's runner; the capacity
     bid is started, held a moment and reported finished, as a provider would."""
-    from broker.sdk import ProviderClient, run_work_order
+    from broker.sdk import ProviderClient, run_allocation
 
     with ProviderClient(broker.url, broker.keys["gpu-farm"], retries=1) as provider:
         orders = provider.work()
         assert len(orders) == 2
         program = [o for o in orders if o["artifact"]]
         capacity = [o for o in orders if not o["artifact"]]
-        runs = [threading.Thread(target=run_work_order, args=(provider, o)) for o in program]
+        runs = [threading.Thread(target=run_allocation, args=(provider, o)) for o in program]
         for run in runs:
             run.start()
         for order in capacity:

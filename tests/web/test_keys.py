@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from tests.conftest import ClientFactory
 from tests.factories import make_account
 from tests.web.conftest import Browser

@@ -8,12 +8,12 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.db import transaction
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation
-from broker.offers.models import Offer, OfferStatus
+from broker.models.account import Role
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
+from broker.models.offer import Offer, OfferStatus
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer
 from tests.web.conftest import Browser
@@ -305,7 +305,7 @@ def test_pages_load_only_what_the_app_serves(browser_for: Any) -> None:
 
 
 def test_nodes_show_heartbeat_and_utilisation(db: Session, browser_for: Any) -> None:
-    from broker.nodes.models import Node
+    from broker.models.node import Node
 
     provider: Browser = browser_for(Role.provider)
     db.add(
@@ -445,7 +445,7 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
 def test_the_job_page_shows_each_runs_log(db: Session, browser_for: Any) -> None:
     from datetime import UTC, datetime
 
-    from broker.runs.models import RunLogLine
+    from broker.models.run_log import RunLogLine
     from tests.factories import make_run
 
     provider: Browser = browser_for(Role.provider)

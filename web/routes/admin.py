@@ -7,15 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
-from broker.accounts.models import Account, Role
+from broker.accounts.callers import check_role
 from broker.accounts.service import create_account, list_accounts, set_disabled
-from broker.auth import check_role
 from broker.billing import service as billing
 from broker.billing.schemas import FeeIn
 from broker.config import get_settings
 from broker.db import EngineDep, SessionDep, read_only_session
 from broker.errors import BrokerError, InvalidInput
 from broker.market.clearing import run_round
+from broker.models.account import Account, Role
 from web.forms import attempt, text, values
 from web.render import WebRoute, form_errors, page, redirect
 from web.session import CheckedForm, WebUser, WebUserDep

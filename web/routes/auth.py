@@ -6,9 +6,11 @@ import secrets
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from broker.accounts.service import sign_in
+from broker.accounts.service import authenticate_key
+from broker.auth import SIGNED_IN
 from broker.config import get_settings
 from broker.db import SessionDep, read_only_session
+from broker.errors import BrokerError
 from web import session as web_session
 from web.render import HOME, WebRoute, page, redirect
 from web.session import (
@@ -72,10 +74,16 @@ def signin(request: Request, session: SessionDep, form: PlainForm) -> Response:
         raise CsrfFailed
     next_url = safe_next(form.get("next"))
     key = form.get("api_key")
-    found = sign_in(session, key.strip()) if isinstance(key, str) else None
-    if found is None:
+    try:
+        if not isinstance(key, str):
+            raise BrokerError("no key")
+        key = key.strip()
+        # The API's own rule (node keys are an agent's, never a person's).
+        caller = SIGNED_IN.admit_key(key, authenticate_key(session, key))
+    except BrokerError:
         return _signin_page(request, next_url, 401, "That API key is unknown or revoked.")
-    account, key_id = found
+    account, key_id = caller.account, caller.key_id
+    assert key_id is not None  # a key admitted it
     response = redirect(next_url or HOME[account.role])
     set_cookie(
         request, response, SESSION_COOKIE, web_session.issue(secret, key_id), SESSION_SECONDS

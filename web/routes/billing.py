@@ -8,14 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
-from broker.auth import check_role
+from broker.accounts.visibility import sees_all
 from broker.billing import invoices, statements, sync
-from broker.billing.models import InvoiceStatus
 from broker.config import get_settings
 from broker.db import SessionDep, TransactionsDep, read_only_session, utcnow
 from broker.errors import InvalidInput
+from broker.models.account import Role
+from broker.models.billing import InvoiceStatus
 from broker.types import ObjectId
 from web.forms import choice
 from web.render import WebRoute, page, redirect
@@ -64,7 +65,7 @@ def generate(user: WebUserDep, transactions: TransactionsDep, _: CheckedForm) ->
     """Invoice every ended, unbilled run now: the developer's own, or everyone's for an
     admin (as ``POST /v1/invoices/generate``). Idempotent: a run is billed once."""
     account = check_role(user.account, Role.developer)
-    mine = account.id if account.role != Role.admin else None
+    mine = account.id if not sees_all(account) else None
     report = sync.generate(transactions, get_settings(), account_id=mine, period_end=False)
     return redirect("/invoices", made=str(len(report.invoices)))
 
@@ -88,7 +89,7 @@ def invoice(
 
 def _names(session: Session, user: WebUser, ids: list[str]) -> dict[str, str]:
     """Admins see whose invoices they are, by account name."""
-    return account_names(session, ids) if user.account.role == Role.admin else {}
+    return account_names(session, ids) if sees_all(user.account) else {}
 
 
 def _day(value: str, name: str) -> date | None:
@@ -124,7 +125,7 @@ def earnings(
         raise InvalidInput("the end must be on or after the start", field="end")
     result = statements.statement(session, user.account, provider or None, since, until)
     providers: list[tuple[str, str]] = []
-    if user.account.role == Role.admin:
+    if sees_all(user.account):
         providers = list(account_names(session, role=Role.provider).items())
     return page(
         request,

@@ -12,26 +12,26 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from broker.accounts.models import Account, Role
+from broker.accounts.callers import check_role
 from broker.accounts.service import account_names
-from broker.auth import check_role
-from broker.blobs.models import BlobKind
+from broker.accounts.visibility import sees_all
+from broker.allocations import logs
+from broker.allocations.schemas import AllocationOut
 from broker.blobs.service import get_blob, get_store
 from broker.config import get_settings
 from broker.db import SessionDep, utcnow
 from broker.errors import BrokerError, NotFound
 from broker.jobs import service
-from broker.jobs.router import allocation_out, job_out, job_outs
-from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut
-from broker.jobs.states import FINAL_STATES, JobState
-from broker.market.allocations import latest_placements
+from broker.jobs.schemas import JobCreate, JobOut, JobQuery, RunOut, Unmatched
+from broker.jobs.views import job_out, job_outs
+from broker.ledger import latest_allocations
 from broker.market.explain import RULE_TEXT, unmatched, unmatched_many
-from broker.market.schemas import AllocationOut, Unmatched
+from broker.models.account import Account, Role
+from broker.models.blob import BlobKind
+from broker.models.job_state import FINAL_STATES, JobState
+from broker.models.run_log import RunLogLine
 from broker.money import Usd
-from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut
-from broker.runs import logs
-from broker.runs.models import RunLogLine
 from broker.types import ObjectId
 from web.forms import attempt, choice, given, listed, text, values
 from web.render import WebRoute, form_errors, page, redirect
@@ -104,7 +104,7 @@ def jobs(
     rows, total = service.list_jobs(
         session, account, JobQuery(state=wanted, limit=PER_PAGE, offset=offset)
     )
-    placed = latest_placements(session, [job.id for job in rows])
+    placed = latest_allocations(session, [job.id for job in rows])
     waiting = unmatched_many(session, [j for j in rows if j.state == JobState.open], get_settings())
     views = []
     for job, shown in zip(rows, job_outs(session, rows), strict=True):
@@ -112,16 +112,12 @@ def jobs(
         views.append(
             JobView(
                 shown,
-                allocation_out(allocation) if allocation else None,
-                offer_out(offer) if offer else None,
+                AllocationOut.of(allocation) if allocation else None,
+                OfferOut.model_validate(offer) if offer else None,
                 waiting.get(job.id),
             )
         )
-    names = (
-        account_names(session, [j.account_id for j in rows])
-        if user.account.role == Role.admin
-        else {}
-    )
+    names = account_names(session, [j.account_id for j in rows]) if sees_all(user.account) else {}
     return page(
         request,
         "jobs.html",
@@ -198,12 +194,12 @@ def submit_job(
 
 def _view(session: SessionDep, user: WebUser, job_id: str) -> JobView:
     job = service.get_job(session, _developer(user), job_id)
-    allocation, offer = latest_placements(session, [job.id]).get(job.id, (None, None))
+    allocation, offer = latest_allocations(session, [job.id]).get(job.id, (None, None))
     waiting = unmatched(session, job, get_settings()) if job.state == JobState.open else None
     return JobView(
         job_out(session, job),
-        allocation_out(allocation) if allocation else None,
-        offer_out(offer) if offer else None,
+        AllocationOut.of(allocation) if allocation else None,
+        OfferOut.model_validate(offer) if offer else None,
         waiting,
         service.job_runs(session, job),
         _log_by_run(session, job.id),

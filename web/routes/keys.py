@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from broker.accounts.models import ApiKey
 from broker.accounts.service import create_key, list_keys, revoke_key, rotate_key
 from broker.db import SessionDep
 from broker.errors import BrokerError
+from broker.models.account import ApiKey
 from web.forms import attempt
 from web.render import WebRoute, page
 from web.session import CheckedForm, WebUser, WebUserDep

@@ -8,17 +8,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from broker.accounts.models import Account, Role
-from broker.auth import check_role
+from broker.accounts.callers import check_role
+from broker.accounts.visibility import sees_all
 from broker.db import SessionDep
 from broker.errors import BrokerError, NotFound
-from broker.nodes.models import NodeStatus
+from broker.models.account import Account, Role
+from broker.models.node import NodeStatus
+from broker.models.offer import OfferStatus
 from broker.nodes.schemas import NodeQuery
 from broker.nodes.service import list_nodes
 from broker.offers import service
-from broker.offers.models import OfferStatus
-from broker.offers.router import offer_out
-from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferUpdate
+from broker.offers.schemas import OfferCreate, OfferOut, OfferQuery, OfferSort, OfferUpdate
 from broker.types import ObjectId
 from web.format import amount
 from web.forms import attempt, choice, given, text, values
@@ -104,7 +104,7 @@ def _offers_page(
 ) -> Response:
     account = _provider(user)
     query = OfferQuery(
-        mine=account.role != Role.admin,
+        mine=not sees_all(account),
         status=status,
         sort=OfferSort.newest,
         limit=PER_PAGE,
@@ -116,7 +116,7 @@ def _offers_page(
         "offers.html",
         user,
         status_code=422 if errors else 200,
-        offers=[offer_out(o) for o in rows],
+        offers=[OfferOut.model_validate(o) for o in rows],
         total=total,
         limit=PER_PAGE,
         offset=offset,
@@ -168,7 +168,7 @@ def _offer_page(
     errors: dict[str, str] | None = None,
     status: int = 200,
 ) -> Response:
-    offer = offer_out(service.get_own_offer(session, _provider(user), offer_id))
+    offer = OfferOut.model_validate(service.get_own_offer(session, _provider(user), offer_id))
     current = {
         "price_per_hour": amount(offer.price_per_hour),
         "capacity": str(offer.capacity),

@@ -7,8 +7,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from broker.accounts import service
-from broker.accounts.models import ApiKey, Role
 from broker.db import utcnow
+from broker.models.account import ApiKey, Role
 from broker.nodes import service as nodes
 from broker.nodes.schemas import NodeRegister
 from tests.conftest import ClientFactory

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from tests.conftest import ClientFactory
 from tests.factories import make_account
 

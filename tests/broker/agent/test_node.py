@@ -17,11 +17,11 @@ from sqlalchemy import Engine
 
 from adapters import registry
 from adapters.base import Device
-from broker.accounts.models import Role
 from broker.agent import AgentConfig, NodeAgent, parse_prices
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.sdk import Client
 from tests.factories import make_account
 

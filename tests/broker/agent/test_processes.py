@@ -25,9 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.db import make_engine
-from broker.market.models import Allocation
-from broker.nodes.models import Node
-from broker.offers.models import Offer
+from broker.models.market import Allocation
+from broker.models.node import Node
+from broker.models.offer import Offer
 from broker.sdk import Client
 
 STEPS, EVERY = 400, 25

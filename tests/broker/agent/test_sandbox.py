@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from broker.agent.sandbox import (
+from broker.portable import arrays
+from broker.portable.artifact import Artifact, package, package_step
+from broker.sandbox import (
     Limits,
     Outcome,
     Sandbox,
@@ -27,8 +29,6 @@ from broker.agent.sandbox import (
     limits_for,
     read_output,
 )
-from broker.portable import arrays
-from broker.portable.artifact import Artifact, package, package_step
 from tests.broker.portable.test_hostile import getrf_declaring_a_1x1_result
 
 
@@ -224,7 +224,7 @@ def test_the_child_has_no_network_and_no_root() -> None:
         box.close()
 
 
-def test_limits_follow_the_work_order() -> None:
+def test_limits_follow_the_allocation() -> None:
     config = SandboxConfig(margin_seconds=60, runtime_gib=3.0, max_run_hours=24)
     order = {
         "deadline_hours": 2.0,
@@ -270,7 +270,7 @@ def test_a_child_that_stops_talking_is_still_stopped_at_its_limit(
     program broken out of JAX could do), is killed at the wall-time limit all the same."""
     import sys
 
-    from broker.agent import sandbox as module
+    import broker.sandbox as module
 
     script = (
         "import json, os, sys, time; "
@@ -300,7 +300,7 @@ def test_children_end_when_their_agent_is_killed(tmp_path: Path) -> None:
     script = f"""
 import numpy as np, jax.numpy as jnp
 from pathlib import Path
-from broker.agent.sandbox import Sandbox, SandboxConfig
+from broker.sandbox import Sandbox, SandboxConfig
 from broker.portable.artifact import package
 from tests.broker.agent.test_sandbox import forever, run
 box = Sandbox(SandboxConfig(), spare=False)

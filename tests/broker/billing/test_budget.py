@@ -9,12 +9,12 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import transaction, utcnow
 from broker.market.clearing import run_round
-from broker.sdk import Client, ProviderClient, run_work_order
+from broker.models.account import Role
+from broker.sdk import Client, ProviderClient, run_allocation
 from tests.broker.portable.programs import sgd_args, sgd_step
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer, make_run, offer_body
@@ -178,7 +178,7 @@ def _run_to_the_budget(engine: Engine, developer: Client, provider: ProviderClie
     (order,) = provider.work()
     assert order["usage_limit_seconds"] == 0.8
     began = time.monotonic()
-    assert run_work_order(provider, order) == "failed"
+    assert run_allocation(provider, order) == "failed"
     assert time.monotonic() - began < 30
     done = job.refresh().data
     assert "reached its budget" in done["error"]

@@ -10,14 +10,14 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.billing import invoices, sync
 from broker.billing.amounts import fee_on, to_cents, usage_charge
-from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus
 from broker.billing.statements import statement
 from broker.config import get_settings
 from broker.db import transaction
-from broker.market.models import Allocation, AllocationStatus
+from broker.models.account import Role
+from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
+from broker.models.market import Allocation, AllocationStatus
 from tests.factories import make_account, make_job, make_offer, make_run
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

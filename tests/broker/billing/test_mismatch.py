@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.billing import invoices, sync
-from broker.billing.models import Invoice
 from broker.config import get_settings
 from broker.db import transaction
+from broker.models.account import Role
+from broker.models.billing import Invoice
 from tests.broker.billing.conftest import invoice_event, signed
 from tests.broker.billing.stripe_server import FakeStripe
 from tests.broker.billing.test_stripe import _developer_with_runs

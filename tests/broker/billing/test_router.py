@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.nodes.models import Node, NodeStatus
+from broker.models.account import Role
+from broker.models.node import Node, NodeStatus
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import make_job, make_offer, make_run
 

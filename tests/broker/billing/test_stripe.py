@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, select
 
-from broker.accounts.models import Role
 from broker.billing import sync
-from broker.billing.models import Invoice, InvoiceLine, InvoiceStatus, StripeCustomer
 from broker.config import get_settings
 from broker.db import transaction
+from broker.models.account import Role
+from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus, StripeCustomer
 from tests.broker.billing.conftest import invoice_event, signed
 from tests.broker.billing.stripe_server import _AUTH, FakeStripe
 from tests.conftest import ClientFactory

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from broker.accounts.models import Role
 from broker.billing import invoices
-from broker.billing.models import Invoice, InvoiceStatus, StripeEvent
 from broker.db import transaction
+from broker.models.account import Role
+from broker.models.billing import Invoice, InvoiceStatus, StripeEvent
 from tests.broker.billing.conftest import invoice_event, signed
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer, make_run

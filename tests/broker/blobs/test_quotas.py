@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.blobs import service
-from broker.blobs.models import Blob, BlobGrant, BlobUpload
 from broker.config import get_settings
 from broker.db import EngineTransactions, transaction, utcnow
+from broker.models.account import Role
+from broker.models.blob import Blob, BlobGrant, BlobUpload
 from broker.nodes import service as nodes
 from broker.nodes.schemas import NodeRegister
 from broker.portable import arrays

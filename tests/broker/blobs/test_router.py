@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from broker.portable import arrays
 from broker.portable.artifact import package
 from tests.broker.portable.programs import mlp, mlp_args

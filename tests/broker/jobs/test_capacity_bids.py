@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
-from broker.sdk import ProviderClient, run_work_order
+from broker.models.account import Role
+from broker.sdk import ProviderClient, run_allocation
 from broker.sdk.http import Connection
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, make_account, offer_body
@@ -105,7 +105,7 @@ def test_a_matched_bid_without_a_program_fails_at_once_with_the_reason(
         run_round(fresh_engine, get_settings(), "manual")
         orders = provider.work()
         assert [order["job_id"] for order in orders] == [job["id"]]
-        assert run_work_order(provider, orders[0]) == "failed"
+        assert run_allocation(provider, orders[0]) == "failed"
         ended = developer.http.json("GET", f"/v1/jobs/{job['id']}")
         assert ended["state"] == "failed"
         assert "no program to run" in ended["error"]

@@ -13,14 +13,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.auth import _key_checks
+from broker.auth import BATCHED_DEVELOPER, _key_checks
 from broker.coalesce import Batched, _flush_shared
 from broker.db import EngineTransactions, transaction
 from broker.errors import Forbidden, InvalidInput, Unauthorized
 from broker.jobs import intake, service
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
+from broker.models.account import Role
+from broker.models.job import Job
 from tests.factories import job_body, make_account
 
 
@@ -85,7 +85,10 @@ def test_a_keyed_batch_checks_each_key_then_stores_the_jobs(fresh_engine: Engine
 
     def keyed(api_key: str, idempotency_key: str | None = None, **body: Any) -> Any:
         data = JobCreate.model_validate(job_body(**body))
-        return (intake._keyed_submissions, intake.KeyedSubmission(api_key, data, idempotency_key))
+        return (
+            intake._keyed_submissions,
+            intake.KeyedSubmission(api_key, data, idempotency_key, BATCHED_DEVELOPER.admit_key),
+        )
 
     batch = [
         keyed(key, "k1"),
@@ -171,7 +174,10 @@ def test_a_batch_whose_commit_failed_but_went_through_stores_no_job_twice(
 
     def keyed(idempotency_key: str | None = None) -> Any:
         data = JobCreate.model_validate(job_body())
-        return (intake._keyed_submissions, intake.KeyedSubmission(key, data, idempotency_key))
+        return (
+            intake._keyed_submissions,
+            intake.KeyedSubmission(key, data, idempotency_key, BATCHED_DEVELOPER.admit_key),
+        )
 
     batch = [
         keyed(),

@@ -8,7 +8,7 @@ import jax
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from broker.portable import arrays
 from broker.portable.artifact import package, package_step
 from tests.broker.portable.programs import mlp, mlp_args, sgd_args, sgd_step

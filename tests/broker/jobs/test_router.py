@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.jobs import router as router_module
-from broker.jobs.states import JobState
+from broker.models.account import Role
+from broker.models.job_state import JobState
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, make_account, make_job
 

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
 from broker.errors import Conflict, NotFound
-from broker.jobs.models import Job
 from broker.jobs.schemas import JobCreate
 from broker.jobs.service import _new_job, _request_hash, cancel_job, change_bid, submit_job
+from broker.models.account import Account, Role
+from broker.models.job import Job
 from tests.factories import make_account, make_job
 
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.jobs.states import (
+from broker.models.account import Role
+from broker.models.job_state import (
     FINAL_STATES,
     TRANSITIONS,
     InvalidTransition,

@@ -4,8 +4,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.jobs.states import JobState
+from broker.models.account import Role
+from broker.models.job_state import JobState
 from broker.offers.service import withdraw_offer
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.db import transaction
 from broker.market import service
 from broker.market.cache import BookCache
 from broker.market.schemas import OrderBook
+from broker.models.account import Role
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_offer
 

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from broker.accounts.models import Account, Role
 from broker.config import Settings
 from broker.db import transaction
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
+from broker.ledger import end_job
 from broker.market import clearing
-from broker.market.allocations import end_job
-from broker.market.models import Allocation, AllocationStatus, ClearingRound
-from broker.offers.models import Offer
+from broker.models.account import Account, Role
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus, ClearingRound
+from broker.models.offer import Offer
 from broker.offers.service import withdraw_offer
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer

@@ -9,15 +9,15 @@ from decimal import Decimal
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
 from broker.config import Settings
 from broker.db import utcnow
-from broker.jobs.states import JobState
 from broker.market import estimates
 from broker.market.adapt import weights
 from broker.market.estimates import CEILING, FLOOR, MAX_STARTUP_S, MIN_RUNS, Band
 from broker.market.standing import Standing
-from broker.offers.models import Offer
+from broker.models.account import Role
+from broker.models.job_state import JobState
+from broker.models.offer import Offer
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer, make_run
 

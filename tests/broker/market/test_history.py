@@ -8,8 +8,8 @@ from sqlalchemy import Engine
 
 from broker.config import Settings
 from broker.db import transaction
+from broker.ledger import latest_allocations
 from broker.market import clearing
-from broker.market.allocations import latest_placements
 from broker.market.service import list_rounds, price_history
 from tests.broker.market.test_clearing import accounts, seed
 from tests.factories import make_job, make_offer
@@ -51,7 +51,7 @@ def test_clearing_prices_per_model_and_round(fresh_engine: Engine) -> None:
         assert total == 3
         assert rounds[1].id == two.id  # newest first
 
-        placed = latest_placements(s, [j.id for j in first])
+        placed = latest_allocations(s, [j.id for j in first])
         assert set(placed) == {j.id for j in first}
         assert {offer.accelerator for _, offer in placed.values()} == {"h100-sxm"}
-        assert latest_placements(s, []) == {}
+        assert latest_allocations(s, []) == {}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
+from broker.models.account import Role
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import job_body, offer_body
 

@@ -11,18 +11,18 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select
 
-from broker.accounts.models import Account, Role
 from broker.billing.service import set_fee
 from broker.config import Settings
 from broker.db import transaction
-from broker.jobs.models import Job
 from broker.jobs.service import change_bid
-from broker.jobs.states import JobState
+from broker.ledger import end_job
 from broker.market import clearing
 from broker.market.adapt import weights
-from broker.market.allocations import end_job
 from broker.market.standing import Standing
-from broker.offers.models import Offer, OfferStatus
+from broker.models.account import Account, Role
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.offer import Offer, OfferStatus
 from broker.offers.schemas import OfferUpdate
 from broker.offers.service import update_offer, withdraw_offer
 from solver import Market, Result, Warm, placeable, solve

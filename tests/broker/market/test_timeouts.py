@@ -8,15 +8,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
-from broker.auth import Caller
+from broker.accounts.callers import Caller
+from broker.allocations import service as runs
 from broker.db import new_id, utcnow
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation
 from broker.market.timeouts import sweep_runs
-from broker.offers.models import Offer, OfferStatus
-from broker.runs import service as runs
+from broker.models.account import Account, Role
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
+from broker.models.offer import Offer, OfferStatus
 from tests.conftest import ClientFactory
 from tests.factories import make_account, make_job, make_offer
 

@@ -19,11 +19,11 @@ import pytest
 from sqlalchemy import select
 
 from adapters import registry
-from broker.accounts.models import Role
 from broker.agent import AgentConfig, NodeAgent, parse_prices
 from broker.db import make_engine, transaction
 from broker.migrate import upgrade
-from broker.nodes.models import Node
+from broker.models.account import Role
+from broker.models.node import Node
 from broker.sdk import Client
 from tests.factories import make_account
 from tests.test_live_server import Server, _free_port

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction, utcnow
 from broker.market.clearing import run_round
-from broker.market.models import Allocation
-from broker.nodes.models import Node
+from broker.models.account import Role
+from broker.models.market import Allocation
+from broker.models.node import Node
 from broker.nodes.service import sweep
 from tests.conftest import ClientFactory
 from tests.factories import job_body, make_account

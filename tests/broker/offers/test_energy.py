@@ -12,13 +12,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from adapters import grid
-from broker.accounts.models import Role
 from broker.config import Settings
 from broker.db import transaction
 from broker.market import clearing
 from broker.market.adapt import weights
-from broker.market.models import Allocation
 from broker.market.standing import Standing
+from broker.models.account import Role
+from broker.models.market import Allocation
 from tests.broker.market.test_clearing import accounts, seed
 from tests.conftest import ClientFactory, signed_in
 from tests.factories import make_job, make_offer, offer_body
@@ -137,8 +137,8 @@ def test_invoices_and_statements_carry_the_metered_footprint(db: Session) -> Non
     from datetime import UTC, datetime, timedelta
 
     from broker.billing import invoices
-    from broker.billing.models import InvoiceLine
     from broker.billing.statements import statement
+    from broker.models.billing import InvoiceLine
     from tests.factories import make_account, make_run
 
     t0 = datetime(2026, 3, 1, tzinfo=UTC)

@@ -5,11 +5,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Account, Role
+from broker.models.account import Account, Role
+from broker.models.offer import Offer
 from broker.offers import pages, service
 from broker.offers import router as router_module
-from broker.offers.models import Offer
-from broker.offers.router import offer_out
 from broker.offers.schemas import OfferOut, OfferQuery
 from broker.pagination import Page
 from tests.conftest import ClientFactory, signed_in
@@ -231,7 +230,12 @@ def _page(db: Session, viewer: Account, **params: Any) -> bytes:
     query = OfferQuery.model_validate(params)
     db.expire_all()  # the offers as stored, as a request's own session reads them
     rows, total = service.search_offers(db, viewer, query)
-    return Page[OfferOut].of([offer_out(o) for o in rows], total, query).model_dump_json().encode()
+    return (
+        Page[OfferOut]
+        .of([OfferOut.model_validate(o) for o in rows], total, query)
+        .model_dump_json()
+        .encode()
+    )
 
 
 def test_search_answers_the_json_of_its_response_model(

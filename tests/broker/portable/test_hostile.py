@@ -15,7 +15,8 @@ import pytest
 from jax import export
 
 from broker.portable.artifact import Artifact, package
-from broker.portable.checks import ALLOWED_CUSTOM_CALLS, verify_artifact
+from broker.portable.checks import verify_artifact
+from broker.portable.custom_calls import ALLOWED_CUSTOM_CALLS
 from broker.portable.manifest import MAGIC, ArtifactError, Manifest, TensorSpec
 from broker.portable.routines import CallSite, Tensor, check_call_sites
 from tests.broker.portable.programs import mlp, mlp_args

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
-from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_work_order
+from broker.models.account import Role
+from broker.sdk import Client, JobCancelled, JobFailed, ProviderClient, run_allocation
 from tests.factories import make_account, offer_body
 
 PRICE: dict[str, Any] = {"max_price_per_hour": 4.0, "deadline_hours": 6}
@@ -66,7 +66,7 @@ def clear(engine: Engine) -> None:
 
 
 def run_all(provider: ProviderClient) -> list[str]:
-    return [run_work_order(provider, order) for order in provider.work()]
+    return [run_allocation(provider, order) for order in provider.work()]
 
 
 def test_submit_wait_result_equals_plain_jax(market: dict[str, Any]) -> None:
@@ -123,7 +123,7 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
 
     provider.checkpoint = dying_checkpoint  # type: ignore[method-assign,assignment]
     with pytest.raises(KeyboardInterrupt):
-        run_work_order(provider, order)
+        run_allocation(provider, order)
     provider.checkpoint = real_checkpoint  # type: ignore[method-assign,assignment]
     assert client.job(job.id).data["checkpoint_step"] == 10
 
@@ -132,7 +132,7 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
     clear(market["engine"])
     (order,) = provider.work()
     assert order["checkpoint_step"] == 10
-    assert run_work_order(provider, order) == "succeeded"
+    assert run_allocation(provider, order) == "succeeded"
     job.wait(timeout=30, poll=0.05, progress=False)
     assert job.data["attempts"] == 2
     assert job.data["steps_done"] == 20
@@ -146,9 +146,9 @@ def test_iterative_job_resumes_from_checkpoint_and_matches_uninterrupted(
 
 
 def requeue(engine: Engine, job_id: str) -> None:
-    from broker.jobs.models import Job
-    from broker.jobs.states import JobState
-    from broker.market.allocations import end_job
+    from broker.ledger import end_job
+    from broker.models.job import Job
+    from broker.models.job_state import JobState
 
     with transaction(engine) as session:
         job = session.get(Job, job_id)
@@ -199,7 +199,7 @@ def test_a_job_is_never_run_as_another_platform(market: dict[str, Any]) -> None:
     clear(market["engine"])
     (order,) = provider.work()
     assert order["platform"] == "cuda"
-    assert run_work_order(provider, order) == "requeued"
+    assert run_allocation(provider, order) == "requeued"
     back = job.refresh().data
     assert back["state"] == "open"
     assert "the offer is cuda but this machine runs jobs on cpu" in back["error"]

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
-from broker.sdk import Client, ProviderClient, run_work_order
+from broker.models.account import Role
+from broker.sdk import Client, ProviderClient, run_allocation
 from broker.sdk.http import BrokerError, BrokerUnavailable, Http
 from tests.broker.portable.programs import sgd_args, sgd_step
 from tests.factories import make_account, offer_body
@@ -67,7 +67,7 @@ def test_reports_failing_a_few_times_are_retried_and_the_run_finishes(
         )
         run_round(fresh_engine, get_settings(), "manual")
         (order,) = provider.work()
-        assert run_work_order(provider, order, progress_seconds=0.0) == "succeeded"
+        assert run_allocation(provider, order, progress_seconds=0.0) == "succeeded"
         # The run's private directory is gone.
         left = Path(tempfile.gettempdir()).glob(f"broker-run-{order['allocation_id']}-*")
         assert not list(left)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
+from broker.models.account import Role
 from broker.sdk import BrokerError, Client
 from tests.factories import make_account
 

@@ -2,7 +2,7 @@
 safe from the programs it runs.
 
 The agent never runs a developer's program in its own process. ``Sandbox.run``
-hands one run to a child (``broker.agent._child``) that has given up new
+hands one run to a child (``broker.sandbox._child``) that has given up new
 privileges and, where the agent runs as root on Linux, the network and root
 itself; it lowers its limits (address space, CPU time, open files, file size)
 before it reads the program. The agent watches it: it kills the child when the
@@ -95,7 +95,7 @@ class SandboxConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """One run's limits, from its work order."""
+    """One run's limits, from its allocation."""
 
     wall_seconds: float
     wall_cause: str  # what the wall-time limit is, for the developer
@@ -333,7 +333,7 @@ class Sandbox:
         env["BROKER_PACKAGE_WORKER"] = "0"  # its warm-up packages a program: no worker
         if self._uid is not None:
             env["HOME"] = "/nonexistent"
-        command = [sys.executable, "-m", "broker.agent._child", json.dumps(setup)]
+        command = [sys.executable, "-m", "broker.sandbox._child", json.dumps(setup)]
         return _Child(command, env)
 
     def _refill(self) -> None:

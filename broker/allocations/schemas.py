@@ -5,14 +5,63 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from broker.jobs.states import JobState
-from broker.market.models import AllocationStatus
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.money import Usd, micros_to_usd
 from broker.types import Float, Int, Text
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
 
 
-class WorkOrder(BaseModel):
+class EstimatedCost(BaseModel):
+    compute: Usd
+    egress: Usd
+    latency: Usd
+    total: Usd
+
+
+class AllocationOut(BaseModel):
+    id: str
+    status: str
+    offer_id: str
+    round_id: str | None
+    accelerators: int
+    price_per_hour: Usd = Field(description="The provider's ask, locked when the round cleared")
+    runtime_hours: float = Field(description="Estimated runtime on this offer")
+    rtt_ms: float
+    estimated_cost: EstimatedCost
+    energy_kwh: float = Field(description="Estimated energy at the wall (PUE included)")
+    gco2: float = Field(description="Estimated emissions, g CO2e")
+    created_at: datetime
+    ended_at: datetime | None
+
+    # Built by hand, not by ``from_attributes``: the table keeps micro-dollars in
+    # columns of other names, and the estimate is nested.
+    @classmethod
+    def of(cls, a: Allocation) -> AllocationOut:
+        return cls(
+            id=a.id,
+            status=a.status.value,
+            offer_id=a.offer_id,
+            round_id=a.round_id,
+            accelerators=a.accelerators,
+            price_per_hour=micros_to_usd(a.price_per_hour_micros),
+            runtime_hours=a.runtime_hours,
+            rtt_ms=a.rtt_ms,
+            estimated_cost=EstimatedCost(
+                compute=micros_to_usd(a.compute_micros),
+                egress=micros_to_usd(a.egress_micros),
+                latency=micros_to_usd(a.latency_micros),
+                total=micros_to_usd(a.cost_micros),
+            ),
+            energy_kwh=a.energy_kwh,
+            gco2=a.gco2,
+            created_at=a.created_at,
+            ended_at=a.ended_at,
+        )
+
+
+class ProviderAllocation(BaseModel):
     """A job the market gave to one of the provider's offers: what to run and from where."""
 
     allocation_id: str

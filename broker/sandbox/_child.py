@@ -1,6 +1,6 @@
-"""The sandboxed process one run lives in: ``python -m broker.agent._child SETUP``.
+"""The sandboxed process one run lives in: ``python -m broker.sandbox._child SETUP``.
 
-The agent (``broker.agent.sandbox``) starts it ahead of need. It gives up what
+The agent (``broker.sandbox``) starts it ahead of need. It gives up what
 a stranger's program must not have: new privileges (``PR_SET_NO_NEW_PRIVS``)
 and, where the agent runs as root on Linux, the network (a network namespace
 of its own, entered first, while the process has one thread; only a loopback

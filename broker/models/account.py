@@ -7,7 +7,6 @@ from sqlalchemy import Enum, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
-from broker.nodes import models as _nodes  # noqa: F401 (api_keys.node_id refers to nodes)
 
 
 class Role(enum.StrEnum):

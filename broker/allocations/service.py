@@ -16,21 +16,22 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.accounts.models import Role
-from broker.auth import Agent
+from broker import ledger
+from broker.accounts.callers import Agent
+from broker.accounts.visibility import own_rows, sees_all
+from broker.allocations import logs
 from broker.billing import service as billing
-from broker.blobs.models import Blob, BlobKind
 from broker.blobs.service import get_blob, grant, leaf_specs, uploaded_since
 from broker.db import utcnow
 from broker.errors import Conflict, Forbidden, InvalidInput, NotFound
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.allocations import end_job, requeue
-from broker.market.models import Allocation, AllocationStatus
-from broker.offers.models import Offer
+from broker.ledger import end_job, requeue
+from broker.models.blob import Blob, BlobKind
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
 from broker.portable.arrays import LeafSpec
 from broker.portable.manifest import Manifest, TensorSpec
-from broker.runs import logs
 
 _RUN_FAILED = "the run failed: "
 
@@ -52,8 +53,8 @@ def work_for(session: Session, agent: Agent) -> list[tuple[Allocation, Offer, Jo
     )
     if agent.node_id is not None:
         stmt = stmt.where(Offer.node_id == agent.node_id)
-    elif agent.account.role != Role.admin:
-        stmt = stmt.where(Offer.provider_id == agent.account.id)
+    else:
+        stmt = stmt.where(*own_rows(agent.account, Offer.provider_id))
     return [(a, o, j) for a, o, j in session.execute(stmt).all()]
 
 
@@ -70,7 +71,7 @@ def get_allocation(
     offer = session.get(Offer, allocation.offer_id) if allocation else None
     if allocation is None or offer is None:
         raise NotFound(f"no allocation {allocation_id!r} on your offers")
-    admin = agent.account.role == Role.admin
+    admin = sees_all(agent.account)
     if agent.node_id is not None and offer.node_id != agent.node_id:
         raise NotFound(f"no allocation {allocation_id!r} on this node")
     if not admin and offer.provider_id != agent.account.id:
@@ -113,12 +114,7 @@ def start(session: Session, agent: Agent, allocation_id: str) -> tuple[Allocatio
     """Mark the job running. Starting again (a retried request) changes nothing."""
     allocation, offer, job = get_allocation(session, agent, allocation_id, lock=True)
     _active(allocation)
-    if job.state == JobState.matched:
-        job.move_to(JobState.running)
-        job.attempts += 1
-        job.started_at = allocation.started_at = job.updated_at
-        offer.unstarted_strikes = 0  # broker.market.timeouts: strikes count in a row
-        session.flush()
+    ledger.start(session, job, allocation, offer)
     return allocation, offer, job
 
 
@@ -288,7 +284,7 @@ def _uploaded(
     by hand) uploaded since the allocation was made: never another node's upload, nor
     anything else the provider may read, which the developer would then be given."""
     try:
-        if agent.account.role == Role.admin and agent.node_id is None:
+        if sees_all(agent.account) and agent.node_id is None:
             return get_blob(session, agent.account, sha256, BlobKind.arrays)
         return uploaded_since(
             session, agent.account, agent.node_id, sha256, BlobKind.arrays, allocation.created_at

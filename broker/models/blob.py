@@ -8,7 +8,6 @@ from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
-from broker.nodes import models as _nodes  # noqa: F401 (blob_uploads.node_id refers to nodes)
 
 
 class BlobKind(enum.StrEnum):

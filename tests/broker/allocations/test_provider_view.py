@@ -9,10 +9,10 @@ import numpy as np
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from broker.blobs.models import BlobUpload
+from broker.allocations.schemas import RunOut
 from broker.db import utcnow
+from broker.models.blob import BlobUpload
 from broker.portable import arrays
-from broker.runs.schemas import RunOut
 from tests.conftest import ClientFactory
 from tests.test_authz import build_world
 
@@ -23,7 +23,7 @@ def _bundle(value: float) -> bytes:
     return arrays.encode([np.full(2, value, np.float32)])  # what the world's job returns
 
 
-def test_reports_answer_with_the_work_order_view_not_the_developers_job(
+def test_reports_answer_with_the_provider_allocation_view_not_the_developers_job(
     db: Session, client_for: ClientFactory
 ) -> None:
     world = build_world(db)

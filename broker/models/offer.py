@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
@@ -19,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
+from broker.money import micros_to_usd
 
 
 class OfferStatus(enum.StrEnum):
@@ -68,6 +70,12 @@ class Offer(Base):
     tflops_fp32: Mapped[float] = mapped_column(Float)
     mem_bw_gbps: Mapped[float] = mapped_column(Float)
     price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
+
+    @property
+    def price_per_hour(self) -> Decimal:
+        """The ask in dollars, as the API shows it (``OfferOut`` reads it)."""
+        return micros_to_usd(self.price_per_hour_micros)
+
     region: Mapped[str] = mapped_column(String(64))
     country: Mapped[str] = mapped_column(String(2))
     lat: Mapped[float] = mapped_column(Float)

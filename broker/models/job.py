@@ -17,7 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
-from broker.jobs.states import FINAL_STATES, JobState, check_transition
+from broker.models.job_state import FINAL_STATES, JobState, check_transition
 from broker.types import StrList
 
 

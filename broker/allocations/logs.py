@@ -17,8 +17,8 @@ from typing import Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from broker.market.models import Allocation
-from broker.runs.models import MAX_LINES, RunLogLine
+from broker.models.market import Allocation
+from broker.models.run_log import MAX_LINES, RunLogLine
 
 
 class Line(Protocol):

@@ -10,26 +10,36 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from broker.auth import Agent, AgentDep, StreamingAgent
+from broker.accounts.callers import Agent
+from broker.allocations import service
+from broker.allocations.schemas import (
+    CheckpointIn,
+    Finish,
+    Progress,
+    ProviderAllocation,
+    RunOut,
+    WorkQuery,
+)
+from broker.auth import AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
-from broker.jobs.models import Job
-from broker.jobs.states import JobState
-from broker.market.models import Allocation
-from broker.offers.models import Offer
-from broker.runs import service
-from broker.runs.schemas import CheckpointIn, Finish, Progress, RunOut, WorkOrder, WorkQuery
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.market import Allocation
+from broker.models.offer import Offer
 from broker.types import ObjectId
 
-router = APIRouter(prefix="/v1/allocations", tags=["runs"])
+router = APIRouter(prefix="/v1/allocations", tags=["allocations"])
 
 _POLL_SECONDS = 0.5
 
 
-def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job) -> WorkOrder:
+def provider_allocation(
+    session: Session, allocation: Allocation, offer: Offer, job: Job
+) -> ProviderAllocation:
     cap_ms = billing.usage_cap_ms(session, allocation, job)
-    return WorkOrder(
+    return ProviderAllocation(
         allocation_id=allocation.id,
         status=allocation.status,
         job_id=job.id,
@@ -54,9 +64,9 @@ def work_order(session: Session, allocation: Allocation, offer: Offer, job: Job)
     )
 
 
-def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
+def _work(transactions: Transactions, agent: Agent) -> list[ProviderAllocation]:
     with transactions(write=False) as session:
-        return [work_order(session, *row) for row in service.work_for(session, agent)]
+        return [provider_allocation(session, *row) for row in service.work_for(session, agent)]
 
 
 @router.get(
@@ -69,7 +79,7 @@ def _work(transactions: Transactions, agent: Agent) -> list[WorkOrder]:
 )
 async def list_work(
     transactions: TransactionsDep, agent: StreamingAgent, query: Annotated[WorkQuery, Query()]
-) -> list[WorkOrder]:
+) -> list[ProviderAllocation]:
     deadline = time.monotonic() + query.wait
     while True:
         orders = await run_in_threadpool(_work, transactions, agent)
@@ -79,8 +89,8 @@ async def list_work(
 
 
 @router.post("/{allocation_id}/start", summary="Start a matched job (provider)")
-def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> WorkOrder:
-    return work_order(session, *service.start(session, agent, allocation_id))
+def start(session: SessionDep, agent: AgentDep, allocation_id: ObjectId) -> ProviderAllocation:
+    return provider_allocation(session, *service.start(session, agent, allocation_id))
 
 
 def run_out(session: Session, allocation_id: str, job: Job) -> RunOut:

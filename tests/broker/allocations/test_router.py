@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from broker.accounts.models import Role
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
+from broker.models.account import Role
 from broker.portable import arrays
 from broker.portable.artifact import package_step
 from tests.broker.portable.programs import sgd_args, sgd_step
@@ -70,7 +70,7 @@ def matched(fresh_engine: Engine, fresh_client_for: ClientFactory) -> dict[str, 
     }
 
 
-def test_work_order_says_what_to_run(matched: dict[str, Any]) -> None:
+def test_the_provider_allocation_says_what_to_run(matched: dict[str, Any]) -> None:
     order, job = matched["order"], matched["job"]
     assert order["job_id"] == job["id"]
     assert order["job_state"] == "matched"
