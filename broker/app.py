@@ -20,8 +20,9 @@ from broker import periodic
 from broker.accounts.router import router as accounts_router
 from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
+from broker.buckets import DatabaseBuckets, MemoryBuckets
 from broker.config import get_settings
-from broker.db import SessionDep
+from broker.db import SessionDep, get_engine
 from broker.errors import ERROR_RESPONSES, ErrorOut, error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
@@ -133,6 +134,7 @@ def create_app(
         burst=settings.rate_limit_burst,
         anonymous_rate=settings.rate_limit_anonymous_per_second,
         anonymous_burst=settings.rate_limit_anonymous_burst,
+        buckets=DatabaseBuckets(get_engine) if settings.shared_rate_limits else MemoryBuckets(),
     )
     # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
     app.add_middleware(RequestContext)

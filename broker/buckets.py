@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from sqlalchemy import Boolean, Double, Engine, String, text
@@ -93,12 +94,15 @@ class DatabaseBuckets:
 
     shared = True
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        self._engine = engine
+        self._autocommit: Engine | None = None
 
     def take(self, who: str, rate: float, burst: int) -> float:
+        if self._autocommit is None:  # made on first use: the engine is made lazily too
+            self._autocommit = self._engine().execution_options(isolation_level="AUTOCOMMIT")
         try:
-            with self.engine.connect() as conn:
+            with self._autocommit.connect() as conn:
                 tokens, granted = conn.execute(
                     _TAKE, {"key": who, "burst": burst, "rate": rate}
                 ).one()
