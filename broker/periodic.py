@@ -63,10 +63,16 @@ class NodeSweep:
 
     def __call__(self) -> None:
         now = time.monotonic()
-        late = now - self._last > self.interval * 1.2 + self.timeout / 4
+        gap = now - self._last
         self._last = now
-        if late:
+        if gap > self.interval * 2.5:
+            # Ticks were missed: the database was unreachable (the lease could not be
+            # renewed), or this process just became the sweep's leader. Heartbeats of
+            # that time may not have arrived: every node gets a full timeout first.
+            self.sweeper.resume_at = max(self.sweeper.resume_at, now + self.timeout)
             return
+        if gap > self.interval * 1.2 + self.timeout / 4:
+            return  # a late tick (this process was starved)
         swept = self.sweeper.tick(_probe_database, _sweep_nodes)
         if swept:
             log.warning("%d node(s) went offline; their jobs went back to the market", swept)
