@@ -7,9 +7,8 @@ import gc
 import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -17,24 +16,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from broker import periodic
 from broker.accounts.router import router as accounts_router
 from broker.allocations.router import router as runs_router
-from broker.billing import sync
 from broker.billing.router import router as billing_router
 from broker.blobs.router import router as blobs_router
+from broker.buckets import DatabaseBuckets, MemoryBuckets
 from broker.config import get_settings
-from broker.db import SessionDep, get_engine, session_scope
+from broker.db import SessionDep, get_engine
 from broker.errors import ERROR_RESPONSES, ErrorOut, error_body, install_handlers
 from broker.jobs.router import router as jobs_router
 from broker.limits import BodySizeLimit
 from broker.market.cache import BookCache
-from broker.market.clearing import RoundInProgress, run_round
 from broker.market.router import router as market_router
-from broker.market.standing import Standing
-from broker.market.timeouts import SweepReport, sweep_runs
 from broker.nodes.router import router as nodes_router
-from broker.nodes.service import sweep
-from broker.nodes.sweeper import Sweeper
 from broker.observability import (
     RequestContext,
     check_metrics_access,
@@ -63,107 +58,6 @@ always have the shape `{"error": {"code", "message", "field"}}`.
 """
 
 
-async def _clear_forever(interval: float) -> None:
-    """Automatic clearing rounds, every ``interval`` seconds, off the event loop."""
-    standing = Standing()
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(run_round, get_engine(), get_settings(), "auto", None, standing)
-        except RoundInProgress:
-            pass  # another worker or process is clearing; it covers this tick
-        except Exception:
-            log.exception("automatic clearing round failed")
-
-
-def _probe_database() -> None:
-    with session_scope(write=False) as session:
-        session.execute(text("SELECT 1"))
-
-
-def _sweep_nodes() -> int:
-    settings = get_settings()
-    with session_scope() as session:
-        return sweep(session, settings.node_timeout_s, settings.max_attempts)
-
-
-def _sweep_runs() -> SweepReport:
-    settings = get_settings()
-    with session_scope() as session:
-        return sweep_runs(
-            session,
-            start_timeout_s=settings.start_timeout_s,
-            max_unstarted=settings.max_unstarted,
-            margin_s=settings.run_margin_s,
-            max_attempts=settings.max_attempts,
-        )
-
-
-async def _sweep_forever() -> None:
-    """Mark nodes that stopped sending heartbeats offline and hand their jobs back,
-    then end runs that never started or ran past their time (broker.market.timeouts).
-
-    Node sweeps wait one node timeout after the server starts, pause while the
-    database is unreachable and wait one full timeout after it answers again
-    (broker.nodes.sweeper), so agents that kept running get to report in first;
-    and a tick that comes late (this process was starved) is skipped, since the
-    heartbeats it would judge may be waiting behind it.
-    """
-    timeout = get_settings().node_timeout_s
-    interval = min(5.0, timeout / 4)
-    sweeper = Sweeper(timeout)
-    while True:
-        before = time.monotonic()
-        await asyncio.sleep(interval)
-        if time.monotonic() - before > interval + timeout / 4:
-            continue
-        try:
-            swept = await asyncio.to_thread(sweeper.tick, _probe_database, _sweep_nodes)
-            if swept:
-                log.warning("%d node(s) went offline; their jobs went back to the market", swept)
-            if swept is not None and (report := await asyncio.to_thread(_sweep_runs)):
-                log.warning("runs swept: %s", report)
-        except Exception:
-            log.exception("node sweep failed")
-
-
-def _bill_once() -> sync.PassReport:
-    return sync.generate(lambda write=True: session_scope(write=write), get_settings())
-
-
-def _collect_garbage() -> list[str]:
-    from datetime import timedelta
-
-    from broker.blobs.service import collect_garbage, get_store
-
-    grace = timedelta(hours=get_settings().blob_grace_hours)
-    return collect_garbage(lambda write=True: session_scope(write=write), get_store(), grace)
-
-
-async def _bill_forever(interval: float) -> None:
-    """Billing passes: invoices for the period that ended, Stripe sync and retries of
-    webhook events (each idempotent, so several processes may run them); and uploads
-    no job uses deleted once their grace period is over."""
-    while True:
-        try:
-            if deleted := await asyncio.to_thread(_collect_garbage):
-                log.info("deleted %d upload(s) no job uses", len(deleted))
-        except Exception:
-            log.exception("deleting unused uploads failed")
-        try:
-            report = await asyncio.to_thread(_bill_once)
-            if report.invoices or report.sync_errors:
-                log.info(
-                    "billing pass: %d invoice(s), %d synced to Stripe, %d sync error(s)",
-                    len(report.invoices),
-                    len(report.synced),
-                    len(report.sync_errors),
-                )
-        except Exception:
-            log.exception("billing pass failed")
-        await asyncio.sleep(interval)
-
-
 def tune_for_serving() -> None:
     """Settings of the Python interpreter for a worker process that serves requests.
 
@@ -187,16 +81,17 @@ def tune_for_serving() -> None:
 def create_app(
     auto_clear: bool | None = None, auto_bill: bool | None = None, *, served: bool = False
 ) -> FastAPI:
-    """The API. ``auto_clear`` (default: BROKER_CLEAR_INTERVAL_SECONDS > 0) runs
-    clearing rounds in the background while the app is served; ``auto_bill``
-    (default: BROKER_BILLING_INTERVAL_SECONDS > 0), billing passes; ``served``:
-    a ``broker serve`` worker process, whose interpreter is tuned at startup
-    (``tune_for_serving``)."""
-    interval = get_settings().clear_interval_seconds
+    """The API. While it is served, its periodic tasks (``broker.periodic``) run in
+    the background: ``auto_clear`` (default: BROKER_CLEAR_INTERVAL_SECONDS > 0)
+    clearing rounds; ``auto_bill`` (default: BROKER_BILLING_INTERVAL_SECONDS > 0),
+    billing passes; node sweeps always. ``served``: a ``broker serve`` worker
+    process, whose interpreter is tuned at startup (``tune_for_serving``) and which
+    runs no periodic task (the scheduler process does)."""
+    settings = get_settings()
+    interval = settings.clear_interval_seconds
     clearing = interval > 0 if auto_clear is None else auto_clear
-    billing_interval = get_settings().billing_interval_seconds
-    if auto_bill is False:
-        billing_interval = 0.0
+    if clearing and interval <= 0:
+        settings = settings.model_copy(update={"clear_interval_seconds": 10.0})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -204,16 +99,14 @@ def create_app(
             configure_logging(get_settings().log_format)
         if served:
             tune_for_serving()
-        tasks = [asyncio.create_task(_sweep_forever())]
-        if billing_interval > 0:
-            tasks.append(asyncio.create_task(_bill_forever(billing_interval)))
-        if clearing:
-            tasks.append(asyncio.create_task(_clear_forever(interval or 10.0)))
+            yield  # the periodic tasks run in broker serve's scheduler process
+            return
+        # Served some other way (tests, `uvicorn broker.app:app`): the periodic tasks
+        # run here, in threads, once per database at a time like everywhere else.
+        scheduler = periodic.scheduler(settings, clearing=clearing, billing=auto_bill is not False)
+        scheduler.start()
         yield
-        for task in tasks:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+        await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(
         title="Compute Broker",
@@ -227,7 +120,6 @@ def create_app(
         redoc_url=None,
     )
     install_handlers(app)
-    settings = get_settings()
     app.state.book_cache = BookCache(settings.book_cache_seconds)
     app.add_middleware(
         BodySizeLimit,
@@ -242,6 +134,7 @@ def create_app(
         burst=settings.rate_limit_burst,
         anonymous_rate=settings.rate_limit_anonymous_per_second,
         anonymous_burst=settings.rate_limit_anonymous_burst,
+        buckets=DatabaseBuckets(get_engine) if settings.shared_rate_limits else MemoryBuckets(),
     )
     # Outermost: every answer, a 413 or a 429 too, carries the request id and is counted.
     app.add_middleware(RequestContext)
@@ -312,8 +205,8 @@ def create_app(
 
 
 def create_served_app() -> FastAPI:
-    """The app as ``broker serve``'s workers run it: clearing rounds run in a process
-    of their own (``clearing.clear_in_process``), not in the workers. A worker dies
+    """The app as ``broker serve``'s workers run it: periodic tasks run in a process
+    of their own (``broker.periodic.main``), not in the workers. A worker dies
     at once with the process that started it, so none is left serving the port."""
     import signal
 

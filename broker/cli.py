@@ -102,7 +102,8 @@ def serve(
     """Serve the HTTP API and the dashboard; with BROKER_CLEAR_INTERVAL_SECONDS > 0,
     clear the market in a process of its own. Ctrl-C or SIGTERM stops everything it
     started within seconds: the demo first (its agents sign off while the server
-    still answers), then the web server, then the clearing process."""
+    still answers), then the web server, then the scheduler process (rounds, sweeps,
+    billing)."""
     from broker.config import get_settings
     from broker.migrate import upgrade
 
@@ -137,7 +138,6 @@ def serve(
             host=bind_host,
             port=bind_port,
             workers=count,
-            clear_interval=settings.clear_interval_seconds,
             demo_url=f"http://{local}:{bind_port}" if demo else None,
         )
     )

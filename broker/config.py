@@ -132,8 +132,8 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(
         default=100.0,
         ge=0,
-        description="Requests a second one API key may send on average, per server process; "
-        "0 turns rate limits off",
+        description="Requests a second one API key may send on average (per server process "
+        "unless RATE_LIMIT_STORE is shared); 0 turns rate limits off",
     )
     rate_limit_burst: int = Field(
         default=200, ge=1, description="Requests one API key may send at once"
@@ -148,6 +148,34 @@ class Settings(BaseSettings):
     rate_limit_anonymous_burst: int = Field(
         default=50, ge=1, description="Requests one client address may send at once without a key"
     )
+    rate_limit_store: Literal["auto", "memory", "database"] = Field(
+        default="auto",
+        description="Where rate limits are counted: 'database' shares them across every "
+        "process and replica (PostgreSQL only), 'memory' counts per server process; 'auto' "
+        "is 'database' on PostgreSQL and 'memory' on SQLite",
+    )
+    lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a process's lease on a periodic task (clearing, sweeps, "
+        "billing) lasts unrenewed: how soon another process or replica takes the task over "
+        "from one that died",
+    )
+    blob_store: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where uploads are stored: 'local' (DATA_DIR/blobs, one machine) or "
+        "'s3' (an S3-compatible bucket every replica shares)",
+    )
+    s3_bucket: str = Field(default="", description="The bucket, with BLOB_STORE=s3")
+    s3_prefix: str = Field(default="blobs/", description="Key prefix of the blobs in the bucket")
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="An S3-compatible server (MinIO, Ceph, R2...); unset means AWS. "
+        "Credentials come from the usual AWS_* variables or the instance's role",
+    )
+    s3_region: str | None = Field(default=None, description="The bucket's region")
     metrics_token: SecretStr | None = Field(
         default=None,
         min_length=16,
@@ -231,6 +259,13 @@ class Settings(BaseSettings):
     def blob_dir(self) -> Path:
         """Where artifacts and array bundles are stored, by content address."""
         return self.data_dir / "blobs"
+
+    @property
+    def shared_rate_limits(self) -> bool:
+        """Whether rate limits are counted in the database (across replicas)."""
+        if self.rate_limit_store == "auto":
+            return self.effective_database_url.startswith("postgresql")
+        return self.rate_limit_store == "database"
 
     @property
     def effective_database_url(self) -> str:

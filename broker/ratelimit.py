@@ -15,10 +15,10 @@ cannot spend its former account's budget.
 A caller may send ``rate`` requests a second on average and bursts of ``burst``;
 past that it gets 429 with ``Retry-After`` (whole seconds until the next token).
 
-The buckets live in each server process: with N worker processes a caller may
-send up to N times the rate in total. Limits shared across processes and
-replicas belong in front of the broker (a proxy) or in a shared store; the
-per-process limit still keeps one client from starving the others.
+Where the buckets live is ``broker.buckets``'s business: on PostgreSQL in a table
+every process of every replica shares (a caller gets its rate in total, however
+many replicas serve it); with the embedded SQLite default in each server process
+(with N worker processes a caller may send up to N times the rate in total).
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import hashlib
 import json
 import math
 import threading
-import time
 from collections import OrderedDict
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker.buckets import Buckets, MemoryBuckets
 from broker.errors import error_body
 from broker.observability import RATE_LIMITED
 
-_MAX_BUCKETS = 100_000  # the least recently used are forgotten past this
 _MAX_KEYS = 100_000
 
 # Digest of a key -> who it authenticated as, for keys this process has seen pass.
@@ -98,14 +98,14 @@ class RateLimit:
         burst: int,
         anonymous_rate: float | None = None,
         anonymous_burst: int | None = None,
+        buckets: Buckets | None = None,
     ) -> None:
         self.app = app
+        self.buckets = buckets or MemoryBuckets()
         self.rate = rate
         self.burst = max(1, burst)
         self.anonymous_rate = rate if anonymous_rate is None else anonymous_rate
         self.anonymous_burst = max(1, anonymous_burst or self.burst)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.rate <= 0 or not _limited(scope):
@@ -114,19 +114,20 @@ class RateLimit:
         digest = bearer_digest(scope)
         identity = _identity(digest) if digest else None
         if identity is not None:
-            wait, what = self._take(identity, self.rate, self.burst), "API key's account"
+            wait, what = await self._take(identity, self.rate, self.burst), "API key's account"
             rate, burst = self.rate, self.burst
         else:
             client = scope.get("client")
             address = f"address:{client[0] if client else '?'}"
             rate, burst = self.anonymous_rate, self.anonymous_burst
-            wait, what = self._take(address, rate, burst), "client address (no known API key)"
+            wait = await self._take(address, rate, burst)
+            what = "client address (no known API key)"
         if wait <= 0:
             await self.app(scope, receive, send)
             # A key that authenticated just now: this request counts for its owner
             # too, so that a caller's first request is charged like the others.
             if identity is None and digest is not None and (found := _identity(digest)):
-                self._take(found, self.rate, self.burst)
+                await self._take(found, self.rate, self.burst)
             return
         RATE_LIMITED.inc()
         retry = max(1, math.ceil(wait))
@@ -149,18 +150,8 @@ class RateLimit:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    def _take(self, who: str, rate: float, burst: int) -> float:
+    async def _take(self, who: str, rate: float, burst: int) -> float:
         """Take a token; returns 0, or the seconds until one is free."""
-        with self._lock:
-            now = time.monotonic()
-            tokens, last = self._buckets.pop(who, (float(burst), now))
-            tokens = min(float(burst), tokens + (now - last) * rate)
-            if tokens >= 1:
-                self._buckets[who] = (tokens - 1, now)
-                wait = 0.0
-            else:
-                self._buckets[who] = (tokens, now)
-                wait = (1 - tokens) / rate if rate > 0 else 3600.0
-            if len(self._buckets) > _MAX_BUCKETS:
-                self._buckets.popitem(last=False)
-            return wait
+        if self.buckets.shared:  # a database round trip: off the event loop
+            return await anyio.to_thread.run_sync(self.buckets.take, who, rate, burst)
+        return self.buckets.take(who, rate, burst)

@@ -1,11 +1,12 @@
 """``broker serve``'s processes, started and stopped in order.
 
-The web server (uvicorn and its workers), the clearing process and the demo (with
+The web server (uvicorn and its workers), the scheduler process (clearing rounds,
+sweeps and billing: ``broker.periodic``) and the demo (with
 its agents) each run in a process group of their own, so a Ctrl-C in the terminal
 reaches only ``broker serve`` (and ``make``), never them directly. On SIGINT or
 SIGTERM ``broker serve`` stops them in the order that loses nothing: the demo
 first, whose agents sign off while the server still answers; then the web server;
-then the clearing process, which finishes a round when it can. Whatever is still
+then the scheduler process, which finishes a round when it can. Whatever is still
 running when its share of ``STOP_SECONDS`` is up is killed with its whole group,
 so nothing outlives ``broker serve``. Each child also dies with its parent
 (Linux's parent-death signal) should ``broker serve`` itself be killed.
@@ -35,7 +36,6 @@ class Plan:
     host: str
     port: int
     workers: int
-    clear_interval: float
     demo_url: str | None  # the URL the demo reaches the server at; None: no demo
 
 
@@ -75,13 +75,13 @@ def _http(host: str, port: int, workers: int) -> None:
     )
 
 
-def _clearing(interval: float) -> None:
+def _scheduler() -> None:
+    from broker import periodic
     from broker.config import get_settings
-    from broker.market.clearing import clear_in_process
     from broker.observability import configure_logging
 
     configure_logging(get_settings().log_format)
-    clear_in_process(interval)
+    periodic.main()
 
 
 def _start(role: str, *args: str) -> subprocess.Popen[bytes]:
@@ -118,12 +118,12 @@ def _stop(process: subprocess.Popen[bytes], seconds: float, signal_first: bool =
 
 def main(argv: list[str]) -> None:
     """The body of one of ``broker serve``'s processes: ``http HOST PORT WORKERS`` or
-    ``clearing INTERVAL``."""
+    ``scheduler`` (every periodic task: ``broker.periodic``)."""
     role, *args = argv
     if role == "http":
         _http(args[0], int(args[1]), int(args[2]))
-    elif role == "clearing":
-        _clearing(float(args[0]))
+    elif role == "scheduler":
+        _scheduler()
     else:
         raise SystemExit(f"unknown role {role!r}")
 
@@ -138,7 +138,9 @@ def run(plan: Plan) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM)
     }
     http = _start("http", plan.host, str(plan.port), str(plan.workers))
-    clearing = _start("clearing", str(plan.clear_interval)) if plan.clear_interval > 0 else None
+    # Clearing, sweeps and billing: each once per database at a time, whatever the
+    # number of replicas (broker.scheduler), so every replica runs one of these.
+    scheduler = _start("scheduler")
     demo = None
     if plan.demo_url is not None:
         demo = _start_module("broker.demo", "--url", plan.demo_url)
@@ -151,14 +153,13 @@ def run(plan: Plan) -> int:
                 break
     finally:
         started = time.monotonic()
-        for process in (demo, clearing):  # the clearing process finishes its round if it can
+        for process in (demo, scheduler):  # the scheduler finishes its round if it can
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         if demo is not None:
             _stop(demo, _DEMO_SHARE, signal_first=False)
         _stop(http, max(0.1, _DEMO_SHARE + _HTTP_SHARE - (time.monotonic() - started)))
-        if clearing is not None:
-            _stop(clearing, max(0.1, STOP_SECONDS - (time.monotonic() - started)), False)
+        _stop(scheduler, max(0.1, STOP_SECONDS - (time.monotonic() - started)), False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("stopped in %.1f s", time.monotonic() - started)

@@ -22,6 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("broker.cli", "broker.demo"),
     ("broker.app",),
     ("broker.supervise", "web", "broker.devcli"),
+    # The periodic work (clearing, sweeps, billing), led by one replica at a time.
+    ("broker.periodic",),
     # HTTP: routes, and who may call them.
     ("broker.*.router",),
     ("broker.auth", "broker.shortcuts"),
@@ -36,7 +38,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # Matched work; metrics and rate limits (which read the tables); the tables.
     ("broker.ledger",),
     ("broker.ratelimit",),
+    ("broker.buckets",),
     ("broker.observability",),
+    ("broker.scheduler",),
+    ("broker.leases",),
     ("broker.models",),
     # The provider's agent and the SDK, over the portability layer.
     ("broker.agent",),

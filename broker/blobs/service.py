@@ -40,7 +40,15 @@ class InvalidArrays(InvalidInput):
 
 @cache
 def get_store() -> BlobStore:
-    return LocalBlobStore(get_settings().blob_dir)
+    """The configured store: DATA_DIR/blobs, or an S3-compatible bucket (``blobs.s3``)."""
+    settings = get_settings()
+    if settings.blob_store == "s3":
+        from broker.blobs.s3 import S3BlobStore
+
+        return S3BlobStore.from_settings(
+            settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region
+        )
+    return LocalBlobStore(settings.blob_dir)
 
 
 def check_artifact(upload: Upload) -> dict[str, Any]:

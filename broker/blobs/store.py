@@ -3,8 +3,8 @@
 Everything stored is named by the SHA-256 of its bytes, so a blob never
 changes once written, uploads of the same bytes are free, and a reader can
 check what it got. ``BlobStore`` is the whole interface; ``LocalBlobStore``
-keeps blobs under the data directory, and an object store would implement the
-same few methods.
+keeps blobs under the data directory (one machine), ``broker.blobs.s3`` in an
+S3-compatible bucket (every replica).
 """
 
 from __future__ import annotations

@@ -12,17 +12,17 @@ A round runs in three steps so that the solve (seconds) holds no locks:
    waits for the next round. So capacity is never oversold, no job is matched
    twice and none above its current bid, whatever runs at the same time.
 
-Only one round runs at a time per database (``leader``); a second caller is
-told so instead of waiting.
+Only one round runs at a time per database (``leader``, a lease: ``broker.leases``);
+a second caller is told so instead of waiting. The apply step is fenced by the
+lease's token, checked in its own transaction: a round whose lease passed to
+another process meanwhile (it stalled past the lease's expiry) commits nothing.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,13 +30,11 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime
 from fractions import Fraction
-from pathlib import Path
 
-from sqlalchemy import Engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from broker import ledger
+from broker import leases, ledger
 from broker.billing import service as billing
 from broker.billing.amounts import with_fee
 from broker.config import Settings
@@ -53,50 +51,20 @@ from solver import Market, Result, Warm, solve
 
 log = logging.getLogger(__name__)
 
-_ADVISORY_KEY = 0x62726F6B  # "brok": the clearing leader's PostgreSQL advisory lock
-_local_lock = threading.Lock()
-
 
 class RoundInProgress(Conflict):
     code = "round_in_progress"
 
 
+ROUND_LEASE = "clearing"
+
+
 @contextmanager
-def leader(engine: Engine) -> Iterator[bool]:
-    """Try to become the one process clearing this database; yields whether it did."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            got = bool(
-                conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _ADVISORY_KEY}).scalar()
-            )
-            conn.commit()
-            try:
-                yield got
-            finally:
-                if got:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _ADVISORY_KEY})
-                    conn.commit()
-        return
-    database = make_url(str(engine.url)).database
-    if not database or database == ":memory:":
-        got = _local_lock.acquire(blocking=False)
-        try:
-            yield got
-        finally:
-            if got:
-                _local_lock.release()
-        return
-    # SQLite: an advisory file lock beside the database, across processes.
-    with open(Path(database).with_suffix(".clearing.lock"), "a+b") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def leader(engine: Engine, seconds: float = 60.0) -> Iterator[int | None]:
+    """Try to become the one process clearing this database for up to ``seconds``;
+    yields the lease's token (the round's writes are fenced by it), or None."""
+    with leases.held(engine, ROUND_LEASE, seconds) as token:
+        yield token
 
 
 # A solve: the market, the time limit, and the last round's hand-over (or None).
@@ -118,56 +86,26 @@ def run_round(
     thread). ``standing`` is what earlier rounds of this process remember, so
     that this one reads and solves only what changed (``broker.market.standing``).
     """
-    with leader(engine) as got:
-        if not got:
+    with leader(engine, round_lease_seconds(settings)) as token:
+        if token is None:
             raise RoundInProgress("a clearing round is already running; try again shortly")
-        record = _run(engine, settings, trigger, solver, standing)
+        record = _run(engine, settings, trigger, solver, standing, token)
     if record is not None:
         observe_round(trigger, record.status, record.solve_seconds, record.matched)
     return record
+
+
+def round_lease_seconds(settings: Settings) -> float:
+    """How long a round may hold the clearing lease: its solve three times over, and the
+    leases' own margin. A round that overruns it loses nothing but its own matches."""
+    return 3 * settings.clear_time_limit_seconds + settings.lease_seconds
 
 
 def _solve_here(market: Market, time_limit: float, warm: Warm | None = None) -> Result:
     return solve(market, time_limit=time_limit, warm=warm)
 
 
-def clear_in_process(interval: float) -> None:
-    """Automatic rounds every ``interval`` seconds, as the body of a process of their
-    own (``broker serve`` starts one): a round is seconds of solver CPU, which in a
-    web worker would hold up that worker's requests. The solve runs in a child
-    process at a lower priority, so requests come first. On PostgreSQL the whole
-    process runs at a somewhat lower priority too: its reads hold no locks that
-    requests wait for (MVCC), and its writes lock only the rows it matches. On
-    SQLite reading and writing run at normal priority, so a round never holds the
-    database's one write lock while starved (that would stop every submission).
-    On SIGTERM or SIGINT the process finishes the round it is in, then exits."""
-    import signal
-
-    import broker.models  # noqa: F401 - every table, so the ORM can resolve foreign keys
-    from broker.config import get_settings
-    from broker.db import get_engine
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     clearing: %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if get_engine().dialect.name == "postgresql":
-        os.nice(_ROUND_NICENESS)
-    solver = _BackgroundSolver()
-    standing = Standing()
-    try:
-        while not stop.wait(interval):
-            try:
-                run_round(get_engine(), get_settings(), "auto", solver, standing)
-            except RoundInProgress:
-                pass  # another process is clearing; it covers this tick
-            except Exception:
-                log.exception("automatic clearing round failed")
-    finally:
-        solver.close()
-
-
-class _BackgroundSolver:
+class BackgroundSolver:
     """``solver.solve`` in a child process at a lower CPU priority (started on first use,
     and again after it died)."""
 
@@ -192,10 +130,10 @@ class _BackgroundSolver:
             self._pool.shutdown()
 
 
-# Niceness (added to the server's) of the clearing process on PostgreSQL, and of its
-# solver: under a full CPU, requests get about three times the clearing process's
-# share of a core and thirty times the solver's.
-_ROUND_NICENESS = 10
+# Niceness (added to the server's) of the scheduler process on PostgreSQL
+# (broker.periodic), and of its solver: under a full CPU, requests get about three
+# times the scheduler's share of a core and thirty times the solver's.
+ROUND_NICENESS = 10
 _SOLVER_NICENESS = 9
 
 
@@ -212,7 +150,10 @@ def _run(
     trigger: str,
     solver: Solve | None = None,
     standing: Standing | None = None,
+    token: int | None = None,
 ) -> ClearingRound | None:
+    """The round itself; ``token``: the clearing lease's, which fences the apply step
+    (None only for tests that race rounds on purpose)."""
     _close_interrupted(engine)
     round_id = new_id("rnd")
     started = time.perf_counter()
@@ -242,6 +183,8 @@ def _run(
         if standing:
             standing.solved(market, result)
         with transaction(engine) as session:
+            if token is not None:
+                leases.fence(session, ROUND_LEASE, token)  # first: the lease row, then offers
             matched, stale = _apply(session, round_id, result, versions, settings, fee_ppm)
             record = session.get_one(ClearingRound, round_id)
             record.status = result.status

@@ -5,9 +5,11 @@ from broker.models.account import Account, ApiKey
 from broker.models.billing import FeeSetting, Invoice, InvoiceLine, StripeCustomer, StripeEvent
 from broker.models.blob import Blob, BlobGrant
 from broker.models.job import Job
+from broker.models.lease import Lease
 from broker.models.market import Allocation, ClearingRound
 from broker.models.node import Node
 from broker.models.offer import Offer
+from broker.models.rate_bucket import RateBucket
 from broker.models.run_log import RunLogLine
 
 __all__ = [
@@ -22,8 +24,10 @@ __all__ = [
     "Invoice",
     "InvoiceLine",
     "Job",
+    "Lease",
     "Node",
     "Offer",
+    "RateBucket",
     "RunLogLine",
     "StripeCustomer",
     "StripeEvent",
