@@ -177,7 +177,8 @@ def test_tolerations_parse_and_match() -> None:
         "effect": "NoExecute",
     }
     taint = {"key": "dedicated", "value": "ml", "effect": "NoExecute"}
-    assert exists.tolerates(taint) and equal.tolerates(taint)
+    assert exists.tolerates(taint)
+    assert equal.tolerates(taint)
     assert not equal.tolerates({**taint, "effect": "NoSchedule"})
     with pytest.raises(ValueError, match="KEY"):
         kube.Toleration.parse("=x")

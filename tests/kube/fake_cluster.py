@@ -13,6 +13,7 @@ Tests evict pods, take nodes away and make pulls fail through methods here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -201,7 +202,15 @@ class FakeCluster:
                 "name": f"{name}-{secrets.token_hex(3)[:5]}",
                 "namespace": namespace,
                 "labels": labels,
-                "ownerReferences": [{"kind": "Job", "name": name, "uid": job["metadata"]["uid"]}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": name,
+                        "uid": job["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
             },
             "spec": template["spec"],
             "status": {"phase": "Pending"},
@@ -265,17 +274,11 @@ class FakeCluster:
         if current is None:
             return
         if self.pull_fails:
-            current["status"]["containerStatuses"] = [
-                {
-                    "name": container["name"],
-                    "state": {
-                        "waiting": {
-                            "reason": "ImagePullBackOff",
-                            "message": f'Back-off pulling image "{container["image"]}"',
-                        }
-                    },
-                }
-            ]
+            waiting = {
+                "reason": "ImagePullBackOff",
+                "message": f'Back-off pulling image "{container["image"]}"',
+            }
+            current["status"]["containerStatuses"] = [_container(container, {"waiting": waiting})]
             self.put("pods", current)
             return
         command = list(container["command"])
@@ -291,7 +294,7 @@ class FakeCluster:
         current["status"].update(
             phase="Running",
             startTime=_now(),
-            containerStatuses=[{"name": container["name"], "state": {"running": {}}}],
+            containerStatuses=[_container(container, {"running": {"startedAt": _now()}})],
         )
         self.put("pods", current)
         code = process.wait()
@@ -304,10 +307,7 @@ class FakeCluster:
         current["status"].update(
             phase="Succeeded" if code == 0 else "Failed",
             containerStatuses=[
-                {
-                    "name": container["name"],
-                    "state": {"terminated": {"exitCode": code, "reason": reason}},
-                }
+                _container(container, {"terminated": {"exitCode": code, "reason": reason}})
             ],
         )
         self.put("pods", current)
@@ -357,12 +357,23 @@ class FakeCluster:
                     yield {"type": event, "object": obj}
 
 
+def _container(container: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A container's status, with the fields the API always fills."""
+    return {
+        "name": container["name"],
+        "image": container["image"],
+        "imageID": "",
+        "ready": "running" in state,
+        "restartCount": 0,
+        "started": "running" in state,
+        "state": state,
+    }
+
+
 def _kill(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait()
 
 
