@@ -31,11 +31,19 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 ROOT = Path(__file__).resolve().parents[2]
+NODES: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "samples" / "nodes.json").read_text()
+)["items"]
 KINDS = {"nodes": ("v1", "Node"), "pods": ("v1", "Pod"), "jobs": ("batch/v1", "Job")}
 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def node_named(name: str) -> dict[str, Any]:
+    """One node of ``samples/nodes.json``."""
+    return copy.deepcopy(next(n for n in NODES if n["metadata"]["name"] == name))
 
 
 def status(code: int, reason: str, message: str, kind: str = "", name: str = "") -> dict[str, Any]:
@@ -334,7 +342,7 @@ class FakeCluster:
                 position = next(
                     (i for i, e in enumerate(self.events) if e[0] > int(since)), len(self.events)
                 )
-                pending = []
+                pending: list[dict[str, Any]] = []
             else:
                 position = len(self.events)
                 pending = [{"type": "ADDED", "object": o} for o in self.items(kind, namespace)]

@@ -12,8 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from adapters.kubernetes import DEFAULT_TOLERATIONS
 from broker.agent.kube_jobs import job_manifest
-from tests.kube.fake_cluster import FakeCluster
-from tests.kube.test_agent_kube import NODES, node_named
+from tests.kube.fake_cluster import NODES, FakeCluster, node_named
 
 
 @pytest.fixture
@@ -24,7 +23,8 @@ def cluster() -> Any:
 
 def test_list_watch_create_delete_and_errors(cluster: FakeCluster) -> None:
     api = cluster.api_client()
-    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    core: Any = client.CoreV1Api(api)
+    batch: Any = client.BatchV1Api(api)
     nodes = core.list_node()
     assert [n.metadata.name for n in nodes.items] == ["gke-a3-pool-7f3c9b1e-x2kq"]
     assert nodes.items[0].status.allocatable["nvidia.com/gpu"] == "8"
@@ -56,7 +56,7 @@ def test_list_watch_create_delete_and_errors(cluster: FakeCluster) -> None:
     with pytest.raises(ApiException) as exists:
         batch.create_namespaced_job("market", body)
     assert exists.value.status == 409
-    assert json.loads(exists.value.body)["reason"] == "AlreadyExists"
+    assert json.loads(str(exists.value.body))["reason"] == "AlreadyExists"
     watcher.join(timeout=10)
     assert events[0] == ("ADDED", "Pending")
     (pod,) = core.list_namespaced_pod("market", label_selector="job-name=broker-alloc-0123").items
@@ -68,5 +68,5 @@ def test_list_watch_create_delete_and_errors(cluster: FakeCluster) -> None:
     with pytest.raises(ApiException) as missing:
         batch.delete_namespaced_job("broker-alloc-0123", "market")
     assert missing.value.status == 404
-    assert json.loads(missing.value.body)["kind"] == "Status"
+    assert json.loads(str(missing.value.body))["kind"] == "Status"
     assert len(NODES) > 1
