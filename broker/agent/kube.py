@@ -129,6 +129,7 @@ class KubeAgent:
         self._unreported: dict[str, tuple[_Member, str]] = {}  # allocation -> member, error
         self._unpriced: set[str] = set()
         self._changed = threading.Event()
+        self._cleaned = False  # the Jobs an earlier agent left are deleted at the first look
         self._lock = threading.Lock()
         self.heartbeat_seconds = 15.0
         self.timeout_seconds = 60.0
@@ -183,8 +184,16 @@ class KubeAgent:
         by_node: dict[str, list[kube.NodeCapacity]] = {}
         for cap in caps:
             by_node.setdefault(cap.node, []).append(cap)
+        if not self._cleaned:
+            self.cleanup(pods)
+            self._cleaned = True
         for name, node_caps in by_node.items():
-            self._sync_member(name, node_caps)
+            try:
+                self._sync_member(name, node_caps)
+            except BrokerError as e:  # one node the broker refuses must not stop the others
+                if _retryable(e):
+                    raise
+                log.error("node %s: the broker refused it: %s", name, e)
         for name in [n for n in self.members if n not in by_node]:
             self._drop_member(self.members[name], f"node {name} left the cluster")
         ready = {str(n["metadata"]["name"]) for n in nodes if kube.ready_problem(n) is None}
@@ -270,8 +279,10 @@ class KubeAgent:
             try:
                 order = member.client.start(allocation)
             except BrokerError as e:
-                if e.code != "allocation_ended":
+                if _retryable(e):
                     raise
+                if e.code != "allocation_ended":
+                    log.error("allocation %s: the broker refused to start it: %s", allocation, e)
                 self._done.add(allocation)
                 continue
             env = runner_env(self.config.broker, member.key, order, self.config.emulated)
@@ -392,7 +403,6 @@ class KubeAgent:
     def run(self, stop: threading.Event) -> None:
         """Offer the cluster and run its jobs until ``stop`` is set; then delete the
         Jobs and sign every node off."""
-        self.cleanup(self.snapshot()[1])
         for list_fn in (self.core.list_node, self.core.list_pod_for_all_namespaces):
             threading.Thread(
                 target=self._watch, args=(list_fn, stop), name="kube-watch", daemon=True
@@ -403,24 +413,32 @@ class KubeAgent:
             while not stop.is_set():
                 try:
                     now = time.monotonic()
-                    if self._changed.is_set() or now - last_refresh >= self.config.refresh_seconds:
+                    since = now - last_refresh
+                    # Every event marks a change; a busy cluster is read at most once a second.
+                    if (self._changed.is_set() and since >= 1.0) or (
+                        since >= self.config.refresh_seconds
+                    ):
                         self._changed.clear()
                         last_refresh = now
                         self.reconcile()
                     if now - last_beat >= self.heartbeat_seconds:
                         last_beat = now
                         self.beat()
-                    if self.members:
-                        self.take(self.provider.work(wait=self.config.poll_seconds))
-                    else:
-                        stop.wait(self.config.poll_seconds)
+                    orders = self.provider.work(wait=self.config.poll_seconds)
+                    if not self.take(orders):
+                        # Running work answers the poll at once; don't spin on it.
+                        stop.wait(self.config.poll_seconds if orders else 0.0)
                     delay = 1.0
                 except BrokerError as e:
                     if e.status == 401:
-                        raise AgentStopped(f"the broker refused a key: {e}") from None
-                    if not isinstance(e, BrokerUnavailable) and e.status < 500:
-                        raise
-                    log.warning("broker unavailable (%s); retrying in %.0f s", e, delay)
+                        raise AgentStopped(
+                            f"the broker refused a key ({e}): another agent registered "
+                            "this cluster's nodes, or the provider's key was revoked"
+                        ) from None
+                    if _retryable(e):
+                        log.warning("broker unavailable (%s); retrying in %.0f s", e, delay)
+                    else:
+                        log.error("the broker refused a request: %s", e)
                     stop.wait(delay)
                     delay = min(delay * 2, 30.0)
                 except Exception as e:
@@ -447,6 +465,12 @@ class KubeAgent:
             member.client.close()
         self.members.clear()
         self.provider.close()
+
+
+def _retryable(e: BrokerError) -> bool:
+    """The broker is unreachable or failing (5xx), or the key is refused (401): not a
+    refusal of one request."""
+    return isinstance(e, BrokerUnavailable) or e.status >= 500 or e.status == 401
 
 
 def _is_api_error(e: Exception) -> bool:
