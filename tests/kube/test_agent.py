@@ -160,8 +160,23 @@ def test_a_matched_job_runs_as_a_kubernetes_job(market: dict[str, Any]) -> None:
             # The run is over: its Job (and pod) are deleted.
             _wait(lambda: not cluster.items("jobs") and not cluster.pods_of(allocation))
             assert not running.agent.runs
+            # Everything the agent asked of the cluster is in the RBAC the docs give it.
+            assert {rbac(method, path) for method, path in cluster.requests} == {
+                ("nodes", "list"),  # list and watch
+                ("pods", "list"),
+                ("jobs", "create"),
+                ("jobs", "delete"),
+            }
         finally:
             running.close()
+
+
+def rbac(method: str, path: str) -> tuple[str, str]:
+    """The resource and verb of a request, for the agent's RBAC (its jobs in "market")."""
+    if path.startswith("/apis/batch/v1/namespaces/market/jobs"):
+        return "jobs", {"POST": "create", "DELETE": "delete"}[method]
+    assert method == "GET", path
+    return {"/api/v1/nodes": ("nodes", "list"), "/api/v1/pods": ("pods", "list")}[path]
 
 
 def _long_job(developer: Client) -> Any:
