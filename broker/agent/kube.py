@@ -100,17 +100,6 @@ def broker_name(cluster: str, node: str) -> str:
     return name[:91] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def load_api(kubeconfig: str | None = None, in_cluster: bool = False) -> Any:
-    """An API client: the pod's service account (``in_cluster``), else a kubeconfig
-    (the given file, or ``$KUBECONFIG`` / ``~/.kube/config``)."""
-    from kubernetes import client, config
-
-    if in_cluster:
-        config.load_incluster_config()
-        return client.ApiClient()
-    return config.new_client_from_config(config_file=kubeconfig)
-
-
 class KubeAgent:
     """The agent of one cluster. ``run`` blocks until ``stop`` is set."""
 
@@ -130,7 +119,6 @@ class KubeAgent:
         self._unpriced: set[str] = set()
         self._changed = threading.Event()
         self._cleaned = False  # the Jobs an earlier agent left are deleted at the first look
-        self._lock = threading.Lock()
         self.heartbeat_seconds = 15.0
         self.timeout_seconds = 60.0
 
@@ -195,7 +183,8 @@ class KubeAgent:
                     raise
                 log.error("node %s: the broker refused it: %s", name, e)
         for name in [n for n in self.members if n not in by_node]:
-            self._drop_member(self.members[name], f"node {name} left the cluster")
+            why = f"node {name} left the cluster (or no longer has accelerators)"
+            self._drop_member(self.members[name], why)
         ready = {str(n["metadata"]["name"]) for n in nodes if kube.ready_problem(n) is None}
         self._follow(pods, ready)
 
@@ -257,10 +246,17 @@ class KubeAgent:
         try:
             member.client.sign_off(member.node_id)
         except BrokerError as e:
+            # Silent, the node goes offline at the broker, which hands its jobs back then.
             log.warning("could not sign node %s off: %s", member.node, e)
-        member.client.close()
-        del self.members[member.node]
+        self._forget(member)
         log.info("%s: signed its node off", reason)
+
+    def _forget(self, member: _Member) -> None:
+        """No longer act for ``member`` (signing off hands its jobs back anyway)."""
+        for allocation in [a for a, (m, _) in self._unreported.items() if m is member]:
+            del self._unreported[allocation]
+        member.client.close()
+        self.members.pop(member.node, None)
 
     # -- runs -----------------------------------------------------------------
 
@@ -376,11 +372,23 @@ class KubeAgent:
         for member in list(self.members.values()):
             runs = [r for r in self.runs.values() if r.member is member]
             # The runner reports usage itself; 0 here only asks whether each run still stands.
-            answer = member.client.heartbeat(member.node_id, {r.allocation: 0.0 for r in runs})
+            try:
+                answer = member.client.heartbeat(member.node_id, {r.allocation: 0.0 for r in runs})
+            except BrokerError as e:
+                if _retryable(e):
+                    raise
+                # Signed off meanwhile (an operator?): register it afresh at the next look.
+                log.error("node %s: heartbeat refused (%s); registering it again", member.node, e)
+                for gone in runs:
+                    self._end(gone)
+                self._forget(member)
+                continue
             for allocation in answer["ended"]:
-                if run := self.runs.get(allocation):
-                    log.info("the broker ended allocation %s; deleting Job %s", allocation, run.job)
-                    self._end(run)
+                if ended := self.runs.get(allocation):
+                    log.info(
+                        "the broker ended allocation %s; deleting Job %s", allocation, ended.job
+                    )
+                    self._end(ended)
             if answer["resync"]:
                 self._publish(member, member.offers)
         for allocation, (member, error) in list(self._unreported.items()):

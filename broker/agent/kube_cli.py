@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.kubernetes import DEFAULT_TOLERATIONS, Toleration
-from broker.agent.kube import KubeAgent, KubeConfig, load_api
+from broker.agent.kube import KubeAgent, KubeConfig
 from broker.agent.node import AgentStopped, parse_prices
 from broker.sdk.http import BrokerError
 
@@ -18,6 +18,17 @@ log = logging.getLogger(__name__)
 
 class KubeSetupError(Exception):
     """The cluster agent cannot start: a bad option, or no way to reach the cluster."""
+
+
+def load_api(kubeconfig: str | None = None, in_cluster: bool = False) -> Any:
+    """An API client: the pod's service account (``in_cluster``), else a kubeconfig
+    (the given file, or ``$KUBECONFIG`` / ``~/.kube/config``)."""
+    from kubernetes import client, config
+
+    if in_cluster:
+        config.load_incluster_config()
+        return client.ApiClient()
+    return config.new_client_from_config(config_file=kubeconfig)
 
 
 def config_from_options(
