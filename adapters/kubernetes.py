@@ -226,6 +226,8 @@ class NodeCapacity:
     others: int  # requested by pods that are not the broker's
     ours: int  # requested by the broker's pods
     reasons: tuple[str, ...] = ()
+    # MIG profiles beside the whole GPUs (NVIDIA's mixed strategy): (profile, count).
+    mig: tuple[tuple[str, int], ...] = ()
 
     @property
     def offerable(self) -> int:
@@ -263,7 +265,8 @@ def capacities(
             problems.append("tainted " + ", ".join(taints) + " (not tolerated; see --toleration)")
         for resource, (_, platform) in RESOURCES.items():
             count = quantity(allocatable.get(resource, 0))
-            if count <= 0:
+            mig = tuple(sorted(mig_slices(node).items())) if resource == "nvidia.com/gpu" else ()
+            if count <= 0 and not mig:
                 continue
             model, refused = model_of(labels, resource)
             reasons = list(problems)
@@ -283,6 +286,7 @@ def capacities(
                     others=others,
                     ours=ours,
                     reasons=tuple(reasons),
+                    mig=mig,
                 )
             )
     return out
@@ -321,4 +325,19 @@ def devices(cap: NodeCapacity) -> list[Device]:
     held = cap.allocatable - cap.offerable
     if held > 0:
         out.append(device("/held", held, "; ".join(cap.reasons) or "requested by other pods"))
+    for profile, count in cap.mig:
+        memory = re.search(r"(\d+)gb$", profile)
+        out.append(
+            Device(
+                id=f"{cap.node}/mig-{profile}",
+                name=MIG_PREFIX + profile,
+                model=cap.model,
+                platform=cap.platform,
+                memory_gib=float(memory[1]) if memory else None,
+                count=count,
+                offerable=False,
+                reason="a MIG slice: offered once the market has fractional accelerators",
+                extra={"node": cap.node, "resource": MIG_PREFIX + profile},
+            )
+        )
     return out

@@ -96,6 +96,22 @@ def test_init_containers_count_as_the_scheduler_counts_them() -> None:
 
 def test_mig_slices_are_listed_for_later() -> None:
     assert kube.mig_slices(NODES[0]) == {"1g.10gb": 14}
+    (dgx,) = [c for c in kube.capacities(NODES, []) if c.node == "dgx-a100-01"]
+    whole, mig = kube.devices(dgx)
+    assert (whole.count, whole.offerable) == (6, True)
+    assert (mig.name, mig.count, mig.memory_gib, mig.offerable) == (
+        "nvidia.com/mig-1g.10gb",
+        14,
+        10.0,
+        False,
+    )
+    assert "fractional" in str(mig.reason)
+    # A node whose every GPU is in MIG mode is listed (for its slices), offering nothing.
+    all_mig = {**NODES[0], "status": {**NODES[0]["status"]}}
+    all_mig["status"]["allocatable"] = {"nvidia.com/gpu": "0", "nvidia.com/mig-1g.10gb": "56"}
+    (cap,) = kube.capacities([all_mig], [])
+    assert cap.offerable == 0
+    assert [d.offerable for d in kube.devices(cap)] == [False]
 
 
 @pytest.mark.parametrize(
