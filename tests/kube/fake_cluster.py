@@ -189,6 +189,15 @@ class FakeCluster:
         )
         self.put("pods", pod)
 
+    def set_not_ready(self, name: str) -> None:
+        """The node's kubelet stops posting status: Ready turns Unknown."""
+        node = self.get("nodes", name)
+        assert node is not None
+        for condition in node["status"]["conditions"]:
+            if condition["type"] == "Ready":
+                condition.update(status="Unknown", reason="NodeStatusUnknown")
+        self.put("nodes", node)
+
     def remove_node(self, name: str) -> None:
         """The node is gone (deleted, its machine lost): its pods' processes with it."""
         for pod in self.items("pods"):

@@ -236,6 +236,23 @@ def test_a_node_that_disappears_hands_its_jobs_back_and_signs_off(market: dict[s
             running.close()
 
 
+def test_a_node_that_stops_being_ready_hands_its_jobs_back(market: dict[str, Any]) -> None:
+    developer: Client = market["developer"]
+    with FakeCluster([node_named(H100)]) as cluster:
+        running = Running(market, cluster, emulated=True)
+        try:
+            job, _ = _running_pod(market, cluster, running)
+            cluster.set_not_ready(H100)
+            back = _wait(lambda: job.refresh().data["state"] == "open" and job.data)
+            assert f"node {H100} of pod" in back["error"]
+            assert "not Ready" in back["error"]
+            _wait(lambda: not cluster.items("jobs"))
+            _wait(lambda: offers(developer) == {})  # nothing offered on a node not Ready
+            assert H100 in running.agent.members  # still a node of the broker
+        finally:
+            running.close()
+
+
 def test_a_cancelled_job_has_its_kubernetes_job_deleted(market: dict[str, Any]) -> None:
     with FakeCluster([node_named(H100)]) as cluster:
         running = Running(market, cluster, emulated=True)
