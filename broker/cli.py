@@ -185,7 +185,7 @@ def agent(
         typer.Option(hidden=True, help="Refused: a key on the command line is visible in ps"),
     ] = None,
     adapter: Annotated[
-        str, typer.Option(help="auto, or one of: nvidia, amd, tpu, edge, cpu")
+        str, typer.Option(help="auto, or one of: nvidia, amd, tpu, edge, cpu, kubernetes")
     ] = "auto",
     price: Annotated[
         list[str] | None,
@@ -230,6 +230,23 @@ def agent(
             min=0.5, max=60, help="Longest wait of one poll for work; a stop waits for it too"
         ),
     ] = 5.0,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="kubernetes: a kubeconfig [~/.kube/config]")
+    ] = None,
+    in_cluster: Annotated[
+        bool, typer.Option(help="kubernetes: use the pod's service account")
+    ] = False,
+    namespace: Annotated[str, typer.Option(help="kubernetes: where the Jobs run")] = "default",
+    image: Annotated[
+        str, typer.Option(help="kubernetes: the Jobs' image (the broker installed)")
+    ] = "compute-broker:latest",
+    toleration: Annotated[
+        list[str] | None,
+        typer.Option(help="kubernetes: KEY[=VALUE][:EFFECT] taint to tolerate; repeat"),
+    ] = None,
+    service_account: Annotated[
+        str | None, typer.Option(help="kubernetes: the Jobs' service account")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Log debug detail")] = False,
     debug: Annotated[bool, typer.Option(help="Show the traceback of an error")] = False,
 ) -> None:
@@ -274,12 +291,35 @@ def agent(
     assert country is not None
     assert lat is not None
     assert lon is not None
+    if adapter == "kubernetes":
+        from broker.agent.kube_cli import main as kube_agent
+
+        kube_agent(
+            broker=broker,
+            key=key,
+            name=name,
+            region=region,
+            country=country,
+            lat=lat,
+            lon=lon,
+            price=price,
+            namespace=namespace,
+            image=image,
+            toleration=toleration,
+            service_account=service_account,
+            poll_seconds=poll_seconds,
+            kubeconfig=kubeconfig,
+            in_cluster=in_cluster,
+            debug=debug,
+        )
+        return
     if adapter in ("cpu", "emulated"):
         # Run jobs on the CPU backend even where JAX would pick a GPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from adapters import registry
     from broker.agent import AgentConfig, AgentStopped, NodeAgent, parse_prices
+    from broker.agent.node import agent_error
     from broker.config import get_settings
 
     if adapter != "auto" and adapter not in registry.names():
@@ -341,21 +381,8 @@ def agent(
     except (AgentStopped, BrokerError, AdapterError) as exc:
         if debug:
             raise
-        typer.echo(f"error: {_agent_error(exc)} (--debug shows the traceback)", err=True)
+        typer.echo(f"error: {agent_error(exc)} (--debug shows the traceback)", err=True)
         raise typer.Exit(1) from None
-
-
-def _agent_error(exc: Exception) -> str:
-    """One line a provider can act on."""
-    from broker.sdk.http import BrokerError
-
-    if isinstance(exc, BrokerError) and exc.status == 401:
-        return (
-            f"the broker refused the API key: {exc.message}; check BROKER_API_KEY or the key file"
-        )
-    if isinstance(exc, BrokerError) and exc.status == 403:
-        return f"the broker refused this account: {exc.message} (is it a provider account?)"
-    return str(exc)
 
 
 @app.command()

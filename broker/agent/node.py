@@ -46,6 +46,17 @@ VERSION = "0.1.0"
 ANY_MODEL = "*"
 
 
+def agent_error(exc: Exception) -> str:
+    """Why the agent could not start or go on, in one line a provider can act on."""
+    if isinstance(exc, BrokerError) and exc.status == 401:
+        return (
+            f"the broker refused the API key: {exc.message}; check BROKER_API_KEY or the key file"
+        )
+    if isinstance(exc, BrokerError) and exc.status == 403:
+        return f"the broker refused this account: {exc.message} (is it a provider account?)"
+    return str(exc)
+
+
 class AgentStopped(Exception):
     """The agent cannot go on: its node key was revoked, or nothing can be offered."""
 
