@@ -26,14 +26,16 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numpy.typing import NDArray
 from ortools.sat.python import cp_model
 
-from solver.fractions import Gpu, fits_profile, shares_needed
+from solver.fractions import Gpu, demand, fits_profile, shares_needed
 from solver.market import Assignment, Job, Market, Offer, Result
 from solver.rules import Floats, Ints, MarketArrays, evaluate, evaluate_pairs
 
 SCALE = 1e6  # integer objective units per USD
 PER_JOB = 24  # pairs kept per job when the round is too big to keep them all
+PER_OFFER = 96  # and pairs kept per offer
 ALL_PAIRS = 20_000  # rounds with at most this many pairs keep every pair (exact)
 
 
@@ -128,17 +130,19 @@ def pack(market: Market, time_limit: float) -> Packing:
     unplaceable = tuple(sorted(set(range(len(jobs))) - set(pj)))
     every = len(w) <= ALL_PAIRS
     if not every:
-        keep = np.zeros(len(w), dtype=bool)
-        order = np.lexsort((-w, job_i))
-        starts = np.flatnonzero(np.diff(job_i[order], prepend=-1))
-        rank = np.arange(len(w)) - np.repeat(starts, np.diff(np.append(starts, len(w))))
-        keep[order[rank < PER_JOB]] = True
+        # Each job keeps its best pairs and each offer its best jobs, so that every
+        # GPU stays reachable; equal pairs (identical GPUs) break ties by a hash
+        # of job and offer rather than all landing on the first few GPUs.
+        offer_of = np.array([options[k].offer for k in opt_i.tolist()], dtype=np.int64)
+        score = w + ((job_i * 7919 + offer_of * 104_729) % 1009) * 1e-9
+        keep = _top(job_i, score, PER_JOB) | _top(offer_of, score, PER_OFFER)
         trivial = float(sum(max(0.0, w[job_i == j].max()) for j in set(pj)))
         job_i, opt_i, w = job_i[keep], opt_i[keep], w[keep]
-    hint = _first_fit(jobs, offers, options, gpus, job_i, opt_i, w)
-    chosen, slices, value, bound, optimal, layouts = _cp_sat(
-        offers, options, gpus, job_i, opt_i, w, hint, time_limit
-    )
+    greedy = _first_fit(jobs, offers, options, gpus, job_i, opt_i, w)
+    answer = _cp_sat(offers, options, gpus, job_i, opt_i, w, greedy, time_limit)
+    if answer is None or answer[2] < greedy[2]:
+        answer = greedy if answer is None else (*greedy[:3], answer[3], False, greedy[5])
+    chosen, slices, value, bound, optimal, layouts = answer
     if not every:
         bound, optimal = max(trivial, value), False
     repartitions = {
@@ -160,6 +164,16 @@ def pack(market: Market, time_limit: float) -> Packing:
     )
 
 
+def _top(group: Ints, score: Floats, k: int) -> NDArray[np.bool_]:
+    """The ``k`` highest-scoring entries of each group."""
+    order = np.lexsort((-score, group))
+    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
+    rank = np.arange(len(score)) - np.repeat(starts, np.diff(np.append(starts, len(score))))
+    keep = np.zeros(len(score), dtype=bool)
+    keep[order[rank < k]] = True
+    return keep
+
+
 Gpus = list[Gpu | None]
 Layouts = dict[int, list[tuple[str, int]]]
 Answer = tuple[list[int], list[str], float, float, bool, Layouts]
@@ -173,23 +187,31 @@ def _first_fit(
     job_i: Ints,
     opt_i: Ints,
     w: Floats,
-) -> list[int]:
+) -> Answer:
     """Smallest jobs first, each into its best option that still fits (new MIG
     instances at the highest free position, which keeps position 0 for big ones)."""
-    from solver.fractions import demand
-
     state = _State(offers, gpus)
     by_job: dict[int, list[int]] = defaultdict(list)
     for p in np.argsort(-w, kind="stable").tolist():
         by_job[int(job_i[p])].append(p)
     size = {j: demand(jobs[j], 0.0) for j in by_job}
     taken: list[int] = []
+    slices: list[str] = []
+    layouts: Layouts = {i: list(g.existing) for i, g in enumerate(gpus) if g is not None}
     for j in sorted(by_job, key=lambda j: (-jobs[j].priority, size[j], j)):
         for p in by_job[j]:
-            if state.take(options[int(opt_i[p])]) is not None:
+            opt = options[int(opt_i[p])]
+            label = state.take(opt)
+            if label is not None:
                 taken.append(p)
+                slices.append(label)
+                if gpus[opt.offer] is not None:
+                    name, start = label.split("@")
+                    if (name, int(start)) not in layouts[opt.offer]:
+                        layouts[opt.offer].append((name, int(start)))
                 break
-    return taken
+    value = float(sum(w[p] for p in taken))
+    return taken, slices, value, float("inf"), False, layouts
 
 
 class _State:
@@ -243,9 +265,9 @@ def _cp_sat(
     job_i: Ints,
     opt_i: Ints,
     w: Floats,
-    hint: list[int],
+    hint: Answer,
     time_limit: float,
-) -> Answer:
+) -> Answer | None:
     model = cp_model.CpModel()
     n = len(w)
     x = [model.new_bool_var(f"x{p}") for p in range(n)]
@@ -258,7 +280,7 @@ def _cp_sat(
         by_offer[options[int(opt_i[p])].offer].append(p)
     for ps in by_job.values():
         model.add_at_most_one(x[p] for p in ps)
-    hinted = set(hint)
+    hinted = dict(zip(hint[0], hint[1], strict=True))
     y_of: dict[int, dict[tuple[str, int], cp_model.IntVar]] = {}
     bins_of: dict[int, dict[int, list[cp_model.IntVar]]] = {}
     for i, ps in by_offer.items():
@@ -304,13 +326,21 @@ def _cp_sat(
             )
     for p in range(n):
         model.add_hint(x[p], p in hinted)
+    for i, y in y_of.items():
+        for pl, v in y.items():
+            model.add_hint(v, pl in hint[5][i])
+    for bins in bins_of.values():
+        for p, bs in bins.items():
+            on = int(hinted[p].rsplit(" ", 1)[1]) if p in hinted else -1
+            for g, b in enumerate(bs):
+                model.add_hint(b, g == on)
     model.maximize(sum(objective))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.05, time_limit)
     solver.parameters.num_workers = 1
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return _from_first_fit(offers, options, gpus, opt_i, w, hint)
+        return None
     chosen = [p for p in range(n) if solver.value(x[p])]
     layouts = {i: [pl for pl, v in y.items() if solver.value(v)] for i, y in y_of.items()}
     slices: list[str] = []
@@ -340,19 +370,8 @@ def _cp_sat(
     return chosen, slices, value, bound, status == cp_model.OPTIMAL, final
 
 
-def _from_first_fit(
-    offers: tuple[Offer, ...],
-    options: list[Option],
-    gpus: Gpus,
-    opt_i: Ints,
-    w: Floats,
-    hint: list[int],
-) -> Answer:
-    state = _State(offers, gpus)
-    slices = [state.take(options[int(opt_i[p])]) or "" for p in hint]
-    value = float(sum(w[p] for p in hint))
-    layouts = {i: list(g.existing) for i, g in enumerate(gpus) if g is not None}
-    return hint, slices, value, float("inf"), False, layouts
+def _existing(gpu: Gpu | None) -> tuple[tuple[str, int], ...]:
+    return () if gpu is None else gpu.existing
 
 
 def to_result(market: Market, p: Packing, started: float) -> Result:
@@ -391,7 +410,3 @@ def to_result(market: Market, p: Packing, started: float) -> Result:
         unplaceable=tuple(market.jobs[j].id for j in p.unplaceable),
         repartitions={market.offers[i].id: layout for i, layout in p.repartitions.items()},
     )
-
-
-def _existing(gpu: Gpu | None) -> tuple[tuple[str, int], ...]:
-    return () if gpu is None else gpu.existing
