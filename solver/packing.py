@@ -197,7 +197,6 @@ def _first_fit(
     size = {j: demand(jobs[j], 0.0) for j in by_job}
     taken: list[int] = []
     slices: list[str] = []
-    layouts: Layouts = {i: list(g.existing) for i, g in enumerate(gpus) if g is not None}
     for j in sorted(by_job, key=lambda j: (-jobs[j].priority, size[j], j)):
         for p in by_job[j]:
             opt = options[int(opt_i[p])]
@@ -205,33 +204,30 @@ def _first_fit(
             if label is not None:
                 taken.append(p)
                 slices.append(label)
-                if gpus[opt.offer] is not None:
-                    name, start = label.split("@")
-                    if (name, int(start)) not in layouts[opt.offer]:
-                        layouts[opt.offer].append((name, int(start)))
                 break
+    layouts = {i: state.layout(i) for i in state.instances}
     value = float(sum(w[p] for p in taken))
     return taken, slices, value, float("inf"), False, layouts
 
 
 class _State:
-    """Instances and shares taken so far, for first-fit."""
+    """Instances and shares taken so far, for first-fit. On an idle MIG GPU a
+    new instance may replace free instances nobody has taken (a re-cut)."""
 
     def __init__(self, offers: tuple[Offer, ...], gpus: Gpus) -> None:
         self.offers, self.gpus = offers, gpus
-        self.used = {i: set(g.busy) for i, g in enumerate(gpus) if g is not None}
-        self.compute = {i: g.busy_compute for i, g in enumerate(gpus) if g is not None}
-        self.free = {i: list(g.existing) for i, g in enumerate(gpus) if g is not None}
-        for i, g in enumerate(gpus):
-            if g is not None:
-                for name, start in g.existing:
-                    self.used[i] |= g.profiles[name].slots(start)
-                    self.compute[i] += g.profiles[name].compute
+        # Per MIG GPU: its instances now, each with whether a job has it.
+        self.instances = {
+            i: {pl: False for pl in g.existing} for i, g in enumerate(gpus) if g is not None
+        }
         self.bins = {
             i: [o.shares] * o.count for i, o in enumerate(offers) if o.fraction_kind == "shared"
         }
 
-    def take(self, opt: Option, create: bool = True) -> str | None:
+    def layout(self, i: int) -> list[tuple[str, int]]:
+        return list(self.instances[i])
+
+    def take(self, opt: Option) -> str | None:
         gpu = self.gpus[opt.offer]
         if gpu is None:
             bins = self.bins[opt.offer]
@@ -240,21 +236,25 @@ class _State:
                     bins[b] -= opt.shares
                     return f"{opt.shares}/{self.offers[opt.offer].shares} shared on GPU {b}"
             return None
-        free = self.free[opt.offer]
-        for k, (name, start) in enumerate(free):
-            if name == opt.profile:
-                free.pop(k)
+        here = self.instances[opt.offer]
+        for (name, start), taken in here.items():
+            if name == opt.profile and not taken:
+                here[(name, start)] = True
                 return f"{name}@{start}"
-        if not create:
-            return None
         p = gpu.profiles[opt.profile]
-        if self.compute[opt.offer] + p.compute > gpu.total:
-            return None
         for s in sorted(p.starts, reverse=True):
-            if s + p.width <= gpu.slots and not (p.slots(s) & self.used[opt.offer]):
-                self.used[opt.offer] |= p.slots(s)
-                self.compute[opt.offer] += p.compute
-                return f"{p.name}@{s}"
+            if s + p.width > gpu.slots or p.slots(s) & gpu.busy:
+                continue
+            clash = [pl for pl in here if gpu.profiles[pl[0]].slots(pl[1]) & p.slots(s)]
+            if clash and (not gpu.idle or any(here[pl] for pl in clash)):
+                continue
+            kept = sum(gpu.profiles[n].compute for n, _ in here if (n, _) not in clash)
+            if gpu.busy_compute + kept + p.compute > gpu.total:
+                continue
+            for pl in clash:
+                del here[pl]
+            here[(p.name, s)] = True
+            return f"{p.name}@{s}"
         return None
 
 
