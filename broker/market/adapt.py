@@ -100,8 +100,12 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         lon=row.lon,
         available_hours=row.available_hours,
         efficiency=row.efficiency,
-        **_energy(row.vendor, row.accelerator, row.country, row.region)
-        | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
+        # Only the three energy fields: float-valued, whatever else Offer holds.
+        **cast(
+            dict[str, Any],
+            _energy(row.vendor, row.accelerator, row.country, row.region)
+            | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
+        ),
     )
 
 
