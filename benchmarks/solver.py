@@ -17,6 +17,11 @@ Two kinds of market at each size:
   accelerators (``build_market(multi_share=...)``). This is the hard case: a
   round is a multiple-knapsack problem.
 
+``--fractions`` instead runs the fractional-GPU markets of
+``benchmarks/fractions.py`` (jobs sized as the trace's ``gpu_milli``): jobs
+placed and capacity stranded by the solver, by whole-GPU allocation and by
+first-fit into fixed MIG layouts, at 400 and 800 jobs on 100 GPUs.
+
 Each market runs in its own process so that its peak memory is its own.
 Printed per market: feasible pairs, objective, the bound the solver proves
 (the LP bound when the LP was solved to the end), the gap to it, the
@@ -107,7 +112,17 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="default: per size")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
+    parser.add_argument("--fractions", action="store_true", help="fractional-GPU markets")
     args = parser.parse_args()
+
+    if args.fractions:
+        from benchmarks import fractions
+
+        print(fractions.HEAD)
+        for n_jobs in (400, 800):
+            row = fractions.run(n_jobs, 100, args.seed, args.time_limit or 10.0)
+            print("\n".join(fractions.lines(row)), flush=True)
+        return
 
     if args.one:
         size, kind = args.one.split(":")

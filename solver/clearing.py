@@ -34,7 +34,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from solver import exact, integer, neighbourhood, prices, relax
+from solver import exact, integer, neighbourhood, packing, prices, relax
+from solver.fractions import is_fractional
 from solver.market import Assignment, Market, Result
 from solver.pairs import Candidates, FeasiblePairs, scan
 from solver.relax import Warm
@@ -58,6 +59,10 @@ def solve(market: Market, time_limit: float = 10.0, warm: Warm | None = None) ->
     prices start this round's LP (it only speeds the round up; any value, stale
     or foreign, gives a correct answer).
     """
+    if any(o.fraction_kind != "whole" for o in market.offers) or any(
+        is_fractional(j) for j in market.jobs
+    ):
+        return _split(market, time_limit, warm)
     started = time.perf_counter()
     deadline = started + time_limit
     next_warm: Warm | None = None
@@ -91,6 +96,46 @@ def solve(market: Market, time_limit: float = 10.0, warm: Warm | None = None) ->
         assigned = baseline
     result = _result(a, assigned, bound, started, stats)
     return replace(result, unplaceable=unplaceable, warm=next_warm)
+
+
+def _split(market: Market, time_limit: float, warm: Warm | None) -> Result:
+    """Fractional jobs into fractional offers (``packing``), the rest as usual.
+
+    The two parts share no job and no offer, so their objectives and bounds add.
+    Each part gets the clock in proportion to its jobs.
+    """
+    started = time.perf_counter()
+    part = [j for j in market.jobs if is_fractional(j)]
+    sliced = tuple(o for o in market.offers if o.fraction_kind != "whole")
+    fractional = replace(market, offers=sliced, jobs=tuple(part))
+    whole = replace(
+        market,
+        offers=tuple(o for o in market.offers if o.fraction_kind == "whole"),
+        jobs=tuple(j for j in market.jobs if not is_fractional(j)),
+    )
+    share = time_limit * len(part) / max(1, len(market.jobs))
+    if fractional.offers and fractional.jobs:
+        f = packing.to_result(fractional, packing.pack(fractional, share), started)
+    else:
+        ids = tuple(j.id for j in fractional.jobs)
+        f = Result("OPTIMAL", 0.0, 0.0, 0.0, (), ids, unplaceable=ids)
+    w = solve(whole, max(0.1, time_limit - (time.perf_counter() - started)), warm)
+    assert f.bound is not None
+    assert w.bound is not None
+    optimal = f.status == w.status == "OPTIMAL"
+    stats = dict(w.stats) | {"fractional_objective": f.objective, "fractional_bound": f.bound}
+    return Result(
+        status="OPTIMAL" if optimal else "FEASIBLE",
+        objective=f.objective + w.objective,
+        bound=f.bound + w.bound,
+        solve_seconds=time.perf_counter() - started,
+        assignments=w.assignments + f.assignments,
+        unassigned=w.unassigned + f.unassigned,
+        stats=stats,
+        unplaceable=w.unplaceable + f.unplaceable,
+        warm=w.warm,
+        repartitions=f.repartitions,
+    )
 
 
 def _transportation(

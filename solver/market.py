@@ -38,6 +38,13 @@ class Offer:
     power_w: float = 0.0  # per accelerator, under load (0: not known, no energy counted)
     pue: float = 1.0  # the site's power usage effectiveness
     grid_g_per_kwh: float = 0.0  # carbon intensity of the grid it draws from
+    # Fractions (solver/fractions.py): "whole" accelerators, one GPU's "mig"
+    # slices, or "shared" GPUs in ``shares`` equal time-sliced shares each.
+    fraction_kind: str = "whole"
+    mig_profiles: tuple[str, ...] = ()  # Profile.spec of each profile the GPU can be cut into
+    mig_instances: tuple[str, ...] = ()  # free MIG instances, "PROFILE@START"
+    mig_busy: tuple[str, ...] = ()  # MIG instances in use, "PROFILE@START"
+    shares: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,12 @@ class Job:
     budget_usd: float | None = None  # the most its run may cost, the broker's fee included
     max_gco2: float | None = None  # the most CO2e its run may emit, in grams
     carbon_usd_per_t: float | None = None  # its own carbon price (None: the market's)
+    # Part of one GPU (solver/fractions.py): a fraction of its compute and memory,
+    # a MIG profile, or at least ``min_compute`` of its compute (with min_memory_gib).
+    fraction: float | None = None
+    mig_profile: str | None = None
+    min_compute: float | None = None
+    accepts_shared: bool = False  # may run on shared (not isolated) GPUs
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,8 @@ class Assignment:
     energy_kwh: float = 0.0
     gco2: float = 0.0
     carbon_usd: float = 0.0  # the carbon price's part of ``cost`` (not charged)
+    slice: str = ""  # fractional jobs: "3g.40gb@4" (MIG) or "2/8 shared" (shares of GPU n)
+    share: float = 1.0  # of one accelerator, what the job is billed for
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +131,8 @@ class Result:
     unplaceable: tuple[str, ...] = ()
     # What the next round over much the same book starts its LP from (rounds with gangs).
     warm: Warm | None = None
+    # MIG offers whose GPU the answer re-partitions (idle GPUs only): the full new layout.
+    repartitions: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def gap(self) -> float | None:
@@ -159,6 +176,7 @@ class MarketFileError(ValueError):
 
 
 _TUPLE_FIELDS = {"platforms", "vendors", "accelerator_models", "allowed_countries"}
+_OFFER_TUPLES = {"mig_profiles", "mig_instances", "mig_busy"}
 
 
 def _build(cls: type[Any], raw: Any, where: str) -> Any:
@@ -172,7 +190,7 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
     for name, value in raw.items():
         if value is None:
             continue  # absent optional fields may be null
-        if name in _TUPLE_FIELDS:
+        if name in _TUPLE_FIELDS | _OFFER_TUPLES:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise MarketFileError(f"{where}.{name}: expected a list of strings")
             value = tuple(value)
@@ -191,8 +209,10 @@ def _check_types(obj: Any, where: str) -> None:
     for f in fields(obj):
         value = getattr(obj, f.name)
         kind = str(f.type)
-        if value is None or f.name in _TUPLE_FIELDS:
+        if value is None or f.name in _TUPLE_FIELDS | _OFFER_TUPLES:
             continue
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise MarketFileError(f"{where}.{f.name}: expected true or false")
         if kind.startswith("str") and not isinstance(value, str):
             raise MarketFileError(f"{where}.{f.name}: expected a string")
         if kind.startswith(("float", "int")) and (
@@ -237,6 +257,10 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "fee_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dtype": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
     "platforms": (lambda v: len(v) > 0, "a non-empty list"),
+    "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_compute": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "shares": (lambda v: 0 <= v <= 64, "in [0, 64]"),
+    "fraction_kind": (lambda v: v in ("whole", "mig", "shared"), "whole, mig or shared"),
 }
 
 
@@ -254,6 +278,8 @@ def load_market(data: dict[str, Any]) -> Market:
     offers = tuple(_build(Offer, o, f"offers[{i}]") for i, o in enumerate(data.get("offers") or []))
     jobs = tuple(_build(Job, j, f"jobs[{i}]") for i, j in enumerate(data.get("jobs") or []))
     weights = _build(Weights, data.get("weights") or {}, "weights")
+    for i, o in enumerate(offers):
+        _check_fraction_offer(o, f"offers[{i}]")
     for kind, items in (("offer", offers), ("job", jobs)):
         seen: set[str] = set()
         for item in items:
@@ -261,6 +287,20 @@ def load_market(data: dict[str, Any]) -> Market:
                 raise MarketFileError(f"duplicate {kind} id {item.id!r}")
             seen.add(item.id)
     return Market(offers=offers, jobs=jobs, weights=weights)
+
+
+def _check_fraction_offer(o: Offer, where: str) -> None:
+    from solver.fractions import Gpu
+
+    if o.fraction_kind == "mig":
+        if o.count != 1:
+            raise MarketFileError(f"{where}.count: a MIG offer is one GPU (count 1)")
+        try:
+            Gpu.of(o)
+        except ValueError as exc:
+            raise MarketFileError(f"{where}: {exc}") from None
+    if o.fraction_kind == "shared" and o.shares < 1:
+        raise MarketFileError(f"{where}.shares: a shared offer has at least 1 share per GPU")
 
 
 def load_market_file(path: str) -> Market:
@@ -274,7 +314,9 @@ def load_market_file(path: str) -> Market:
 
 def dump_market(market: Market) -> dict[str, Any]:
     return {
-        "offers": [asdict(o) for o in market.offers],
+        "offers": [
+            asdict(o) | {k: list(getattr(o, k)) for k in _OFFER_TUPLES} for o in market.offers
+        ],
         "jobs": [asdict(j) | {k: list(getattr(j, k)) for k in _TUPLE_FIELDS} for j in market.jobs],
         "weights": asdict(market.weights),
     }

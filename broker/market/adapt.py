@@ -103,8 +103,12 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         available_hours=row.available_hours,
         efficiency=row.efficiency,
         startup_seconds=min(row.startup_seconds or 0.0, MAX_STARTUP_S),
-        **_energy(row.vendor, row.accelerator, row.country, row.region)
-        | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
+        # Only the three energy fields: float-valued, whatever else Offer holds.
+        **cast(
+            dict[str, Any],
+            _energy(row.vendor, row.accelerator, row.country, row.region)
+            | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
+        ),
     )
 
 
