@@ -15,8 +15,15 @@ bandwidth), and the efficiency ``e`` is the calibration's: the median ratio
 over its own reference programs, which are not in this suite, so that the
 suite's ratios are an honest test of the model rather than a fit to it.
 
+With ``--startup`` it also measures what a market estimate covers: each
+program run as an agent runs a job (in a fresh sandboxed child taken warm,
+compiled without a cache, its result written), against the roofline plus the
+start-up the agent's probe measures on signing on (``broker.agent.probe``, with
+no broker to talk to: the round trips are left out of both).
+
     python -m benchmarks.estimates            # the whole suite
     python -m benchmarks.estimates --quick    # the smaller size only
+    python -m benchmarks.estimates --startup  # and each run start-up included
 """
 
 from __future__ import annotations
@@ -47,10 +54,20 @@ class Row:
     predicted_s: float
     measured_s: float
     startup_s: float  # the first run: compile (no cache) and transfer
+    # Start-up included (--startup): the roofline plus the probe's start-up, against a
+    # run in a sandboxed child as the agent runs it.
+    predicted_total_s: float | None = None
+    measured_total_s: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.predicted_s / self.measured_s
+
+    @property
+    def total_ratio(self) -> float | None:
+        if self.predicted_total_s is None or not self.measured_total_s:
+            return None
+        return self.predicted_total_s / self.measured_total_s
 
 
 def _f32(rng: np.random.Generator, *shape: int) -> jax.Array:
@@ -279,28 +296,91 @@ def measure(
     return Row(kind, size, artifact.flops, artifact.bytes, predicted, measured, startup)
 
 
+def in_sandbox(box: Any, program: Program) -> float:
+    """Seconds of one run of ``program`` as an agent runs a job: a warm child, the
+    program checked, compiled (no cache) and run, its result written."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from broker.portable import arrays
+    from broker.sandbox import limits_for
+
+    fn, args = program
+    workdir = Path(tempfile.mkdtemp(prefix="broker-estimates-"))
+    try:
+        (workdir / "artifact.bin").write_bytes(package(fn, *args, platforms=("cpu",)).to_bytes())
+        (workdir / "inputs.bin").write_bytes(arrays.encode(jax.tree.leaves(args)))
+        spec = {"platform": "cpu", "steps": None, "checkpoint_every": None,
+                "checkpoint_step": 0, "cache_dir": None}  # fmt: skip
+        box.wait_spare(timeout=60)
+        began = time.perf_counter()
+        outcome = box.run(
+            spec,
+            workdir,
+            limits_for({}, box.config, "cpu"),
+            should_stop=lambda: False,
+            on_progress=lambda _: None,
+            on_checkpoint=lambda *_: None,
+        )
+        wall = time.perf_counter() - began
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if outcome.kind != "succeeded":
+        raise RuntimeError(f"the run did not succeed: {outcome.message or outcome.kind}")
+    return float(wall)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smaller size of each kind only")
+    parser.add_argument(
+        "--startup", action="store_true", help="also each run start-up included, in a sandbox"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cal = calibrate.calibrate()
     peak_flops, peak_bw = cal.tflops_fp32 * 1e12, cal.mem_bw_gbps * 1e9
+    box = None
+    startup = 0.0
+    if args.startup:
+        from broker.agent.probe import measure_startup
+        from broker.sandbox import Sandbox, SandboxConfig
+
+        box = Sandbox(SandboxConfig(isolate=False))
+        startup = measure_startup(box, "cpu", lambda: None)
+        if not args.json:
+            print(f"start-up measured by the agent's probe: {startup * 1e3:.0f} ms", flush=True)
     rows = []
-    for kind, sizes in suite(np.random.default_rng(0)):
-        for size, build in sizes[:1] if args.quick else sizes:
-            rows.append(measure(kind, size, build(), peak_flops, peak_bw, cal.efficiency))
-            if not args.json:
-                r = rows[-1]
-                print(
-                    f"{r.kind:26} {r.size:20} {r.flops / 1e9:9.3f} {r.bytes / 1e6:9.1f} "
-                    f"{r.predicted_s * 1e3:10.3f} {r.measured_s * 1e3:10.3f} {r.ratio:7.2f} "
-                    f"{r.startup_s * 1e3:9.1f}",
-                    flush=True,
-                )
+    try:
+        for kind, sizes in suite(np.random.default_rng(0)):
+            for size, build in sizes[:1] if args.quick else sizes:
+                program = build()
+                row = measure(kind, size, program, peak_flops, peak_bw, cal.efficiency)
+                if box is not None:
+                    row.predicted_total_s = startup + row.predicted_s
+                    row.measured_total_s = in_sandbox(box, program)
+                rows.append(row)
+                if not args.json:
+                    total = (
+                        f" {row.predicted_total_s * 1e3:9.0f} {row.measured_total_s * 1e3:9.0f} "
+                        f"{row.total_ratio:6.2f}"
+                        if row.predicted_total_s is not None and row.measured_total_s is not None
+                        else ""
+                    )
+                    print(
+                        f"{row.kind:26} {row.size:20} {row.flops / 1e9:9.3f} "
+                        f"{row.bytes / 1e6:9.1f} {row.predicted_s * 1e3:10.3f} "
+                        f"{row.measured_s * 1e3:10.3f} {row.ratio:7.2f} "
+                        f"{row.startup_s * 1e3:9.1f}{total}",
+                        flush=True,
+                    )
+    finally:
+        if box is not None:
+            box.close()
     ratios = [r.ratio for r in rows]
     spread = [max(x, 1 / x) for x in ratios]
-    summary = {
+    summary: dict[str, Any] = {
         "peak_gflops": cal.tflops_fp32 * 1e3,
         "bandwidth_gbps": cal.mem_bw_gbps,
         "efficiency": cal.efficiency,
@@ -309,10 +389,23 @@ def main() -> None:
         "programs": len(rows),
         "worst": max(spread),
     }
+    totals = [t for r in rows if (t := r.total_ratio) is not None]
+    if totals:
+        summary |= {
+            "startup_ms": startup * 1e3,
+            "median_ratio_with_startup": statistics.median(totals),
+            "within_1_5x_with_startup": sum(max(t, 1 / t) <= 1.5 for t in totals),
+            "worst_with_startup": max(max(t, 1 / t) for t in totals),
+        }
     if args.json:
         print(
             json.dumps(
-                {"rows": [asdict(r) | {"ratio": r.ratio} for r in rows], "summary": summary},
+                {
+                    "rows": [
+                        asdict(r) | {"ratio": r.ratio, "total_ratio": r.total_ratio} for r in rows
+                    ],
+                    "summary": summary,
+                },
                 indent=2,
             )
         )

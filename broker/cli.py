@@ -230,6 +230,13 @@ def agent(
             min=0.5, max=60, help="Longest wait of one poll for work; a stop waits for it too"
         ),
     ] = 5.0,
+    measure_startup: Annotated[
+        bool,
+        typer.Option(
+            help="Time a tiny program in the sandbox after signing on and state it as the "
+            "offers' start-up (clearing adds it to every estimate on them)"
+        ),
+    ] = True,
     kubeconfig: Annotated[
         Path | None, typer.Option(help="kubernetes: a kubeconfig [~/.kube/config]")
     ] = None,
@@ -363,6 +370,7 @@ def agent(
         discover_seconds=discover_seconds,
         poll_seconds=poll_seconds,
         cache_dir=settings.data_dir / "xla-cache",
+        measure_startup=measure_startup,
     )
     from broker.sdk.http import BrokerError
 

@@ -44,6 +44,10 @@ from solver import market as sm
 
 FLOOR = 0.5  # the most a correction may shorten estimates (metered / estimated)
 CEILING = 2.0  # the most it may lengthen them
+# Emulated offers (demos: a catalog model stood in for by a CPU) run far slower than
+# the model they name; their runs form a band of their own, never the real model's,
+# and may lengthen their estimates this far.
+EMULATED_CEILING = 100.0
 MAX_STARTUP_S = 120.0  # the most start-up a model's runs can add to its estimates
 LONG_S = 60.0  # runs estimated at least this long speak for the ratio
 MIN_RUNS = 5  # runs of a model before its ratio, or its start-up, corrects anything
@@ -63,6 +67,7 @@ class Band:
     long_runs: int = 0  # runs estimated at LONG_S or more
     long_median: float = 1.0  # of metered / estimated, over those
     startup_s: float = 0.0  # median of metered less the corrected estimate, unclamped
+    emulated: bool = False  # the runs of emulated offers of the model
 
     @property
     def correction(self) -> float:
@@ -70,7 +75,7 @@ class Band:
         enough long runs)."""
         if self.long_runs < MIN_RUNS:
             return 1.0
-        return min(CEILING, max(FLOOR, self.long_median))
+        return min(EMULATED_CEILING if self.emulated else CEILING, max(FLOOR, self.long_median))
 
     @property
     def startup(self) -> float:
@@ -80,11 +85,17 @@ class Band:
         return min(MAX_STARTUP_S, max(0.0, self.startup_s))
 
 
+def key(model: str, emulated: bool) -> str:
+    """The band a run of ``model`` counts in: emulated offers' runs are kept apart."""
+    return f"{model} (emulated)" if emulated else model
+
+
 def bands(session: Session) -> dict[str, Band]:
-    """The observed ratio of every model with a run that counts."""
+    """The observed ratio of every model with a run that counts, by ``key``."""
     rows = session.execute(
         select(
             Offer.accelerator,
+            Offer.emulated,
             Allocation.usage_ms,
             Allocation.accelerators,
             Allocation.runtime_hours,
@@ -104,17 +115,25 @@ def bands(session: Session) -> dict[str, Band]:
         .limit(SCANNED)
     ).all()
     runs: dict[str, list[tuple[float, float]]] = {}  # (estimated work, metered), seconds
-    for model, usage_ms, accelerators, runtime_hours, startup in rows:
-        kept = runs.setdefault(model, [])
+    emulated: set[str] = set()
+    for model, is_emulated, usage_ms, accelerators, runtime_hours, startup in rows:
+        name = key(model, is_emulated)
+        if is_emulated:
+            emulated.add(name)
+        kept = runs.setdefault(name, [])
         if len(kept) < WINDOW:
             metered = usage_ms / max(1, accelerators) / 1000
             work = runtime_hours * 3600 - (startup or 0.0)
             if work > 0:
                 kept.append((work, metered))
-    return {model: fit(model, values) for model, values in sorted(runs.items()) if values}
+    return {
+        name: fit(name, values, emulated=name in emulated)
+        for name, values in sorted(runs.items())
+        if values
+    }
 
 
-def fit(model: str, runs: list[tuple[float, float]]) -> Band:
+def fit(model: str, runs: list[tuple[float, float]], *, emulated: bool = False) -> Band:
     """``metered = startup + ratio x work`` from ``(work, metered)`` seconds of runs."""
     ratios = sorted(metered / work for work, metered in runs)
     long = sorted(metered / work for work, metered in runs if work >= LONG_S)
@@ -126,6 +145,7 @@ def fit(model: str, runs: list[tuple[float, float]]) -> Band:
         high=_percentile(ratios, 0.9),
         long_runs=len(long),
         long_median=statistics.median(long) if long else 1.0,
+        emulated=emulated,
     )
     beyond = [metered - band.correction * work for work, metered in runs]
     return replace(band, startup_s=statistics.median(beyond))
@@ -135,11 +155,12 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def corrected(offer: sm.Offer, known: dict[str, Band]) -> sm.Offer:
+def corrected(offer: sm.Offer, known: dict[str, Band], *, emulated: bool = False) -> sm.Offer:
     """``offer`` with its efficiency divided by its model's correction, and its
     model's fitted start-up once the model has runs enough (until then, the start-up
-    its agent measured, already on the offer)."""
-    band = known.get(offer.accelerator)
+    its agent measured, already on the offer). An ``emulated`` offer takes the band
+    of its model's emulated runs."""
+    band = known.get(key(offer.accelerator, emulated))
     if band is None or band.runs < MIN_RUNS:
         return offer
     return replace(

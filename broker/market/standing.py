@@ -77,7 +77,7 @@ class Standing:
             .order_by(Job.created_at, Job.id)
         ).all()
         offer_rows = session.execute(
-            select(Offer.id, Offer.updated_at, Offer.count.label("free"))
+            select(Offer.id, Offer.updated_at, Offer.emulated, Offer.count.label("free"))
             .where(Offer.status == OfferStatus.active, Offer.count > 0)
             .order_by(Offer.created_at, Offer.id)
         ).all()
@@ -105,11 +105,11 @@ class Standing:
             jobs.append(job)
         observed = self._bands(session)
         offers = []
-        for r in offer_rows:
-            if (seen := self._offers.get(r.id)) is None:
+        for o in offer_rows:
+            if (seen := self._offers.get(o.id)) is None:
                 continue
-            offer = estimates.corrected(seen[1], observed)
-            offers.append(offer if offer.count == r.free else replace(offer, count=r.free))
+            offer = estimates.corrected(seen[1], observed, emulated=o.emulated)
+            offers.append(offer if offer.count == o.free else replace(offer, count=o.free))
         return Market(offers=tuple(offers), jobs=tuple(jobs), weights=weights), versions
 
     def _bands(self, session: Session) -> dict[str, estimates.Band]:

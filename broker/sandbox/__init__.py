@@ -348,6 +348,25 @@ class Sandbox:
             child = self._start()
         return child
 
+    def wait_spare(self, timeout: float) -> bool:
+        """Wait until the spare child has loaded JAX (as it has between a node's runs);
+        False when there is none or it is not ready in ``timeout`` seconds.
+
+        The spare is held aside while it is waited for, so no run reads its messages
+        meanwhile (a run that starts then starts a child of its own)."""
+        with self._lock:
+            child, self._spare = self._spare, None
+        if child is None:
+            return False
+        ready = child.wait_ready(timeout)
+        with self._lock:
+            if ready and self._spare is None and not self._closed:
+                self._spare, child = child, None
+        if child is not None:
+            child.discard()
+            self._refill()
+        return ready
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

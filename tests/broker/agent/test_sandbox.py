@@ -204,6 +204,42 @@ def test_an_iterative_run_checkpoints_and_finishes(sandbox: Sandbox) -> None:
     assert int(outputs[1]) == 12
 
 
+def test_waiting_for_the_spare_keeps_it_warm_for_the_next_run() -> None:
+    box = Sandbox(SandboxConfig(), spare=True)
+    try:
+        assert box.wait_spare(timeout=60)
+        spare = box._spare
+        assert spare is not None
+        assert spare.ready is not None  # it loaded JAX and is still the spare
+        started = time.monotonic()
+        assert box.wait_spare(timeout=0.01)  # already ready: no wait
+        assert time.monotonic() - started < 1
+        assert box._spare is spare
+    finally:
+        box.close()
+    assert not Sandbox(SandboxConfig(), spare=False).wait_spare(timeout=0.01)
+
+
+def test_the_start_up_probe_times_a_warm_run_as_the_agent_sees_it() -> None:
+    from broker.agent.probe import REQUESTS_PER_RUN, measure_startup
+
+    trips: list[float] = []
+
+    def trip() -> None:
+        time.sleep(0.05)
+        trips.append(0.05)
+
+    box = Sandbox(SandboxConfig(), spare=True)
+    try:
+        seconds = measure_startup(box, "cpu", trip)
+    finally:
+        box.close()
+    assert len(trips) == 1
+    # A warm child still loads, compiles and runs the program: more than the round
+    # trips alone; far less than importing JAX again.
+    assert REQUESTS_PER_RUN * 0.05 < seconds < REQUESTS_PER_RUN * 0.05 + 30
+
+
 def test_the_child_has_no_network_and_no_root() -> None:
     """Where the agent runs as root on Linux, runs get a network namespace of their own
     and an unprivileged user; elsewhere (or without root) this is skipped."""

@@ -90,6 +90,24 @@ def test_rounds_use_the_corrected_efficiency(db: Session) -> None:
     assert by_id[other.id].efficiency == other.efficiency
 
 
+def test_emulated_runs_keep_a_band_of_their_own(db: Session) -> None:
+    """A demo's emulated A100 runs at its CPU's speed: its runs must not make real
+    A100s look slow, and its own estimates may stretch past the real ceiling."""
+    provider, _ = make_account(db, Role.provider)
+    real = make_offer(db, provider, accelerator="a100-80gb", count=8)
+    fake = make_offer(db, provider, accelerator="a100-80gb", count=8)
+    fake.emulated = True
+    _runs(db, fake, [10.0] * MIN_RUNS)
+    _runs(db, real, [1.2] * MIN_RUNS)
+    known = estimates.bands(db)
+    assert known["a100-80gb"].correction == pytest.approx(1.2)
+    assert known[estimates.key("a100-80gb", True)].correction == pytest.approx(10.0)
+    book, _ = Standing().read(db, weights(Settings(fee_percent=Decimal(0)), 0))
+    by_id = {o.id: o for o in book.offers}
+    assert by_id[real.id].efficiency == pytest.approx(real.efficiency / 1.2)
+    assert by_id[fake.id].efficiency == pytest.approx(fake.efficiency / 10.0)
+
+
 def test_an_agents_measured_startup_counts_until_the_models_runs_speak(db: Session) -> None:
     provider, _ = make_account(db, Role.provider)
     measured = make_offer(db, provider, accelerator="mi300x", count=8)
