@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from broker.portable import calibrate, runner
+from broker.portable import arrays, calibrate, runner
 from broker.portable.artifact import package
+from broker.portable.manifest import io_bytes
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Row:
     predicted_s: float
     measured_s: float
     startup_s: float  # the first run: compile (no cache) and transfer
+    io_bytes: float = 0.0  # what a run moves: the inputs in, the results out (as the broker counts)
     # Start-up included (--startup): the roofline plus the probe's start-up, against a
     # run in a sandboxed child as the agent runs it.
     predicted_total_s: float | None = None
@@ -293,7 +295,8 @@ def measure(
     predicted = max(
         artifact.flops / (peak_flops * efficiency), artifact.bytes / (peak_bw * efficiency)
     )
-    return Row(kind, size, artifact.flops, artifact.bytes, predicted, measured, startup)
+    moved = io_bytes(artifact.manifest, len(arrays.encode(leaves)), None, None)
+    return Row(kind, size, artifact.flops, artifact.bytes, predicted, measured, startup, moved)
 
 
 def in_sandbox(box: Any, program: Program) -> float:
@@ -342,15 +345,20 @@ def main() -> None:
     cal = calibrate.calibrate()
     peak_flops, peak_bw = cal.tflops_fp32 * 1e12, cal.mem_bw_gbps * 1e9
     box = None
-    startup = 0.0
+    startup = per_gb = 0.0
     if args.startup:
         from broker.agent.probe import measure_startup
         from broker.sandbox import Sandbox, SandboxConfig
 
         box = Sandbox(SandboxConfig(isolate=False))
-        startup = measure_startup(box, "cpu", lambda: None)
+        overheads = measure_startup(box, "cpu", lambda: None)
+        startup, per_gb = overheads.startup_seconds, overheads.transfer_s_per_gb
         if not args.json:
-            print(f"start-up measured by the agent's probe: {startup * 1e3:.0f} ms", flush=True)
+            print(
+                f"measured by the agent's probe: start-up {startup * 1e3:.0f} ms, "
+                f"transfer {per_gb:.2f} s per GB",
+                flush=True,
+            )
     rows = []
     try:
         for kind, sizes in suite(np.random.default_rng(0)):
@@ -358,7 +366,7 @@ def main() -> None:
                 program = build()
                 row = measure(kind, size, program, peak_flops, peak_bw, cal.efficiency)
                 if box is not None:
-                    row.predicted_total_s = startup + row.predicted_s
+                    row.predicted_total_s = startup + per_gb * row.io_bytes / 1e9 + row.predicted_s
                     row.measured_total_s = in_sandbox(box, program)
                 rows.append(row)
                 if not args.json:
@@ -393,6 +401,7 @@ def main() -> None:
     if totals:
         summary |= {
             "startup_ms": startup * 1e3,
+            "transfer_s_per_gb": per_gb,
             "median_ratio_with_startup": statistics.median(totals),
             "within_1_5x_with_startup": sum(max(t, 1 / t) <= 1.5 for t in totals),
             "worst_with_startup": max(max(t, 1 / t) for t in totals),

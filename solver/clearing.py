@@ -39,7 +39,7 @@ from solver.fractions import is_fractional
 from solver.market import Assignment, Market, Result
 from solver.pairs import Candidates, FeasiblePairs, scan
 from solver.relax import Warm
-from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs
+from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs, overhead_seconds
 
 FIRST_CANDIDATES = 32  # per job, from the scan
 ADDED_PER_ROUND = 32  # per job, from pricing
@@ -344,7 +344,7 @@ def _result(
     offers = assigned[jobs]
     block = evaluate_pairs(a, jobs, offers)
     cost = block.cost
-    startup = np.where(np.isnan(a.j_duration[jobs]), a.o_startup[offers], 0.0)
+    startup = overhead_seconds(a, jobs, offers)
     objective = float((a.j_value[jobs] - cost).sum())
     assignments = tuple(
         Assignment(

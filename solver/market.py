@@ -35,6 +35,7 @@ class Offer:
     available_hours: float | None = None
     efficiency: float = 0.4
     startup_seconds: float = 0.0  # before a program's work starts: loading, compiling
+    transfer_s_per_gb: float = 0.0  # moving a program's inputs in and results out, per GB
     power_w: float = 0.0  # per accelerator, under load (0: not known, no energy counted)
     pue: float = 1.0  # the site's power usage effectiveness
     grid_g_per_kwh: float = 0.0  # carbon intensity of the grid it draws from
@@ -61,6 +62,7 @@ class Job:
     duration_hours: float | None = None
     flops: float | None = None
     bytes: float | None = None
+    io_gb: float = 0.0  # a program's inputs and results (and checkpoints), in GB
     dtype: str = "bf16"
     deadline_hours: float | None = None
     latency_slo_ms: float | None = None
@@ -109,7 +111,7 @@ class Assignment:
     egress_usd: float
     latency_usd: float
     rtt_ms: float
-    startup_seconds: float = 0.0  # of the runtime, the offer's start-up (programs only)
+    startup_seconds: float = 0.0  # of the runtime, start-up and transfer (programs only)
     energy_kwh: float = 0.0
     gco2: float = 0.0
     carbon_usd: float = 0.0  # the carbon price's part of ``cost`` (not charged)
@@ -230,6 +232,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "priority": (lambda v: v >= 1, "at least 1"),
     "efficiency": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "startup_seconds": (lambda v: v >= 0, "at least 0"),
+    "transfer_s_per_gb": (lambda v: v >= 0, "at least 0"),
+    "io_gb": (lambda v: v >= 0, "at least 0"),
     "power_w": (lambda v: v >= 0, "at least 0"),
     "pue": (lambda v: 1 <= v <= 5, "in [1, 5]"),
     "grid_g_per_kwh": (lambda v: v >= 0, "at least 0"),

@@ -31,7 +31,7 @@ from ortools.sat.python import cp_model
 
 from solver.fractions import Gpu, demand, fits_profile, shares_needed
 from solver.market import Assignment, Job, Market, Offer, Result
-from solver.rules import Floats, Ints, MarketArrays, evaluate, evaluate_pairs
+from solver.rules import Floats, Ints, MarketArrays, evaluate, evaluate_pairs, overhead_seconds
 
 SCALE = 1e6  # integer objective units per USD
 PER_JOB = 24  # pairs kept per job when the round is too big to keep them all
@@ -380,6 +380,7 @@ def to_result(market: Market, p: Packing, started: float) -> Result:
     ji = np.array(p.jobs, dtype=np.int64)
     oi = np.array(p.options, dtype=np.int64)
     block = evaluate_pairs(a, ji, oi)
+    startup = overhead_seconds(a, ji, oi)
     assignments = tuple(
         Assignment(
             job=market.jobs[j].id,
@@ -390,7 +391,7 @@ def to_result(market: Market, p: Packing, started: float) -> Result:
             egress_usd=float(block.egress[n]),
             latency_usd=float(block.latency[n]),
             rtt_ms=float(block.rtt[n]),
-            startup_seconds=a.offers[k].startup_seconds if np.isnan(a.j_duration[j]) else 0.0,
+            startup_seconds=float(startup[n]),
             energy_kwh=float(block.energy[n]),
             gco2=float(block.gco2[n]),
             carbon_usd=float(block.carbon[n]),

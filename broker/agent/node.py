@@ -34,7 +34,7 @@ import httpx
 
 from adapters import catalog, registry
 from adapters.base import Device
-from broker.agent.probe import ProbeFailed, measure_startup
+from broker.agent.probe import Overheads, measure_startup
 from broker.portable import _xla
 from broker.sandbox import Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
@@ -130,7 +130,8 @@ class NodeAgent:
         # Runs whose end could not be reported: the finish to send once the broker answers.
         self._unreported: dict[str, dict[str, Any]] = {}
         self._sandbox: Sandbox | None = None
-        self.startup_seconds: float | None = None  # measured (broker.agent.probe)
+        self.overheads: Overheads | None = None  # measured (broker.agent.probe)
+        self._stopping = threading.Event()  # set by shutdown: the probe gives up quietly
 
     @property
     def sandbox(self) -> Sandbox:
@@ -191,8 +192,9 @@ class NodeAgent:
                     offer[name] = value
             if first.emulated_on is not None:
                 offer["emulated"] = True
-            if self.startup_seconds is not None:
-                offer["startup_seconds"] = round(self.startup_seconds, 3)
+            if self.overheads is not None:
+                offer["startup_seconds"] = round(self.overheads.startup_seconds, 3)
+                offer["transfer_s_per_gb"] = round(self.overheads.transfer_s_per_gb, 3)
             offers.append(offer)
         return offers
 
@@ -245,7 +247,7 @@ class NodeAgent:
         )
         self.publish(self.offers(self._devices))
         self.sandbox  # noqa: B018  (its spare child starts importing JAX now, not at the first run)
-        if config.measure_startup and self.startup_seconds is None and self._offers:
+        if config.measure_startup and self.overheads is None and self._offers:
             threading.Thread(target=self._measure_startup, name="probe", daemon=True).start()
         log.info(
             "node %s (%s) registered; offering %s",
@@ -265,14 +267,22 @@ class NodeAgent:
         assert node is not None
         platform = self.config.platform or _xla.local_platform()
         try:
-            seconds = measure_startup(self.sandbox, platform, lambda: client.heartbeat(node, {}))
-        except (ProbeFailed, BrokerError, OSError) as e:
-            log.warning("could not measure a run's start-up on this machine: %s", e)
+            measured = measure_startup(self.sandbox, platform, lambda: client.heartbeat(node, {}))
+        except Exception as e:  # a thread of its own: say why, never crash
+            if not self._stopping.is_set():
+                log.warning("could not measure a run's start-up on this machine: %s", e)
             return
-        self.startup_seconds = seconds
-        log.info("a run's start-up on this machine: %.3f s (stated with the offers)", seconds)
-        with contextlib.suppress(BrokerError):  # the next rediscovery publishes them anyway
-            self.publish(self.offers(self._devices))
+        if self._stopping.is_set():
+            return
+        self.overheads = measured
+        log.info(
+            "a run's start-up on this machine: %.3f s, and %.2f s per GB of its data "
+            "(stated with the offers)",
+            measured.startup_seconds,
+            measured.transfer_s_per_gb,
+        )
+        with contextlib.suppress(BrokerError, RuntimeError):  # the next rediscovery
+            self.publish(self.offers(self._devices))  # publishes them anyway
 
     def publish(self, offers: list[dict[str, Any]]) -> None:
         assert self.client is not None
@@ -443,6 +453,7 @@ class NodeAgent:
     def shutdown(self) -> None:
         """Stop the runs between steps, then sign the node off so their jobs resume
         elsewhere from their last checkpoint."""
+        self._stopping.set()
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:

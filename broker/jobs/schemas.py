@@ -148,6 +148,11 @@ class JobOut(BaseModel):
     duration_hours: float | None
     flops: float | None
     bytes: float | None
+    io_bytes: float | None = Field(
+        default=None,
+        description="Bytes a run moves besides its work: the inputs in, the results and "
+        "checkpoints out (programs only); the market adds their transfer to the estimate",
+    )
     dtype: str | None
     deadline_hours: float | None
     max_gco2: float | None

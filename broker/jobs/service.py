@@ -31,7 +31,7 @@ from broker.models.offer import Offer
 from broker.money import micros_to_usd, usd_to_micros
 from broker.offers.service import resolve_model
 from broker.portable.checks import check_inputs
-from broker.portable.manifest import ArtifactError, Manifest
+from broker.portable.manifest import ArtifactError, Manifest, io_bytes
 
 
 class IdempotencyKeyReused(Conflict):
@@ -157,6 +157,7 @@ class _Program:
     flops: float
     bytes: float
     dtype: str
+    io_bytes: float  # what a run moves: the inputs in, the results and checkpoints out
 
 
 def _check_program(session: Session | None, account: Account, data: JobCreate) -> _Program | None:
@@ -226,6 +227,7 @@ def _check_program(session: Session | None, account: Account, data: JobCreate) -
         flops=manifest.flops * runs,
         bytes=manifest.bytes * runs,
         dtype=manifest.dtype,
+        io_bytes=io_bytes(manifest, inputs_blob.size, data.steps, data.checkpoint_every),
     )
 
 
@@ -290,6 +292,7 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
         duration_hours=data.duration_hours,
         flops=flops,
         bytes=work_bytes,
+        io_bytes=program.io_bytes if program else None,
         dtype=dtype or ("bf16" if data.duration_hours is None else None),
         deadline_hours=data.deadline_hours,
         max_gco2=data.max_gco2,
@@ -364,6 +367,8 @@ _HASHED_FIELDS = tuple(
         "attempts",
         "error",
         "started_at",
+        # derived from the artifact and the inputs, which are hashed
+        "io_bytes",
     }
 )
 

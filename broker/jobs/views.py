@@ -60,6 +60,7 @@ def job_out_of(job: Job, cost: billing.JobCost) -> JobOut:
         duration_hours=job.duration_hours,
         flops=job.flops,
         bytes=job.bytes,
+        io_bytes=job.io_bytes,
         dtype=job.dtype,
         deadline_hours=job.deadline_hours,
         max_gco2=job.max_gco2,

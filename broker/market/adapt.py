@@ -12,7 +12,7 @@ from sqlalchemy import Row
 from adapters import catalog, grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
-from broker.market.estimates import MAX_STARTUP_S
+from broker.market.estimates import MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
 from broker.models.job import Job
 from broker.models.offer import Offer
 from broker.money import MICROS_PER_USD
@@ -55,6 +55,7 @@ OFFER_COLUMNS = (
     Offer.pue,
     Offer.grid_g_per_kwh,
     Offer.startup_seconds,
+    Offer.transfer_s_per_gb,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -68,6 +69,7 @@ JOB_COLUMNS = (
     Job.duration_hours,
     Job.flops,
     Job.bytes,
+    Job.io_bytes,
     Job.dtype,
     Job.deadline_hours,
     Job.max_gco2,
@@ -103,6 +105,7 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         available_hours=row.available_hours,
         efficiency=row.efficiency,
         startup_seconds=min(row.startup_seconds or 0.0, MAX_STARTUP_S),
+        transfer_s_per_gb=min(row.transfer_s_per_gb or 0.0, MAX_TRANSFER_S_PER_GB),
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],
@@ -149,6 +152,7 @@ def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.J
         duration_hours=row.duration_hours,
         flops=row.flops,
         bytes=row.bytes,
+        io_gb=(row.io_bytes or 0.0) / 1e9,
         dtype=row.dtype or "bf16",
         deadline_hours=row.deadline_hours,
         max_gco2=row.max_gco2,

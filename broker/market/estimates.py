@@ -11,7 +11,9 @@ latest runs, the broker fits ``metered = startup + ratio x estimated``:
   than their roofline stops looking cheap, and one that runs faster stops
   looking dear;
 - the **start-up** is the median of what the runs took beyond their corrected
-  estimate: loading the program and its inputs, and compiling it. Clearing
+  estimate and the transfer of their data (the agent's measured seconds per GB
+  times the program's inputs and results): checking and compiling the program,
+  and the requests to the broker. Clearing
   adds it to every program's estimated runtime on that model, which is what
   makes a small job's estimate honest (its work takes microseconds, its run
   half a second).
@@ -49,6 +51,9 @@ CEILING = 2.0  # the most it may lengthen them
 # and may lengthen their estimates this far.
 EMULATED_CEILING = 100.0
 MAX_STARTUP_S = 120.0  # the most start-up a model's runs can add to its estimates
+# The most an agent's measured transfer may add per GB of a program's data (a disk of
+# 10 MB/s); a slower figure is taken as this one.
+MAX_TRANSFER_S_PER_GB = 100.0
 LONG_S = 60.0  # runs estimated at least this long speak for the ratio
 MIN_RUNS = 5  # runs of a model before its ratio, or its start-up, corrects anything
 WINDOW = 200  # the latest runs per model that count
@@ -100,6 +105,8 @@ def bands(session: Session) -> dict[str, Band]:
             Allocation.accelerators,
             Allocation.runtime_hours,
             Allocation.startup_seconds,
+            Job.io_bytes,
+            Offer.transfer_s_per_gb,
         )
         .join(Offer, Offer.id == Allocation.offer_id)
         .join(Job, Job.id == Allocation.job_id)
@@ -114,17 +121,19 @@ def bands(session: Session) -> dict[str, Band]:
         .order_by(Allocation.ended_at.desc(), Allocation.id)
         .limit(SCANNED)
     ).all()
-    runs: dict[str, list[tuple[float, float]]] = {}  # (estimated work, metered), seconds
+    # (estimated work, metered less the estimated transfer of the program's data), seconds
+    runs: dict[str, list[tuple[float, float]]] = {}
     emulated: set[str] = set()
-    for model, is_emulated, usage_ms, accelerators, runtime_hours, startup in rows:
+    for model, is_emulated, usage_ms, accelerators, runtime_hours, startup, io, per_gb in rows:
         name = key(model, is_emulated)
         if is_emulated:
             emulated.add(name)
         kept = runs.setdefault(name, [])
         if len(kept) < WINDOW:
-            metered = usage_ms / max(1, accelerators) / 1000
-            work = runtime_hours * 3600 - (startup or 0.0)
-            if work > 0:
+            transfer = (io or 0.0) / 1e9 * min(per_gb or 0.0, MAX_TRANSFER_S_PER_GB)
+            metered = usage_ms / max(1, accelerators) / 1000 - transfer
+            work = runtime_hours * 3600 - (startup or 0.0)  # the estimate's overhead is
+            if work > 0:  # its start-up and that transfer
                 kept.append((work, metered))
     return {
         name: fit(name, values, emulated=name in emulated)

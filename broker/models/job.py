@@ -52,6 +52,8 @@ class Job(Base):
     duration_hours: Mapped[float | None] = mapped_column(Float, default=None)
     flops: Mapped[float | None] = mapped_column(Float, default=None)
     bytes: Mapped[float | None] = mapped_column(Float, default=None)
+    # Bytes a run moves besides its work: the inputs in, the results and checkpoints out.
+    io_bytes: Mapped[float | None] = mapped_column(Float, default=None)
     dtype: Mapped[str | None] = mapped_column(String(8), default=None)
     deadline_hours: Mapped[float | None] = mapped_column(Float, default=None)
     # The most CO2e (g) its run may emit, and its own carbon price (docs/market.md).

@@ -89,6 +89,9 @@ class Offer(Base):
     # Seconds from a work order to the program's first step, as the agent measured
     # them at sign-on (docs/market.md); None: not measured.
     startup_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    # Seconds to move a GB of a program's inputs in and results out of a run, as the
+    # agent measured them; None: not measured.
+    transfer_s_per_gb: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

@@ -257,6 +257,7 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "pue": data.pue,
         "grid_g_per_kwh": data.grid_g_per_kwh,
         "startup_seconds": data.startup_seconds,
+        "transfer_s_per_gb": data.transfer_s_per_gb,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
     if capacity != offer.capacity or any(getattr(offer, k) != v for k, v in changes.items()):

@@ -76,6 +76,14 @@ class OfferTerms(BaseModel):
         "fetching and reporting), as the agent measured them; added to each program's "
         "estimated runtime until the model's finished runs give the broker its own figure",
     )
+    transfer_s_per_gb: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="Seconds a run takes per GB of a program's inputs and results moved in "
+        "and out (reading, decoding, writing), as the agent measured them; added to each "
+        "program's estimated runtime in proportion to its data",
+    )
     emulated: bool = Field(
         default=False,
         description="Capacity of this model emulated on a CPU (demos): the agent runs its "
@@ -140,6 +148,11 @@ class OfferOut(BaseModel):
     )
     startup_seconds: float | None = Field(
         default=None, description="A run's start-up as its agent measured it (null: not measured)"
+    )
+    transfer_s_per_gb: float | None = Field(
+        default=None,
+        description="Seconds per GB of inputs and results a run moves, as its agent measured "
+        "them (null: not measured)",
     )
     emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime

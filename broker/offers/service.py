@@ -61,6 +61,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         pue=data.pue,
         grid_g_per_kwh=data.grid_g_per_kwh,
         startup_seconds=data.startup_seconds,
+        transfer_s_per_gb=data.transfer_s_per_gb,
         **hardware,
     )
     session.add(offer)

@@ -19,6 +19,7 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -83,6 +84,24 @@ def dtype_name(dtype: Any) -> str:
 
 def encode(leaves: Sequence[Any]) -> bytes:
     """A bundle holding ``leaves`` (numpy arrays, JAX arrays or scalars), in order."""
+    return b"".join(_parts(leaves))
+
+
+def write(path: Path, leaves: Sequence[Any]) -> int:
+    """Write the bundle of ``leaves`` to ``path`` without building it in memory first
+    (a run's results and checkpoints may be gigabytes); returns its size in bytes."""
+    size = 0
+    with path.open("wb") as f:
+        for part in _parts(leaves):
+            f.write(part)
+            size += len(part)
+    return size
+
+
+def _parts(leaves: Sequence[Any]) -> list[bytes | memoryview]:
+    """The bundle's pieces in order: magic, length and header, then each leaf's bytes
+    (views of the arrays, not copies, where they are little-endian and C-ordered) with
+    the padding that aligns the next one."""
     # np.asarray keeps 0-d leaves 0-d (np.ascontiguousarray would make them 1-d).
     arrays = [np.asarray(leaf) for leaf in leaves]
     specs: list[dict[str, Any]] = []
@@ -99,16 +118,17 @@ def encode(leaves: Sequence[Any]) -> bytes:
         )
         size = offset + array.nbytes
     header = json.dumps({"leaves": specs}, separators=(",", ":")).encode()
-    start = _data_start(len(header))
-    out = bytearray(start + size)
-    out[: len(MAGIC)] = MAGIC
-    out[len(MAGIC) : len(MAGIC) + 4] = struct.pack("<I", len(header))
-    out[len(MAGIC) + 4 : len(MAGIC) + 4 + len(header)] = header
+    head = MAGIC + struct.pack("<I", len(header)) + header
+    parts: list[bytes | memoryview] = [head, bytes(_data_start(len(header)) - len(head))]
+    at = 0
     for spec, array in zip(specs, arrays, strict=True):
-        at = start + spec["offset"]
+        parts.append(bytes(spec["offset"] - at))
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        out[at : at + array.nbytes] = little.tobytes(order="C")
-    return bytes(out)
+        if little.ndim:
+            little = np.ascontiguousarray(little)
+        parts.append(little.reshape(-1).view(np.uint8).data if little.size else b"")
+        at = spec["offset"] + spec["nbytes"]
+    return parts
 
 
 def read_header(head: bytes, total_size: int) -> list[LeafSpec]:

@@ -7,12 +7,14 @@ program``, where the program is ``jax.export.Exported.serialize()``.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.platforms import Platform
+from broker.portable.arrays import DTYPES
 
 MAGIC = b"BRKART01"
 ALL_PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
@@ -58,6 +60,25 @@ class Manifest(BaseModel):
     bytes: float = Field(ge=0, le=1e30, description="XLA cost analysis, bytes accessed")
     dtype: Literal["bf16", "fp32"]
     custom_calls: list[str] = Field(max_length=1000)
+
+
+def io_bytes(
+    manifest: Manifest, inputs: int, steps: int | None, checkpoint_every: int | None
+) -> float:
+    """Bytes a run moves besides its work: its inputs in, its results out, and for an
+    iterative job the state of each checkpoint it writes. A leaf with a symbolic
+    dimension counts as big as all the inputs."""
+    sizes = [_leaf_bytes(spec, inputs) for spec in manifest.outputs]
+    state = sum(sizes[: manifest.state_leaves or 0])
+    checkpoints = (steps or 0) // checkpoint_every if checkpoint_every else 0
+    return float(inputs + sum(sizes) + state * checkpoints)
+
+
+def _leaf_bytes(spec: TensorSpec, otherwise: int) -> int:
+    dtype = DTYPES.get(spec.dtype)
+    if dtype is None or not all(isinstance(d, int) for d in spec.shape):
+        return otherwise
+    return math.prod(cast(list[int], spec.shape)) * dtype.itemsize
 
 
 def read_container(data: bytes) -> tuple[Manifest, bytes]:

@@ -117,7 +117,7 @@ def _run(order: dict[str, Any], channel: _Channel) -> None:
 
     def on_checkpoint(step: int, state: list[np.ndarray[Any, Any]]) -> None:
         name = f"checkpoint-{step}.bin"
-        (work / name).write_bytes(arrays.encode(state))
+        arrays.write(work / name, state)
         channel.send(checkpoint=step, file=name)
 
     def on_progress(step: int) -> None:
@@ -144,7 +144,7 @@ def _run(order: dict[str, Any], channel: _Channel) -> None:
         exhausted = "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
         channel.send(error=text, program=exhausted)
         return
-    (work / "result.bin").write_bytes(arrays.encode(result.outputs))
+    arrays.write(work / "result.bin", result.outputs)
     channel.send(
         done="result.bin",
         steps_done=result.steps_done,

@@ -111,7 +111,12 @@ def test_the_agent_runs_what_the_market_matches(agent: dict[str, Any]) -> None:
         lambda: developer.http.json("GET", "/v1/offers")["items"][0]["startup_seconds"]
     )
     assert 0 < measured < 60
-    assert agent["node"].startup_seconds == pytest.approx(measured, abs=0.001)
+    overheads = agent["node"].overheads
+    assert overheads.startup_seconds == pytest.approx(measured, abs=0.001)
+    # And what a GB of a program's data costs a run here, beside it.
+    offer = developer.http.json("GET", "/v1/offers")["items"][0]
+    assert offer["transfer_s_per_gb"] == pytest.approx(overheads.transfer_s_per_gb, abs=0.001)
+    assert 0 < offer["transfer_s_per_gb"] < 600
 
     agent["stop"].set()
     agent["thread"].join(timeout=60)

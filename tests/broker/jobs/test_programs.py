@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
@@ -60,6 +61,20 @@ def test_platforms_and_work_come_from_the_artifact(
     assert job["platforms"] == ["cpu", "cuda", "rocm", "tpu"]
     assert job["flops"] == pytest.approx(manifest.flops * 50)
     assert job["bytes"] == pytest.approx(manifest.bytes * 50)
+    # What a run moves: the inputs in, the results out, no checkpoints asked for.
+    outputs = sum(
+        np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape)) for spec in manifest.outputs
+    )
+    assert job["io_bytes"] == len(programs["step_inputs"]) + outputs
+    every = developer.post(
+        "/v1/jobs",
+        json=body(artifact=sha["step"], inputs=sha["step_inputs"], steps=50, checkpoint_every=10),
+    ).json()
+    state = sum(
+        np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape))
+        for spec in manifest.outputs[: manifest.state_leaves]
+    )
+    assert every["io_bytes"] == job["io_bytes"] + 5 * state
     assert job["dtype"] == "fp32"
     assert job["steps"] == 50
     assert job["steps_done"] == 0
