@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from adapters import catalog
+
 DATA = Path(__file__).parent / "data"
 
 #: Default PUE per kind of site, used when a provider states none. Hyperscale
@@ -59,3 +61,36 @@ def intensity(country: str, region: str = "", cloud: str = "") -> Intensity:
     if by_country is not None:
         return Intensity(by_country, "country")
     return Intensity(WORLD_G_CO2E_PER_KWH, "world")
+
+
+def offer_energy(
+    vendor: str,
+    model: str,
+    country: str,
+    region: str,
+    *,
+    power_w: float | None = None,
+    pue: float | None = None,
+    grid_g_per_kwh: float | None = None,
+) -> dict[str, float]:
+    """An offer's ``power_w`` per accelerator, ``pue`` and ``grid_g_per_kwh``: what its
+    provider stated, else the defaults (``default_energy``)."""
+    stated = {"power_w": power_w, "pue": pue, "grid_g_per_kwh": grid_g_per_kwh}
+    return default_energy(vendor, model, country, region) | {
+        k: float(v) for k, v in stated.items() if v is not None
+    }
+
+
+@cache
+def default_energy(vendor: str, model: str, country: str, region: str) -> dict[str, float]:
+    """What an offer draws and emits by default: its model's datasheet power (TDP), the
+    PUE of its kind of site (edge devices 1.0; otherwise a colocation site's 1.5, as
+    the broker cannot tell a hyperscale cloud's floor from a small data centre's), and
+    its region's or country's grid intensity."""
+    spec = catalog.lookup(model)
+    site = "edge" if vendor == "edge" else "colocation"
+    return {
+        "power_w": float(spec.tdp_w or 0.0) if spec is not None else 0.0,
+        "pue": PUE_BY_SITE[site],
+        "grid_g_per_kwh": intensity(country, region).g_co2e_per_kwh,
+    }

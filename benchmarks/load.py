@@ -28,6 +28,11 @@ generator and everything else on the machine used (in cores), and the time the
 hypervisor took for other guests (steal), so a saturated generator or a busy or
 shared machine shows.
 
+With ``--replicas 1,2,3`` (PostgreSQL) the phases run again against each number
+of ``broker serve`` replicas on one database behind a round-robin proxy
+(``benchmarks.proxy``, a thread of this process, as a load balancer would spread
+connections); the report gives each replica's CPU, the proxy's and PostgreSQL's.
+
 The servers, the PostgreSQL cluster and the CPU accounting are in
 ``benchmarks.processes``; the request bodies and the seeding in ``benchmarks.seeding``.
 """

@@ -138,6 +138,16 @@ def run_footprint(
     return energy_kwh / hours * metered, gco2 / hours * metered
 
 
+def footprint(a: Allocation) -> tuple[float, float, str]:
+    """A run's energy at the wall, its emissions, and their basis: what its agent
+    measured (``measured``), else the match's estimate for its metered time
+    (``estimated``, ``run_footprint``)."""
+    if a.measured_kwh is not None:
+        return a.measured_kwh, a.measured_gco2 or 0.0, "measured"
+    energy, gco2 = run_footprint(a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms)
+    return energy, gco2, "estimated"
+
+
 def withdraw_offer(session: Session, offer: Offer, *, release_matched: bool = True) -> None:
     """Take an active or suspended offer off the market (doing so twice is harmless).
 

@@ -32,8 +32,9 @@ from typing import Any
 
 import httpx
 
-from adapters import catalog, registry
+from adapters import catalog, power, registry
 from adapters.base import Device
+from broker.agent.energy import RunEnergy
 from broker.agent.probe import Overheads, measure_startup
 from broker.portable import _xla
 from broker.sandbox import Sandbox, SandboxConfig
@@ -108,6 +109,7 @@ class AgentConfig:
 class _Run:
     handle: RunHandle
     thread: threading.Thread
+    energy: RunEnergy | None = None
 
 
 class NodeAgent:
@@ -132,6 +134,10 @@ class NodeAgent:
         self._sandbox: Sandbox | None = None
         self.overheads: Overheads | None = None  # measured (broker.agent.probe)
         self._stopping = threading.Event()  # set by shutdown: the probe gives up quietly
+        # How to read the hardware's power for runs' measured energy (None: it cannot be).
+        self.power_reader = next(
+            (r for a in self.adapters if (r := power.reader_for(a)) is not None), None
+        )
 
     @property
     def sandbox(self) -> Sandbox:
@@ -363,10 +369,21 @@ class NodeAgent:
                     continue  # the market matched more than is free now; take it later
                 self._seen.add(allocation)
                 handle = RunHandle(allocation, int(order["accelerators"]))
+                energy = None
+                if (reader := self.power_reader) is not None:
+                    energy = RunEnergy(reader, handle.accelerators)
+                    handle.energy = energy.kwh
+                    if self._runs:  # readings are the node's: runs side by side share them
+                        energy.shared = True
+                        for other in self._runs.values():
+                            if other.energy is not None:
+                                other.energy.shared = True
                 thread = threading.Thread(
                     target=self._run, args=(order, handle), name=f"run-{allocation}", daemon=True
                 )
-                self._runs[allocation] = _Run(handle, thread)
+                self._runs[allocation] = _Run(handle, thread, energy)
+            if energy is not None:
+                energy.start()
             thread.start()
             started += 1
         return started

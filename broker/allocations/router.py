@@ -153,5 +153,6 @@ def finish(session: SessionDep, agent: AgentDep, allocation_id: ObjectId, body: 
         accelerator_seconds=body.accelerator_seconds,
         max_attempts=get_settings().max_attempts,
         log=body.log,
+        energy_kwh=body.energy_kwh,
     )
     return run_out(session, allocation_id, job)

@@ -32,6 +32,14 @@ class AllocationOut(BaseModel):
     estimated_cost: EstimatedCost
     energy_kwh: float = Field(description="Estimated energy at the wall (PUE included)")
     gco2: float = Field(description="Estimated emissions, g CO2e")
+    measured_kwh: float | None = Field(
+        default=None,
+        description="The energy the run really used at the wall, from its agent's power "
+        "readings times the site's PUE (null: not measured)",
+    )
+    measured_gco2: float | None = Field(
+        default=None, description="Its emissions, g CO2e (null: not measured)"
+    )
     created_at: datetime
     ended_at: datetime | None
 
@@ -56,6 +64,8 @@ class AllocationOut(BaseModel):
             ),
             energy_kwh=a.energy_kwh,
             gco2=a.gco2,
+            measured_kwh=a.measured_kwh,
+            measured_gco2=a.measured_gco2,
             created_at=a.created_at,
             ended_at=a.ended_at,
         )
@@ -184,6 +194,14 @@ class Finish(BaseModel):
     )
     accelerator_seconds: AcceleratorSeconds = None
     log: LogLines
+    energy_kwh: Float | None = Field(
+        default=None,
+        ge=0,
+        le=1e6,
+        description="The energy the run's devices used, kWh, as the agent measured it "
+        "(power readings over the run; the site's PUE is the broker's to add); leave it out "
+        "when not measured, and the bill keeps the estimate",
+    )
 
 
 class RunOut(BaseModel):

@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from adapters import grid
 from broker import ledger
 from broker.accounts.callers import Agent
 from broker.accounts.visibility import own_rows, sees_all
@@ -210,12 +211,13 @@ def finish(
     accelerator_seconds: float | None = None,
     max_attempts: int = 1,
     log: Sequence[logs.Line] = (),
+    energy_kwh: float | None = None,
 ) -> Job:
     """End the run with its result (succeeded) or the reason (failed), and free the
     capacity. A failure the provider marks ``retry`` (the machine, not the program)
     hands the job back to the market until it has had ``max_attempts`` starts.
     A retried report of the same outcome changes nothing."""
-    allocation, _, job = get_allocation(session, agent, allocation_id, lock=True)
+    allocation, offer, job = get_allocation(session, agent, allocation_id, lock=True)
     state = JobState(outcome)
     if allocation.status != AllocationStatus.active and _reported(allocation, job, state, result):
         return job
@@ -224,6 +226,8 @@ def finish(
         raise Conflict("start the job before finishing it", field="body.outcome")
     logs.append(session, allocation, log)
     over_budget = meter(session, allocation, job, accelerator_seconds)
+    if energy_kwh is not None:
+        _measured(allocation, offer, energy_kwh)
     if state == JobState.failed and over_budget:
         billing.stop_at_budget(session, job)
         return job
@@ -253,6 +257,38 @@ def finish(
         return job
     end_job(session, job, state)
     return job
+
+
+# The most one accelerator can draw, for checking what agents report: about twice
+# today's largest datasheet figures (1.2 kW for a Blackwell GPU), for the readings'
+# own error and a short run's last sample.
+MAX_KW_PER_ACCELERATOR = 2.5
+
+
+def _measured(allocation: Allocation, offer: Offer, energy_kwh: float) -> None:
+    """Record the energy the agent measured: at the wall (times the site's PUE) and its
+    emissions (times the grid's intensity), with the offer's stated figures or the
+    defaults, as clearing counts them (docs/market.md)."""
+    hours = allocation.usage_ms / 3_600_000  # accelerator-hours metered
+    most = MAX_KW_PER_ACCELERATOR * hours + 0.001
+    if energy_kwh > most:
+        raise InvalidInput(
+            f"energy_kwh {energy_kwh:g} is more than {allocation.accelerators} accelerator(s) "
+            f"can draw in the {hours:.4f} accelerator-hours metered (at most {most:.4f} kWh at "
+            f"{MAX_KW_PER_ACCELERATOR} kW each); report the devices' energy in kWh",
+            field="body.energy_kwh",
+        )
+    figures = grid.offer_energy(
+        offer.vendor,
+        offer.accelerator,
+        offer.country,
+        offer.region,
+        power_w=offer.power_w,
+        pue=offer.pue,
+        grid_g_per_kwh=offer.grid_g_per_kwh,
+    )
+    allocation.measured_kwh = energy_kwh * figures["pue"]
+    allocation.measured_gco2 = allocation.measured_kwh * figures["grid_g_per_kwh"]
 
 
 def _reported(allocation: Allocation, job: Job, state: JobState, result: str | None) -> bool:

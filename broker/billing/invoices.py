@@ -27,7 +27,7 @@ from broker.accounts.visibility import own_rows, owns
 from broker.billing.amounts import fee_on, to_cents, usage_charge
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.ledger import run_footprint
+from broker.ledger import footprint
 from broker.models.account import Account, Role
 from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
 from broker.models.job import Job
@@ -98,10 +98,11 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
     amount = usage_charge(a.usage_ms, a.price_per_hour_micros)
     hours = Fraction(a.usage_ms, 3_600_000)
     rate = micros_to_usd(a.price_per_hour_micros)
-    energy, gco2 = run_footprint(a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms)
+    energy, gco2, basis = footprint(a)
     return InvoiceLine(
         energy_kwh=energy,
         gco2=gco2,
+        energy_basis=basis,
         id=new_id("inl"),
         invoice_id=invoice_id,
         allocation_id=a.id,

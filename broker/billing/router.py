@@ -203,6 +203,7 @@ def get_statement(
                 amount=cents_to_usd(r.amount_cents),
                 energy_kwh=r.energy_kwh,
                 gco2=r.gco2,
+                measured_runs=r.measured_runs,
             )
             for r in result.rows
         ],
@@ -296,6 +297,7 @@ def _invoice_out(i: Invoice, lines: list[InvoiceLine]) -> InvoiceOut:
                 amount=cents_to_usd(ln.amount_cents),
                 energy_kwh=ln.energy_kwh,
                 gco2=ln.gco2,
+                energy_basis="measured" if ln.energy_basis == "measured" else "estimated",
                 started_at=ln.started_at,
                 ended_at=ln.ended_at,
             )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,8 +41,13 @@ class InvoiceLineOut(BaseModel):
     rate_per_hour: Usd = Field(description="The ask locked at match, per accelerator-hour")
     fee_percent: Decimal = Field(description="The fee locked at match")
     amount: Usd = Field(description="Hours x rate, rounded to the cent once (half to even)")
-    energy_kwh: float = Field(description="Estimated energy of the metered time (PUE included)")
-    gco2: float = Field(description="Estimated emissions of the metered time, g CO2e")
+    energy_kwh: float = Field(description="Energy of the run at the wall (PUE included)")
+    gco2: float = Field(description="Emissions of the run, g CO2e")
+    energy_basis: Literal["measured", "estimated"] = Field(
+        default="estimated",
+        description="measured: from the power readings the provider's agent took over the "
+        "run; estimated: the match's estimate for the metered time",
+    )
     started_at: datetime | None
     ended_at: datetime | None
 
@@ -126,8 +132,12 @@ class StatementRowOut(BaseModel):
     runs: int
     accelerator_hours: Decimal
     amount: Usd = Field(description="Hours x rate, rounded to the cent once")
-    energy_kwh: float = Field(description="Estimated energy of the metered time (PUE included)")
-    gco2: float = Field(description="Estimated emissions of the metered time, g CO2e")
+    energy_kwh: float = Field(
+        description="Energy of the runs at the wall (PUE included): measured where the agent "
+        "measured it, else estimated for the metered time"
+    )
+    gco2: float = Field(description="Emissions of the runs, g CO2e, on the same basis")
+    measured_runs: int = Field(default=0, description="Of runs, those whose energy was measured")
 
 
 class StatementOut(BaseModel):

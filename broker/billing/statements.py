@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from broker.accounts.visibility import owns
 from broker.billing.amounts import to_cents, usage_charge
 from broker.errors import Forbidden
-from broker.ledger import run_footprint
+from broker.ledger import footprint
 from broker.models.account import Account, Role
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.node import Node
@@ -37,8 +37,9 @@ class StatementRow:
     runs: int
     usage_ms: int
     exact_micros: Fraction
-    energy_kwh: float = 0.0  # estimated, for the metered time
+    energy_kwh: float = 0.0  # measured where the agents measured it, else estimated
     gco2: float = 0.0
+    measured_runs: int = 0  # of ``runs``, those whose energy their agent measured
 
     @property
     def amount_cents(self) -> int:
@@ -99,9 +100,8 @@ def statement(
         row.runs += 1
         row.usage_ms += a.usage_ms
         row.exact_micros += usage_charge(a.usage_ms, a.price_per_hour_micros)
-        energy, gco2 = run_footprint(
-            a.energy_kwh, a.gco2, a.runtime_hours, a.accelerators, a.usage_ms
-        )
+        energy, gco2, basis = footprint(a)
         row.energy_kwh += energy
         row.gco2 += gco2
+        row.measured_runs += basis == "measured"
     return Statement(owner, start, end, list(rows.values()))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
-from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Row
 
-from adapters import catalog, grid
+from adapters import grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
 from broker.market.estimates import MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
@@ -109,31 +108,17 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],
-            _energy(row.vendor, row.accelerator, row.country, row.region)
-            | _stated(row.power_w, row.pue, row.grid_g_per_kwh),
+            grid.offer_energy(
+                row.vendor,
+                row.accelerator,
+                row.country,
+                row.region,
+                power_w=row.power_w,
+                pue=row.pue,
+                grid_g_per_kwh=row.grid_g_per_kwh,
+            ),
         ),
     )
-
-
-def _stated(power_w: float | None, pue: float | None, grid_g: float | None) -> dict[str, float]:
-    """What the provider stated of its energy, where it did."""
-    stated = {"power_w": power_w, "pue": pue, "grid_g_per_kwh": grid_g}
-    return {k: v for k, v in stated.items() if v is not None}
-
-
-@cache
-def _energy(vendor: str, model: str, country: str, region: str) -> dict[str, float]:
-    """What an offer draws and emits: its model's datasheet power (TDP), the PUE of
-    its kind of site (edge devices 1.0; otherwise a colocation site's 1.5, as the
-    broker cannot tell a hyperscale cloud's floor from a small data centre's), and
-    its region's or country's grid intensity (``adapters.grid``)."""
-    spec = catalog.lookup(model)
-    site = "edge" if vendor == "edge" else "colocation"
-    return {
-        "power_w": float(spec.tdp_w or 0.0) if spec is not None else 0.0,
-        "pue": grid.PUE_BY_SITE[site],
-        "grid_g_per_kwh": grid.intensity(country, region).g_co2e_per_kwh,
-    }
 
 
 def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.Job:

@@ -1,8 +1,10 @@
-"""A developer's energy and carbon by month: the estimates of the matches that ran.
+"""A developer's energy and carbon by month, from the runs that started.
 
 Each match records its estimated energy at the wall and emissions when it is
-made (docs/market.md). These figures are estimates, not meter readings: the
-agents do not yet report measured power, and the answer says so (``basis``).
+made (docs/market.md); a run whose agent measured its devices' power records
+what it really used (``broker.agent.energy``). A month's figures take the
+measurement where there is one and the estimate of the whole match otherwise,
+and say which (``basis``: measured, estimated, or mixed).
 """
 
 from __future__ import annotations
@@ -66,18 +68,34 @@ def footprints(session: Session, limit: int = 500) -> list[Footprint]:
 def by_month(session: Session, account_id: str) -> list[Month]:
     """The account's runs (matches that started), summed by the month they started."""
     rows = session.execute(
-        select(Allocation.started_at, Allocation.energy_kwh, Allocation.gco2)
+        select(
+            Allocation.started_at,
+            Allocation.energy_kwh,
+            Allocation.gco2,
+            Allocation.measured_kwh,
+            Allocation.measured_gco2,
+        )
         .join(Job, Job.id == Allocation.job_id)
         .where(Job.account_id == account_id, Allocation.started_at.is_not(None))
     ).all()
-    sums: dict[str, list[float]] = {}
-    for started_at, energy, gco2 in rows:
+    sums: dict[str, list[float]] = {}  # runs, kWh, g, measured runs
+    for started_at, energy, gco2, measured_kwh, measured_gco2 in rows:
         if started_at is None:
             continue  # excluded by the query; the column is nullable
-        total = sums.setdefault(started_at.strftime("%Y-%m"), [0, 0.0, 0.0])
+        total = sums.setdefault(started_at.strftime("%Y-%m"), [0, 0.0, 0.0, 0])
         total[0] += 1
-        total[1] += energy
-        total[2] += gco2
+        if measured_kwh is not None:
+            total[1] += measured_kwh
+            total[2] += measured_gco2 or 0.0
+            total[3] += 1
+        else:
+            total[1] += energy
+            total[2] += gco2
     return [
-        Month(period=p, runs=int(t[0]), energy_kwh=t[1], gco2=t[2]) for p, t in sorted(sums.items())
+        Month(period=p, runs=int(t[0]), energy_kwh=t[1], gco2=t[2], basis=_basis(t[0], t[3]))
+        for p, t in sorted(sums.items())
     ]
+
+
+def _basis(runs: float, measured: float) -> str:
+    return "measured" if measured == runs else "estimated" if not measured else "mixed"

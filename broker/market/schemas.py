@@ -12,6 +12,14 @@ class PriceLevel(BaseModel):
     price_per_hour: Usd
     quantity: int = Field(description="Accelerators at this price")
     orders: int = Field(description="Offers (asks) or jobs (bids) at this price")
+    gco2_per_hour_min: float | None = Field(
+        default=None,
+        description="Asks: the lowest g CO2e one accelerator-hour of an offer at this price "
+        "emits (power x PUE x grid intensity, as clearing counts it); null for bids",
+    )
+    gco2_per_hour_max: float | None = Field(
+        default=None, description="Asks: the highest, among the offers at this price"
+    )
 
 
 class Book(BaseModel):
@@ -90,7 +98,10 @@ class CarbonMonth(BaseModel):
     runs: int
     energy_kwh: float
     gco2: float
-    basis: str = Field(description="estimated: from the matches' estimates, not meters")
+    basis: str = Field(
+        description="measured: every run's energy from its agent's power readings; estimated: "
+        "from the matches' estimates; mixed: some of each"
+    )
 
 
 class RoundOut(BaseModel):

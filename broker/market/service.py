@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import ColumnElement, Text, cast, func, select
 from sqlalchemy.orm import Session
 
-from adapters import catalog
+from adapters import catalog, grid
 from broker.db import utcnow
 from broker.market.schemas import Book, OrderBook, PriceLevel, PricePoint
 from broker.models.job import Job
@@ -46,6 +46,8 @@ class _Model:
     memory_gib: float = 0.0
     largest: int = 0  # accelerators the largest active offer lists; 0: no offers
     asks: list[_Level] = field(default_factory=list)  # cheapest first, at most depth
+    # g CO2e per accelerator-hour of the asks at each price: (lowest, highest)
+    carbon: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,7 +147,41 @@ def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model
     )
     for accel, price, quantity, orders in session.execute(stmt):
         models[accel].asks.append((price, int(quantity), int(orders)))
+    _ask_carbon(session, condition, models)
     return models
+
+
+def _ask_carbon(
+    session: Session, condition: ColumnElement[bool], models: dict[str, _Model]
+) -> None:
+    """Each ask level's carbon per accelerator-hour, lowest and highest, as clearing
+    counts it (power x PUE x the grid's intensity, the offers' stated figures or the
+    defaults). Read by site, not by offer: offers of one model, price and place share
+    their figures."""
+    sites = (
+        select(
+            Offer.accelerator,
+            Offer.price_per_hour_micros,
+            Offer.vendor,
+            Offer.country,
+            Offer.region,
+            Offer.power_w,
+            Offer.pue,
+            Offer.grid_g_per_kwh,
+        )
+        .where(condition)
+        .distinct()
+    )
+    for accel, price, vendor, country, region, power_w, pue, grid_g in session.execute(sites):
+        model = models.get(accel)
+        if model is None:
+            continue
+        figures = grid.offer_energy(
+            vendor, accel, country, region, power_w=power_w, pue=pue, grid_g_per_kwh=grid_g
+        )
+        g = figures["power_w"] * figures["pue"] / 1000 * figures["grid_g_per_kwh"]
+        low, high = model.carbon.get(price, (g, g))
+        model.carbon[price] = (min(low, g), max(high, g))
 
 
 def _bid_groups(session: Session) -> list[_BidGroup]:
@@ -205,15 +241,26 @@ def _best_levels(sides: Iterable[list[_Level]], depth: int) -> list[_Level]:
     return best
 
 
-def _levels(levels: list[_Level]) -> list[PriceLevel]:
-    return [
-        PriceLevel(price_per_hour=micros_to_usd(price), quantity=q, orders=n)
-        for price, q, n in levels
-    ]
+def _levels(
+    levels: list[_Level], carbon: dict[int, tuple[float, float]] | None = None
+) -> list[PriceLevel]:
+    out = []
+    for price, q, n in levels:
+        low, high = (carbon or {}).get(price, (None, None))
+        out.append(
+            PriceLevel(
+                price_per_hour=micros_to_usd(price),
+                quantity=q,
+                orders=n,
+                gco2_per_hour_min=low,
+                gco2_per_hour_max=high,
+            )
+        )
+    return out
 
 
 def _book(model: _Model, bid_levels: list[_Level], unfillable: list[_Level]) -> Book:
-    asks, bids = _levels(model.asks), _levels(bid_levels)
+    asks, bids = _levels(model.asks, model.carbon), _levels(bid_levels)
     best_ask = asks[0].price_per_hour if asks else None
     best_bid = bids[0].price_per_hour if bids else None
     spread: Decimal | None = None

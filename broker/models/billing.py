@@ -86,9 +86,13 @@ class InvoiceLine(Base):
     price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
     fee_ppm: Mapped[int] = mapped_column(Integer)
     amount_cents: Mapped[int] = mapped_column(BigInteger)
-    # The run's estimated energy and emissions for its metered time (docs/market.md).
+    # The run's energy and emissions: measured by its agent, or estimated for its
+    # metered time (docs/market.md); ``energy_basis`` says which.
     energy_kwh: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     gco2: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    energy_basis: Mapped[str] = mapped_column(
+        String(16), default="estimated", server_default="estimated"
+    )
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)
     stripe_item_id: Mapped[str | None] = mapped_column(String(255), default=None)

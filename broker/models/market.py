@@ -61,6 +61,10 @@ class Allocation(Base):
     # The match's estimated energy at the wall and emissions (docs/market.md).
     energy_kwh: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     gco2: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # What the run really used, when its agent measured it: the devices' energy times
+    # the site's PUE, and that times the grid's intensity; None: not measured.
+    measured_kwh: Mapped[float | None] = mapped_column(Float, default=None)
+    measured_gco2: Mapped[float | None] = mapped_column(Float, default=None)
     rtt_ms: Mapped[float] = mapped_column(Float)
     compute_micros: Mapped[int] = mapped_column(BigInteger)
     egress_micros: Mapped[int] = mapped_column(BigInteger)

@@ -14,6 +14,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ class RunHandle:
     started: float | None = None  # time.monotonic() when the broker confirmed the start
     ended: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    # The energy the run used, measured (kWh, its devices), asked once it ended; None
+    # or a None answer: not measured, the broker bills the estimate.
+    energy: Callable[[], float | None] | None = None
 
     def accelerator_seconds(self) -> float:
         """Usage so far: wall time since the start, times the accelerators held."""
@@ -139,6 +143,7 @@ class ProviderClient(Connection):
         retry: bool = False,
         accelerator_seconds: float | None = None,
         log: list[dict[str, Any]] | None = None,
+        energy_kwh: float | None = None,
     ) -> dict[str, Any]:
         body = {
             "outcome": outcome,
@@ -148,6 +153,8 @@ class ProviderClient(Connection):
             "accelerator_seconds": accelerator_seconds,
             "log": log or [],
         }
+        if energy_kwh is not None:
+            body["energy_kwh"] = energy_kwh
         data: dict[str, Any] = self.http.json(
             "POST", f"/v1/allocations/{allocation_id}/finish", json=body
         )
@@ -217,6 +224,10 @@ def run_allocation(
 
     def finish(outcome: str, **report: Any) -> str:
         handle.ended = time.monotonic()
+        kwh = handle.energy() if handle.energy is not None else None
+        if kwh is not None:
+            report["energy_kwh"] = kwh
+            run_log.write(f"the devices used {kwh * 1000:.3f} Wh (measured)")
         error = report.get("error")
         run_log.write(f"the run {outcome}" + (f": {error}" if error else ""))
         report = {

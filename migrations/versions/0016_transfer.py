@@ -1,5 +1,6 @@
-"""transfer: the seconds per GB an agent measured for moving a run's data; the bytes a
-job's run moves
+"""transfer and measured energy: the seconds per GB an agent measured for moving a
+run's data, the bytes a job's run moves; the energy a run's agent measured, and which
+basis an invoice line's energy has
 
 Revision ID: 0016
 Revises: 0013
@@ -24,9 +25,23 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("transfer_s_per_gb", sa.Float(), nullable=True))
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("io_bytes", sa.Float(), nullable=True))
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("measured_kwh", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("measured_gco2", sa.Float(), nullable=True))
+    with op.batch_alter_table("invoice_lines", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column(
+                "energy_basis", sa.String(length=16), server_default="estimated", nullable=False
+            )
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("invoice_lines", schema=None) as batch_op:
+        batch_op.drop_column("energy_basis")
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.drop_column("measured_gco2")
+        batch_op.drop_column("measured_kwh")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("io_bytes")
     with op.batch_alter_table("offers", schema=None) as batch_op:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from broker.db import utcnow
 from broker.models.account import Role
-from broker.models.billing import Invoice
+from broker.models.billing import Invoice, InvoiceLine
 from tests.factories import make_job, make_offer, make_run
 from tests.web.conftest import Browser
 
@@ -53,6 +53,9 @@ def test_a_developer_invoices_finished_runs_and_reads_the_invoice(
     # The 2 h metered on the 1 h estimate: twice its energy and carbon.
     assert "3.08 kWh" in detail
     assert "1.2 kg CO2e" in detail
+    estimated = re.search(r'data-testid="line-carbon">.*?</td>', detail, re.S)
+    assert estimated
+    assert "estimated" in estimated.group(0)
     assert "Pay with Stripe" not in detail
 
     # With Stripe, the invoice carries the page where it is paid.
@@ -60,6 +63,24 @@ def test_a_developer_invoices_finished_runs_and_reads_the_invoice(
     db.flush()
     paid = developer.get(f"/invoices/{invoice.id}").text
     assert 'href="https://invoice.stripe.com/i/acct_1/test_abc"' in paid
+
+
+def test_a_measured_run_is_billed_its_measured_energy(db: Session, browser_for: Any) -> None:
+    developer: Browser = browser_for(Role.developer)
+    provider: Browser = browser_for(Role.provider)
+    run = _finished_run(db, developer, provider)
+    run.energy_kwh, run.gco2 = 1.54, 616.0  # the estimate: not what the line shows
+    run.measured_kwh, run.measured_gco2 = 0.75, 300.0  # what the agent measured (x PUE)
+    developer.post("/invoices/generate")
+    invoice = db.scalars(select(Invoice)).one()
+    detail = developer.get(f"/invoices/{invoice.id}").text
+    cell = re.search(r'data-testid="line-carbon">.*?</td>', detail, re.S)
+    assert cell
+    assert "0.75 kWh" in cell.group(0)
+    assert "300 g CO2e" in cell.group(0)
+    assert "measured" in cell.group(0)
+    line = db.scalars(select(InvoiceLine)).one()
+    assert (line.energy_kwh, line.gco2, line.energy_basis) == (0.75, 300.0, "measured")
 
 
 def test_invoices_are_the_developers_own(db: Session, browser_for: Any) -> None:

@@ -413,6 +413,10 @@ def test_the_market_page_plots_price_against_carbon(db: Session, browser_for: An
     assert "$2.49/h, 420 g CO2e per accelerator-hour" in chart.group(0)
     assert "$3.10/h, 15 g CO2e per accelerator-hour" in chart.group(0)
     assert chart.group(0).count("<circle") == 2
+    # The order book's asks say the same, per price level.
+    book = provider.get("/market?model=h100-sxm").text
+    cells = re.findall(r'data-testid="ask-carbon">(.*?)</td>', book)
+    assert cells == ["420 g CO2e", "15 g CO2e"], cells
 
 
 def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(

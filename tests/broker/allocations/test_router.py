@@ -221,3 +221,34 @@ def test_run_log_lines_are_checked_and_capped(matched: dict[str, Any]) -> None:
     lines = developer.get(f"/v1/jobs/{job_id}/logs").json()
     assert len(lines) == 1000  # a run keeps 1000 lines: a flood fills no database
     assert lines[-1]["text"] == "line 999"
+
+
+def test_a_measured_run_records_its_energy_at_the_wall(
+    matched: dict[str, Any], fresh_engine: Engine
+) -> None:
+    from adapters import grid
+    from broker.models.market import Allocation
+
+    provider = matched["provider"]
+    alloc = matched["order"]["allocation_id"]
+    provider.post(f"/v1/allocations/{alloc}/start")
+    finish = {"outcome": "failed", "error": "XLA OOM", "accelerator_seconds": 3600}
+    # More than an accelerator can draw in the time metered (capped at the wall time since
+    # the start, a moment here): refused, named.
+    refused = provider.post(f"/v1/allocations/{alloc}/finish", json=finish | {"energy_kwh": 50})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"] == "body.energy_kwh"
+    negative = provider.post(f"/v1/allocations/{alloc}/finish", json=finish | {"energy_kwh": -1})
+    assert negative.status_code == 422
+    done = provider.post(f"/v1/allocations/{alloc}/finish", json=finish | {"energy_kwh": 0.0004})
+    assert done.status_code == 200, done.text
+    with transaction(fresh_engine, write=False) as session:
+        a = session.get_one(Allocation, alloc)
+        offer = a.offer_id
+        from broker.models.offer import Offer
+
+        o = session.get_one(Offer, offer)
+        figures = grid.offer_energy(o.vendor, o.accelerator, o.country, o.region, pue=o.pue)
+        assert a.measured_kwh is not None
+        assert a.measured_kwh == pytest.approx(0.0004 * figures["pue"])
+        assert a.measured_gco2 == pytest.approx(a.measured_kwh * figures["grid_g_per_kwh"])

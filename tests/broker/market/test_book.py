@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy.orm import Session
 
 from broker.models.account import Role
@@ -126,3 +127,30 @@ def test_catalog_is_public(client_for: ClientFactory) -> None:
     entries = client_for(None).get("/v1/catalog").json()
     keys = {e["key"] for e in entries}
     assert {"h100-sxm", "mi300x", "tpu-v5e", "jetson-agx-orin"} <= keys
+
+
+def test_each_ask_level_shows_the_carbon_of_an_accelerator_hour(
+    db: Session, client_for: ClientFactory
+) -> None:
+    seller, _ = make_account(db, Role.provider)
+    # One price, two grids: stated 700 W x PUE 1.2 x 100 g and 500 g per kWh.
+    make_offer(
+        db, seller, accelerator="h100-sxm", price_per_hour="2.50",
+        power_w=700, pue=1.2, grid_g_per_kwh=100,
+    )  # fmt: skip
+    make_offer(
+        db, seller, accelerator="h100-sxm", price_per_hour="2.50",
+        power_w=700, pue=1.2, grid_g_per_kwh=500,
+    )  # fmt: skip
+    make_offer(
+        db, seller, accelerator="h100-sxm", price_per_hour="3.00",
+        power_w=350, pue=1.0, grid_g_per_kwh=20,
+    )  # fmt: skip
+    _, key = make_account(db, Role.developer)
+    client = client_for(key)
+    cheap, dear = _book(client)["h100-sxm"]["asks"]
+    assert (cheap["gco2_per_hour_min"], cheap["gco2_per_hour_max"]) == (
+        pytest.approx(84.0),
+        pytest.approx(420.0),
+    )
+    assert dear["gco2_per_hour_min"] == dear["gco2_per_hour_max"] == pytest.approx(7.0)
