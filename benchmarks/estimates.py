@@ -56,6 +56,7 @@ class Row:
     measured_s: float
     startup_s: float  # the first run: compile (no cache) and transfer
     io_bytes: float = 0.0  # what a run moves: the inputs in, the results out (as the broker counts)
+    program_bytes: int = 0  # the serialized program's size
     # Start-up included (--startup): the roofline plus the probe's start-up, against a
     # run in a sandboxed child as the agent runs it.
     predicted_total_s: float | None = None
@@ -296,7 +297,17 @@ def measure(
         artifact.flops / (peak_flops * efficiency), artifact.bytes / (peak_bw * efficiency)
     )
     moved = io_bytes(artifact.manifest, len(arrays.encode(leaves)), None, None)
-    return Row(kind, size, artifact.flops, artifact.bytes, predicted, measured, startup, moved)
+    return Row(
+        kind,
+        size,
+        artifact.flops,
+        artifact.bytes,
+        predicted,
+        measured,
+        startup,
+        moved,
+        artifact.manifest.program_size,
+    )
 
 
 def in_sandbox(box: Any, program: Program) -> float:
@@ -345,7 +356,7 @@ def main() -> None:
     cal = calibrate.calibrate()
     peak_flops, peak_bw = cal.tflops_fp32 * 1e12, cal.mem_bw_gbps * 1e9
     box = None
-    startup = per_gb = 0.0
+    startup = per_gb = per_kb = 0.0
     if args.startup:
         from broker.agent.probe import measure_startup
         from broker.sandbox import Sandbox, SandboxConfig
@@ -353,10 +364,11 @@ def main() -> None:
         box = Sandbox(SandboxConfig(isolate=False))
         overheads = measure_startup(box, "cpu", lambda: None)
         startup, per_gb = overheads.startup_seconds, overheads.transfer_s_per_gb
+        per_kb = overheads.compile_s_per_kb
         if not args.json:
             print(
                 f"measured by the agent's probe: start-up {startup * 1e3:.0f} ms, "
-                f"transfer {per_gb:.2f} s per GB",
+                f"compiling {per_kb * 1e3:.1f} ms per KB, transfer {per_gb:.2f} s per GB",
                 flush=True,
             )
     rows = []
@@ -366,7 +378,12 @@ def main() -> None:
                 program = build()
                 row = measure(kind, size, program, peak_flops, peak_bw, cal.efficiency)
                 if box is not None:
-                    row.predicted_total_s = startup + per_gb * row.io_bytes / 1e9 + row.predicted_s
+                    row.predicted_total_s = (
+                        startup
+                        + per_gb * row.io_bytes / 1e9
+                        + per_kb * row.program_bytes / 1e3
+                        + row.predicted_s
+                    )
                     row.measured_total_s = in_sandbox(box, program)
                 rows.append(row)
                 if not args.json:
@@ -402,6 +419,7 @@ def main() -> None:
         summary |= {
             "startup_ms": startup * 1e3,
             "transfer_s_per_gb": per_gb,
+            "compile_s_per_kb": per_kb,
             "median_ratio_with_startup": statistics.median(totals),
             "within_1_5x_with_startup": sum(max(t, 1 / t) <= 1.5 for t in totals),
             "worst_with_startup": max(max(t, 1 / t) for t in totals),

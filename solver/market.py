@@ -36,6 +36,7 @@ class Offer:
     efficiency: float = 0.4
     startup_seconds: float = 0.0  # before a program's work starts: loading, compiling
     transfer_s_per_gb: float = 0.0  # moving a program's inputs in and results out, per GB
+    compile_s_per_kb: float = 0.0  # compiling a program (and its first run), per KB of it
     power_w: float = 0.0  # per accelerator, under load (0: not known, no energy counted)
     pue: float = 1.0  # the site's power usage effectiveness
     grid_g_per_kwh: float = 0.0  # carbon intensity of the grid it draws from
@@ -63,6 +64,7 @@ class Job:
     flops: float | None = None
     bytes: float | None = None
     io_gb: float = 0.0  # a program's inputs and results (and checkpoints), in GB
+    program_kb: float = 0.0  # the serialized program's size, in KB
     dtype: str = "bf16"
     deadline_hours: float | None = None
     latency_slo_ms: float | None = None
@@ -234,6 +236,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "startup_seconds": (lambda v: v >= 0, "at least 0"),
     "transfer_s_per_gb": (lambda v: v >= 0, "at least 0"),
     "io_gb": (lambda v: v >= 0, "at least 0"),
+    "compile_s_per_kb": (lambda v: v >= 0, "at least 0"),
+    "program_kb": (lambda v: v >= 0, "at least 0"),
     "power_w": (lambda v: v >= 0, "at least 0"),
     "pue": (lambda v: 1 <= v <= 5, "in [1, 5]"),
     "grid_g_per_kwh": (lambda v: v >= 0, "at least 0"),

@@ -95,6 +95,7 @@ class MarketArrays:
     o_efficiency: Floats
     o_startup: Floats  # seconds
     o_transfer: Floats  # seconds per GB moved in or out
+    o_compile: Floats  # seconds per KB of program
     o_kw: Floats  # kW drawn per accelerator at the wall: power x PUE / 1000
     o_grid: Floats  # g CO2e per kWh
     o_vendor: Ints
@@ -110,6 +111,7 @@ class MarketArrays:
     j_flops: Floats
     j_bytes: Floats
     j_io: Floats  # GB in and out
+    j_program: Floats  # KB of program
     j_fp32: Bools
     j_deadline: Floats  # inf when none
     j_budget: Floats  # USD, fee included; inf when none
@@ -154,6 +156,7 @@ class MarketArrays:
             o_efficiency=np.array([o.efficiency for o in offers], dtype=np.float64),
             o_startup=np.array([o.startup_seconds for o in offers], dtype=np.float64),
             o_transfer=np.array([o.transfer_s_per_gb for o in offers], dtype=np.float64),
+            o_compile=np.array([o.compile_s_per_kb for o in offers], dtype=np.float64),
             o_kw=np.array([o.power_w * o.pue / 1000 for o in offers], dtype=np.float64),
             o_grid=np.array([o.grid_g_per_kwh for o in offers], dtype=np.float64),
             o_vendor=_codes([o.vendor for o in offers], vendors),
@@ -170,6 +173,7 @@ class MarketArrays:
             j_flops=_opt([j.flops for j in jobs], 0.0),
             j_bytes=_opt([j.bytes for j in jobs], 0.0),
             j_io=np.array([j.io_gb for j in jobs], dtype=np.float64),
+            j_program=np.array([j.program_kb for j in jobs], dtype=np.float64),
             j_fp32=np.array([j.dtype == "fp32" for j in jobs], dtype=bool),
             j_deadline=_opt([j.deadline_hours for j in jobs], np.inf),
             j_budget=_opt([j.budget_usd for j in jobs], np.inf),
@@ -334,15 +338,16 @@ def _runtime(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
             compute_s = a.j_flops[rj] / (acc * tflops * 1e12 * eff)
             memory_s = a.j_bytes[rj] / (acc * a.o_bandwidth[ro] * 1e9 * eff)
         work_s = np.nan_to_num(np.maximum(compute_s, memory_s), nan=np.inf)
-        runtime[roof] = (work_s + a.o_startup[ro] + a.j_io[rj] * a.o_transfer[ro]) / 3600.0
+        fixed = a.o_startup[ro] + a.j_io[rj] * a.o_transfer[ro] + a.j_program[rj] * a.o_compile[ro]
+        runtime[roof] = (work_s + fixed) / 3600.0
     return runtime
 
 
 def overhead_seconds(a: MarketArrays, ji: Ints, oi: Ints) -> Floats:
     """Of each pair's runtime, the seconds every run pays besides its work: the offer's
-    start-up, and moving the program's inputs in and results out (0 for jobs that
-    state their duration)."""
-    io = a.j_io[ji] * a.o_transfer[oi]
+    start-up, compiling the program, and moving its inputs in and results out (0 for
+    jobs that state their duration)."""
+    io = a.j_io[ji] * a.o_transfer[oi] + a.j_program[ji] * a.o_compile[oi]
     return np.where(np.isnan(a.j_duration[ji]), a.o_startup[oi] + io, 0.0)
 
 

@@ -201,6 +201,7 @@ class NodeAgent:
             if self.overheads is not None:
                 offer["startup_seconds"] = round(self.overheads.startup_seconds, 3)
                 offer["transfer_s_per_gb"] = round(self.overheads.transfer_s_per_gb, 3)
+                offer["compile_s_per_kb"] = round(self.overheads.compile_s_per_kb, 4)
             offers.append(offer)
         return offers
 
@@ -282,9 +283,10 @@ class NodeAgent:
             return
         self.overheads = measured
         log.info(
-            "a run's start-up on this machine: %.3f s, and %.2f s per GB of its data "
-            "(stated with the offers)",
+            "a run's start-up on this machine: %.3f s, %.3f s per KB of program and %.2f s "
+            "per GB of data (stated with the offers)",
             measured.startup_seconds,
+            measured.compile_s_per_kb,
             measured.transfer_s_per_gb,
         )
         with contextlib.suppress(BrokerError, RuntimeError):  # the next rediscovery

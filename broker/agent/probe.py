@@ -53,8 +53,9 @@ def _probe(x: Any) -> Any:
 class Overheads:
     """What a run costs here besides its work."""
 
-    startup_seconds: float  # every run: checks, compiling, writing, the broker's requests
+    startup_seconds: float  # every run: checks, writing, the broker's requests
     transfer_s_per_gb: float  # per GB of inputs and results moved in and out
+    compile_s_per_kb: float = 0.0  # per KB of serialized program: compiling, a first run
 
 
 def measure_startup(box: Sandbox, platform: str, round_trip: Callable[[], object]) -> Overheads:
@@ -62,19 +63,28 @@ def measure_startup(box: Sandbox, platform: str, round_trip: Callable[[], object
     as the agent sees it, from handing the work order over to the child's end
     (checks, compiling, running, writing the result, the child's exit), plus
     ``REQUESTS_PER_RUN`` times a round trip to the broker (``round_trip`` makes one
-    request); and the seconds per GB a run takes to move its data, from a second
-    program that reads and writes ``PROBE_BYTES`` each way.
+    request); the seconds per KB of program that compiling and a first run take, from
+    a second, larger program (several kinds of operation, a loop); and the seconds per
+    GB a run takes to move its data, from a third program that reads and writes
+    ``PROBE_BYTES`` each way. The start-up is what a program of no size would take:
+    the tiny program's time less its size's share.
 
     The tiny program runs first untimed: that run takes whatever child is at hand (at
     sign-on the spare may still be importing JAX); then each program runs twice on a
     warm spare, as a job arriving at a node between runs does, and the quicker run
     counts (a busy machine only ever slows a run down)."""
     from broker.portable.artifact import package
+    from broker.portable.manifest import read_container
 
     x = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
     tiny = package(_probe, x, platforms=[platform]).to_bytes()
     _timed(box, platform, tiny, x, warm=False)
     seconds = min(_timed(box, platform, tiny, x, warm=True) for _ in range(2))
+    mid = package(_mid, x, platforms=[platform])
+    larger = min(_timed(box, platform, mid.to_bytes(), x, warm=True) for _ in range(2))
+    tiny_kb = read_container(tiny)[0].program_size / 1000
+    extra_kb = mid.manifest.program_size / 1000 - tiny_kb
+    per_kb = max(0.0, larger - seconds) / extra_kb if extra_kb > 0 else 0.0
     big = np.ones((PROBE_BYTES // (4 * 1024), 1024), np.float32)
     doubling = package(_double, big, platforms=[platform]).to_bytes()
     moved = min(_timed(box, platform, doubling, big, warm=True) for _ in range(2))
@@ -82,11 +92,25 @@ def measure_startup(box: Sandbox, platform: str, round_trip: Callable[[], object
     began = time.perf_counter()
     round_trip()
     trip = time.perf_counter() - began
-    return Overheads(seconds + REQUESTS_PER_RUN * trip, per_gb)
+    fixed = max(0.0, seconds - per_kb * tiny_kb)
+    return Overheads(fixed + REQUESTS_PER_RUN * trip, per_gb, per_kb)
 
 
 def _double(x: Any) -> Any:
     return x * 2
+
+
+def _mid(x: Any) -> Any:
+    """A program of the size of a small model's step: matrix products, a normalisation,
+    a softmax and a loop."""
+    import jax
+    import jax.numpy as jnp
+
+    h = jax.nn.gelu(x @ x.T)
+    h = (h - h.mean(-1, keepdims=True)) / (h.std(-1, keepdims=True) + 1e-5)
+    a = jax.nn.softmax(h @ h.T / 8.0, axis=-1)
+    y = jax.lax.fori_loop(0, 4, lambda _, v: jnp.tanh(v @ a), h)
+    return y.sum(0), jnp.max(y, axis=1)
 
 
 def _timed(

@@ -153,6 +153,11 @@ class JobOut(BaseModel):
         description="Bytes a run moves besides its work: the inputs in, the results and "
         "checkpoints out (programs only); the market adds their transfer to the estimate",
     )
+    program_bytes: int | None = Field(
+        default=None,
+        description="The size of its serialized program (programs only); the market adds "
+        "compiling it to the estimate",
+    )
     dtype: str | None
     deadline_hours: float | None
     max_gco2: float | None

@@ -158,6 +158,7 @@ class _Program:
     bytes: float
     dtype: str
     io_bytes: float  # what a run moves: the inputs in, the results and checkpoints out
+    program_bytes: int  # the serialized program's size
 
 
 def _check_program(session: Session | None, account: Account, data: JobCreate) -> _Program | None:
@@ -228,6 +229,7 @@ def _check_program(session: Session | None, account: Account, data: JobCreate) -
         bytes=manifest.bytes * runs,
         dtype=manifest.dtype,
         io_bytes=io_bytes(manifest, inputs_blob.size, data.steps, data.checkpoint_every),
+        program_bytes=manifest.program_size,
     )
 
 
@@ -293,6 +295,7 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
         flops=flops,
         bytes=work_bytes,
         io_bytes=program.io_bytes if program else None,
+        program_bytes=program.program_bytes if program else None,
         dtype=dtype or ("bf16" if data.duration_hours is None else None),
         deadline_hours=data.deadline_hours,
         max_gco2=data.max_gco2,
@@ -369,6 +372,7 @@ _HASHED_FIELDS = tuple(
         "started_at",
         # derived from the artifact and the inputs, which are hashed
         "io_bytes",
+        "program_bytes",
     }
 )
 

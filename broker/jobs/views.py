@@ -61,6 +61,7 @@ def job_out_of(job: Job, cost: billing.JobCost) -> JobOut:
         flops=job.flops,
         bytes=job.bytes,
         io_bytes=job.io_bytes,
+        program_bytes=job.program_bytes,
         dtype=job.dtype,
         deadline_hours=job.deadline_hours,
         max_gco2=job.max_gco2,

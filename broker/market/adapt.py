@@ -11,7 +11,7 @@ from sqlalchemy import Row
 from adapters import grid
 from broker.billing.amounts import PPM
 from broker.config import Settings
-from broker.market.estimates import MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
+from broker.market.estimates import MAX_COMPILE_S_PER_KB, MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
 from broker.models.job import Job
 from broker.models.offer import Offer
 from broker.money import MICROS_PER_USD
@@ -55,6 +55,7 @@ OFFER_COLUMNS = (
     Offer.grid_g_per_kwh,
     Offer.startup_seconds,
     Offer.transfer_s_per_gb,
+    Offer.compile_s_per_kb,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -69,6 +70,7 @@ JOB_COLUMNS = (
     Job.flops,
     Job.bytes,
     Job.io_bytes,
+    Job.program_bytes,
     Job.dtype,
     Job.deadline_hours,
     Job.max_gco2,
@@ -105,6 +107,7 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         efficiency=row.efficiency,
         startup_seconds=min(row.startup_seconds or 0.0, MAX_STARTUP_S),
         transfer_s_per_gb=min(row.transfer_s_per_gb or 0.0, MAX_TRANSFER_S_PER_GB),
+        compile_s_per_kb=min(row.compile_s_per_kb or 0.0, MAX_COMPILE_S_PER_KB),
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],
@@ -138,6 +141,7 @@ def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.J
         flops=row.flops,
         bytes=row.bytes,
         io_gb=(row.io_bytes or 0.0) / 1e9,
+        program_kb=(row.program_bytes or 0) / 1000,
         dtype=row.dtype or "bf16",
         deadline_hours=row.deadline_hours,
         max_gco2=row.max_gco2,

@@ -11,9 +11,9 @@ latest runs, the broker fits ``metered = startup + ratio x estimated``:
   than their roofline stops looking cheap, and one that runs faster stops
   looking dear;
 - the **start-up** is the median of what the runs took beyond their corrected
-  estimate and the transfer of their data (the agent's measured seconds per GB
-  times the program's inputs and results): checking and compiling the program,
-  and the requests to the broker. Clearing
+  estimate, the transfer of their data and compiling (the agent's measured
+  seconds per GB times the program's inputs and results, and per KB times the
+  program's size): checking the program, writing, and the requests to the broker. Clearing
   adds it to every program's estimated runtime on that model, which is what
   makes a small job's estimate honest (its work takes microseconds, its run
   half a second).
@@ -54,6 +54,9 @@ MAX_STARTUP_S = 120.0  # the most start-up a model's runs can add to its estimat
 # The most an agent's measured transfer may add per GB of a program's data (a disk of
 # 10 MB/s); a slower figure is taken as this one.
 MAX_TRANSFER_S_PER_GB = 100.0
+# The most an agent's measured compile time may add per KB of program (a program of
+# 100 KB, a large model's step: a minute at most).
+MAX_COMPILE_S_PER_KB = 0.6
 LONG_S = 60.0  # runs estimated at least this long speak for the ratio
 MIN_RUNS = 5  # runs of a model before its ratio, or its start-up, corrects anything
 WINDOW = 200  # the latest runs per model that count
@@ -107,6 +110,8 @@ def bands(session: Session) -> dict[str, Band]:
             Allocation.startup_seconds,
             Job.io_bytes,
             Offer.transfer_s_per_gb,
+            Job.program_bytes,
+            Offer.compile_s_per_kb,
         )
         .join(Offer, Offer.id == Allocation.offer_id)
         .join(Job, Job.id == Allocation.job_id)
@@ -121,16 +126,20 @@ def bands(session: Session) -> dict[str, Band]:
         .order_by(Allocation.ended_at.desc(), Allocation.id)
         .limit(SCANNED)
     ).all()
-    # (estimated work, metered less the estimated transfer of the program's data), seconds
+    # (estimated work, metered less the estimated transfer of the program's data and its
+    # compiling), seconds
     runs: dict[str, list[tuple[float, float]]] = {}
     emulated: set[str] = set()
-    for model, is_emulated, usage_ms, accelerators, runtime_hours, startup, io, per_gb in rows:
+    for row in rows:
+        model, is_emulated, usage_ms, accelerators, runtime_hours, startup = row[:6]
+        io, per_gb, program, per_kb = row[6:]
         name = key(model, is_emulated)
         if is_emulated:
             emulated.add(name)
         kept = runs.setdefault(name, [])
         if len(kept) < WINDOW:
             transfer = (io or 0.0) / 1e9 * min(per_gb or 0.0, MAX_TRANSFER_S_PER_GB)
+            transfer += (program or 0) / 1000 * min(per_kb or 0.0, MAX_COMPILE_S_PER_KB)
             metered = usage_ms / max(1, accelerators) / 1000 - transfer
             work = runtime_hours * 3600 - (startup or 0.0)  # the estimate's overhead is
             if work > 0:  # its start-up and that transfer

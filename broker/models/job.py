@@ -54,6 +54,8 @@ class Job(Base):
     bytes: Mapped[float | None] = mapped_column(Float, default=None)
     # Bytes a run moves besides its work: the inputs in, the results and checkpoints out.
     io_bytes: Mapped[float | None] = mapped_column(Float, default=None)
+    # The size of its serialized program (what compiling it takes grows with it).
+    program_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     dtype: Mapped[str | None] = mapped_column(String(8), default=None)
     deadline_hours: Mapped[float | None] = mapped_column(Float, default=None)
     # The most CO2e (g) its run may emit, and its own carbon price (docs/market.md).

@@ -92,6 +92,9 @@ class Offer(Base):
     # Seconds to move a GB of a program's inputs in and results out of a run, as the
     # agent measured them; None: not measured.
     transfer_s_per_gb: Mapped[float | None] = mapped_column(Float, default=None)
+    # Seconds per KB of serialized program that compiling it (and its first run) take,
+    # as the agent measured them; None: not measured.
+    compile_s_per_kb: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

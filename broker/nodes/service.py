@@ -258,6 +258,7 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "grid_g_per_kwh": data.grid_g_per_kwh,
         "startup_seconds": data.startup_seconds,
         "transfer_s_per_gb": data.transfer_s_per_gb,
+        "compile_s_per_kb": data.compile_s_per_kb,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
     if capacity != offer.capacity or any(getattr(offer, k) != v for k, v in changes.items()):

@@ -84,6 +84,14 @@ class OfferTerms(BaseModel):
         "and out (reading, decoding, writing), as the agent measured them; added to each "
         "program's estimated runtime in proportion to its data",
     )
+    compile_s_per_kb: float | None = Field(
+        default=None,
+        ge=0,
+        le=60,
+        description="Seconds a run takes per KB of serialized program to compile it (and "
+        "run it a first time), as the agent measured them; added to each program's estimated "
+        "runtime in proportion to its size",
+    )
     emulated: bool = Field(
         default=False,
         description="Capacity of this model emulated on a CPU (demos): the agent runs its "
@@ -153,6 +161,11 @@ class OfferOut(BaseModel):
         default=None,
         description="Seconds per GB of inputs and results a run moves, as its agent measured "
         "them (null: not measured)",
+    )
+    compile_s_per_kb: float | None = Field(
+        default=None,
+        description="Seconds per KB of program compiling takes, as its agent measured them "
+        "(null: not measured)",
     )
     emulated: bool = Field(description="Emulated on a CPU, not the real hardware (demos)")
     created_at: datetime

@@ -62,6 +62,7 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         grid_g_per_kwh=data.grid_g_per_kwh,
         startup_seconds=data.startup_seconds,
         transfer_s_per_gb=data.transfer_s_per_gb,
+        compile_s_per_kb=data.compile_s_per_kb,
         **hardware,
     )
     session.add(offer)

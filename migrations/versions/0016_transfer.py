@@ -1,5 +1,6 @@
-"""transfer and measured energy: the seconds per GB an agent measured for moving a
-run's data, the bytes a job's run moves; the energy a run's agent measured, and which
+"""transfer, compiling and measured energy: the seconds per GB and per KB of program
+an agent measured for moving a run's data and compiling its program, the bytes a job's
+run moves and its program's size; the energy a run's agent measured, and which
 basis an invoice line's energy has
 
 Revision ID: 0016
@@ -23,8 +24,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("offers", schema=None) as batch_op:
         batch_op.add_column(sa.Column("transfer_s_per_gb", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("compile_s_per_kb", sa.Float(), nullable=True))
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("io_bytes", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("program_bytes", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("allocations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("measured_kwh", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("measured_gco2", sa.Float(), nullable=True))
@@ -43,6 +46,8 @@ def downgrade() -> None:
         batch_op.drop_column("measured_gco2")
         batch_op.drop_column("measured_kwh")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("program_bytes")
         batch_op.drop_column("io_bytes")
     with op.batch_alter_table("offers", schema=None) as batch_op:
+        batch_op.drop_column("compile_s_per_kb")
         batch_op.drop_column("transfer_s_per_gb")

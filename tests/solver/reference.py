@@ -20,7 +20,8 @@ def runtime_hours(j: Job, o: Offer) -> float:
     memory = (
         (j.bytes or 0.0) / (j.accelerators * o.mem_bw_gbps * 1e9 * o.efficiency) if j.bytes else 0.0
     )
-    return (max(compute, memory) + o.startup_seconds + j.io_gb * o.transfer_s_per_gb) / 3600
+    fixed = o.startup_seconds + j.io_gb * o.transfer_s_per_gb + j.program_kb * o.compile_s_per_kb
+    return (max(compute, memory) + fixed) / 3600
 
 
 def rtt_ms(j: Job, o: Offer) -> float:

@@ -108,19 +108,22 @@ def test_a_match_costing_more_than_its_value_is_never_made() -> None:
 
 def test_a_programs_runtime_counts_start_up_and_moving_its_data() -> None:
     # 1e15 flops on one H100 at 40 % of 989 TFLOPS: 2.53 s of work; 10 s of start-up;
-    # 3 GB in and out at 4 s per GB: 12 s. The slower mover is the dearer match.
+    # 3 GB in and out at 4 s per GB: 12 s; 6 KB of program at 0.5 s per KB: 3 s. The
+    # slower mover is the dearer match.
     work = 1e15 / (989e12 * 0.4)
     market = Market(
         offers=(
-            _offer("fast", 1, 2.0, startup_seconds=10.0, transfer_s_per_gb=4.0),
+            _offer(
+                "fast", 1, 2.0, startup_seconds=10.0, transfer_s_per_gb=4.0, compile_s_per_kb=0.5
+            ),
             _offer("slow", 1, 2.0, startup_seconds=10.0, transfer_s_per_gb=400.0),
         ),
-        jobs=(Job("j", ("cuda",), 5.0, flops=1e15, io_gb=3.0),),
+        jobs=(Job("j", ("cuda",), 5.0, flops=1e15, io_gb=3.0, program_kb=6.0),),
     )
     (a,) = solve(market).assignments
     assert a.offer == "fast"
-    assert math.isclose(a.startup_seconds, 22.0)
-    assert math.isclose(a.runtime_hours * 3600, work + 22.0)
+    assert math.isclose(a.startup_seconds, 25.0)  # 10 s + 12 s of data + 3 s compiling
+    assert math.isclose(a.runtime_hours * 3600, work + 25.0)
     # A job that states its duration pays none of it.
     market = Market(
         offers=market.offers, jobs=(Job("d", ("cuda",), 5.0, duration_hours=1, io_gb=3.0),)

@@ -127,6 +127,7 @@ def test_the_agent_runs_what_the_market_matches(agent: dict[str, Any]) -> None:
     offer = developer.http.json("GET", "/v1/offers")["items"][0]
     assert offer["transfer_s_per_gb"] == pytest.approx(overheads.transfer_s_per_gb, abs=0.001)
     assert 0 <= offer["transfer_s_per_gb"] < 600
+    assert offer["compile_s_per_kb"] == pytest.approx(overheads.compile_s_per_kb, abs=0.0001)
 
     agent["stop"].set()
     agent["thread"].join(timeout=60)

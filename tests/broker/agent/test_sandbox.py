@@ -241,6 +241,8 @@ def test_the_start_up_probe_times_a_warm_run_as_the_agent_sees_it() -> None:
     assert REQUESTS_PER_RUN * 0.05 < seconds < REQUESTS_PER_RUN * 0.05 + 30
     # Moving 64 MB in and out costs something, and a GB well under ten minutes.
     assert 0 < measured.transfer_s_per_gb < 600
+    # A larger program takes longer to compile and run a first time than the tiny one.
+    assert 0 < measured.compile_s_per_kb < 5
 
 
 def test_the_child_has_no_network_and_no_root() -> None:

@@ -66,6 +66,7 @@ def test_platforms_and_work_come_from_the_artifact(
         np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape)) for spec in manifest.outputs
     )
     assert job["io_bytes"] == len(programs["step_inputs"]) + outputs
+    assert job["program_bytes"] == manifest.program_size
     every = developer.post(
         "/v1/jobs",
         json=body(artifact=sha["step"], inputs=sha["step_inputs"], steps=50, checkpoint_every=10),
