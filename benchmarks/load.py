@@ -3,7 +3,6 @@
     python -m benchmarks.load                          # SQLite and PostgreSQL, the issue's sizes
     python -m benchmarks.load --database postgres --repeat 3
     python -m benchmarks.load --quick                  # small and short: a smoke run
-    python -m benchmarks.load --database postgres --replicas 1,2,3 --phases submit,read
 
 Three phases, each on a fresh, migrated database (SQLite in a temporary
 directory; PostgreSQL in a throwaway cluster started as
@@ -28,11 +27,6 @@ generator and everything else on the machine used (in cores), and the time the
 hypervisor took for other guests (steal), so a saturated generator or a busy or
 shared machine shows.
 
-With ``--replicas 1,2,3`` (PostgreSQL) the phases run again against each number
-of ``broker serve`` replicas on one database behind a round-robin proxy
-(``benchmarks.proxy``, a thread of this process, as a load balancer would spread
-connections); the report gives each replica's CPU, the proxy's and PostgreSQL's.
-
 The servers, the PostgreSQL cluster and the CPU accounting are in
 ``benchmarks.processes``; the request bodies and the seeding in ``benchmarks.seeding``.
 """
@@ -49,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -58,7 +52,7 @@ import httpx
 
 from benchmarks.loadgen import Plan, Request
 from benchmarks.markets import build_market
-from benchmarks.processes import Cluster, CpuMeter, Postgres, Server
+from benchmarks.processes import CpuMeter, Postgres, Server
 from benchmarks.seeding import Keys, job_body, migrate, region_name, seed
 from solver import market as sm
 
@@ -124,9 +118,10 @@ def generate(plan: Plan, processes: int) -> dict[str, Any]:
 
 
 def measure(
-    server: Server | Cluster, pg: int | None, plan: Plan, processes: int, label: str
+    server: Server, pg: int | None, plan: Plan, processes: int, label: str
 ) -> dict[str, Any]:
-    with CpuMeter(server.pids, pg, proxy=server.proxied) as meter:
+    assert server.process is not None
+    with CpuMeter(server.process.pid, pg) as meter:
         load = os.getloadavg()[0]
         figures = generate(plan, processes)
     figures["cores"] = meter.cores
@@ -143,22 +138,13 @@ def measure(
 def _print_line(f: dict[str, Any]) -> None:
     cores = f["cores"]
     pg = f"  postgres {cores['postgres']:.2f}" if "postgres" in cores else ""
-    replicas = [v for n, v in cores.items() if n.startswith("replica ")]
-    each = f" ({' + '.join(f'{v:.2f}' for v in replicas)})" if len(replicas) > 1 else ""
-    proxy = f"  proxy {cores['proxy']:.2f}" if "proxy" in cores else ""
-    others = (
-        cores["machine"]
-        - cores["server"]
-        - cores.get("postgres", 0)
-        - cores.get("proxy", 0)
-        - f["generator_cores"]
-    )
+    others = cores["machine"] - cores["server"] - cores.get("postgres", 0) - f["generator_cores"]
     errors = f" errors {f['errors']}" if f["errors"] else ""
     ms = f["cpu_ms"]
     pg_ms = f" + postgres {ms['postgres']:.1f}" if "postgres" in ms else ""
     print(
         f"  {f['label']:<26} {f['per_second']:>7.1f}/s  p50 {f['p50_ms']:>7.1f} ms  "
-        f"p99 {f['p99_ms']:>7.1f} ms | cores: server {cores['server']:.2f}{each}{pg}{proxy}  "
+        f"p99 {f['p99_ms']:>7.1f} ms | cores: server {cores['server']:.2f}{pg}  "
         f"generator {f['generator_cores']:.2f}  others {max(0.0, others):.2f}  "
         f"stolen {cores['stolen']:.2f} | "
         f"CPU ms/request: server {ms['server']:.1f}{pg_ms}{errors}",
@@ -200,7 +186,6 @@ class Options:
     clear_interval: float
     read_concurrency: int
     access_log: bool = False
-    replicas: int = 0  # 0: one server, no proxy; N: N replicas behind a round-robin proxy
 
 
 class Bench:
@@ -241,11 +226,8 @@ class Bench:
         )
         return url, data_dir, keys
 
-    def server(self, url: str, data_dir: Path, **env: str) -> Server | Cluster:
-        o = self.options
-        if o.replicas:
-            return Cluster(url, data_dir, o.workers, env, o.replicas, o.access_log)
-        return Server(url, data_dir, o.workers, env, o.access_log)
+    def server(self, url: str, data_dir: Path, **env: str) -> Server:
+        return Server(url, data_dir, self.options.workers, env, self.options.access_log)
 
     @property
     def pg_pid(self) -> int | None:
@@ -339,8 +321,9 @@ class Bench:
         url, data_dir, keys = self.fresh(market)
         env = {"BROKER_CLEAR_INTERVAL_SECONDS": "0", "BROKER_CLEAR_TIME_LIMIT_SECONDS": "60"}
         with self.server(url, data_dir, **env) as server:
+            assert server.process is not None
             with (
-                CpuMeter(server.pids, self.pg_pid, proxy=server.proxied) as meter,
+                CpuMeter(server.process.pid, self.pg_pid) as meter,
                 httpx.Client(base_url=server.base, timeout=600) as client,
             ):
                 started = time.time()
@@ -432,16 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-concurrency", type=int, default=8)
     parser.add_argument("--clear-interval", type=float, default=2.0)
     parser.add_argument("--json", type=Path, help="also write every figure here")
-    parser.add_argument(
-        "--replicas",
-        default=None,
-        help="PostgreSQL only: run the phases against each number of `broker serve` replicas "
-        "(comma-separated, e.g. 1,2,3) behind a round-robin proxy",
-    )
     args = parser.parse_args(argv)
-    counts = [int(n) for n in args.replicas.split(",")] if args.replicas else [0]
-    if args.replicas and (args.database != "postgres" or min(counts) < 1):
-        parser.error("--replicas needs --database postgres and counts of 1 or more")
 
     from broker.cli import recommended_workers
 
@@ -467,15 +441,13 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for kind in kinds:
         for repeat in range(args.repeat):
-            for count in counts:
-                name = f"{kind}, {count} replica{'s' if count > 1 else ''}" if count else kind
-                print(f"\n{name}, run {repeat + 1} of {args.repeat}", flush=True)
-                with (
-                    tempfile.TemporaryDirectory(prefix="broker-load-") as tmp,
-                    Bench(kind, Path(tmp), replace(options, replicas=count)) as bench,
-                ):
-                    run = {phase: getattr(bench, phase)() for phase in phases}
-                results.setdefault(name, []).append(run)
+            print(f"\n{kind}, run {repeat + 1} of {args.repeat}", flush=True)
+            with (
+                tempfile.TemporaryDirectory(prefix="broker-load-") as tmp,
+                Bench(kind, Path(tmp), options) as bench,
+            ):
+                run = {phase: getattr(bench, phase)() for phase in phases}
+            results.setdefault(kind, []).append(run)
     for kind, runs in results.items():
         summary(kind, runs)
     if args.json:

@@ -122,26 +122,15 @@ def _machine_busy() -> tuple[float, float]:
     return (sum(values[:7]) - idle) / _TICK, steal / _TICK
 
 
-def _own_cpu() -> float:
-    """CPU seconds of this process alone (its threads: the proxy), not its children."""
-    times = os.times()
-    return times.user + times.system
-
-
 class CpuMeter:
-    """CPU used, in cores, by the server (each replica's and together), PostgreSQL, the
-    proxy in this process when there is one, and the rest of the machine."""
+    """CPU used, in cores, by the server, PostgreSQL and the rest of the machine."""
 
-    def __init__(self, servers: list[int], postgres: int | None, proxy: bool = False) -> None:
-        self.roots = {f"replica {i + 1}": pid for i, pid in enumerate(servers)}
-        if postgres:
-            self.roots["postgres"] = postgres
-        self.proxy = proxy
+    def __init__(self, server: int, postgres: int | None) -> None:
+        self.roots = {"server": server, **({"postgres": postgres} if postgres else {})}
 
     def __enter__(self) -> CpuMeter:
         self.start = time.monotonic()
         self.before = {name: _tree_cpu(pid) for name, pid in self.roots.items()}
-        self.own_before = _own_cpu()
         self.busy_before = _machine_busy()
         return self
 
@@ -151,9 +140,6 @@ class CpuMeter:
         (busy_now, steal_now), (busy_before, steal_before) = _machine_busy(), self.busy_before
         busy, steal = busy_now - busy_before, steal_now - steal_before
         self.cores = {n: v / wall for n, v in used.items()}
-        self.cores["server"] = sum(v for n, v in self.cores.items() if n.startswith("replica "))
-        if self.proxy:
-            self.cores["proxy"] = (_own_cpu() - self.own_before) / wall
         self.cores["machine"] = busy / wall
         self.cores["stolen"] = steal / wall
 
@@ -197,13 +183,6 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError(f"broker serve did not come up in 60 s; see {self.log}")
 
-    @property
-    def pids(self) -> list[int]:
-        assert self.process is not None
-        return [self.process.pid]
-
-    proxied = False
-
     def __exit__(self, *exc: object) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -212,42 +191,3 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-class Cluster:
-    """``replicas`` ``broker serve`` processes on one database behind a round-robin
-    proxy (``benchmarks.proxy``, in this process), as a load balancer would spread
-    clients over them; ``base`` is the proxy's address."""
-
-    proxied = True
-
-    def __init__(
-        self,
-        url: str,
-        data_dir: Path,
-        workers: int,
-        env: dict[str, str],
-        replicas: int,
-        access_log: bool = False,
-    ) -> None:
-        self.servers = [Server(url, data_dir, workers, env, access_log) for _ in range(replicas)]
-        self.base = ""
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> Cluster:
-        from benchmarks.proxy import RoundRobinProxy
-
-        with contextlib.ExitStack() as stack:
-            for server in self.servers:
-                stack.enter_context(server)
-            proxy = RoundRobinProxy([("127.0.0.1", s.port) for s in self.servers])
-            self.base = stack.enter_context(proxy)
-            self._stack = stack.pop_all()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    @property
-    def pids(self) -> list[int]:
-        return [pid for s in self.servers for pid in s.pids]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-import pytest
 
 from benchmarks import load, seeding
 
@@ -35,28 +32,3 @@ def test_job_bodies_are_valid_requests() -> None:
         JobCreate.model_validate(seeding.job_body(job))
     for offer in market.offers:
         OfferCreate.model_validate(seeding.offer_body(offer))
-
-
-@pytest.mark.skipif(
-    not os.environ.get("BROKER_TEST_DATABASE_URL", "").startswith("postgresql"),
-    reason="the replicas run starts PostgreSQL; it runs in the PostgreSQL pass",
-)
-def test_quick_run_against_two_replicas_behind_a_proxy(tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
-    load.main(
-        ["--quick", "--database", "postgres", "--replicas", "2", "--phases", "submit",
-         "--duration", "1", "--workers", "1", "--json", str(out)]
-    )  # fmt: skip
-    (run,) = json.loads(out.read_text())["postgres, 2 replicas"]
-    submit = run["submit"]["max"]
-    assert submit["requests"] > 0
-    assert not submit["errors"], submit["errors"]
-    # Both replicas answered, and the proxy's and each replica's CPU were counted.
-    assert {"replica 1", "replica 2", "proxy", "postgres"} <= set(submit["cores"])
-    assert submit["cores"]["replica 1"] > 0
-    assert submit["cores"]["replica 2"] > 0
-
-
-def test_replicas_need_postgres() -> None:
-    with pytest.raises(SystemExit):
-        load.main(["--quick", "--database", "sqlite", "--replicas", "2"])

@@ -1,6 +1,5 @@
-"""A small round-robin TCP proxy, for the replica test and the load benchmark: each new
-connection goes to the next replica that accepts it (a replica that refuses, being
-dead, is skipped). A stand-in for a load balancer, in a thread of its own."""
+"""A small round-robin TCP proxy for tests: each new connection goes to the next
+replica that accepts it (a replica that refuses, being dead, is skipped)."""
 
 from __future__ import annotations
 
