@@ -125,8 +125,16 @@ def _machine_busy() -> tuple[float, float]:
 class CpuMeter:
     """CPU used, in cores, by the server, PostgreSQL and the rest of the machine."""
 
-    def __init__(self, server: int, postgres: int | None) -> None:
-        self.roots = {"server": server, **({"postgres": postgres} if postgres else {})}
+    def __init__(
+        self, server: int | None, postgres: int | None, others: dict[str, int] | None = None
+    ) -> None:
+        """Process trees by name: ``server``, ``postgres`` when given, and ``others``
+        (``benchmarks.replicas``: each replica and the proxy)."""
+        self.roots = {
+            **({"server": server} if server else {}),
+            **({"postgres": postgres} if postgres else {}),
+            **(others or {}),
+        }
 
     def __enter__(self) -> CpuMeter:
         self.start = time.monotonic()
