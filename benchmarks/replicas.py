@@ -262,8 +262,8 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         "| replicas | "
         + " | ".join(f"{k} /s (p50 / p99 ms)" for k in KINDS)
         + " | all /s | errors | rounds | cores: replicas | proxy | PostgreSQL | generators"
-        " | others | machine (stolen) |",
-        "|" + "---|" * (len(KINDS) + 10),
+        " | others | machine (stolen) | CPU ms/request: replicas, PostgreSQL |",
+        "|" + "---|" * (len(KINDS) + 11),
     ]
     for r in reports:
         kinds = [
@@ -275,11 +275,14 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         replicas = [v for n, v in c.items() if n.startswith("replica")]
         each = " + ".join(f"{v:.2f}" for v in replicas)
         ours = sum(replicas) + c["proxy"] + c["postgres"] + c["generators"]
+        # CPU per answered request: what a share of a busy machine hardly changes.
+        answered = max(1.0, r["total_per_second"])
         lines.append(
             f"| {r['replicas']} | " + " | ".join(kinds) + f" | {r['total_per_second']:.0f} | "
             f"{errors} | {r['rounds']} | {each} | {c['proxy']:.2f} | {c['postgres']:.2f} | "
             f"{c['generators']:.2f} | {max(0.0, c['machine'] - ours):.2f} | "
-            f"{c['machine']:.2f} ({c['stolen']:.2f}) |"
+            f"{c['machine']:.2f} ({c['stolen']:.2f}) | "
+            f"{1000 * sum(replicas) / answered:.1f}, {1000 * c['postgres'] / answered:.1f} |"
         )
     return "\n".join(lines)
 
