@@ -167,9 +167,13 @@ class Proxy:
             # Our own module; its shutdown's complaints go to its log.
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)  # noqa: S603
         assert self.process.stdout is not None
-        self.base = self.process.stdout.readline().strip()
-        if not self.base:
-            raise RuntimeError("the proxy did not start")
+        try:
+            self.base = self.process.stdout.readline().strip()
+            if not self.base:
+                raise RuntimeError("the proxy did not start")
+        except BaseException:  # Ctrl-C too
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = Sizes(**{**sizes.__dict__, "duration": args.duration})
     # SIGTERM unwinds as Ctrl-C does, so every server, the proxy and PostgreSQL stop.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
     print(
         f"{os.cpu_count()} cores, {args.workers} worker(s) per replica; load average "
         f"{os.getloadavg()[0]:.2f} at the start",
