@@ -79,13 +79,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def generate(plan: Plan, processes: int) -> dict[str, Any]:
-    """Run ``processes`` load generators side by side and merge what they saw."""
-    share: Plan = {
-        **plan,
-        "concurrency": max(1, plan["concurrency"] // processes),
-        "rate": None if plan["rate"] is None else plan["rate"] / processes,
-    }
+def run_plans(plans: list[Plan]) -> list[dict[str, Any]]:
+    """One load generator process per plan, all at once; what each saw."""
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.loadgen"],
@@ -93,12 +88,38 @@ def generate(plan: Plan, processes: int) -> dict[str, Any]:
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(processes)
+        for _ in plans
     ]
-    outputs = [r.communicate(json.dumps(share))[0] for r in runs]
+    try:
+        # Every generator gets its plan before any is waited for, so they run side by side.
+        for run, plan in zip(runs, plans, strict=True):
+            assert run.stdin is not None
+            run.stdin.write(json.dumps(plan))
+            run.stdin.close()
+        outputs = []
+        for run in runs:
+            assert run.stdout is not None
+            with run.stdout:
+                outputs.append(run.stdout.read())
+            run.wait()
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     if any(r.returncode for r in runs):
         raise RuntimeError("a load generator failed")
-    results = [json.loads(out) for out in outputs]
+    return [json.loads(out) for out in outputs]
+
+
+def generate(plan: Plan, processes: int) -> dict[str, Any]:
+    """Run ``processes`` load generators side by side and merge what they saw."""
+    share: Plan = {
+        **plan,
+        "concurrency": max(1, plan["concurrency"] // processes),
+        "rate": None if plan["rate"] is None else plan["rate"] / processes,
+    }
+    results = run_plans([share] * processes)
     latencies = sorted(x for r in results for x in r["latencies"])
     statuses: Counter[str] = Counter()
     for r in results:

@@ -125,8 +125,16 @@ def _machine_busy() -> tuple[float, float]:
 class CpuMeter:
     """CPU used, in cores, by the server, PostgreSQL and the rest of the machine."""
 
-    def __init__(self, server: int, postgres: int | None) -> None:
-        self.roots = {"server": server, **({"postgres": postgres} if postgres else {})}
+    def __init__(
+        self, server: int | None, postgres: int | None, others: dict[str, int] | None = None
+    ) -> None:
+        """Process trees by name: ``server``, ``postgres`` when given, and ``others``
+        (``benchmarks.replicas``: each replica and the proxy)."""
+        self.roots = {
+            **({"server": server} if server else {}),
+            **({"postgres": postgres} if postgres else {}),
+            **(others or {}),
+        }
 
     def __enter__(self) -> CpuMeter:
         self.start = time.monotonic()
@@ -172,6 +180,15 @@ class Server:
         with self.log.open("wb") as log:
             # Our own interpreter and command.
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)  # noqa: S603
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C too: a server that never came up is stopped
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + 60
         with httpx.Client(base_url=self.base, timeout=2) as client:
             while time.monotonic() < deadline:
@@ -179,7 +196,7 @@ class Server:
                     raise RuntimeError(f"broker serve exited; see {self.log}")
                 with contextlib.suppress(httpx.TransportError):
                     if client.get("/readyz").status_code == 200:
-                        return self
+                        return
                 time.sleep(0.2)
         raise RuntimeError(f"broker serve did not come up in 60 s; see {self.log}")
 

@@ -26,6 +26,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
+from benchmarks.proxy import RoundRobinProxy
 from broker.db import make_engine, transaction
 from broker.migrate import upgrade
 from broker.models.account import Role
@@ -35,7 +36,6 @@ from broker.models.lease import Lease
 from broker.models.market import Allocation, AllocationStatus, ClearingRound
 from broker.models.offer import Offer
 from tests.factories import job_body, make_account, offer_body
-from tests.replicas.proxy import RoundRobinProxy
 from tests.test_live_server import Server
 
 RATE, BURST = 30, 60  # every key's limit, shared by all replicas

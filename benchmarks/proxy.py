@@ -1,11 +1,19 @@
-"""A small round-robin TCP proxy for tests: each new connection goes to the next
-replica that accepts it (a replica that refuses, being dead, is skipped)."""
+"""A small round-robin TCP proxy: each new connection goes to the next replica that
+accepts it (a replica that refuses, being dead, is skipped).
+
+The replica test (``tests/replicas``) runs it in a thread; ``benchmarks.replicas``
+runs it as a process of its own, so its CPU is counted apart from the load's:
+
+    python -m benchmarks.proxy 127.0.0.1:8001 127.0.0.1:8002   # prints its URL
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import signal
+import sys
 import threading
 
 
@@ -74,3 +82,18 @@ class RoundRobinProxy:
                     dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Proxy to the ``host:port`` arguments; print the URL, run until SIGINT or SIGTERM."""
+    targets = [arg.rsplit(":", 1) for arg in (argv if argv is not None else sys.argv[1:])]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with RoundRobinProxy([(host, int(port)) for host, port in targets]) as url:
+        print(url, flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()
