@@ -55,15 +55,19 @@ def upgrade() -> None:
         batch_op.create_check_constraint("shares_not_negative", "shares >= 0")
         batch_op.create_check_constraint("shares_busy_not_negative", "shares_busy >= 0")
     with op.batch_alter_table("allocations", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("slice", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("slice", sa.String(length=40), nullable=True))
         batch_op.add_column(
-            sa.Column("share_milli", sa.Integer(), server_default="1000", nullable=False)
+            sa.Column("share_num", sa.Integer(), server_default="1", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("share_den", sa.Integer(), server_default="1", nullable=False)
         )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("allocations", schema=None) as batch_op:
-        batch_op.drop_column("share_milli")
+        batch_op.drop_column("share_den")
+        batch_op.drop_column("share_num")
         batch_op.drop_column("slice")
     with op.batch_alter_table("offers", schema=None) as batch_op:
         batch_op.drop_constraint("shares_busy_not_negative", type_="check")
