@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
@@ -102,6 +103,17 @@ def _release_slice(session: Session, allocation: Allocation) -> None:
     if gpu not in shared_gpus_held(session, offer.id):
         offer.count += 1
     offer.updated_at = utcnow()
+
+
+def held_label(accelerator: str, a: Allocation) -> str:
+    """What a run held, as invoices and pages show it: "2 x h100-sxm" (whole ones),
+    "h100-sxm 3g.40gb" (a MIG instance), "0.5 x cpu shared" (shares of one)."""
+    if a.slice is None:
+        return f"{a.accelerators} x {accelerator}"
+    if "shared" in a.slice:
+        share = Decimal(a.share_num) / Decimal(a.share_den)
+        return f"{share.normalize():f} x {accelerator} shared"
+    return f"{accelerator} {a.slice.partition('@')[0]}"
 
 
 def parse_shares(slice_: str) -> tuple[int, int, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
@@ -28,7 +27,7 @@ from broker.accounts.visibility import own_rows, owns
 from broker.billing.amounts import fee_on, to_cents, usage_charge
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.ledger import run_footprint
+from broker.ledger import held_label, run_footprint
 from broker.models.account import Account, Role
 from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
 from broker.models.job import Job
@@ -112,7 +111,7 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
             f"{float(hours):.4f} accelerator-hours at ${rate}/h"
             if a.slice is None
             # Metered at its share: the hours it ran are the accelerator-hours over it.
-            else f"{job.name or job.id}: {slice_label(offer.accelerator, a)} in "
+            else f"{job.name or job.id}: {held_label(offer.accelerator, a)} in "
             f"{offer.region}, {float(hours * a.share_den / a.share_num):.4f} h "
             f"({float(hours):.4f} accelerator-hours) at ${rate}/h"
         )[:500],
@@ -126,17 +125,6 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
         started_at=a.started_at,
         ended_at=a.ended_at,
     )
-
-
-def slice_label(accelerator: str, a: Allocation) -> str:
-    """What a fractional run held, as invoices and pages show it: "h100-sxm 3g.40gb"
-    (a MIG instance), "0.5 x cpu shared" (shares of one accelerator)."""
-    if a.slice is None:
-        return f"{a.accelerators} x {accelerator}"
-    if "shared" in a.slice:
-        share = Decimal(a.share_num) / Decimal(a.share_den)
-        return f"{share.normalize():f} x {accelerator} shared"
-    return f"{accelerator} {a.slice.partition('@')[0]}"
 
 
 def totals(lines: list[InvoiceLine]) -> tuple[int, int]:

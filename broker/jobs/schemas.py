@@ -216,6 +216,14 @@ class RunOut(BaseModel):
     node: str | None = Field(description="The agent's node that ran it (None: listed by hand)")
     accelerator: str
     accelerators: int
+    held: str = Field(
+        description='What it held: "2 x h100-sxm", "h100-sxm 3g.40gb" (a MIG instance), '
+        '"0.5 x cpu shared" (shares of one accelerator)'
+    )
+    slice: str | None = Field(
+        description='Fractions: the MIG instance ("3g.40gb@4") or shares ("2/4 shared on GPU 0")'
+    )
+    share: float = Field(description="Of one accelerator, what it is metered and billed at")
     platform: str
     emulated: bool = Field(description="Hardware emulated on a CPU (a demo)")
     region: str

@@ -22,7 +22,7 @@ from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.schemas import JobCreate, JobQuery, RunOut
-from broker.ledger import active_allocation, end_job
+from broker.ledger import active_allocation, end_job, held_label
 from broker.models.account import Account
 from broker.models.blob import Blob, BlobKind
 from broker.models.job import Job
@@ -527,6 +527,9 @@ def job_runs(session: Session, job: Job) -> list[RunOut]:
             node=node,
             accelerator=o.accelerator,
             accelerators=a.accelerators,
+            held=held_label(o.accelerator, a),
+            slice=a.slice,
+            share=a.share_num / a.share_den,
             platform=o.platform,
             emulated=o.emulated,
             region=o.region,
