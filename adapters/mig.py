@@ -48,6 +48,11 @@ def profiles(model: str) -> tuple[Profile, ...]:
     return _profiles().get(model, ())
 
 
+def models() -> tuple[str, ...]:
+    """The catalog model keys that have MIG profiles."""
+    return tuple(_profiles())
+
+
 def specs(model: str) -> tuple[str, ...]:
     """``Profile.spec`` strings of a model's profiles, as MIG offers carry them."""
     return tuple(p.spec for p in profiles(model))

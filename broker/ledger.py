@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
@@ -24,7 +25,7 @@ from broker.errors import Conflict
 from broker.models.job import Job
 from broker.models.job_state import JobState, check_transition
 from broker.models.market import Allocation, AllocationStatus
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 
 
 def active_allocation(session: Session, job_id: str) -> Allocation | None:
@@ -72,13 +73,73 @@ def release(
     allocation.status = status
     allocation.ended_at = utcnow()
     allocation.end_reason = reason
-    session.execute(
-        update(Offer)
-        .where(Offer.id == allocation.offer_id)
-        .values(count=Offer.count + allocation.accelerators)
-    )
+    if allocation.slice is not None:
+        _release_slice(session, allocation)
+    else:
+        session.execute(
+            update(Offer)
+            .where(Offer.id == allocation.offer_id)
+            .values(count=Offer.count + allocation.accelerators)
+        )
     session.flush()
     return allocation
+
+
+def _release_slice(session: Session, allocation: Allocation) -> None:
+    """Hand a fractional allocation's slice back to its offer (row locked here): a MIG
+    instance goes back to the free ones (it still exists); shares go back, and their
+    accelerator with them once no other match holds a share of it."""
+    offer = session.scalars(
+        select(Offer).where(Offer.id == allocation.offer_id).with_for_update()
+    ).one()
+    assert allocation.slice is not None
+    if offer.fraction_kind == FractionKind.mig:
+        offer.mig_busy = [i for i in offer.mig_busy if i != allocation.slice]
+        offer.mig_instances = sorted({*offer.mig_instances, allocation.slice})
+        offer.updated_at = utcnow()
+        return
+    k, _, gpu = parse_shares(allocation.slice)
+    offer.shares_busy = max(0, offer.shares_busy - k)
+    if gpu not in shared_gpus_held(session, offer.id):
+        offer.count += 1
+    offer.updated_at = utcnow()
+
+
+def held_label(accelerator: str, a: Allocation) -> str:
+    """What a run held, as invoices and pages show it: "2 x h100-sxm" (whole ones),
+    "h100-sxm 3g.40gb" (a MIG instance), "0.5 x cpu shared" (shares of one)."""
+    if a.slice is None:
+        return f"{a.accelerators} x {accelerator}"
+    if "shared" in a.slice:
+        share = Decimal(a.share_num) / Decimal(a.share_den)
+        return f"{share.normalize():f} x {accelerator} shared"
+    return f"{accelerator} {a.slice.partition('@')[0]}"
+
+
+def parse_shares(slice_: str) -> tuple[int, int, int]:
+    """``"2/8 shared on GPU 1"`` -> (2, 8, 1): shares taken, shares per accelerator, and
+    which of the offer's accelerators (0 to capacity - 1)."""
+    parts = slice_.split()
+    if len(parts) != 5 or parts[1:4] != ["shared", "on", "GPU"] or "/" not in parts[0]:
+        raise ValueError(f"shares {slice_!r}: expected 'K/N shared on GPU G'")
+    k, _, total = parts[0].partition("/")
+    return int(k), int(total), int(parts[4])
+
+
+def shared_gpus_held(session: Session, offer_id: str) -> dict[int, int]:
+    """A shared offer's accelerators that active allocations hold shares of, and how
+    many shares each."""
+    held: Counter[int] = Counter()
+    for slice_ in session.scalars(
+        select(Allocation.slice).where(
+            Allocation.offer_id == offer_id,
+            Allocation.status == AllocationStatus.active,
+            Allocation.slice.is_not(None),
+        )
+    ):
+        k, _, gpu = parse_shares(slice_ or "")
+        held[gpu] += k
+    return dict(held)
 
 
 def end_job(session: Session, job: Job, state: JobState, reason: str | None = None) -> None:
@@ -210,6 +271,14 @@ class NewAllocation:
     egress_micros: int
     latency_micros: int
     fee_ppm: int
+    # Fractional matches: the slice ("3g.40gb@4", "2/8 shared on GPU 1") and the exact
+    # share of one accelerator; ``takes``: how many of the offer's free accelerators the
+    # match takes (a share of an accelerator no other match holds takes it; a MIG
+    # instance takes none: the GPU stays listed).
+    slice: str | None = None
+    share_num: int = 1
+    share_den: int = 1
+    takes: int | None = None  # None: ``accelerators``
 
 
 def allocate(
@@ -217,10 +286,15 @@ def allocate(
     round_id: str | None,
     matches: Sequence[NewAllocation],
     now: datetime | None = None,
+    layouts: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """Record a round's matches in bulk (a large round makes thousands): each job
     goes ``open -> matched`` through the state machine's own check, each offer's
-    free count drops by what its matches hold, in SQL (``count = count - n``)."""
+    free count drops by what its matches hold, in SQL (``count = count - n``).
+
+    Fractional matches also mark their slices taken: a MIG offer's instance moves
+    to its busy ones (``layouts``: the new instances of idle MIG GPUs the round
+    re-partitions), a shared offer's busy shares grow."""
     if not matches:
         return
     for m in matches:
@@ -246,6 +320,9 @@ def allocate(
                 "latency_micros": m.latency_micros,
                 "cost_micros": m.compute_micros + m.egress_micros + m.latency_micros,
                 "fee_ppm": m.fee_ppm,
+                "slice": m.slice,
+                "share_num": m.share_num,
+                "share_den": m.share_den,
             }
             for m in matches
         ],
@@ -256,7 +333,8 @@ def allocate(
     )
     used: Counter[str] = Counter()
     for m in matches:
-        used[m.offer_id] += m.accelerators
+        used[m.offer_id] += m.accelerators if m.takes is None else m.takes
+    _take_slices(session, [m for m in matches if m.slice is not None], layouts or {})
     offers = Offer.metadata.tables["offers"]
     session.execute(
         update(offers)
@@ -264,3 +342,21 @@ def allocate(
         .values(count=offers.c.count - bindparam("used"), updated_at=bindparam("now")),
         [{"offer_id": i, "used": n, "now": now} for i, n in sorted(used.items())],
     )
+
+
+def _take_slices(
+    session: Session, matches: Sequence[NewAllocation], layouts: dict[str, tuple[str, ...]]
+) -> None:
+    """Mark the slices of fractional matches taken on their offers (rows locked by
+    the caller)."""
+    by_offer: dict[str, list[NewAllocation]] = {}
+    for m in matches:
+        by_offer.setdefault(m.offer_id, []).append(m)
+    for offer in session.scalars(select(Offer).where(Offer.id.in_(sorted(by_offer)))):
+        taken = [m.slice for m in by_offer[offer.id] if m.slice is not None]
+        if offer.fraction_kind == FractionKind.mig:
+            instances = layouts.get(offer.id, tuple(offer.mig_instances))
+            offer.mig_busy = sorted({*offer.mig_busy, *taken})
+            offer.mig_instances = sorted(set(instances) - set(taken))
+        else:
+            offer.shares_busy += sum(parse_shares(t)[0] for t in taken)

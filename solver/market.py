@@ -47,6 +47,8 @@ class Offer:
     mig_instances: tuple[str, ...] = ()  # free MIG instances, "PROFILE@START"
     mig_busy: tuple[str, ...] = ()  # MIG instances in use, "PROFILE@START"
     shares: int = 0
+    # Shared offers: shares already taken on each of the ``count`` GPUs (missing: none).
+    shares_busy: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -210,6 +210,11 @@ def _first_fit(
     return taken, slices, value, float("inf"), False, layouts
 
 
+def _busy(o: Offer, g: int) -> int:
+    """Shares already taken on GPU ``g`` of shared offer ``o``."""
+    return o.shares_busy[g] if g < len(o.shares_busy) else 0
+
+
 class _State:
     """Instances and shares taken so far, for first-fit. On an idle MIG GPU a
     new instance may replace free instances nobody has taken (a re-cut)."""
@@ -221,7 +226,9 @@ class _State:
             i: {pl: False for pl in g.existing} for i, g in enumerate(gpus) if g is not None
         }
         self.bins = {
-            i: [o.shares] * o.count for i, o in enumerate(offers) if o.fraction_kind == "shared"
+            i: [o.shares - _busy(o, g) for g in range(o.count)]
+            for i, o in enumerate(offers)
+            if o.fraction_kind == "shared"
         }
 
     def layout(self, i: int) -> list[tuple[str, int]]:
@@ -296,8 +303,8 @@ def _cp_sat(
                 bins_of[i][p] = bs
                 for g, b in enumerate(bs):
                     loads[g].append((options[int(opt_i[p])].shares, b))
-            for load in loads:
-                model.add(sum(k * b for k, b in load) <= o.shares)
+            for g, load in enumerate(loads):
+                model.add(sum(k * b for k, b in load) <= o.shares - _busy(o, g))
             continue
         y = {pl: model.new_bool_var(f"y{i}_{pl[0]}_{pl[1]}") for pl in gpu.placements()}
         y_of[i] = y

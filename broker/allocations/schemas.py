@@ -26,6 +26,11 @@ class AllocationOut(BaseModel):
     offer_id: str
     round_id: str | None
     accelerators: int
+    slice: str | None = Field(
+        default=None,
+        description='Fractions: the MIG instance ("3g.40gb@4") or shares ("2/4 shared on GPU 0")',
+    )
+    share: float = Field(default=1.0, description="Of one accelerator, what it is billed at")
     price_per_hour: Usd = Field(description="The provider's ask, locked when the round cleared")
     runtime_hours: float = Field(description="Estimated runtime on this offer")
     rtt_ms: float
@@ -53,6 +58,8 @@ class AllocationOut(BaseModel):
             offer_id=a.offer_id,
             round_id=a.round_id,
             accelerators=a.accelerators,
+            slice=a.slice,
+            share=a.share_num / a.share_den,
             price_per_hour=micros_to_usd(a.price_per_hour_micros),
             runtime_hours=a.runtime_hours,
             rtt_ms=a.rtt_ms,

@@ -134,11 +134,20 @@ def meter(
     capped at the wall time since the start times the accelerators held, so a
     provider cannot bill for more than it could have run, and at what the job's
     budget still buys, so a developer never pays past the budget.
+
+    A fractional allocation meters at its share: its accelerator-seconds are the
+    seconds it ran times its share of one accelerator (``share_num / share_den``),
+    so every bill of it is the usage at the locked ask, as for whole ones.
     """
     if accelerator_seconds is None or allocation.started_at is None:
         return False
     wall = ((now or utcnow()) - allocation.started_at).total_seconds()
-    cap_ms = max(0, int(wall * 1000)) * allocation.accelerators
+    cap_ms = (
+        max(0, int(wall * 1000))
+        * allocation.accelerators
+        * allocation.share_num
+        // allocation.share_den
+    )
     budget_ms = billing.usage_cap_ms(session, allocation, job)
     if budget_ms is not None:
         cap_ms = min(cap_ms, budget_ms)

@@ -27,7 +27,7 @@ from broker.accounts.visibility import own_rows, owns
 from broker.billing.amounts import fee_on, to_cents, usage_charge
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, Forbidden, NotFound
-from broker.ledger import footprint
+from broker.ledger import footprint, held_label
 from broker.models.account import Account, Role
 from broker.models.billing import Invoice, InvoiceLine, InvoiceStatus
 from broker.models.job import Job
@@ -110,6 +110,11 @@ def _line(invoice_id: str, run: _Run) -> InvoiceLine:
         description=(
             f"{job.name or job.id}: {a.accelerators} x {offer.accelerator} in {offer.region}, "
             f"{float(hours):.4f} accelerator-hours at ${rate}/h"
+            if a.slice is None
+            # Metered at its share: the hours it ran are the accelerator-hours over it.
+            else f"{job.name or job.id}: {held_label(offer.accelerator, a)} in "
+            f"{offer.region}, {float(hours * a.share_den / a.share_num):.4f} h "
+            f"({float(hours):.4f} accelerator-hours) at ${rate}/h"
         )[:500],
         accelerator=offer.accelerator,
         region=offer.region,

@@ -26,6 +26,9 @@ from broker.types import (
     VendorName,
 )
 
+MigProfileName = Annotated[
+    str, Field(pattern=r"^[1-8]g\.[0-9]{1,3}gb$", examples=["3g.40gb"], description="A MIG profile")
+]
 Hours = Annotated[float, NotBool, Field(gt=0, le=100_000)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]
 Work = Annotated[float, NotBool, Field(ge=0, le=1e30)]
@@ -61,7 +64,23 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Label | None = None
-    accelerators: Int = Field(default=1, ge=1, le=1024, description="All on one offer")
+    accelerators: Float = Field(
+        default=1,
+        gt=0,
+        le=1024,
+        description="All on one offer: a whole number, or part of one accelerator, more than "
+        "0 and less than 1 in thousandths (0.5: half its compute and memory)",
+    )
+    mig_profile: MigProfileName | None = Field(
+        default=None,
+        description="Instead of a fraction: one MIG instance of this profile (e.g. 3g.40gb), "
+        "hardware-isolated; the profile must exist for the models it names",
+    )
+    accepts_shared: bool = Field(
+        default=False,
+        description="A fraction may run on shared accelerators (time-sliced with a memory "
+        "cap: cheaper, compute not isolated)",
+    )
     min_memory_gib: Float = Field(default=0, ge=0, le=100_000, description="Per accelerator")
     vendors: list[VendorName] = Field(default_factory=list, max_length=16)
     accelerator_models: list[ModelKey] = Field(default_factory=list, max_length=64)
@@ -126,7 +145,11 @@ class JobOut(BaseModel):
     account_id: str
     name: str | None
     state: JobState
-    accelerators: int
+    accelerators: int | float = Field(
+        description="Accelerators on one offer, or the part of one it asks for (0.5)"
+    )
+    mig_profile: str | None = Field(default=None, description="The MIG profile it asks for")
+    accepts_shared: bool = Field(default=False, description="May run on shared accelerators")
     min_memory_gib: float
     vendors: list[str]
     accelerator_models: list[str]
@@ -203,6 +226,14 @@ class RunOut(BaseModel):
     node: str | None = Field(description="The agent's node that ran it (None: listed by hand)")
     accelerator: str
     accelerators: int
+    held: str = Field(
+        description='What it held: "2 x h100-sxm", "h100-sxm 3g.40gb" (a MIG instance), '
+        '"0.5 x cpu shared" (shares of one accelerator)'
+    )
+    slice: str | None = Field(
+        description='Fractions: the MIG instance ("3g.40gb@4") or shares ("2/4 shared on GPU 0")'
+    )
+    share: float = Field(description="Of one accelerator, what it is metered and billed at")
     platform: str
     emulated: bool = Field(description="Hardware emulated on a CPU (a demo)")
     region: str

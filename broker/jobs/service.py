@@ -15,14 +15,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import manager_of_class
 
-from adapters import catalog
+from adapters import catalog, mig
 from broker.accounts import visibility
 from broker.blobs.service import get_blob, get_store, leaf_specs, load_artifact
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs.schemas import JobCreate, JobQuery, RunOut
-from broker.ledger import active_allocation, end_job
+from broker.ledger import active_allocation, end_job, held_label
 from broker.models.account import Account
 from broker.models.blob import Blob, BlobKind
 from broker.models.job import Job
@@ -285,7 +285,10 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
         account_id=account.id,
         name=data.name,
         state=JobState.open,
-        accelerators=data.accelerators,
+        accelerators=max(1, round(data.accelerators)),
+        fraction_milli=fraction_milli(data.accelerators),
+        mig_profile=data.mig_profile,
+        accepts_shared=data.accepts_shared,
         min_memory_gib=data.min_memory_gib,
         vendors=sorted(set(data.vendors)),
         accelerator_models=sorted({resolve_model(m) for m in data.accelerator_models}),
@@ -315,8 +318,49 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
     )
 
 
+def fraction_milli(accelerators: float) -> int | None:
+    """Thousandths of one accelerator for a fraction; None for whole accelerators."""
+    return round(accelerators * 1000) if accelerators < 1 else None
+
+
+def _check_fraction(data: JobCreate) -> None:
+    """A whole number of accelerators, or a fraction of one in thousandths, or one MIG
+    instance of a profile the models it may run on have."""
+    n = data.accelerators
+    if n >= 1 and n != int(n):
+        raise InvalidInput(
+            f"accelerators {n:g}: a whole number, or a fraction of one accelerator (more "
+            "than 0 and less than 1, e.g. 0.5)",
+            field="body.accelerators",
+        )
+    if n < 1 and (abs(n * 1000 - round(n * 1000)) > 1e-6 or round(n * 1000) < 1):
+        raise InvalidInput(
+            f"accelerators {n:g}: a fraction is given in thousandths (0.001 to 0.999)",
+            field="body.accelerators",
+        )
+    if data.mig_profile is None:
+        return
+    if n != 1:
+        raise InvalidInput(
+            "a job asks for a MIG profile or for accelerators, not both: leave accelerators "
+            "out (one MIG instance)",
+            field="body.accelerators",
+        )
+    models = {resolve_model(m) for m in data.accelerator_models} or set(mig.models())
+    having = sorted(m for m in models if data.mig_profile in {p.name for p in mig.profiles(m)})
+    if not having:
+        names = sorted({p.name for m in models for p in mig.profiles(m)})
+        known = f"; they have {', '.join(names)}" if names else " (none of them has MIG)"
+        raise InvalidInput(
+            f"MIG profile {data.mig_profile} is not one of the models' it may run on "
+            f"({', '.join(sorted(models))}){known}",
+            field="body.mig_profile",
+        )
+
+
 def _check_consistent(data: JobCreate, program: _Program | None) -> None:
     """Rules that span fields; each error names the field to fix."""
+    _check_fraction(data)
     if data.duration_hours is None and program is None and not (data.flops or data.bytes):
         raise InvalidInput(
             "give the runtime: duration_hours, or the job's work as flops and/or bytes",
@@ -379,7 +423,8 @@ _HASHED_FIELDS = tuple(
 
 # Columns added after requests were first hashed: hashed only when set, so that a
 # request stored before them still matches its replay.
-_HASHED_WHEN_SET = frozenset({"max_gco2", "carbon_usd_per_t"})
+_HASHED_WHEN_SET = frozenset({"max_gco2", "carbon_usd_per_t", "fraction_milli", "mig_profile"})
+_HASHED_WHEN_TRUE = frozenset({"accepts_shared"})
 
 
 def _request_hash(job: Mapping[str, Any]) -> str:
@@ -387,7 +432,8 @@ def _request_hash(job: Mapping[str, Any]) -> str:
     fields = {
         name: job.get(name)
         for name in _HASHED_FIELDS
-        if name not in _HASHED_WHEN_SET or job.get(name) is not None
+        if (name not in _HASHED_WHEN_SET or job.get(name) is not None)
+        and (name not in _HASHED_WHEN_TRUE or job.get(name) is True)
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -490,6 +536,9 @@ def job_runs(session: Session, job: Job) -> list[RunOut]:
             node=node,
             accelerator=o.accelerator,
             accelerators=a.accelerators,
+            held=held_label(o.accelerator, a),
+            slice=a.slice,
+            share=a.share_num / a.share_den,
             platform=o.platform,
             emulated=o.emulated,
             region=o.region,

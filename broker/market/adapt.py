@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import Any, cast
 
 from sqlalchemy import Row
 
-from adapters import grid
+from adapters import grid, mig
 from broker.billing.amounts import PPM
 from broker.config import Settings
+from broker.ledger import parse_shares
 from broker.market.estimates import MAX_COMPILE_S_PER_KB, MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
 from broker.models.job import Job
-from broker.models.offer import Offer
+from broker.models.offer import FractionKind, Offer
 from broker.money import MICROS_PER_USD
 from solver import market as sm
+from solver.fractions import parse_instance
 
 
 def weights(settings: Settings, fee_ppm: int) -> sm.Weights:
@@ -56,6 +59,11 @@ OFFER_COLUMNS = (
     Offer.startup_seconds,
     Offer.transfer_s_per_gb,
     Offer.compile_s_per_kb,
+    Offer.fraction_kind,
+    Offer.shares,
+    Offer.memory_per_share_gib,
+    Offer.mig_instances,
+    Offer.mig_busy,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -82,6 +90,9 @@ JOB_COLUMNS = (
     Job.data_gb,
     Job.allowed_countries,
     Job.priority,
+    Job.fraction_milli,
+    Job.mig_profile,
+    Job.accepts_shared,
 )
 
 
@@ -94,7 +105,11 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         accelerator=row.accelerator,
         platform=row.platform,
         count=cast(Offer, row).count if count is None else count,
-        memory_gib=row.memory_gib,
+        memory_gib=row.memory_gib
+        if row.fraction_kind != FractionKind.shared
+        # What a shared accelerator sells: its shares' memory (``memory_gib / shares``
+        # each, to the solver).
+        else row.shares * (row.memory_per_share_gib or 0.0),
         tflops_bf16=row.tflops_bf16,
         tflops_fp32=row.tflops_fp32,
         mem_bw_gbps=row.mem_bw_gbps,
@@ -108,6 +123,11 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         startup_seconds=min(row.startup_seconds or 0.0, MAX_STARTUP_S),
         transfer_s_per_gb=min(row.transfer_s_per_gb or 0.0, MAX_TRANSFER_S_PER_GB),
         compile_s_per_kb=min(row.compile_s_per_kb or 0.0, MAX_COMPILE_S_PER_KB),
+        fraction_kind=FractionKind(row.fraction_kind).value,
+        shares=row.shares,
+        mig_profiles=mig.specs(row.accelerator) if row.fraction_kind == FractionKind.mig else (),
+        mig_instances=tuple(row.mig_instances),
+        mig_busy=tuple(row.mig_busy),
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],
@@ -154,7 +174,39 @@ def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.J
         allowed_countries=tuple(row.allowed_countries),
         priority=row.priority,
         budget_usd=None if budget_left_micros is None else float(budget_left_micros) / 1e6,
+        fraction=None if row.fraction_milli is None else row.fraction_milli / 1000,
+        mig_profile=row.mig_profile,
+        accepts_shared=row.accepts_shared,
     )
+
+
+def open_shares(offer: sm.Offer, capacity: int, held: dict[int, int]) -> sm.Offer:
+    """A shared offer as the solver sees it: its accelerators with a share free, in
+    order (``open_gpus``), each with the shares matches hold of it."""
+    gpus = open_gpus(capacity, offer.shares, held)
+    return replace(offer, count=len(gpus), shares_busy=tuple(held.get(g, 0) for g in gpus))
+
+
+def open_gpus(capacity: int, shares: int, held: dict[int, int]) -> list[int]:
+    """A shared offer's accelerators with a share free: the solver's GPU ``b`` is the
+    ``b``-th of them."""
+    return [g for g in range(capacity) if held.get(g, 0) < shares]
+
+
+def share_of(offer_kind: str, accelerator: str, slice_: str) -> Fraction:
+    """The exact part of one accelerator a fractional match holds, from its slice
+    ("3g.40gb@4": the profile's compute slices over the GPU's; "2/8 shared on GPU 1":
+    2 of 8 shares). ValueError for a slice that does not fit the offer."""
+    if offer_kind == FractionKind.mig:
+        name, start = parse_instance(slice_)
+        profile = {p.name: p for p in mig.profiles(accelerator)}.get(name)
+        if profile is None or start not in profile.starts:
+            raise ValueError(f"MIG instance {slice_!r} is not one of {accelerator}'s")
+        return Fraction(profile.compute, profile.total)
+    if offer_kind == FractionKind.shared:
+        k, total, _ = parse_shares(slice_)
+        return Fraction(k, total)
+    raise ValueError(f"a whole offer has no slices ({slice_!r})")
 
 
 def _micros(amount: Decimal) -> int:
@@ -167,14 +219,20 @@ def exact_cost(
     runtime_hours: float,
     rtt_ms: float,
     settings: Settings,
+    share: Fraction = Fraction(1),
 ) -> tuple[int, int, int]:
-    """Compute, egress and latency cost in micro-dollars, from the locked ask.
+    """Compute, egress and latency cost in micro-dollars, from the locked ask;
+    ``share``: of one accelerator, for a fractional match.
 
     The runtime and round trip are the solver's estimates (floats, converted
     exactly); each part is rounded half-even to the micro-dollar once.
     """
     compute = _micros(
-        Decimal(offer.price_per_hour_micros) * job.accelerators * Decimal(runtime_hours)
+        Decimal(offer.price_per_hour_micros)
+        * job.accelerators
+        * Decimal(runtime_hours)
+        * share.numerator
+        / share.denominator
     )
     egress = 0
     if job.data_region is not None and job.data_region != offer.region and job.data_gb:

@@ -28,12 +28,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from adapters import mig
 from broker import leases, ledger
 from broker.billing import service as billing
 from broker.billing.amounts import with_fee
@@ -45,9 +48,10 @@ from broker.market.standing import Standing
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import ClearingRound
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 from broker.observability import observe_round
 from solver import Market, Result, Warm, solve
+from solver.fractions import parse_instance
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +255,12 @@ def _apply(
                 Offer.count.label("free"),
                 Offer.price_per_hour_micros,
                 Offer.region,
+                Offer.accelerator,
+                Offer.capacity,
+                Offer.fraction_kind,
+                Offer.shares,
+                Offer.mig_instances,
+                Offer.mig_busy,
             )
             .where(Offer.id.in_(offer_ids))
             .order_by(Offer.id)
@@ -268,6 +278,8 @@ def _apply(
                 Job.budget_micros,
                 Job.data_region,
                 Job.data_gb,
+                Job.fraction_milli,
+                Job.mig_profile,
             )
             .where(Job.id.in_(job_ids))
             .order_by(Job.id)
@@ -276,6 +288,7 @@ def _apply(
     }
     budgets = billing.budgets_left(session, jobs.values())
     free = {offer_id: o.free for offer_id, o in offers.items()}
+    slices = _Slices(session, offers, result.repartitions)
     matches: list[ledger.NewAllocation] = []
     stale = 0
     for a in result.assignments:
@@ -287,11 +300,26 @@ def _apply(
             or job.updated_at != versions.get(job.id)
             or offer.status != OfferStatus.active
             or offer.updated_at != versions.get(offer.id)
-            or free[offer.id] < job.accelerators
+            or (job.fraction_milli is None and job.mig_profile is None)
+            != (offer.fraction_kind == FractionKind.whole)
         ):
             stale += 1
             continue
-        compute, egress, latency = adapt.exact_cost(job, offer, a.runtime_hours, a.rtt_ms, settings)
+        if offer.fraction_kind == FractionKind.whole:
+            if free[offer.id] < job.accelerators:
+                stale += 1
+                continue
+            piece = _Piece(None, Fraction(1), job.accelerators)
+        else:
+            taken = slices.take(offer, a.slice, free[offer.id])
+            if taken is None:
+                stale += 1
+                continue
+            piece = taken
+        share = piece.share
+        compute, egress, latency = adapt.exact_cost(
+            job, offer, a.runtime_hours, a.rtt_ms, settings, share
+        )
         left = budgets.get(job.id)
         if left is not None and with_fee(Fraction(compute), fee_ppm) > left:
             # The solver's budget rule is in floats; this is the exact check.
@@ -313,8 +341,82 @@ def _apply(
                 egress_micros=egress,
                 latency_micros=latency,
                 fee_ppm=fee_ppm,
+                slice=piece.slice,
+                share_num=share.numerator,
+                share_den=share.denominator,
+                takes=piece.takes,
             )
         )
-        free[offer.id] -= job.accelerators
-    ledger.allocate(session, round_id, matches)
+        free[offer.id] -= piece.takes
+    ledger.allocate(session, round_id, matches, layouts=slices.layouts)
     return len(matches), stale
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """What a match takes of its offer: the slice (None: whole accelerators), its
+    exact share of one accelerator, and how many of the offer's free ones."""
+
+    slice: str | None
+    share: Fraction
+    takes: int
+
+
+class _Slices:
+    """The fractional offers' slices as a round's apply step hands them out: a slice
+    the solver gave is checked against the offer as it is now (locked), so no MIG
+    slot and no share is sold twice."""
+
+    def __init__(self, session: Session, offers: dict[str, Any], layouts: dict[str, Any]) -> None:
+        shared = sorted(i for i, o in offers.items() if o.fraction_kind == FractionKind.shared)
+        # Each shared offer's accelerators with shares held, and how many shares each.
+        self._held = {i: ledger.shared_gpus_held(session, i) for i in shared}
+        self._mig_busy: dict[str, list[str]] = {}
+        self._round_load: dict[str, dict[int, int]] = {}
+        self.layouts: dict[str, tuple[str, ...]] = {}
+        for offer_id, layout in layouts.items():
+            o = offers.get(offer_id)
+            if o is not None and o.fraction_kind == FractionKind.mig and not o.mig_busy:
+                self.layouts[offer_id] = tuple(layout)  # idle GPUs only
+
+    def take(self, offer: Any, slice_: str, free: int) -> _Piece | None:
+        """The piece ``slice_`` of ``offer``, marked taken; None if it is not free."""
+        try:
+            share = adapt.share_of(offer.fraction_kind, offer.accelerator, slice_)
+        except ValueError:
+            return None
+        if offer.fraction_kind == FractionKind.mig:
+            busy = self._mig_busy.setdefault(offer.id, list(offer.mig_busy))
+            profiles = {p.name: p for p in mig.profiles(offer.accelerator)}
+            name, start = parse_instance(slice_)
+            slots = profiles[name].slots(start)
+            for other in busy:
+                other_name, other_start = parse_instance(other)
+                if slots & profiles[other_name].slots(other_start):
+                    return None
+            busy.append(slice_)
+            # Free instances over the new one's slots are cut away for it.
+            instances = self.layouts.get(offer.id, tuple(offer.mig_instances))
+            self.layouts[offer.id] = tuple(
+                i
+                for i in instances
+                if not (profiles[parse_instance(i)[0]].slots(parse_instance(i)[1]) & slots)
+            )
+            return _Piece(slice_, share, 0)
+        k, total, index = ledger.parse_shares(slice_)
+        held = self._held[offer.id]
+        # The solver numbers the accelerators that had a share free when it read the
+        # offer (its version is unchanged), in order (``adapt.open_gpus``).
+        gpus = adapt.open_gpus(offer.capacity, offer.shares, held)
+        if total != offer.shares or index >= len(gpus) or k > total:
+            return None
+        gpu = gpus[index]
+        load = self._round_load.setdefault(offer.id, {})
+        if held.get(gpu, 0) + load.get(gpu, 0) + k > total:
+            return None
+        # A share of an accelerator no match held takes it from the free count.
+        new = held.get(gpu, 0) == 0 and gpu not in load
+        if new and free < 1:
+            return None
+        load[gpu] = load.get(gpu, 0) + k
+        return _Piece(f"{k}/{total} shared on GPU {gpu}", share, 1 if new else 0)

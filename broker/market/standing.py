@@ -39,11 +39,12 @@ from typing import Protocol, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker import ledger
 from broker.billing import service as billing
 from broker.market import adapt, estimates
 from broker.models.job import Job
 from broker.models.job_state import JobState
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 from solver import Market, Result, Warm, placeable
 from solver import market as sm
 
@@ -78,7 +79,11 @@ class Standing:
         ).all()
         offer_rows = session.execute(
             select(Offer.id, Offer.updated_at, Offer.emulated, Offer.count.label("free"))
-            .where(Offer.status == OfferStatus.active, Offer.count > 0)
+            .where(
+                Offer.status == OfferStatus.active,
+                # A shared offer sells its held accelerators' free shares too.
+                (Offer.count > 0) | (Offer.shares_busy < Offer.capacity * Offer.shares),
+            )
             .order_by(Offer.created_at, Offer.id)
         ).all()
         versions: dict[str, datetime] = {}
@@ -88,9 +93,14 @@ class Standing:
                 yield j.id, j.updated_at, adapt.job(j)
 
         def offers_by_id(ids: list[str]) -> Iterator[tuple[str, datetime, sm.Offer]]:
-            columns = select(*adapt.OFFER_COLUMNS, Offer.count.label("free"))
+            columns = select(*adapt.OFFER_COLUMNS, Offer.count.label("free"), Offer.capacity)
             for o in session.execute(columns.where(Offer.id.in_(ids))):
-                yield o.id, o.updated_at, adapt.offer(o, o.free)
+                offer = adapt.offer(o, o.free)
+                if o.fraction_kind == FractionKind.shared:
+                    offer = adapt.open_shares(
+                        offer, o.capacity, ledger.shared_gpus_held(session, o.id)
+                    )
+                yield o.id, o.updated_at, offer
 
         self._jobs = _refresh(jobs_by_id, self._jobs, job_rows, versions)
         self._offers = _refresh(offers_by_id, self._offers, offer_rows, versions)
@@ -109,7 +119,9 @@ class Standing:
             if (seen := self._offers.get(o.id)) is None:
                 continue
             offer = estimates.corrected(seen[1], observed, emulated=o.emulated)
-            offers.append(offer if offer.count == o.free else replace(offer, count=o.free))
+            if offer.fraction_kind != FractionKind.shared and offer.count != o.free:
+                offer = replace(offer, count=o.free)
+            offers.append(offer)
         return Market(offers=tuple(offers), jobs=tuple(jobs), weights=weights), versions
 
     def _bands(self, session: Session) -> dict[str, estimates.Band]:

@@ -4,6 +4,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Enum,
     Float,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -27,6 +29,10 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint("accelerators >= 1", name="accelerators_positive"),
+        CheckConstraint(
+            "fraction_milli IS NULL OR (fraction_milli >= 1 AND fraction_milli <= 999)",
+            name="fraction_in_range",
+        ),
         CheckConstraint("priority >= 1", name="priority_positive"),
         CheckConstraint("max_price_per_hour_micros >= 0", name="price_not_negative"),
         CheckConstraint("steps >= 1", name="steps_positive"),
@@ -44,6 +50,13 @@ class Job(Base):
         Enum(JobState, name="job_state", native_enum=False, length=16), default=JobState.open
     )
     accelerators: Mapped[int] = mapped_column(Integer)
+    # Part of one accelerator (docs/market.md, fractions): thousandths of its compute
+    # and memory (the trace's ``gpu_milli``), or a MIG profile; None for whole ones.
+    # ``accelerators`` is then 1.
+    fraction_milli: Mapped[int | None] = mapped_column(Integer, default=None)
+    mig_profile: Mapped[str | None] = mapped_column(String(32), default=None)
+    # May run on shared (time-sliced, not isolated) capacity.
+    accepts_shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     min_memory_gib: Mapped[float] = mapped_column(Float, default=0.0)
     vendors: Mapped[list[str]] = mapped_column(StrList, default=list)
     accelerator_models: Mapped[list[str]] = mapped_column(StrList, default=list)

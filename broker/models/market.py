@@ -54,6 +54,13 @@ class Allocation(Base):
         default=AllocationStatus.active,
     )
     accelerators: Mapped[int] = mapped_column(Integer)
+    # Fractional jobs: the part of one accelerator it was given ("3g.40gb@4": a MIG
+    # instance; "2/8 shared on GPU 1": shares of the offer's accelerator 1) and that
+    # part exactly, share_num / share_den of one accelerator, what it is billed at
+    # (1 / 1: whole accelerators).
+    slice: Mapped[str | None] = mapped_column(String(40), default=None)
+    share_num: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    share_den: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     price_per_hour_micros: Mapped[int] = mapped_column(BigInteger)
     runtime_hours: Mapped[float] = mapped_column(Float)
     # Of runtime_hours, the seconds of start-up the estimate included (docs/market.md).

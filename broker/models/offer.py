@@ -21,6 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db import Base, UtcDateTime, utcnow
 from broker.money import micros_to_usd
+from broker.types import StrList
 
 
 class OfferStatus(enum.StrEnum):
@@ -31,6 +32,17 @@ class OfferStatus(enum.StrEnum):
     suspended = "suspended"
 
 
+class FractionKind(enum.StrEnum):
+    """What an offer sells of each accelerator (docs/market.md, fractions)."""
+
+    whole = "whole"
+    # One GPU in MIG mode: hardware-isolated instances of its model's profiles.
+    mig = "mig"
+    # Accelerators time-sliced into ``shares`` equal shares each, with a memory cap
+    # per share; compute is not isolated.
+    shared = "shared"
+
+
 class Offer(Base):
     """A set of identical accelerators on one node, offered at one price (an ask)."""
 
@@ -39,6 +51,8 @@ class Offer(Base):
         CheckConstraint("count >= 0", name="count_not_negative"),
         CheckConstraint("count <= capacity", name="count_within_capacity"),
         CheckConstraint("price_per_hour_micros >= 0", name="price_not_negative"),
+        CheckConstraint("shares >= 0", name="shares_not_negative"),
+        CheckConstraint("shares_busy >= 0", name="shares_busy_not_negative"),
         Index("ix_offers_book", "status", "accelerator", "price_per_hour_micros"),
         Index("ix_offers_status_price", "status", "price_per_hour_micros"),
         # Searches (broker.offers.service.search_offers) by region, and by platform under
@@ -66,6 +80,20 @@ class Offer(Base):
     # A demo's stand-in for this model, run on a CPU (broker.offers.service.check_emulation).
     emulated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     memory_gib: Mapped[float] = mapped_column(Float)
+    fraction_kind: Mapped[FractionKind] = mapped_column(
+        Enum(FractionKind, name="fraction_kind", native_enum=False, length=8),
+        default=FractionKind.whole,
+        server_default=FractionKind.whole.value,
+    )
+    # Shared offers: shares per accelerator, memory per share, and the shares that
+    # active allocations hold over all its accelerators.
+    shares: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    memory_per_share_gib: Mapped[float | None] = mapped_column(Float, default=None)
+    shares_busy: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # MIG offers: the free instances that exist now ("3g.40gb@4"; empty: the GPU may be
+    # cut as clearing proposes) and those active allocations hold.
+    mig_instances: Mapped[list[str]] = mapped_column(StrList, default=list, server_default="[]")
+    mig_busy: Mapped[list[str]] = mapped_column(StrList, default=list, server_default="[]")
     tflops_bf16: Mapped[float] = mapped_column(Float)
     tflops_fp32: Mapped[float] = mapped_column(Float)
     mem_bw_gbps: Mapped[float] = mapped_column(Float)

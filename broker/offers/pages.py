@@ -27,11 +27,9 @@ from broker.offers.schemas import OfferOut
 from broker.pagination import PageQuery
 
 # The offers table's columns in OfferOut's order (the price in micro-dollars).
+_COLUMN_OF = {"price_per_hour": "price_per_hour_micros", "kind": "fraction_kind"}
 COLUMNS: Select[Any] = select(
-    *(
-        Offer.__table__.c["price_per_hour_micros" if name == "price_per_hour" else name]
-        for name in OfferOut.model_fields
-    )
+    *(Offer.__table__.c[_COLUMN_OF.get(name, name)] for name in OfferOut.model_fields)
 )
 _FIELDS = tuple(OfferOut.model_fields)
 _PRICE = _FIELDS.index("price_per_hour")
@@ -46,12 +44,14 @@ def page_json(rows: Sequence[tuple[Any, ...]], total: int, query: PageQuery) -> 
     """``Page[OfferOut]``'s JSON for rows of ``COLUMNS``."""
     items = []
     for row in rows:
-        item = _kept.get(row)
+        # MIG offers' instance lists, as tuples, so that the row can be a key.
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in row)
+        item = _kept.get(key)
         if item is None:
             item = _item_json(row)
             if len(_kept) >= MAX_KEPT:
                 _kept.clear()
-            _kept[row] = item
+            _kept[key] = item
         items.append(item)
     return b'{"items":[%b],"total":%d,"limit":%d,"offset":%d}' % (
         b",".join(items),

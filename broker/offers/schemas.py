@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.models.offer import OfferStatus
+from broker.models.offer import FractionKind, OfferStatus
 from broker.money import Usd
 from broker.pagination import PageQuery
 from broker.types import (
@@ -23,6 +23,7 @@ from broker.types import (
 Count = Annotated[int, NotBool, Field(ge=1, le=100_000, description="Accelerators offered")]
 PositiveFigure = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
 Hours = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
+MigInstance = Annotated[str, Field(pattern=r"^[1-8]g\.[0-9]{1,3}gb@[0-7]$", examples=["3g.40gb@4"])]
 Efficiency = Annotated[
     float,
     NotBool,
@@ -98,6 +99,24 @@ class OfferTerms(BaseModel):
         "jobs on the CPU, and the offer says so everywhere. Accepted only by a broker "
         "started with BROKER_ALLOW_EMULATION=1",
     )
+    kind: FractionKind = Field(
+        default=FractionKind.whole,
+        description="whole: whole accelerators; mig: one GPU in MIG mode, sold as isolated "
+        "instances of its model's profiles (count 1); shared: each accelerator time-sliced "
+        "into `shares` shares with `memory_per_share_gib` each (compute not isolated)",
+    )
+    shares: int | None = Field(
+        default=None, ge=2, le=64, description="Shared offers: shares per accelerator"
+    )
+    memory_per_share_gib: PositiveFigure | None = Field(
+        default=None, description="Shared offers: the memory each share may use, GiB"
+    )
+    mig_instances: list[MigInstance] = Field(
+        default_factory=list,
+        max_length=8,
+        description="MIG offers: the instances cut now, as PROFILE@START (e.g. 3g.40gb@4); "
+        "none: the GPU is cut as clearing proposes",
+    )
 
 
 class OfferCreate(OfferTerms):
@@ -138,6 +157,14 @@ class OfferOut(BaseModel):
     platform: str
     count: int = Field(description="Free accelerators: capacity less what matches hold")
     capacity: int = Field(description="Accelerators listed in all")
+    kind: FractionKind = Field(
+        validation_alias="fraction_kind", description="whole, mig (isolated slices) or shared"
+    )
+    shares: int = Field(description="Shared offers: shares per accelerator (0: not shared)")
+    memory_per_share_gib: float | None = Field(description="Shared offers: GiB per share")
+    shares_busy: int = Field(description="Shared offers: shares that matches hold")
+    mig_instances: list[str] = Field(description="MIG offers: free instances, PROFILE@START")
+    mig_busy: list[str] = Field(description="MIG offers: instances that matches hold")
     memory_gib: float
     tflops_bf16: float
     tflops_fp32: float

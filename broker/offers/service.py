@@ -9,16 +9,17 @@ from typing import Any
 from sqlalchemy import ColumnElement, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from adapters import catalog
+from adapters import catalog, mig
 from broker import ledger
 from broker.accounts.visibility import changeable_offers, owns, sees_all
 from broker.config import get_settings
 from broker.db import new_id, utcnow
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.models.account import Account
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 from broker.money import usd_to_micros
 from broker.offers.schemas import OfferCreate, OfferQuery, OfferSort, OfferTerms, OfferUpdate
+from solver.fractions import parse_instance
 
 _HARDWARE_FIELDS = ("vendor", "platform", "memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
 _PEAK_FIELDS = ("memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbps")
@@ -43,6 +44,9 @@ def check_emulation(data: OfferTerms) -> None:
 def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offer:
     check_emulation(data)
     hardware = hardware_figures(data)
+    fraction = fraction_terms(
+        data, str(hardware["accelerator"]), float(str(hardware["memory_gib"]))
+    )
     offer = Offer(
         id=new_id("off"),
         provider_id=provider.id,
@@ -64,10 +68,76 @@ def create_offer(session: Session, provider: Account, data: OfferCreate) -> Offe
         transfer_s_per_gb=data.transfer_s_per_gb,
         compile_s_per_kb=data.compile_s_per_kb,
         **hardware,
+        **fraction,
     )
     session.add(offer)
     session.flush()
     return offer
+
+
+def fraction_terms(data: OfferTerms, model: str, memory_gib: float) -> dict[str, Any]:
+    """The columns of what the offer sells of each accelerator (docs/market.md,
+    fractions), checked; each error names the field to fix."""
+    if data.kind != FractionKind.shared:
+        for name in ("shares", "memory_per_share_gib"):
+            if getattr(data, name) is not None:
+                raise InvalidInput(
+                    f"{name} is for shared offers (kind shared)", field=f"body.{name}"
+                )
+    if data.kind != FractionKind.mig and data.mig_instances:
+        raise InvalidInput("mig_instances is for MIG offers (kind mig)", field="body.mig_instances")
+    if data.kind == FractionKind.whole:
+        return {"fraction_kind": FractionKind.whole}
+    if data.kind == FractionKind.shared:
+        if data.shares is None:
+            raise InvalidInput(
+                "a shared offer says how many shares each accelerator is cut into (shares)",
+                field="body.shares",
+            )
+        if data.memory_per_share_gib is None:
+            raise InvalidInput(
+                "a shared offer says the memory each share may use (memory_per_share_gib): "
+                "jobs are capped to it",
+                field="body.memory_per_share_gib",
+            )
+        if data.shares * data.memory_per_share_gib > memory_gib * (1 + 1e-9):
+            raise InvalidInput(
+                f"{data.shares} shares of {data.memory_per_share_gib:g} GiB are more than the "
+                f"accelerator's {memory_gib:g} GiB",
+                field="body.memory_per_share_gib",
+            )
+        return {
+            "fraction_kind": FractionKind.shared,
+            "shares": data.shares,
+            "memory_per_share_gib": data.memory_per_share_gib,
+        }
+    profiles = {p.name: p for p in mig.profiles(model)}
+    if not profiles:
+        having = ", ".join(mig.models())
+        raise InvalidInput(
+            f"{model} has no MIG profiles; MIG offers are for {having}", field="body.kind"
+        )
+    if data.count != 1:
+        raise InvalidInput("a MIG offer is one GPU: count 1", field="body.count")
+    taken: set[int] = set()
+    for text in data.mig_instances:
+        name, start = parse_instance(text)
+        profile = profiles.get(name)
+        if profile is None:
+            raise InvalidInput(
+                f"MIG instance {text}: {model} has no profile {name} (it has "
+                f"{', '.join(profiles)})",
+                field="body.mig_instances",
+            )
+        slots = profile.slots(start)
+        if start not in profile.starts or slots & taken:
+            raise InvalidInput(
+                f"MIG instance {text}: {name} may start at "
+                f"{', '.join(str(s) for s in profile.starts)}, on slots no other instance covers",
+                field="body.mig_instances",
+            )
+        taken |= slots
+    return {"fraction_kind": FractionKind.mig, "mig_instances": sorted(data.mig_instances)}
 
 
 def hardware_figures(data: OfferTerms) -> dict[str, object]:

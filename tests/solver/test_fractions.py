@@ -7,6 +7,7 @@ assignment of jobs to (offer, slice), on markets small enough for that.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -327,6 +328,24 @@ def test_shared_capacity_only_for_jobs_that_accept_it() -> None:
     assert [(a.job, a.slice) for a in result.assignments] == [("yes", "1/4 shared on GPU 0")]
     assert result.assignments[0].compute_usd == pytest.approx(2.0 * 0.25)
     assert result.unplaceable == ("no",)
+
+
+def test_shares_already_taken_are_not_sold_again() -> None:
+    """GPU 0 has 3 of its 4 shares taken: a half goes to GPU 1, a quarter may fill GPU 0,
+    and a third half finds no room."""
+    offer = dataclasses.replace(shared("s", count=2, shares=4), shares_busy=(3, 0))
+    jobs = tuple(
+        job(i, fraction=f, accepts_shared=True)
+        for i, f in (("half", 0.5), ("quarter", 0.25), ("half2", 0.5), ("half3", 0.5))
+    )
+    result = solve(Market(offers=(offer,), jobs=jobs), time_limit=5.0)
+    load = {0: 3, 1: 0}
+    for a in result.assignments:
+        m = re.fullmatch(r"(\d+)/4 shared on GPU (\d+)", a.slice)
+        assert m is not None
+        load[int(m.group(2))] += int(m.group(1))
+    assert load == {0: 4, 1: 4}, result.assignments
+    assert len(result.assignments) == 3
 
 
 def test_whole_jobs_and_fractions_clear_together() -> None:

@@ -15,7 +15,7 @@ from broker.models.job_state import JobState
 from broker.models.market import Allocation
 from broker.models.offer import Offer, OfferStatus
 from tests.conftest import ClientFactory
-from tests.factories import make_account, make_job, make_offer
+from tests.factories import make_account, make_job, make_offer, make_run
 from tests.web.conftest import Browser
 
 OFFER_FORM = {
@@ -423,7 +423,6 @@ def test_the_job_page_shows_each_run_where_it_ran_and_why_it_ended(
     db: Session, browser_for: Any
 ) -> None:
     from broker.db import utcnow
-    from tests.factories import make_run
 
     provider: Browser = browser_for(Role.provider)
     developer: Browser = browser_for(Role.developer)
@@ -450,7 +449,6 @@ def test_the_job_page_shows_each_runs_log(db: Session, browser_for: Any) -> None
     from datetime import UTC, datetime
 
     from broker.models.run_log import RunLogLine
-    from tests.factories import make_run
 
     provider: Browser = browser_for(Role.provider)
     developer: Browser = browser_for(Role.developer)
@@ -492,7 +490,6 @@ def test_a_running_job_shows_when_it_should_end(db: Session, browser_for: Any) -
     from datetime import timedelta
 
     from broker.db import utcnow
-    from tests.factories import make_run
 
     provider: Browser = browser_for(Role.provider)
     developer: Browser = browser_for(Role.developer)
@@ -509,3 +506,20 @@ def test_a_running_job_shows_when_it_should_end(db: Session, browser_for: Any) -
     assert eta, page
     assert 2.9 <= float(eta.group(1)) <= 3.2
     assert "at the pace of its steps so far" in page
+
+
+def test_fractions_show_on_the_offer_and_job_pages(db: Session, browser_for: Any) -> None:
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    offer = make_offer(
+        db, provider.account, kind="shared", count=1, shares=4, memory_per_share_gib=20
+    )
+    assert "shared, 4 shares of 20 GiB each" in provider.get("/offers").text
+    job = make_job(db, developer.account, accelerators=0.5, accepts_shared=True)
+    run = make_run(db, job, offer, 360_000, ended_at=None)
+    run.slice, run.share_num, run.share_den = "2/4 shared on GPU 0", 1, 2
+    db.flush()
+    page = developer.get(f"/jobs/{job.id}").text
+    assert "0.5 of one" in page
+    assert "shared accepted" in page
+    assert "0.5 x h100-sxm shared" in page
