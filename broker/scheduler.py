@@ -126,5 +126,11 @@ class Scheduler:
         self.stop(timeout=60.0)
 
 
+# A generator of its own: the jitter never draws from (or moves) the global one, which
+# other code in the process may seed or replay (Hypothesis checks that strategies
+# leave it alone, and a tick landing mid-draw made the schema tests flaky).
+_JITTER = random.Random()
+
+
 def _jittered(seconds: float, jitter: float) -> float:
-    return max(0.0, seconds * (1 + random.uniform(-jitter, jitter)))
+    return max(0.0, seconds * (1 + _JITTER.uniform(-jitter, jitter)))
