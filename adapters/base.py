@@ -40,8 +40,8 @@ class Device:
     ``model`` is a hardware-catalog key (``adapters.catalog``), or None when the
     device is not in the catalog (it is then listed but never offered).
     ``offerable`` is False for devices the market must not sell, with the reason
-    in ``reason``: unhealthy, busy with someone else's work, partitioned (MIG),
-    or unknown to the catalog. Figures left None come from the catalog.
+    in ``reason``: unhealthy, busy with someone else's work, or unknown to the
+    catalog. Figures left None come from the catalog.
     """
 
     id: str  # stable per machine: index, UUID, node name
@@ -64,6 +64,10 @@ class Device:
     # Set only by the emulated adapter (demos): the backend this device's jobs
     # really run on, such as "cpu" for an emulated H100.
     emulated_on: str | None = None
+    # A GPU in MIG mode: its instances, each as ("PROFILE@START", "MIG-..." UUID, or ""
+    # when the listing gave none); None: not partitioned. Such a GPU is sold as MIG
+    # instances, one offer per GPU (``id`` names it).
+    mig: tuple[tuple[str, str], ...] | None = None
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ from decimal import Decimal
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from adapters import mig
 from broker.db import new_id, utcnow
 from broker.errors import Conflict
 from broker.models.job import Job
@@ -114,6 +115,20 @@ def held_label(accelerator: str, a: Allocation) -> str:
         share = Decimal(a.share_num) / Decimal(a.share_den)
         return f"{share.normalize():f} x {accelerator} shared"
     return f"{accelerator} {a.slice.partition('@')[0]}"
+
+
+def slice_memory_gib(offer: Offer, slice_: str | None) -> float | None:
+    """The memory a fractional allocation's slice may use, GiB: its MIG profile's, or
+    its shares' (None: whole accelerators)."""
+    if slice_ is None:
+        return None
+    if offer.fraction_kind == FractionKind.mig:
+        name = slice_.partition("@")[0]
+        profile = next((p for p in mig.profiles(offer.accelerator) if p.name == name), None)
+        return None if profile is None else profile.memory_gib
+    k, total, _ = parse_shares(slice_)
+    per_share = offer.memory_per_share_gib or offer.memory_gib / max(1, total)
+    return k * per_share
 
 
 def parse_shares(slice_: str) -> tuple[int, int, int]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from solver import exact, integer, neighbourhood, packing, prices, relax
 from solver.fractions import is_fractional
-from solver.market import Assignment, Market, Result
+from solver.market import Assignment, Market, Offer, Result
 from solver.pairs import Candidates, FeasiblePairs, scan
 from solver.relax import Warm
 from solver.rules import Ints, MarketArrays, evaluate, evaluate_pairs, overhead_seconds
@@ -119,7 +119,10 @@ def _split(market: Market, time_limit: float, warm: Warm | None) -> Result:
     else:
         ids = tuple(j.id for j in fractional.jobs)
         f = Result("OPTIMAL", 0.0, 0.0, 0.0, (), ids, unplaceable=ids)
+    views = _whole_views(sliced, f.assignments)
+    whole = replace(whole, offers=whole.offers + tuple(views.values()))
     w = solve(whole, max(0.1, time_limit - (time.perf_counter() - started)), warm)
+    w = replace(w, assignments=tuple(_from_view(a, views) for a in w.assignments))
     assert f.bound is not None
     assert w.bound is not None
     optimal = f.status == w.status == "OPTIMAL"
@@ -136,6 +139,37 @@ def _split(market: Market, time_limit: float, warm: Warm | None) -> Result:
         warm=w.warm,
         repartitions=f.repartitions,
     )
+
+
+VIEW = "#gpu"  # a whole view's id: the shared offer's, this, and the GPU's number
+
+
+def _whole_views(offers: tuple[Offer, ...], taken: tuple[Assignment, ...]) -> dict[str, Offer]:
+    """A shared offer's accelerators that no share of is held (nor placed this round),
+    each as a whole one-accelerator offer: a whole job may take one, all its shares.
+    One offer per accelerator, so a gang never spans shared accelerators."""
+    used = {(a.offer, a.slice.split()[-1]) for a in taken if "shared" in a.slice}
+    views: dict[str, Offer] = {}
+    for o in offers:
+        if o.fraction_kind != "shared":
+            continue
+        for b in range(o.count):
+            busy = o.shares_busy[b] if b < len(o.shares_busy) else 0
+            if busy == 0 and (o.id, str(b)) not in used:
+                view_id = f"{o.id}{VIEW}{b}"
+                views[view_id] = replace(
+                    o, id=view_id, fraction_kind="whole", count=1, shares_busy=()
+                )
+    return views
+
+
+def _from_view(a: Assignment, views: dict[str, Offer]) -> Assignment:
+    """An assignment to a whole view as the shared offer's: every share of its GPU."""
+    view = views.get(a.offer)
+    if view is None:
+        return a
+    offer, _, gpu = a.offer.rpartition(VIEW)
+    return replace(a, offer=offer, slice=f"{view.shares}/{view.shares} shared on GPU {gpu}")
 
 
 def _transportation(

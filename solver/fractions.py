@@ -130,10 +130,11 @@ class Gpu:
     existing: tuple[tuple[str, int], ...]  # free instances
     slots: int  # memory slots of the GPU
     total: int  # compute slices of the GPU
+    fixed: bool = False  # sold as cut: nothing made, nothing re-cut
 
     @property
     def idle(self) -> bool:
-        return not self.busy
+        return not self.busy and not self.fixed
 
     @classmethod
     def of(cls, offer: Offer) -> Gpu:
@@ -152,7 +153,7 @@ class Gpu:
             _known(profiles, name, offer)
         slots = max(max(p.starts) + p.width for p in profiles.values())
         total = max(p.total for p in profiles.values())
-        return cls(profiles, frozenset(busy), busy_compute, existing, slots, total)
+        return cls(profiles, frozenset(busy), busy_compute, existing, slots, total, offer.mig_fixed)
 
     def placements(self) -> list[tuple[str, int]]:
         """Every (profile, start) that may hold an instance after this round.
@@ -162,6 +163,8 @@ class Gpu:
         """
         if self.idle:
             return [(p.name, s) for p in self.profiles.values() for s in p.starts]
+        if self.fixed:
+            return list(self.existing)
         taken = set(self.busy)
         for name, start in self.existing:
             taken |= self.profiles[name].slots(start)

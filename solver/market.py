@@ -46,6 +46,9 @@ class Offer:
     mig_profiles: tuple[str, ...] = ()  # Profile.spec of each profile the GPU can be cut into
     mig_instances: tuple[str, ...] = ()  # free MIG instances, "PROFILE@START"
     mig_busy: tuple[str, ...] = ()  # MIG instances in use, "PROFILE@START"
+    # The GPU is sold as cut: no instance is made or re-cut (an agent's GPU, which
+    # its agent does not partition).
+    mig_fixed: bool = False
     shares: int = 0
     # Shared offers: shares already taken on each of the ``count`` GPUs (missing: none).
     shares_busy: tuple[int, ...] = ()

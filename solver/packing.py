@@ -248,6 +248,8 @@ class _State:
             if name == opt.profile and not taken:
                 here[(name, start)] = True
                 return f"{name}@{start}"
+        if gpu.fixed:
+            return None  # only the instances cut now
         p = gpu.profiles[opt.profile]
         for s in sorted(p.starts, reverse=True):
             if s + p.width > gpu.slots or p.slots(s) & gpu.busy:

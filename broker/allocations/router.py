@@ -24,10 +24,11 @@ from broker.auth import AgentDep, StreamingAgent
 from broker.billing import service as billing
 from broker.config import get_settings
 from broker.db import SessionDep, Transactions, TransactionsDep
+from broker.ledger import slice_memory_gib
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation
-from broker.models.offer import Offer
+from broker.models.offer import FractionKind, Offer
 from broker.types import ObjectId
 
 router = APIRouter(prefix="/v1/allocations", tags=["allocations"])
@@ -60,6 +61,11 @@ def provider_allocation(
         available_hours=offer.available_hours,
         min_memory_gib=job.min_memory_gib,
         memory_gib=offer.memory_gib,
+        kind=FractionKind(offer.fraction_kind),
+        slice=allocation.slice,
+        share=allocation.share_num / allocation.share_den,
+        slice_memory_gib=slice_memory_gib(offer, allocation.slice),
+        device=offer.device,
         created_at=allocation.created_at,
     )
 

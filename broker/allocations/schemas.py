@@ -7,6 +7,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from broker.models.job_state import JobState
 from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import FractionKind
 from broker.money import Usd, micros_to_usd
 from broker.types import Float, Int, Text
 
@@ -115,6 +116,24 @@ class ProviderAllocation(BaseModel):
     )
     memory_gib: float = Field(
         default=0.0, description="Memory of one of the offer's accelerators, as listed"
+    )
+    kind: FractionKind = Field(
+        default=FractionKind.whole,
+        description="What the offer sells of each accelerator: whole, mig or shared",
+    )
+    slice: str | None = Field(
+        default=None,
+        description='Fractions: the MIG instance to run on ("3g.40gb@4") or the shares of '
+        'the offer\'s accelerator ("2/4 shared on GPU 0"); null: whole accelerators',
+    )
+    share: float = Field(default=1.0, description="Of one accelerator, the part it holds")
+    slice_memory_gib: float | None = Field(
+        default=None,
+        description="Fractions: the memory the slice may use, GiB (the MIG profile's, or "
+        "the shares' memory); the run is held to it",
+    )
+    device: str | None = Field(
+        default=None, description="The node's device the offer sells, as its agent named it"
     )
     created_at: datetime
 

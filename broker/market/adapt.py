@@ -64,6 +64,7 @@ OFFER_COLUMNS = (
     Offer.memory_per_share_gib,
     Offer.mig_instances,
     Offer.mig_busy,
+    Offer.device,
 )
 JOB_COLUMNS = (
     Job.id,
@@ -128,6 +129,8 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         mig_profiles=mig.specs(row.accelerator) if row.fraction_kind == FractionKind.mig else (),
         mig_instances=tuple(row.mig_instances),
         mig_busy=tuple(row.mig_busy),
+        # An agent's MIG GPU (it names the device) is sold as its agent cut it.
+        mig_fixed=row.device is not None,
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],

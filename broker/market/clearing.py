@@ -261,6 +261,7 @@ def _apply(
                 Offer.shares,
                 Offer.mig_instances,
                 Offer.mig_busy,
+                Offer.device,
             )
             .where(Offer.id.in_(offer_ids))
             .order_by(Offer.id)
@@ -300,8 +301,7 @@ def _apply(
             or job.updated_at != versions.get(job.id)
             or offer.status != OfferStatus.active
             or offer.updated_at != versions.get(offer.id)
-            or (job.fraction_milli is None and job.mig_profile is None)
-            != (offer.fraction_kind == FractionKind.whole)
+            or not _fits_kind(job, offer, a.slice)
         ):
             stale += 1
             continue
@@ -352,6 +352,23 @@ def _apply(
     return len(matches), stale
 
 
+def _fits_kind(job: Any, offer: Any, slice_: str) -> bool:
+    """A fractional job goes to a fractional offer, a whole one to a whole offer or to
+    every share of one of a shared offer's accelerators (``solver.clearing``)."""
+    fractional = job.fraction_milli is not None or job.mig_profile is not None
+    if offer.fraction_kind == FractionKind.whole:
+        return not fractional
+    if fractional:
+        return True
+    if offer.fraction_kind != FractionKind.shared or job.accelerators != 1:
+        return False
+    try:
+        k, total, _ = ledger.parse_shares(slice_)
+    except ValueError:
+        return False
+    return k == total
+
+
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """What a match takes of its offer: the slice (None: whole accelerators), its
@@ -389,6 +406,8 @@ class _Slices:
             busy = self._mig_busy.setdefault(offer.id, list(offer.mig_busy))
             profiles = {p.name: p for p in mig.profiles(offer.accelerator)}
             name, start = parse_instance(slice_)
+            if offer.device is not None and slice_ not in offer.mig_instances:
+                return None  # an agent's GPU: only the instances cut on it
             slots = profiles[name].slots(start)
             for other in busy:
                 other_name, other_start = parse_instance(other)

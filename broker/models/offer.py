@@ -94,6 +94,9 @@ class Offer(Base):
     # cut as clearing proposes) and those active allocations hold.
     mig_instances: Mapped[list[str]] = mapped_column(StrList, default=list, server_default="[]")
     mig_busy: Mapped[list[str]] = mapped_column(StrList, default=list, server_default="[]")
+    # The node's device this offer sells, when the agent names one: a node lists one
+    # MIG offer per GPU in MIG mode (its UUID), so its agent knows which GPU to run on.
+    device: Mapped[str | None] = mapped_column(String(64), default=None)
     tflops_bf16: Mapped[float] = mapped_column(Float)
     tflops_fp32: Mapped[float] = mapped_column(Float)
     mem_bw_gbps: Mapped[float] = mapped_column(Float)

@@ -90,10 +90,18 @@ class Heartbeat(BaseModel):
 
 
 class NodeOffer(OfferTerms):
-    """One model's accelerators on the node, at the provider's price. The node's
-    location fills the offer's; the catalog fills the hardware figures unless given."""
+    """One model's accelerators on the node (or one MIG GPU's instances), at the
+    provider's price. The node's location fills the offer's; the catalog fills the
+    hardware figures unless given."""
 
     count: Int = Field(ge=0, le=100_000, description="Accelerators offered; 0 withdraws")
+    device: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The node's device this offer sells (MIG offers: the GPU's UUID). "
+        "A node lists one offer per model, kind and device",
+    )
 
 
 class NodeOffers(BaseModel):

@@ -27,13 +27,14 @@ from broker.models.account import Account, ApiKey
 from broker.models.job import Job
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.node import Node, NodeStatus
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 from broker.money import usd_to_micros
 from broker.nodes.schemas import DeviceReport, Heartbeat, NodeOffer, NodeQuery, NodeRegister
 from broker.offers.schemas import OfferCreate
 from broker.offers.service import (
     check_emulation,
     create_offer,
+    fraction_terms,
     hardware_figures,
     resolve_model,
     withdraw_offer,
@@ -170,14 +171,19 @@ def _node_allocation(
     return allocation, job
 
 
+def _offer_key(offer: Offer) -> tuple[str, str, str]:
+    """What a node's offer is known by: its model, its kind and its device."""
+    return offer.accelerator, FractionKind(offer.fraction_kind).value, offer.device or ""
+
+
 def sync_offers(
     session: Session, agent: Agent, node_id: str, wanted: list[NodeOffer]
 ) -> list[Offer]:
     """Make the node's active offers what the agent says it has: one offer per model,
-    at the agent's price and count. Models no longer listed (or listed with count
-    0) are withdrawn: jobs matched to them and not started go back to the book,
-    running ones finish. The same list again changes nothing, so the agent may
-    resend it freely.
+    kind (whole, mig, shared) and device, at the agent's price and count. Offers no
+    longer listed (or listed with count 0) are withdrawn: jobs matched to them and not
+    started go back to the book, running ones finish. The same list again changes
+    nothing, so the agent may resend it freely.
     """
     node = _agent_node(session, agent, node_id)
     if node.status != NodeStatus.online:
@@ -187,15 +193,19 @@ def sync_offers(
         )
     provider = session.get(Account, node.provider_id)
     assert provider is not None  # a foreign key
-    by_model: dict[str, NodeOffer] = {}
+    by_key: dict[tuple[str, str, str], NodeOffer] = {}
     for item in wanted:
-        key = resolve_model(item.accelerator)
-        if key in by_model:
-            raise Conflict(f"{key} is listed twice; list each model once", field="body.offers")
+        key = (resolve_model(item.accelerator), item.kind.value, item.device or "")
+        if key in by_key:
+            what = f"{key[0]} ({key[1]}{', ' + key[2] if key[2] else ''})"
+            raise Conflict(
+                f"{what} is listed twice; list each model, kind and device once",
+                field="body.offers",
+            )
         check_emulation(item)
-        by_model[key] = item
+        by_key[key] = item
     current = {
-        o.accelerator: o
+        _offer_key(o): o
         for o in session.scalars(
             select(Offer)
             .where(Offer.node_id == node.id, Offer.status == OfferStatus.active)
@@ -205,18 +215,17 @@ def sync_offers(
     }
     # A model whose offer the broker suspended stays off the book until the provider
     # withdraws that offer (broker.market.timeouts): publishing does not relist it.
-    suspended = set(
-        session.scalars(
-            select(Offer.accelerator).where(
-                Offer.node_id == node.id, Offer.status == OfferStatus.suspended
-            )
+    suspended = {
+        _offer_key(o)
+        for o in session.scalars(
+            select(Offer).where(Offer.node_id == node.id, Offer.status == OfferStatus.suspended)
         )
-    )
-    for key, item in by_model.items():
+    }
+    for key, item in by_key.items():
         if item.count == 0 or key in suspended:
             continue
         data = OfferCreate(
-            **item.model_dump(exclude={"count"}),
+            **item.model_dump(exclude={"count", "device"}),
             count=item.count,
             region=node.region,
             country=node.country,
@@ -225,11 +234,12 @@ def sync_offers(
         )
         offer = current.get(key)
         if offer is None:
-            create_offer(session, provider, data).node_id = node.id
+            offer = create_offer(session, provider, data)
+            offer.node_id, offer.device = node.id, item.device
         else:
             _refresh(offer, data)
     for key, offer in current.items():
-        if key not in by_model or by_model[key].count == 0:
+        if key not in by_key or by_key[key].count == 0:
             withdraw_offer(session, provider, offer.id)
     session.flush()
     return list(
@@ -261,6 +271,15 @@ def _refresh(offer: Offer, data: OfferCreate) -> None:
         "compile_s_per_kb": data.compile_s_per_kb,
         **{f: v for f, v in figures.items() if f != "accelerator"},
     }
+    fraction = fraction_terms(data, offer.accelerator, float(str(figures["memory_gib"])))
+    if offer.fraction_kind == FractionKind.shared and offer.shares_busy == 0:
+        # Cut differently only while no match holds a share.
+        changes["shares"] = fraction["shares"]
+        changes["memory_per_share_gib"] = fraction["memory_per_share_gib"]
+    elif offer.fraction_kind == FractionKind.mig:
+        # The instances that exist now, less those matches hold (a held instance the
+        # agent no longer lists stays held until its run ends).
+        changes["mig_instances"] = sorted(set(fraction["mig_instances"]) - set(offer.mig_busy))
     if capacity != offer.capacity or any(getattr(offer, k) != v for k, v in changes.items()):
         ledger.resize_offer(offer, capacity)
         for k, v in changes.items():

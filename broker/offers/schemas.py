@@ -165,6 +165,9 @@ class OfferOut(BaseModel):
     shares_busy: int = Field(description="Shared offers: shares that matches hold")
     mig_instances: list[str] = Field(description="MIG offers: free instances, PROFILE@START")
     mig_busy: list[str] = Field(description="MIG offers: instances that matches hold")
+    device: str | None = Field(
+        default=None, description="The node's device it sells, when its agent names one"
+    )
     memory_gib: float
     tflops_bf16: float
     tflops_fp32: float

@@ -14,6 +14,12 @@ ends its own run only, and the agent says why.
 A child takes about a second to import JAX, so the sandbox keeps one spare
 child started ahead of need: a run takes the spare, and a new spare starts when
 the run ends (not beside it, where it would take CPU from the run).
+
+A run on part of a machine (``Placement``: a MIG instance, a share of a GPU or
+of the CPU) is held to it: the devices it may see and the GPU memory it may take
+are set in its child's environment before JAX starts (such a run starts a child
+of its own, not the spare, whose JAX has started), and its CPU cores are those
+it may run on.
 """
 
 from __future__ import annotations
@@ -94,6 +100,17 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where on the machine a run goes, when it holds part of it: variables for its
+    child's environment (``CUDA_VISIBLE_DEVICES``, ``XLA_PYTHON_CLIENT_MEM_FRACTION``)
+    and the CPU cores it may use (None: any)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: tuple[int, ...] | None = None
+    what: str = ""  # for the run's log: "MIG-... (3g.40gb@4)", "cores 0-1"
+
+
+@dataclass(frozen=True)
 class Limits:
     """One run's limits, from its allocation."""
 
@@ -143,6 +160,9 @@ def limits_for(order: dict[str, Any], config: SandboxConfig, platform: str) -> L
         memory = declared or config.memory_gib or listed
         if config.memory_gib is not None:
             memory = min(memory, config.memory_gib)
+        if order.get("slice_memory_gib"):  # part of the machine: its slice's memory at most
+            held = float(order["slice_memory_gib"])
+            memory = min(memory, held) if memory > 0 else held
         if memory > 0:
             address_space = int((memory * accelerators + config.runtime_gib) * GIB)
     return Limits(
@@ -319,7 +339,7 @@ class Sandbox:
         if spare:
             self._refill()
 
-    def _start(self) -> _Child:
+    def _start(self, extra: dict[str, str] | None = None) -> _Child:
         setup: dict[str, Any] = {"network_namespace": self.isolate}
         if self._uid is not None:
             setup["uid"], setup["gid"] = self._uid
@@ -333,6 +353,7 @@ class Sandbox:
         env["BROKER_PACKAGE_WORKER"] = "0"  # its warm-up packages a program: no worker
         if self._uid is not None:
             env["HOME"] = "/nonexistent"
+        env.update(extra or {})
         command = [sys.executable, "-m", "broker.sandbox._child", json.dumps(setup)]
         return _Child(command, env)
 
@@ -341,7 +362,9 @@ class Sandbox:
             if self._keep_spare and self._spare is None and not self._closed:
                 self._spare = self._start()
 
-    def _take(self) -> _Child:
+    def _take(self, placement: Placement | None = None) -> _Child:
+        if placement is not None and placement.env:
+            return self._start(placement.env)  # the spare's JAX has started: a child of its own
         with self._lock:
             child, self._spare = self._spare, None
         if child is None or child.process.poll() is not None:
@@ -419,6 +442,7 @@ class Sandbox:
         on_checkpoint: CheckpointFn,
         on_tick: Callable[[], None] | None = None,
         tick: float = 0.1,
+        placement: Placement | None = None,
     ) -> Outcome:
         """Run ``spec`` (``steps``, ``checkpoint_every``, ``checkpoint_step``, ``platform``,
         ``cache_dir``) from ``workdir`` (``artifact.bin``, ``inputs.bin``, and
@@ -427,10 +451,12 @@ class Sandbox:
         ``on_progress`` and ``on_checkpoint`` (a bundle's path in ``workdir``) are
         called as the child reports; ``on_tick`` about every ``tick`` seconds
         besides; ``should_stop`` is asked as often, and the child is killed when
-        it says so.
+        it says so. ``placement`` holds the run to part of the machine.
         """
         self.prepare(workdir)
-        child = self._take()
+        child = self._take(placement)
+        if placement is not None and placement.cpus is not None:
+            spec = {**spec, "cpus": list(placement.cpus)}
         try:
             outcome = self._watch(
                 child, spec, workdir, limits, should_stop, on_progress, on_checkpoint, on_tick, tick

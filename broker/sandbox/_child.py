@@ -19,6 +19,7 @@ output (and XLA's) goes to stderr, which the agent keeps the end of.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -77,6 +78,14 @@ def _set_limits(limits: dict[str, Any]) -> None:
         # SIGXCPU at the soft limit says why; SIGKILL at the hard one, 2 s later, if
         # that signal is caught.
         lower(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + cpu) + 1, grace=2)
+
+
+def _confine_to(cpus: set[int]) -> None:
+    """Run on ``cpus`` only: every thread this process has (XLA's pool started with
+    JAX), and so every thread they start."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 class _Channel:
@@ -216,6 +225,8 @@ def main() -> None:
         return  # a spare the agent no longer needs
     order = json.loads(line)
     _set_limits(order.get("limits", {}))
+    if order.get("cpus"):
+        _confine_to(set(order["cpus"]))
     _run(order, channel)
 
 

@@ -27,7 +27,7 @@ from broker.sdk.http import BrokerError, BrokerUnavailable, Connection
 from broker.sdk.runlog import RunLog
 
 if TYPE_CHECKING:
-    from broker.sandbox import Outcome, Sandbox
+    from broker.sandbox import Outcome, Placement, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class RunHandle:
     to stop it between steps (the agent stopping, or the broker saying it ended)."""
 
     allocation_id: str
-    accelerators: int
+    accelerators: float  # held: a share of one for a fractional run
     started: float | None = None  # time.monotonic() when the broker confirmed the start
     ended: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -52,6 +52,11 @@ class RunHandle:
             return 0.0
         end = self.ended if self.ended is not None else time.monotonic()
         return (end - self.started) * self.accelerators
+
+
+def held_accelerators(order: dict[str, Any]) -> float:
+    """What an allocation holds, in accelerators: a share of one for fractions."""
+    return float(order["accelerators"]) * float(order.get("share") or 1.0)
 
 
 class FinishUnreported(BrokerError):
@@ -183,6 +188,7 @@ def run_allocation(
     handle: RunHandle | None = None,
     emulate: bool = False,
     sandbox: Sandbox | None = None,
+    placement: Placement | str | None = None,
 ) -> str:
     """Run one allocation to its end and report it; returns how it ended: the job's
     final state (succeeded, failed), ``requeued`` (a failure another machine may not
@@ -211,7 +217,7 @@ def run_allocation(
     from broker.sandbox import Sandbox, limits_for, read_output, remove
 
     allocation = order["allocation_id"]
-    handle = handle or RunHandle(allocation, int(order["accelerators"]))
+    handle = handle or RunHandle(allocation, held_accelerators(order))
     order = client.start(allocation)
     if handle.started is None:
         handle.started = time.monotonic()
@@ -263,6 +269,10 @@ def run_allocation(
         # Never run (and bill) a job as an offer's platform on another backend.
         error = f"the offer is {order['platform']} but this machine runs jobs on {here}"
         return finish("failed", error=error, retry=True)
+    if isinstance(placement, str):  # the slice it holds is not on this machine
+        return finish("failed", error=placement, retry=True)
+    if placement is not None and placement.what:
+        run_log.write(f"runs on {order.get('slice') or 'its share'}: {placement.what}")
 
     steps_done = 0
     last_report = -float("inf")  # the first report goes at once: usage counts from the start
@@ -338,6 +348,7 @@ def run_allocation(
             on_progress=on_progress,
             on_checkpoint=on_checkpoint,
             on_tick=report_progress,
+            placement=placement,
         )
         _record(run_log, outcome, here)
         if outcome.kind == "stopped":

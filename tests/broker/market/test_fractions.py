@@ -93,19 +93,45 @@ def test_shares_of_one_accelerator_are_sold_once_at_their_share(fresh_engine: En
     assert (offer.count, offer.shares_busy) == (1, 0)
 
 
-def test_whole_jobs_do_not_take_shares_and_fractions_not_whole_offers(
+def test_a_whole_job_takes_every_share_of_a_free_accelerator_only(
     fresh_engine: Engine,
 ) -> None:
     provider, developer = accounts(fresh_engine)
-    _shared_offer(fresh_engine, provider)
-    seed(fresh_engine, lambda s: make_job(s, developer, accelerators=1, duration_hours=1))
+    offer_id = _shared_offer(fresh_engine, provider)
+    half = seed(
+        fresh_engine,
+        lambda s: make_job(s, developer, accelerators=0.5, accepts_shared=True, duration_hours=1),
+    ).id
     seed(
         fresh_engine,
         lambda s: make_job(s, developer, accelerators=0.25, duration_hours=1),  # not shared
     )
     record = clearing.run_round(fresh_engine, SETTINGS)
     assert record is not None
+    assert record.matched == 1
+    assert list(_allocations(fresh_engine)) == [half]
+
+    # A whole job waits while a share of the accelerator is held...
+    whole = seed(
+        fresh_engine, lambda s: make_job(s, developer, accelerators=1, duration_hours=1)
+    ).id
+    record = clearing.run_round(fresh_engine, SETTINGS)
+    assert record is not None
     assert record.matched == 0
+    # ... and takes all of it, at the whole price, once none is.
+    _finish(fresh_engine, half)
+    record = clearing.run_round(fresh_engine, SETTINGS)
+    assert record is not None
+    assert record.matched == 1
+    held = _allocations(fresh_engine)[whole]
+    assert held.slice == "4/4 shared on GPU 0"
+    assert (held.share_num, held.share_den) == (1, 1)
+    assert held.compute_micros == 2_000_000
+    offer = _offer(fresh_engine, offer_id)
+    assert (offer.count, offer.shares_busy) == (0, 4)
+    _finish(fresh_engine, whole)
+    offer = _offer(fresh_engine, offer_id)
+    assert (offer.count, offer.shares_busy) == (1, 0)
 
 
 def test_mig_instances_are_handed_out_by_placement(fresh_engine: Engine) -> None:
