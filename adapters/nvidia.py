@@ -6,8 +6,14 @@ them. ``nvidia-smi`` ships with the driver, so no Python binding is needed.
 
 A GPU is listed but not offered when it is not in the hardware catalog, is
 unhealthy (uncorrectable ECC errors since boot, pages or rows waiting to be
-retired or remapped, a failed remap, or a field the driver could not read), is
-partitioned with MIG, or is busy with someone else's work (see ``busy_reason``).
+retired or remapped, a failed remap, or a field the driver could not read), or
+is busy with someone else's work (see ``busy_reason``).
+
+A GPU in MIG mode is offered as the instances cut on it (``adapters.mig``):
+``nvidia-smi mig -lgi`` says where each sits and ``nvidia-smi -L`` gives the
+``MIG-`` UUID a run is started on. The agent does not cut GPUs: one in MIG mode
+with nothing cut is listed, not offered. Its busy signs are not used (they are
+the whole GPU's, and the agent's own runs on other instances show there too).
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from adapters import catalog
+from adapters import catalog, mig
 from adapters.base import AdapterError, Device, run_tool
 
 # The order of the columns ``parse_query_gpu`` reads. All exist since driver
@@ -135,9 +141,10 @@ def _device(row: _Row, processes: Counter[str]) -> Device:
         reasons.append(f"{name} is not in the hardware catalog")
     if problems:
         reasons.append("unhealthy: " + "; ".join(problems))
-    if row.text("mig.mode.current") == "Enabled":
-        reasons.append("MIG mode is enabled; MIG instances are not offered")
-    busy = busy_reason(utilization, used_fraction, processes[uuid])
+    in_mig = row.text("mig.mode.current") == "Enabled"
+    if in_mig and spec is not None and not mig.profiles(spec.key):
+        reasons.append(f"MIG mode is enabled and the catalog has no MIG profiles of {spec.key}")
+    busy = None if in_mig else busy_reason(utilization, used_fraction, processes[uuid])
     if busy:
         reasons.append(busy)
 
@@ -155,6 +162,7 @@ def _device(row: _Row, processes: Counter[str]) -> Device:
         offerable=not reasons,
         reason="; ".join(reasons) or None,
         extra=extra,
+        mig=() if in_mig else None,
     )
 
 
@@ -175,6 +183,28 @@ def parse_query_gpu(text: str, compute_apps: str = "") -> list[Device]:
     return devices
 
 
+def with_mig(devices: list[Device], lgi: str, listing: str) -> list[Device]:
+    """``devices`` with the MIG instances cut on each GPU in MIG mode, from
+    ``nvidia-smi mig -lgi`` and ``nvidia-smi -L``. Only instances with a ``MIG-``
+    UUID are kept (a run needs it); a MIG GPU with none is listed, not offered."""
+    found = mig.instances(lgi, listing)
+    out = []
+    for d in devices:
+        if d.mig is None:
+            out.append(d)
+            continue
+        cut = tuple((i.spec, i.uuid) for i in found if str(i.gpu) == d.id and i.uuid is not None)
+        if cut or not d.offerable:
+            out.append(replace(d, mig=cut))
+            continue
+        reason = (
+            "MIG mode is enabled and no instance is cut (this agent does not cut GPUs: "
+            "create them with nvidia-smi mig -cgi PROFILES -C)"
+        )
+        out.append(replace(d, mig=cut, offerable=False, reason=reason))
+    return out
+
+
 class NvidiaAdapter:
     """NVIDIA GPUs on this machine, through ``nvidia-smi``."""
 
@@ -182,7 +212,7 @@ class NvidiaAdapter:
     vendor: ClassVar[str] = "nvidia"
     platform: ClassVar[str] = "cuda"
     limits: ClassVar[tuple[str, ...]] = (
-        "MIG instances are not offered; a GPU in MIG mode is listed but not offerable",
+        "a GPU in MIG mode is sold as the instances cut on it; the agent does not cut GPUs",
         "vGPU and time-sliced sharing are not offered",
         "GPUs must be in the hardware catalog (consumer cards are listed, not offered)",
     )
@@ -209,4 +239,12 @@ class NvidiaAdapter:
             ],
             self.timeout,
         )
-        return parse_query_gpu(gpus, apps)
+        devices = parse_query_gpu(gpus, apps)
+        if any(d.mig is not None for d in devices):
+            try:
+                lgi = run_tool([self.tool, "mig", "-lgi"], self.timeout)
+            except AdapterError:
+                lgi = ""  # "No GPU instances found" exits non-zero: nothing is cut
+            listing = run_tool([self.tool, "-L"], self.timeout)
+            devices = with_mig(devices, lgi, listing)
+        return devices

@@ -205,6 +205,16 @@ def agent(
         float | None, typer.Option(min=-180, max=180, help="Longitude of the node (required)")
     ] = None,
     cpu_slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs the CPU runs at once")] = 1,
+    shares: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            max=64,
+            help="Sell each accelerator (or CPU slot) as this many shares, time-sliced with "
+            "a memory cap each (compute not isolated); jobs that accept shared capacity "
+            "buy them, whole jobs take all of one",
+        ),
+    ] = None,
     edge_config: Annotated[
         str | None, typer.Option(help="JSON file describing edge devices and where they are")
     ] = None,
@@ -371,6 +381,7 @@ def agent(
         poll_seconds=poll_seconds,
         cache_dir=settings.data_dir / "xla-cache",
         measure_startup=measure_startup,
+        shares=shares,
     )
     from broker.sdk.http import BrokerError
 

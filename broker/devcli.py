@@ -220,7 +220,23 @@ def jobs_submit(
         list[str] | None,
         typer.Option(help="A backend it may run on (cuda, rocm, tpu, cpu); repeat [all]"),
     ] = None,
-    accelerators: Annotated[int, typer.Option(min=1, help="Accelerators, all on one offer")] = 1,
+    accelerators: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Accelerators, all on one offer; under 1 a part of one (0.25: a quarter of "
+            "its compute and memory)",
+        ),
+    ] = 1,
+    mig_profile: Annotated[
+        str | None, typer.Option(help="A MIG instance of this profile (e.g. 3g.40gb)")
+    ] = None,
+    accepts_shared: Annotated[
+        bool,
+        typer.Option(
+            help="A part of one may run on a shared accelerator (time-sliced, compute not isolated)"
+        ),
+    ] = False,
     min_memory_gib: Annotated[float, typer.Option(min=0, help="Memory per accelerator")] = 0,
     model: Annotated[
         list[str] | None, typer.Option(help="An accelerator model it may use; repeat [any]")
@@ -257,7 +273,9 @@ def jobs_submit(
         inputs = parse_args(args, Path.cwd())
         fields: dict[str, Any] = {
             "max_price_per_hour": max_price,
-            "accelerators": accelerators,
+            "accelerators": int(accelerators) if accelerators.is_integer() else accelerators,
+            "mig_profile": mig_profile,
+            "accepts_shared": accepts_shared or None,
             "min_memory_gib": min_memory_gib,
             "accelerator_models": model or None,
             "allowed_countries": [c.upper() for c in country] if country else None,

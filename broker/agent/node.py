@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -37,14 +40,49 @@ from adapters.base import Device
 from broker.agent.energy import RunEnergy
 from broker.agent.probe import Overheads, measure_startup
 from broker.portable import _xla
-from broker.sandbox import Sandbox, SandboxConfig
+from broker.sandbox import Placement, Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
-from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, run_allocation
+from broker.sdk.provider import (
+    FinishUnreported,
+    ProviderClient,
+    RunHandle,
+    held_accelerators,
+    run_allocation,
+)
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 ANY_MODEL = "*"
+# Backends whose runs the agent can hold to a share: the CPU (cores and memory), GPUs
+# (one device, a memory fraction). A TPU's chips are sold whole.
+SHAREABLE = ("cpu", "cuda", "rocm")
+
+
+def mig_device(device: Device) -> str:
+    """How a MIG GPU's offer names it: its UUID (an index may change with a reboot)."""
+    return (device.extra.get("uuid") or device.id)[:64]
+
+
+def parse_shares(slice_: str) -> tuple[int, int, int]:
+    """``"2/8 shared on GPU 1"`` -> (2, 8, 1): shares held, shares per accelerator, and
+    which of the offer's accelerators."""
+    parts = slice_.split()
+    k, _, n = parts[0].partition("/") if parts else ("", "", "")
+    if len(parts) != 5 or parts[1:4] != ["shared", "on", "GPU"] or not (k + n + parts[4]).isdigit():
+        raise ValueError(f"the slice {slice_!r} is not 'K/N shared on GPU G'")
+    return int(k), int(n), int(parts[4])
+
+
+def _spans(cores: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    out: list[str] = []
+    for c in cores:
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
 
 
 def agent_error(exc: Exception) -> str:
@@ -56,6 +94,16 @@ def agent_error(exc: Exception) -> str:
     if isinstance(exc, BrokerError) and exc.status == 403:
         return f"the broker refused this account: {exc.message} (is it a provider account?)"
     return str(exc)
+
+
+def _offer_text(o: dict[str, Any]) -> str:
+    """An offer as the agent's log says it: "1 x cpu in 2 shares at $0.10/h"."""
+    what = f"{o['count']} x {o['accelerator']}"
+    if o.get("kind") == "shared":
+        what += f" in {o['shares']} shares each"
+    elif o.get("kind") == "mig":
+        what += f" (MIG: {', '.join(o['mig_instances']) or 'nothing cut'})"
+    return f"{what} at ${o['price_per_hour']}/h"
 
 
 class AgentStopped(Exception):
@@ -102,6 +150,8 @@ class AgentConfig:
     # Measure a run's start-up with a tiny program after signing on, and state it with
     # the offers (broker.agent.probe).
     measure_startup: bool = True
+    # Sell each accelerator (a CPU slot) as this many time-sliced shares (None: whole).
+    shares: int | None = None
     transport: httpx.BaseTransport | None = None  # tests
 
 
@@ -110,6 +160,7 @@ class _Run:
     handle: RunHandle
     thread: threading.Thread
     energy: RunEnergy | None = None
+    cpus: tuple[int, ...] = ()  # the cores a run on a share of the CPU holds
 
 
 class NodeAgent:
@@ -177,33 +228,57 @@ class NodeAgent:
                     platform,
                 )
         offers = []
-        for model, count in sorted(registry.offerable_counts(local).items()):
-            price = self.config.prices.get(model, self.config.prices.get(ANY_MODEL))
-            if price is None:
-                if model not in self._unpriced:
-                    self._unpriced.add(model)
-                    log.warning(
-                        "no --price for %s; its %d accelerator(s) are not offered", model, count
-                    )
+        whole = [d for d in local if d.mig is None]
+        for model, count in sorted(registry.offerable_counts(whole).items()):
+            first = next(d for d in whole if d.model == model and d.offerable)
+            offer = self._offer(model, count, first)
+            if offer is None:
                 continue
-            offer: dict[str, Any] = {
-                "accelerator": model,
-                "count": count,
-                "price_per_hour": str(price),
-            }
-            first = next(d for d in local if d.model == model and d.offerable)
-            for name in ("memory_gib", "tflops_fp32", "tflops_bf16", "mem_bw_gbps"):
-                value = getattr(first, name)
-                if value is not None and value > 0:
-                    offer[name] = value
-            if first.emulated_on is not None:
-                offer["emulated"] = True
-            if self.overheads is not None:
-                offer["startup_seconds"] = round(self.overheads.startup_seconds, 3)
-                offer["transfer_s_per_gb"] = round(self.overheads.transfer_s_per_gb, 3)
-                offer["compile_s_per_kb"] = round(self.overheads.compile_s_per_kb, 4)
+            runs_on = first.emulated_on or first.platform
+            if self.config.shares and first.memory_gib and runs_on in SHAREABLE:
+                n = self.config.shares
+                offer["kind"], offer["shares"] = "shared", n
+                # Rounded down: the shares' memory never adds up to more than the device's.
+                offer["memory_per_share_gib"] = math.floor(first.memory_gib / n * 1000) / 1000
             offers.append(offer)
+        for d in local:
+            if d.mig is None or not d.offerable or d.model is None:
+                continue
+            offer = self._offer(d.model, 1, d)
+            if offer is not None:
+                offer["kind"] = "mig"
+                offer["device"] = mig_device(d)
+                offer["mig_instances"] = sorted(spec for spec, _ in d.mig)
+                offers.append(offer)
         return offers
+
+    def _offer(self, model: str, count: int, first: Device) -> dict[str, Any] | None:
+        """One offer of ``count`` accelerators like ``first`` at the provider's price;
+        None when the provider gave no price for the model."""
+        price = self.config.prices.get(model, self.config.prices.get(ANY_MODEL))
+        if price is None:
+            if model not in self._unpriced:
+                self._unpriced.add(model)
+                log.warning(
+                    "no --price for %s; its %d accelerator(s) are not offered", model, count
+                )
+            return None
+        offer: dict[str, Any] = {
+            "accelerator": model,
+            "count": count,
+            "price_per_hour": str(price),
+        }
+        for name in ("memory_gib", "tflops_fp32", "tflops_bf16", "mem_bw_gbps"):
+            value = getattr(first, name)
+            if value is not None and value > 0:
+                offer[name] = value
+        if first.emulated_on is not None:
+            offer["emulated"] = True
+        if self.overheads is not None:
+            offer["startup_seconds"] = round(self.overheads.startup_seconds, 3)
+            offer["transfer_s_per_gb"] = round(self.overheads.transfer_s_per_gb, 3)
+            offer["compile_s_per_kb"] = round(self.overheads.compile_s_per_kb, 4)
+        return offer
 
     @staticmethod
     def device_reports(devices: list[Device]) -> list[dict[str, Any]]:
@@ -260,11 +335,7 @@ class NodeAgent:
             "node %s (%s) registered; offering %s",
             config.name,
             self.node_id,
-            ", ".join(
-                f"{o['count']} x {o['accelerator']} at ${o['price_per_hour']}/h"
-                for o in self._offers
-            )
-            or "nothing",
+            ", ".join(_offer_text(o) for o in self._offers) or "nothing",
         )
 
     def _measure_startup(self) -> None:
@@ -366,14 +437,16 @@ class NodeAgent:
             with self._lock:
                 if allocation in self._seen:
                     continue
+                held = held_accelerators(order)
                 busy = sum(r.handle.accelerators for r in self._runs.values())
-                if busy + int(order["accelerators"]) > max(self.capacity, 1):
+                if busy + held > max(self.capacity, 1) + 1e-9:
                     continue  # the market matched more than is free now; take it later
                 self._seen.add(allocation)
-                handle = RunHandle(allocation, int(order["accelerators"]))
+                placement = self.placement(order)
+                handle = RunHandle(allocation, held)
                 energy = None
                 if (reader := self.power_reader) is not None:
-                    energy = RunEnergy(reader, handle.accelerators)
+                    energy = RunEnergy(reader, max(1, math.ceil(held)))
                     handle.energy = energy.kwh
                     if self._runs:  # readings are the node's: runs side by side share them
                         energy.shared = True
@@ -381,16 +454,83 @@ class NodeAgent:
                             if other.energy is not None:
                                 other.energy.shared = True
                 thread = threading.Thread(
-                    target=self._run, args=(order, handle), name=f"run-{allocation}", daemon=True
+                    target=self._run,
+                    args=(order, handle, placement),
+                    name=f"run-{allocation}",
+                    daemon=True,
                 )
-                self._runs[allocation] = _Run(handle, thread, energy)
+                cpus = placement.cpus or () if isinstance(placement, Placement) else ()
+                self._runs[allocation] = _Run(handle, thread, energy, cpus)
             if energy is not None:
                 energy.start()
             thread.start()
             started += 1
         return started
 
-    def _run(self, order: dict[str, Any], handle: RunHandle) -> None:
+    def placement(self, order: dict[str, Any]) -> Placement | str | None:
+        """Where on this node a fractional run goes (lock held): its MIG instance, or
+        its accelerator with a memory cap, or its share of a CPU slot's cores; a
+        string says why it cannot go anywhere here; None: whole accelerators."""
+        slice_ = order.get("slice")
+        if not slice_:
+            return None
+        if order.get("kind") == "mig":
+            gpu = next(
+                (
+                    d
+                    for d in self._devices
+                    if d.mig is not None and mig_device(d) == order["device"]
+                ),
+                None,
+            )
+            if gpu is None:
+                return f"GPU {order.get('device')} is not in MIG mode on this node any more"
+            uuid = dict(gpu.mig or ()).get(slice_, "")
+            if not uuid:
+                cut = ", ".join(spec for spec, _ in gpu.mig or ()) or "nothing"
+                return (
+                    f"MIG instance {slice_} is not cut on GPU {gpu.id} (it has {cut}); "
+                    "this agent does not cut GPUs"
+                )
+            return Placement(env={"CUDA_VISIBLE_DEVICES": uuid}, what=f"MIG device {uuid}")
+        try:
+            k, n, index = parse_shares(slice_)
+        except ValueError as e:
+            return str(e)
+        units = [
+            (d, i)
+            for d in self._devices
+            if d.model == order.get("accelerator") and d.offerable and d.mig is None
+            for i in range(d.count)
+        ]
+        if index >= len(units):
+            return f"accelerator {index} of the {order.get('accelerator')} offer is gone from here"
+        device, slot = units[index]
+        if (device.emulated_on or device.platform) == "cpu":
+            return self._cpu_share(device, slot, k, n)
+        visible = "HIP_VISIBLE_DEVICES" if device.platform == "rocm" else "CUDA_VISIBLE_DEVICES"
+        env = {visible: device.id}
+        if k < n:
+            # The shares' memory, less room for each process's own context.
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{math.floor(k / n * 0.95 * 1000) / 1000}"
+        what = f"{device.platform} device {device.id}"
+        return Placement(env=env, what=what + (f", {k}/{n} of its memory" if k < n else ""))
+
+    def _cpu_share(self, device: Device, slot: int, k: int, n: int) -> Placement:
+        """``k`` of ``n`` shares of CPU slot ``slot``: that part of the slot's cores,
+        those the node's other runs use least (lock held)."""
+        cores = sorted(os.sched_getaffinity(0))
+        count = max(1, device.count)
+        mine = cores[slot * len(cores) // count : (slot + 1) * len(cores) // count]
+        mine = mine or [cores[slot % len(cores)]]
+        want = max(1, round(len(mine) * k / n))
+        use = Counter(c for r in self._runs.values() for c in r.cpus)
+        chosen = tuple(sorted(sorted(mine, key=lambda c: (use[c], c))[:want]))
+        return Placement(cpus=chosen, what=f"{len(chosen)} of {len(mine)} cores ({_spans(chosen)})")
+
+    def _run(
+        self, order: dict[str, Any], handle: RunHandle, placement: Placement | str | None = None
+    ) -> None:
         assert self.client is not None
         allocation = order["allocation_id"]
         log.info("running job %s (allocation %s)", order["job_id"], allocation)
@@ -402,6 +542,7 @@ class NodeAgent:
                 handle=handle,
                 emulate=bool(self.config.options.emulate),
                 sandbox=self.sandbox,
+                placement=placement,
             )
             log.info("allocation %s: %s", allocation, outcome)
         except FinishUnreported as e:

@@ -46,6 +46,7 @@ def provider_allocation(
         job_id=job.id,
         job_state=JobState(job.state),
         offer_id=offer.id,
+        accelerator=offer.accelerator,
         platform=offer.platform,
         emulated=offer.emulated,
         accelerators=allocation.accelerators,

@@ -87,6 +87,7 @@ class ProviderAllocation(BaseModel):
     job_id: str
     job_state: JobState
     offer_id: str
+    accelerator: str = Field(default="", description="The offer's model (catalog key)")
     platform: str
     emulated: bool = Field(description="The offer is emulated: run the job on the CPU")
     accelerators: int

@@ -63,7 +63,9 @@ class Client(Connection):
         ``(state, *rest)``, checkpointed every ``checkpoint_every`` steps.
 
         Other keyword arguments are job fields: ``max_price_per_hour`` (required),
-        ``accelerators``, ``min_memory_gib``, ``vendors``, ``accelerator_models``,
+        ``accelerators`` (under 1: a part of one, such as 0.25), ``mig_profile`` (a MIG
+        instance, such as "3g.40gb"), ``accepts_shared`` (a part may run on a shared,
+        time-sliced accelerator), ``min_memory_gib``, ``vendors``, ``accelerator_models``,
         ``deadline_hours``, ``duration_hours``, ``latency_slo_ms``, ``user_lat``,
         ``user_lon``, ``data_region``, ``data_gb``, ``allowed_countries``,
         ``priority``, ``budget_usd`` (the most the job may cost, fee included), ``name``

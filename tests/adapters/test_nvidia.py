@@ -57,7 +57,7 @@ def test_a_gpu_busy_only_by_utilisation_is_not_offered() -> None:
         ("nvidia/a100-sxm4-80gb-mig.csv", None, "a100-80gb"),
     ],
 )
-def test_mig_enabled_gpus_are_listed_but_not_offered(
+def test_mig_enabled_gpus_wait_for_their_instances(
     gpu_sample: str, apps_sample: str | None, model: str
 ) -> None:
     [gpu] = parse_query_gpu(sample(gpu_sample), sample(apps_sample) if apps_sample else "")
@@ -65,10 +65,43 @@ def test_mig_enabled_gpus_are_listed_but_not_offered(
     assert gpu.model == model
     assert gpu.healthy  # [N/A] fields under MIG are not errors
     assert gpu.utilization is None
-    assert not gpu.offerable
-    assert gpu.reason is not None
-    assert "MIG mode is enabled" in gpu.reason
-    assert offerable_counts([gpu]) == {}
+    # In MIG mode: sold as its instances (read next), whatever runs on the others.
+    assert gpu.mig == ()
+    assert gpu.offerable
+    assert offerable_counts([gpu]) == {model: 1}
+
+
+def _mig_tool(tmp_path: Path, lgi: str | None) -> NvidiaAdapter:
+    outputs = {
+        "--query-gpu=index,uuid,name": "nvidia/a100-40gb-mig.csv",
+        "--query-compute-apps=gpu_uuid,pid,used_memory": "nvidia/h100-idle-compute-apps.csv",
+    }
+    if lgi is not None:
+        outputs["mig -lgi"] = lgi
+    outputs["-L"] = "nvidia/a100-40gb-mig-L.txt"
+    return NvidiaAdapter(tool=str(fake_tool(tmp_path, "nvidia-smi", outputs)), timeout=10)
+
+
+def test_a_gpu_in_mig_mode_is_offered_as_the_instances_cut(tmp_path: Path) -> None:
+    [gpu] = _mig_tool(tmp_path, "nvidia/a100-40gb-mig-lgi-3g-3g.txt").discover()
+
+    assert (gpu.model, gpu.offerable, gpu.reason) == ("a100-40gb", True, None)
+    # GI 1 sits at slot 4 and is MIG device 0; GI 2 at slot 0, device 1 (as -L lists them).
+    assert gpu.mig == (
+        ("3g.20gb@4", "MIG-c7384736-a75d-5afc-978f-d2f1294409fd"),
+        ("3g.20gb@0", "MIG-a28ad590-3fda-56dd-84fc-0a0b96edc58d"),
+    )
+
+
+def test_instances_without_a_device_are_not_offered(tmp_path: Path) -> None:
+    # The 4-2-1 layout, with the listing of another (3g + 3g): no instance has a UUID
+    # to run on, and nothing at all is cut when -lgi finds none (it exits non-zero).
+    for lgi in ("nvidia/a100-40gb-mig-lgi-4-2-1.txt", None):
+        [gpu] = _mig_tool(tmp_path, lgi).discover()
+        assert gpu.mig == ()
+        assert not gpu.offerable
+        assert gpu.reason is not None
+        assert "no instance is cut" in gpu.reason
 
 
 def test_a_consumer_card_is_unknown_to_the_catalog() -> None:

@@ -4,6 +4,7 @@ work back to the market with its checkpoint."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -18,12 +19,15 @@ from sqlalchemy import Engine, select
 from adapters import registry
 from adapters.base import Device
 from broker.agent import AgentConfig, NodeAgent, parse_prices
+from broker.agent.node import _Run
 from broker.config import get_settings
 from broker.db import transaction
 from broker.market.clearing import run_round
 from broker.models.account import Role
 from broker.models.market import Allocation
+from broker.sandbox import Placement
 from broker.sdk import Client
+from broker.sdk.provider import RunHandle
 from tests.factories import make_account
 
 PRICE: dict[str, Any] = {"max_price_per_hour": 1.0}
@@ -45,12 +49,10 @@ def _wait(check: Any, timeout: float = 60) -> Any:
     raise AssertionError("timed out")
 
 
-@pytest.fixture
-def agent(
-    live_url: str, fresh_engine: Engine, request: pytest.FixtureRequest
+def _start_agent(
+    live_url: str, engine: Engine, slots: int = 1, shares: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """An agent offering this CPU (``cpu_slots`` from the test's param, 1 by default)."""
-    with transaction(fresh_engine) as session:
+    with transaction(engine) as session:
         _, dev_key = make_account(session, Role.developer)
         _, prov_key = make_account(session, Role.provider)
     config = AgentConfig(
@@ -63,8 +65,9 @@ def agent(
         lon=6.84,
         prices=parse_prices(["cpu=0.10"]),
         adapter="cpu",
-        options=registry.Options(cpu_slots=getattr(request, "param", 1)),
+        options=registry.Options(cpu_slots=slots),
         poll_seconds=0.5,
+        shares=shares,
     )
     node = NodeAgent(config)
     stop = threading.Event()
@@ -77,11 +80,25 @@ def agent(
         "stop": stop,
         "thread": thread,
         "developer": developer,
-        "engine": fresh_engine,
+        "engine": engine,
     }
     stop.set()
     thread.join(timeout=60)
     developer.close()
+
+
+@pytest.fixture
+def agent(
+    live_url: str, fresh_engine: Engine, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
+    """An agent offering this CPU (``cpu_slots`` from the test's param, 1 by default)."""
+    yield from _start_agent(live_url, fresh_engine, getattr(request, "param", 1))
+
+
+@pytest.fixture
+def shared_agent(live_url: str, fresh_engine: Engine) -> Iterator[dict[str, Any]]:
+    """An agent selling this CPU as two shares (``broker agent --shares 2``)."""
+    yield from _start_agent(live_url, fresh_engine, shares=2)
 
 
 def clear(engine: Engine) -> None:
@@ -256,6 +273,102 @@ def test_offers_follow_devices_and_prices() -> None:
     ]
 
 
+def _node(platform: str, shares: int | None = None) -> NodeAgent:
+    config = AgentConfig(
+        broker="http://127.0.0.1:9",
+        api_key="bk_x",
+        name="n",
+        region="r",
+        country="NL",
+        lat=0,
+        lon=0,
+        prices={"*": Decimal("2")},
+        adapter="cpu",
+        platform=platform,
+        shares=shares,
+    )
+    return NodeAgent(config)
+
+
+MIG_3G = (("3g.40gb@4", "MIG-aaaa"), ("3g.40gb@0", "MIG-bbbb"))
+
+
+def test_shared_and_mig_offers_follow_the_devices() -> None:
+    node = _node("cuda", shares=4)
+    devices = [
+        Device(id="0", name="H100", model="h100-sxm", platform="cuda", memory_gib=79.6),
+        Device(id="1", name="H100", model="h100-sxm", platform="cuda", memory_gib=79.6),
+        Device(
+            id="2",
+            name="H100",
+            model="h100-sxm",
+            platform="cuda",
+            memory_gib=79.6,
+            mig=MIG_3G,
+            extra={"uuid": "GPU-2222"},
+        ),
+    ]
+    shared, cut = node.offers(devices)
+    # The whole GPUs as four shares each, their memory split and rounded down.
+    assert (shared["count"], shared["kind"], shared["shares"]) == (2, "shared", 4)
+    assert shared["memory_per_share_gib"] == 19.9
+    # The MIG GPU as its instances, one offer naming it.
+    assert (cut["count"], cut["kind"], cut["device"]) == (1, "mig", "GPU-2222")
+    assert cut["mig_instances"] == ["3g.40gb@0", "3g.40gb@4"]
+    # Without --shares the other GPUs are sold whole.
+    whole, _ = _node("cuda").offers(devices)
+    assert "kind" not in whole
+
+
+def test_a_fractional_run_is_placed_on_its_slice() -> None:
+    node = _node("cuda", shares=4)
+    node._devices = [
+        Device(id="0", name="H100", model="h100-sxm", platform="cuda", memory_gib=80),
+        Device(id="1", name="H100", model="h100-sxm", platform="cuda", memory_gib=80),
+        Device(
+            id="2", name="H100", model="h100-sxm", platform="cuda", mig=MIG_3G,
+            extra={"uuid": "GPU-2222"},
+        ),
+    ]  # fmt: skip
+    order: dict[str, Any] = {"accelerator": "h100-sxm", "kind": "mig", "device": "GPU-2222"}
+    placed = node.placement({**order, "slice": "3g.40gb@0"})
+    assert isinstance(placed, Placement)
+    assert placed.env == {"CUDA_VISIBLE_DEVICES": "MIG-bbbb"}
+    refused = node.placement({**order, "slice": "7g.80gb@0"})
+    assert isinstance(refused, str)
+    assert "not cut on GPU 2" in refused
+    shared = {"accelerator": "h100-sxm", "kind": "shared", "device": None}
+    placed = node.placement({**shared, "slice": "1/4 shared on GPU 1"})
+    assert isinstance(placed, Placement)
+    assert placed.env == {
+        "CUDA_VISIBLE_DEVICES": "1",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.237",  # a quarter, less room for its context
+    }
+    placed = node.placement({**shared, "slice": "4/4 shared on GPU 0"})
+    assert isinstance(placed, Placement)
+    assert placed.env == {"CUDA_VISIBLE_DEVICES": "0"}  # all of it: no cap
+    assert node.placement({**shared, "slice": None}) is None  # whole accelerators
+    assert isinstance(node.placement({**shared, "slice": "1/4 shared on GPU 5"}), str)
+
+
+def test_cpu_shares_get_cores_of_their_own() -> None:
+    node = _node("cpu", shares=2)
+    node._devices = [Device(id="host", name="cpu", model="cpu", platform="cpu", count=1)]
+    cores = sorted(os.sched_getaffinity(0))
+    order = {"accelerator": "cpu", "kind": "shared", "slice": "1/2 shared on GPU 0"}
+    first = node.placement(order)
+    assert isinstance(first, Placement)
+    assert first.cpus is not None
+    assert len(first.cpus) == max(1, round(len(cores) / 2))
+    assert first.env == {}  # the spare child can take it: cores are set after it starts
+    node._runs["a"] = _Run(RunHandle("a", 0.5), threading.Thread(), None, first.cpus)
+    second = node.placement(order)
+    assert isinstance(second, Placement)
+    assert second.cpus is not None
+    if len(cores) > 1:
+        assert not set(first.cpus) & set(second.cpus)  # the least used cores go first
+
+
 def test_prices_parse_to_catalog_keys() -> None:
     assert parse_prices(["h100=2.50", "*=1", "MI300X=3"]) == {
         "h100-sxm": Decimal("2.50"),
@@ -360,3 +473,85 @@ def test_a_broker_refuses_emulated_offers_unless_told_to(db: Any, client_for: An
     assert "BROKER_ALLOW_EMULATION" in refused.json()["error"]["message"]
     plain = provider.post("/v1/offers", json=offer_body())
     assert plain.json()["emulated"] is False
+
+
+def heavy_step(state: tuple[Any, Any], m: Any) -> tuple[Any, Any]:
+    w, count = state
+    return jax.lax.fori_loop(0, 4, lambda _, w: jnp.tanh(w @ m) / 2, w), count + 1
+
+
+def test_two_halves_share_the_cpu_at_once_and_a_whole_job_waits(
+    shared_agent: dict[str, Any],
+) -> None:
+    """Issue 23's end to end: two jobs that need half of this CPU each run on it at
+    once, each on cores of its own, with the right results; a job that needs all of
+    it waits until they are done, then runs."""
+    developer: Client = shared_agent["developer"]
+    engine: Engine = shared_agent["engine"]
+    (offer,) = developer.http.json("GET", "/v1/offers")["items"]
+    assert (offer["kind"], offer["shares"], offer["count"]) == ("shared", 2, 1)
+    m = np.full((384, 384), 1 / 384, dtype=np.float32)
+    w0 = np.eye(384, dtype=np.float32)
+    steps = 60
+    halves = [
+        developer.submit(
+            heavy_step,
+            (w0 * (k + 1), np.int32(0)),
+            m,
+            steps=steps,
+            accelerators=0.5,
+            accepts_shared=True,
+            **PRICE,
+        )
+        for k in range(2)
+    ]
+    clear(engine)
+    # Both run at once: the node's one CPU holds two halves.
+    _wait(lambda: all(h.refresh().data["state"] in ("running", "succeeded") for h in halves))
+    whole = developer.submit(lambda x: x * 2, jnp.ones(3), **PRICE)
+    clear(engine)
+    assert whole.refresh().data["state"] == "open"  # no accelerator is free whole
+    for k, h in enumerate(halves):
+        h.wait(timeout=120, poll=0.1, progress=False)
+        expected = w0 * (k + 1)
+        for _ in range(steps):
+            for _ in range(4):
+                expected = np.tanh(expected @ m) / 2
+        w, count = h.result()
+        np.testing.assert_allclose(w, expected, rtol=1e-4, atol=1e-6)
+        assert int(count) == steps
+    with transaction(engine, write=False) as session:
+        runs = {
+            a.job_id: a
+            for a in session.scalars(
+                select(Allocation).where(Allocation.job_id.in_([h.id for h in halves]))
+            )
+        }
+    first, second = (runs[h.id] for h in halves)
+    assert first.slice == second.slice == "1/2 shared on GPU 0"
+    assert first.started_at is not None
+    assert second.started_at is not None
+    assert first.ended_at is not None
+    assert second.ended_at is not None
+    assert max(first.started_at, second.started_at) < min(first.ended_at, second.ended_at)
+    # Each ran on cores of its own (when there are two to give), billed at half.
+    placed = [
+        next(
+            line["text"]
+            for line in developer.http.json("GET", f"/v1/jobs/{h.id}/logs")
+            if line["text"].startswith("runs on 1/2 shared on GPU 0: ")
+        )
+        for h in halves
+    ]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert placed[0] != placed[1]
+    for h in halves:
+        data = h.refresh().data
+        assert data["accelerator_seconds"] > 0
+    # Once both halves are done the whole job gets all of the CPU.
+    clear(engine)
+    whole.wait(timeout=60, poll=0.05, progress=False)
+    np.testing.assert_array_equal(whole.result(), np.full(3, 2.0))
+    with transaction(engine, write=False) as session:
+        (run,) = session.scalars(select(Allocation).where(Allocation.job_id == whole.id))
+        assert (run.slice, run.share_num, run.share_den) == ("2/2 shared on GPU 0", 1, 1)

@@ -23,6 +23,7 @@ from broker.portable.artifact import Artifact, package, package_step
 from broker.sandbox import (
     Limits,
     Outcome,
+    Placement,
     Sandbox,
     SandboxConfig,
     can_isolate,
@@ -62,6 +63,7 @@ def run(
     steps: int | None = None,
     checkpoint_every: int | None = None,
     stop: threading.Event | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Outcome, list[np.ndarray[Any, Any]] | None, list[int]]:
     """Run in ``box`` as an agent does; the outcome, the outputs and the checkpoints' steps."""
     data = artifact if isinstance(artifact, bytes) else artifact.to_bytes()
@@ -83,6 +85,7 @@ def run(
             should_stop=(stop or threading.Event()).is_set,
             on_progress=lambda step: None,
             on_checkpoint=lambda step, path: saved.append(step),
+            placement=placement,
         )
         outputs = None
         if outcome.result is not None:
@@ -287,6 +290,11 @@ def test_limits_follow_the_allocation() -> None:
     deadline = limits_for({"deadline_hours": 0.5, "accelerators": 1}, config, "cpu")
     assert not deadline.wall_retry
     assert "deadline" in deadline.wall_cause
+    # A share of the CPU: its slice's memory, whatever the offer's accelerator has.
+    half = {"accelerators": 1, "memory_gib": 64.0, "slice_memory_gib": 32.0}
+    assert limits_for(half, config, "cpu").address_space_bytes == int((32 + 3.0) * 1024**3)
+    small = {**half, "min_memory_gib": 4.0}
+    assert limits_for(small, config, "cpu").address_space_bytes == int((4 + 3.0) * 1024**3)
 
 
 def test_the_agent_reads_what_a_child_wrote_without_following_its_links(tmp_path: Path) -> None:
@@ -346,8 +354,8 @@ from broker.portable.artifact import package
 from tests.broker.agent.test_sandbox import forever, run
 box = Sandbox(SandboxConfig(), spare=False)
 take = box._take
-def taken():
-    child = take()
+def taken(placement=None):
+    child = take(placement)
     Path({str(pids)!r}).write_text(str(child.process.pid))
     return child
 box._take = taken
@@ -388,3 +396,45 @@ def test_isolation_is_left_out_where_it_cannot_be_had() -> None:
     assert not Sandbox(missing, spare=False).isolate
     with pytest.raises(RuntimeError, match="no user 'no-such-user-here'"):
         Sandbox(SandboxConfig(isolate=True, user="no-such-user-here"), spare=False)
+
+
+def test_a_run_on_part_of_the_machine_is_held_to_it(sandbox: Sandbox) -> None:
+    """A placement's environment reaches a child of its own (set before JAX starts),
+    and every thread of it runs on the placement's cores only."""
+    cpu = min(os.sched_getaffinity(0))
+    placement = Placement(env={"BROKER_TEST_PLACED": "yes"}, cpus=(cpu,))
+    children: list[Any] = []
+    take = sandbox._take
+
+    def taken(p: Placement | None = None) -> Any:
+        child = take(p)
+        children.append(child)
+        return child
+
+    stop = threading.Event()
+    sandbox._take = taken  # type: ignore[method-assign]
+    try:
+        ran = threading.Thread(
+            target=run,
+            args=(sandbox, package(forever, jnp.zeros(1, jnp.int32)), [np.zeros(1, np.int32)]),
+            kwargs={"stop": stop, "placement": placement},
+        )
+        ran.start()
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = children[0].process.pid
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"BROKER_TEST_PLACED=yes" in environ
+
+        def confined() -> bool:
+            tasks = Path(f"/proc/{pid}/task").iterdir()
+            return all(os.sched_getaffinity(int(t.name)) == {cpu} for t in tasks)
+
+        while not confined() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert confined()
+    finally:
+        stop.set()
+        ran.join(timeout=60)
+        sandbox._take = take  # type: ignore[method-assign]
