@@ -412,7 +412,7 @@ def test_a_run_on_part_of_the_machine_is_held_to_it(sandbox: Sandbox) -> None:
         return child
 
     stop = threading.Event()
-    sandbox._take = taken  # type: ignore[method-assign]
+    sandbox._take = taken  # type: ignore[method-assign,assignment]
     try:
         ran = threading.Thread(
             target=run,
