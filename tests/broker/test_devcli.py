@@ -81,6 +81,34 @@ def test_submit_run_and_read_a_job(world: dict[str, Any]) -> None:
     assert broker(world, "invoices", "list").exit_code == 0
 
 
+def test_submit_a_part_of_an_accelerator(world: dict[str, Any]) -> None:
+    shared = offer_body(
+        accelerator="cpu",
+        count=1,
+        price_per_hour="0.40",
+        kind="shared",
+        shares=4,
+        memory_per_share_gib=1,
+    )
+    world["provider"].http.json("POST", "/v1/offers", json=shared)
+    submitted = broker(
+        world, "jobs", "submit", f"{HELLO}:predict", "--args", ARGS, "--max-price", "2.50",
+        "--platform", "cpu", "--accelerators", "0.25", "--accepts-shared", "--json",
+    )  # fmt: skip
+    assert submitted.exit_code == 0, submitted.output
+    job = json.loads(submitted.stdout)
+    assert (job["accelerators"], job["accepts_shared"]) == (0.25, True)
+    run_round(world["engine"], get_settings(), "manual")
+    shown = json.loads(broker(world, "jobs", "show", job["id"], "--json").stdout)
+    assert shown["state"] == "matched"
+    refused = broker(
+        world, "jobs", "submit", f"{HELLO}:predict", "--args", ARGS, "--max-price", "1",
+        "--mig-profile", "9g.1tb",
+    )  # fmt: skip
+    assert refused.exit_code == 1
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+
+
 def test_refusals_are_one_line(world: dict[str, Any]) -> None:
     missing = broker(world, "jobs", "show", "job_nope")
     assert missing.exit_code == 1

@@ -348,6 +348,41 @@ def test_shares_already_taken_are_not_sold_again() -> None:
     assert len(result.assignments) == 3
 
 
+def test_a_gpu_sold_as_cut_is_never_cut_again() -> None:
+    # As in the re-cut test, but the GPU's agent does not cut: the halves are sold.
+    offer = dataclasses.replace(mig_gpu("g", free=("3g.40gb@0", "3g.40gb@4")), mig_fixed=True)
+    jobs = (
+        *(job(f"j{i}", mig_profile="1g.10gb") for i in range(7)),
+        job("half", mig_profile="3g.40gb"),
+    )
+    result = solve(Market(offers=(offer,), jobs=jobs), time_limit=5.0)
+    assert result.repartitions == {}
+    assert [(a.job, a.slice) for a in result.assignments] == [("half", "3g.40gb@0")] or [
+        (a.job, a.slice) for a in result.assignments
+    ] == [("half", "3g.40gb@4")]
+
+
+def test_a_whole_job_takes_all_shares_of_a_free_gpu_only() -> None:
+    # GPU 0 has a share taken; GPU 1 is free: one whole job gets it, the second waits,
+    # and a gang of two never spans shared GPUs.
+    offer = dataclasses.replace(shared("s", count=2, shares=4), shares_busy=(1, 0))
+    jobs = (job("a"), job("b"), job("gang", accelerators=2))
+    result = solve(Market(offers=(offer,), jobs=jobs), time_limit=5.0)
+    (placed,) = result.assignments
+    assert (placed.offer, placed.slice) == ("s", "4/4 shared on GPU 1")
+    assert placed.compute_usd == pytest.approx(2.0)  # the whole price
+    # A fraction placed on the free GPU in the same round keeps the whole job off it.
+    for busy in ((1, 0), (4, 0)):
+        offer = dataclasses.replace(shared("s", count=2, shares=4), shares_busy=busy)
+        quarter = job("q", fraction=0.25, accepts_shared=True)
+        result = solve(Market(offers=(offer,), jobs=(job("a"), quarter)), time_limit=5.0)
+        slices = {a.job: a.slice for a in result.assignments}
+        assert slices.get("q") is not None
+        assert slices.get("a") != slices["q"].replace("1/4", "4/4")
+        if busy == (4, 0):  # GPU 0 is full: the quarter takes GPU 1, the whole job waits
+            assert slices == {"q": "1/4 shared on GPU 1"}
+
+
 def test_whole_jobs_and_fractions_clear_together() -> None:
     whole = Offer(id="w", count=1, price_per_hour=2.0, **BASE)  # type: ignore[arg-type]
     jobs = (job("whole"), job("half", fraction=0.5))

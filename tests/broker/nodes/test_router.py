@@ -134,6 +134,64 @@ def test_publish_makes_the_offers_what_the_node_has(market: dict[str, Any]) -> N
     assert twice.status_code == 409
 
 
+def test_a_node_lists_each_mig_gpu_and_its_orders_name_the_slice(
+    market: dict[str, Any],
+) -> None:
+    agent, node_id = register(market)
+    gpu = {"accelerator": "h100-sxm", "count": 1, "price_per_hour": "7.00", "kind": "mig"}
+    first = {**gpu, "device": "GPU-1111", "mig_instances": ["3g.40gb@0", "3g.40gb@4"]}
+    second = {**gpu, "device": "GPU-2222", "mig_instances": ["7g.80gb@0"]}
+    offers = publish(agent, node_id, first, second)
+    assert sorted((o["device"], o["kind"], o["mig_instances"][0]) for o in offers) == [
+        ("GPU-1111", "mig", "3g.40gb@0"),
+        ("GPU-2222", "mig", "7g.80gb@0"),
+    ]
+    # Listing a GPU twice is refused; one its agent cut again follows the listing.
+    assert agent.put(
+        f"/v1/nodes/{node_id}/offers", json={"offers": [first, first]}
+    ).status_code == 409  # fmt: skip
+    job = matched_job(market, accelerators=1, mig_profile="3g.40gb", duration_hours=1)
+    assert job["state"] == "matched"
+    (order,) = agent.get("/v1/allocations").json()
+    assert (order["kind"], order["device"], order["accelerator"]) == ("mig", "GPU-1111", "h100-sxm")
+    # The agent's GPU is sold as cut: an instance that exists, not a new one.
+    assert order["slice"] in ("3g.40gb@0", "3g.40gb@4")
+    assert order["slice_memory_gib"] == 40
+    assert order["share"] == pytest.approx(3 / 7)
+    # The provider cuts the other half into a 2g and a 1g; the held instance stays held.
+    other = 4 if order["slice"] == "3g.40gb@0" else 0
+    cut = [order["slice"], f"2g.20gb@{other}", f"1g.10gb@{other + 2}"]
+    offers = publish(agent, node_id, {**first, "mig_instances": cut}, second)
+    mine = next(o for o in offers if o["device"] == "GPU-1111")
+    assert mine["mig_busy"] == [order["slice"]]
+    assert mine["mig_instances"] == sorted(cut[1:])
+
+
+def test_a_shared_offer_sells_shares_and_whole_ones(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    shared = {
+        "accelerator": "h100-sxm",
+        "count": 1,
+        "price_per_hour": "2.00",
+        "kind": "shared",
+        "shares": 4,
+        "memory_per_share_gib": 20,
+    }
+    (offer,) = publish(agent, node_id, shared)
+    assert (offer["kind"], offer["shares"]) == ("shared", 4)
+    job = matched_job(market, accelerators=0.25, accepts_shared=True, duration_hours=1)
+    assert job["state"] == "matched"
+    (order,) = agent.get("/v1/allocations").json()
+    assert (order["slice"], order["share"], order["slice_memory_gib"]) == (
+        "1/4 shared on GPU 0",
+        0.25,
+        20,
+    )
+    # While a share is held it cannot be cut differently.
+    (same,) = publish(agent, node_id, {**shared, "shares": 2, "memory_per_share_gib": 40})
+    assert (same["id"], same["shares"]) == (offer["id"], 4)
+
+
 def test_a_node_key_acts_for_its_own_node_only(market: dict[str, Any]) -> None:
     agent_a, node_a = register(market, name="a")
     agent_b, _node_b = register(market, name="b")
