@@ -18,6 +18,9 @@ Three ways to fill the same GPUs are compared:
 
 *Stranded* is the share of the capacity of the GPUs a method sold anything on
 that its jobs do not use: 1 - (sum of placed jobs' ``gpu_milli``) / (GPUs touched).
+It has two parts, reported apart: capacity *idle inside slices* (sold, paid for,
+but bigger than the job's ask: a 0.32 job in a 3g = 0.43 instance) and capacity
+*unsold* on those GPUs (fragments no waiting job took).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Fill:
     stranded: float
     gpus_touched: int
     seconds: float
+    idle_in_slices: float = 0.0  # of the GPUs touched: sold, but beyond the jobs' asks
+    unsold: float = 0.0  # of the GPUs touched: not sold
 
 
 def _layout(model: str, shape: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
@@ -99,17 +104,24 @@ def build(n_jobs: int, n_gpus: int, seed: int = 0) -> tuple[Market, dict[str, fl
     return Market(offers=tuple(gpus), jobs=tuple(jobs)), sizes
 
 
-def _fill(placed: dict[str, str], sizes: dict[str, float], seconds: float) -> Fill:
+def _fill(
+    placed: dict[str, str], share: dict[str, float], sizes: dict[str, float], seconds: float
+) -> Fill:
+    """``placed``: job -> GPU; ``share``: the part of its GPU each job's slice is."""
     touched = set(placed.values())
+    if not touched:
+        return Fill(0, 0.0, 0, seconds)
     used = sum(sizes[j] for j in placed)
-    stranded = 1 - used / len(touched) if touched else 0.0
-    return Fill(len(placed), stranded, len(touched), seconds)
+    sold = sum(share[j] for j in placed)
+    n = len(touched)
+    return Fill(len(placed), 1 - used / n, n, seconds, (sold - used) / n, 1 - sold / n)
 
 
 def by_solver(market: Market, sizes: dict[str, float], time_limit: float) -> Fill:
     result = solve(market, time_limit=time_limit)
     placed = {a.job: a.offer for a in result.assignments}
-    return _fill(placed, sizes, result.solve_seconds)
+    share = {a.job: a.share for a in result.assignments}
+    return _fill(placed, share, sizes, result.solve_seconds)
 
 
 def whole_gpu(market: Market, sizes: dict[str, float], time_limit: float) -> Fill:
@@ -123,7 +135,8 @@ def whole_gpu(market: Market, sizes: dict[str, float], time_limit: float) -> Fil
         weights=market.weights,
     )
     result = solve(whole, time_limit=time_limit)
-    return _fill({a.job: a.offer for a in result.assignments}, sizes, result.solve_seconds)
+    placed = {a.job: a.offer for a in result.assignments}
+    return _fill(placed, dict.fromkeys(placed, 1.0), sizes, result.solve_seconds)
 
 
 def first_fit(market: Market, sizes: dict[str, float]) -> Fill:
@@ -131,6 +144,7 @@ def first_fit(market: Market, sizes: dict[str, float]) -> Fill:
     free = {o.id: list(Gpu.of(o).existing) for o in market.offers if o.fraction_kind == "mig"}
     left = {o.id: o.shares for o in market.offers if o.fraction_kind == "shared"}
     placed: dict[str, str] = {}
+    share: dict[str, float] = {}
     for j in market.jobs:
         for o in market.offers:
             if o.fraction_kind == "mig":
@@ -144,20 +158,27 @@ def first_fit(market: Market, sizes: dict[str, float]) -> Fill:
                     None,
                 )
                 if hit is not None:
-                    free[o.id].pop(hit)
-                    placed[j.id] = o.id
+                    name, _ = free[o.id].pop(hit)
+                    placed[j.id], share[j.id] = o.id, gpu.profiles[name].share
                     break
             else:
                 k = shares_needed(j, o)
                 if k is not None and left[o.id] >= k:
                     left[o.id] -= k
-                    placed[j.id] = o.id
+                    placed[j.id], share[j.id] = o.id, k / o.shares
                     break
-    return _fill(placed, sizes, 0.0)
+    return _fill(placed, share, sizes, 0.0)
 
 
-def run(n_jobs: int, n_gpus: int, seed: int, time_limit: float) -> dict[str, Any]:
+def run(
+    n_jobs: int, n_gpus: int, seed: int, time_limit: float, idle_weight: float | None = None
+) -> dict[str, Any]:
+    """One market three ways; ``idle_weight``: the solver's ``slice_idle_weight``
+    (None: the default)."""
     market, sizes = build(n_jobs, n_gpus, seed)
+    if idle_weight is not None:
+        weights = replace(market.weights, slice_idle_weight=idle_weight)
+        market = replace(market, weights=weights)
     ours = by_solver(market, sizes, time_limit)
     whole = whole_gpu(market, sizes, time_limit)
     ff = first_fit(market, sizes)
@@ -172,7 +193,10 @@ def run(n_jobs: int, n_gpus: int, seed: int, time_limit: float) -> dict[str, Any
     }
 
 
-HEAD = f"{'size':>9} {'method':>10} {'placed':>7} {'GPUs used':>10} {'stranded':>9} {'seconds':>8}"
+HEAD = (
+    f"{'size':>9} {'method':>10} {'placed':>7} {'GPUs used':>10} {'stranded':>9} "
+    f"{'in slices':>9} {'unsold':>7} {'seconds':>8}"
+)
 
 
 def lines(row: dict[str, Any]) -> list[str]:
@@ -185,7 +209,8 @@ def lines(row: dict[str, Any]) -> list[str]:
         f = row[key]
         out.append(
             f"{row['size']:>9} {label:>10} {f['placed']:>7} {f['gpus_touched']:>10} "
-            f"{100 * f['stranded']:>8.1f}% {f['seconds']:>8.1f}"
+            f"{100 * f['stranded']:>8.1f}% {100 * f['idle_in_slices']:>8.1f}% "
+            f"{100 * f['unsold']:>6.1f}% {f['seconds']:>8.1f}"
         )
     ratio = row["stranded_vs_first_fit"]
     out.append(

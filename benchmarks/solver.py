@@ -113,6 +113,12 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON rows instead")
     parser.add_argument("--fractions", action="store_true", help="fractional-GPU markets")
+    parser.add_argument(
+        "--slice-idle-weight",
+        type=float,
+        default=None,
+        help="with --fractions: the solver's slice_idle_weight (default: the market's)",
+    )
     args = parser.parse_args()
 
     if args.fractions:
@@ -120,7 +126,9 @@ def main() -> None:
 
         print(fractions.HEAD)
         for n_jobs in (400, 800):
-            row = fractions.run(n_jobs, 100, args.seed, args.time_limit or 10.0)
+            row = fractions.run(
+                n_jobs, 100, args.seed, args.time_limit or 10.0, args.slice_idle_weight
+            )
             print("\n".join(fractions.lines(row)), flush=True)
         return
 

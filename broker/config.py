@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     placement_value_usd: Decimal = Field(default=Decimal("10000"), gt=0)
     egress_usd_per_gb: Decimal = Field(default=Decimal("0.09"), ge=0)
     latency_usd_per_ms: Decimal = Field(default=Decimal("0"), ge=0)
+    slice_idle_weight: Decimal = Field(
+        default=Decimal("0.25"),
+        ge=0,
+        le=1,
+        description="Fractions: a match's value drops by this share of the placement value "
+        "per GPU of compute its slice holds beyond the job's ask, so that rounds prefer "
+        "jobs that fill their slices (0: count jobs only)",
+    )
     carbon_usd_per_t: Decimal = Field(
         default=Decimal("0"),
         ge=0,

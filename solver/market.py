@@ -97,6 +97,10 @@ class Weights:
     latency_usd_per_ms: float = 0.0
     fee_rate: float = 0.0  # the broker's fee, a fraction of the compute charge (0.05 = 5 %)
     carbon_usd_per_t: float = 0.0  # the market's carbon price, for jobs that set none
+    # A fractional match's value drops by this share of the job's value per GPU of
+    # compute its slice holds beyond the job's ask (solver/packing.py): the round then
+    # prefers jobs that fill their slices to jobs that strand part of them.
+    slice_idle_weight: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +252,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "grid_g_per_kwh": (lambda v: v >= 0, "at least 0"),
     "max_gco2": (lambda v: v >= 0, "at least 0"),
     "carbon_usd_per_t": (lambda v: v >= 0, "at least 0"),
+    "slice_idle_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "memory_gib": (lambda v: v >= 0, "at least 0"),
     "min_memory_gib": (lambda v: v >= 0, "at least 0"),
     "tflops_bf16": (lambda v: v > 0, "positive"),

@@ -28,6 +28,7 @@ def weights(settings: Settings, fee_ppm: int) -> sm.Weights:
         latency_usd_per_ms=float(settings.latency_usd_per_ms),
         fee_rate=fee_ppm / PPM,
         carbon_usd_per_t=float(settings.carbon_usd_per_t),
+        slice_idle_weight=float(settings.slice_idle_weight),
     )
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from adapters import mig
 from solver import Job, Market, Offer, Result, solve
-from solver.market import MarketFileError, load_market
+from solver.market import MarketFileError, Weights, load_market
 
 H100 = {p.name: p for p in mig.profiles("h100-sxm")}
 SPECS = mig.specs("h100-sxm")
@@ -156,7 +156,12 @@ def brute_force(market: Market) -> float:
                 continue
             o, kind, share = c
             by_offer.setdefault(o.id, []).append(kind)
-            total += j.priority * VALUE - o.price_per_hour * share * (j.duration_hours or 0)
+            value = j.priority * VALUE
+            total += value - o.price_per_hour * share * (j.duration_hours or 0)
+            # The slice's compute beyond the ask costs a share of the job's value.
+            asked = j.fraction if j.fraction is not None else j.min_compute
+            if asked is not None:
+                total -= market.weights.slice_idle_weight * value * (share - min(asked, share))
         if total <= best:
             continue
         ok = all(
@@ -258,7 +263,8 @@ def markets(draw: st.DrawFn, max_jobs: int = 4) -> Market:
             extra["min_compute"] = draw(st.sampled_from([0.1, 0.3, 0.5]))
             extra["min_memory_gib"] = draw(st.sampled_from([5.0, 15.0, 30.0]))
         jobs.append(job(f"j{i}", **extra))
-    return Market(offers=tuple(offers), jobs=tuple(jobs))
+    idle = draw(st.sampled_from([0.0, 0.25, 1.0]))  # counting jobs only, the default, more
+    return Market(offers=tuple(offers), jobs=tuple(jobs), weights=Weights(slice_idle_weight=idle))
 
 
 @settings(max_examples=40, deadline=None)
@@ -360,6 +366,20 @@ def test_a_gpu_sold_as_cut_is_never_cut_again() -> None:
     assert [(a.job, a.slice) for a in result.assignments] == [("half", "3g.40gb@0")] or [
         (a.job, a.slice) for a in result.assignments
     ] == [("half", "3g.40gb@4")]
+
+
+def test_a_slice_goes_to_the_job_that_fills_it() -> None:
+    # One 1g instance (1/7 of the GPU), two jobs that fit it: the one asking 0.05 is
+    # cheaper (shorter), the one asking 0.12 strands less of the slice.
+    offer = dataclasses.replace(mig_gpu("g", free=("1g.10gb@0",)), mig_fixed=True)
+    small = dataclasses.replace(job("small", fraction=0.05), duration_hours=1.0)
+    full = dataclasses.replace(job("full", fraction=0.12), duration_hours=2.0)
+    for idle, winner in ((0.0, "small"), (0.25, "full")):
+        market = Market(
+            offers=(offer,), jobs=(small, full), weights=Weights(slice_idle_weight=idle)
+        )
+        (placed,) = solve(market, time_limit=5.0).assignments
+        assert placed.job == winner
 
 
 def test_a_whole_job_takes_all_shares_of_a_free_gpu_only() -> None:
