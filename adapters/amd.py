@@ -12,8 +12,13 @@ Two ROCm facts shape the result:
   ``mi250x`` is the whole package, so consecutive GCDs are paired into one
   accelerator (ROCm enumerates the two GCDs of a package next to each other); a
   GCD whose partner is not visible (a VM given one GCD) is listed, not offered.
-- An MI300X in a CPX/DPX compute partition mode appears as several smaller GPUs.
-  Partitions, like NVIDIA's MIG instances, are not offered.
+- An MI300X in a DPX, QPX or CPX compute partition mode appears as 2, 4 or 8
+  logical GPUs, the functions of one PCI address (``0000:05:00.0``, ``.1`` ...);
+  the first says the mode, the others may say ``N/A``. They are put back together
+  as one GPU sold as its partitions (``Device.mig``: ``"cpx.24gb@3"`` with the
+  logical GPU's index, which a run is started on), like a GPU in MIG mode. Where
+  the tool says nothing of partitions (``rocm-smi``), a GPU much smaller than its
+  model is taken for a partition and not offered.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from adapters import catalog
+from adapters import catalog, mig
 from adapters.base import AdapterError, Device, run_tool
 
 # PCI device IDs (libdrm's amdgpu.ids) of the catalog's AMD parts, for tools that
@@ -174,7 +179,83 @@ def parse_rocm_smi(text: str) -> list[Device]:
 
 
 def _devices(gpus: list[_Gpu]) -> list[Device]:
-    return _pair_mi250x_gcds([_device(gpu) for gpu in sorted(gpus, key=lambda g: g.index)])
+    ordered = sorted(gpus, key=lambda g: g.index)
+    whole, partitioned = _partitions(ordered)
+    devices = _pair_mi250x_gcds([_device(gpu) for gpu in whole]) + partitioned
+    # In the tool's order: a partitioned GPU where its first partition is.
+    return sorted(devices, key=_first_index)
+
+
+def _first_index(device: Device) -> int:
+    """The tool's index of a device's first GPU: "3", "2+3" (MI250X), "0,1" (partitions)."""
+    listed = device.extra.get("partitions", device.id)
+    return int(listed.replace("+", ",").split(",")[0])
+
+
+# Logical GPUs per physical one in each compute partition mode, and the mode's
+# profile in the catalog (adapters/data/mig_profiles.csv).
+PARTITION_MODES = {"DPX": 2, "QPX": 4, "CPX": 8}
+
+
+def _partitions(gpus: list[_Gpu]) -> tuple[list[_Gpu], list[Device]]:
+    """The logical GPUs that are compute partitions, put back together: one Device
+    per physical GPU, sold as its partitions; and the other GPUs, as they are."""
+    groups: dict[str, list[tuple[int, _Gpu]]] = {}
+    for gpu in gpus:
+        base, dot, function = gpu.extra.get("bdf", "").rpartition(".")
+        if dot and function.isdigit():
+            groups.setdefault(base, []).append((int(function), gpu))
+    taken: set[int] = set()
+    out: list[Device] = []
+    for base, members in groups.items():
+        members.sort(key=lambda m: m[0])
+        named = [g.extra.get("compute_partition") for _, g in members]
+        mode = next((m for m in named if m in PARTITION_MODES), None)
+        if mode is None and len(members) > 1:  # only the first says, and it said nothing
+            mode = {n: m for m, n in PARTITION_MODES.items()}.get(len(members))
+        if mode is None:
+            continue
+        taken |= {g.index for _, g in members}
+        out.append(_partitioned(base, mode, members))
+    return [g for g in gpus if g.index not in taken], out
+
+
+def _partitioned(base: str, mode: str, members: list[tuple[int, _Gpu]]) -> Device:
+    first = members[0][1]
+    model = first.model
+    count = PARTITION_MODES[mode]
+    profile = next(
+        (p for p in mig.profiles(model or "") if p.name.startswith(mode.lower() + ".")), None
+    )
+    problems = [f"partition {g.index}: {p}" for _, g in members for p in g.problems]
+    reasons = []
+    if model is None or profile is None:
+        reasons.append(f"{first.name} in {mode} mode: the catalog has no such partitions")
+    if problems:
+        reasons.append("unhealthy: " + "; ".join(problems))
+    width = profile.width if profile is not None else 1
+    cut = tuple(
+        (f"{profile.name}@{function * width}", str(g.index))
+        for function, g in members
+        if profile is not None and function < count
+    )
+    spec = catalog.lookup(model) if model else None
+    return Device(
+        id=base,
+        name=first.name,
+        model=model,
+        platform="rocm",
+        memory_gib=spec.memory_gib if spec is not None else first.memory_gib,
+        healthy=not problems,
+        offerable=not reasons,
+        reason="; ".join(reasons) or None,
+        extra={
+            "bdf": base,
+            "compute_partition": mode,
+            "partitions": ",".join(str(g.index) for _, g in members),
+        },
+        mig=cut,
+    )
 
 
 def _device(gpu: _Gpu) -> Device:
@@ -261,7 +342,8 @@ class AmdAdapter:
     vendor: ClassVar[str] = "amd"
     platform: ClassVar[str] = "rocm"
     limits: ClassVar[tuple[str, ...]] = (
-        "MI300X compute partitions (CPX/DPX) are not offered",
+        "an MI300X in a compute partition mode is sold as its partitions; the agent never "
+        "changes the mode",
         "an MI250X is offered as a whole package of two GCDs, never one GCD",
         "rocm-smi reports no ECC figures, so on the fallback path health is not checked",
     )

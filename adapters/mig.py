@@ -9,6 +9,11 @@ or 4 and covers 2 of the 8). Memory is the GB of the profile's name, taken as
 GiB. The ``+me`` (media extension) variants are left out: they take the same
 slices as the plain 1g profile.
 
+The ``mi300x`` rows are AMD's compute partitions (SPX, DPX, QPX, CPX: 1, 2, 4 or 8
+logical GPUs of 8, 4, 2 or 1 XCDs; AMD SMI's "GPU partitioning" guide), sold the
+same way. An AMD GPU is partitioned whole, in one mode (``partitioned_whole``):
+the market sells it as it is and never proposes to cut it again.
+
 What is cut now comes from ``nvidia-smi mig -lgi`` (each GPU instance's profile
 and placement), ``nvidia-smi -L`` (the ``MIG-`` UUIDs a job is started on) and
 ``nvidia-smi mig -lgipp`` (the placements the driver allows).
@@ -51,6 +56,12 @@ def profiles(model: str) -> tuple[Profile, ...]:
 def models() -> tuple[str, ...]:
     """The catalog model keys that have MIG profiles."""
     return tuple(_profiles())
+
+
+def partitioned_whole(model: str) -> bool:
+    """Whether a model's GPU takes one partition mode for all of it (AMD's compute
+    partitions), so that it is never cut again as MIG GPUs may be."""
+    return any(p.name.split(".")[0].endswith("px") for p in profiles(model))
 
 
 def specs(model: str) -> tuple[str, ...]:

@@ -484,14 +484,16 @@ class NodeAgent:
                 None,
             )
             if gpu is None:
-                return f"GPU {order.get('device')} is not in MIG mode on this node any more"
+                return f"GPU {order.get('device')} is not partitioned on this node any more"
             uuid = dict(gpu.mig or ()).get(slice_, "")
             if not uuid:
                 cut = ", ".join(spec for spec, _ in gpu.mig or ()) or "nothing"
                 return (
-                    f"MIG instance {slice_} is not cut on GPU {gpu.id} (it has {cut}); "
+                    f"instance {slice_} is not cut on GPU {gpu.id} (it has {cut}); "
                     "this agent does not cut GPUs"
                 )
+            if gpu.platform == "rocm":  # an AMD partition: the logical GPU's index
+                return Placement(env={"HIP_VISIBLE_DEVICES": uuid}, what=f"partition {uuid}")
             return Placement(env={"CUDA_VISIBLE_DEVICES": uuid}, what=f"MIG device {uuid}")
         try:
             k, n, index = parse_shares(slice_)

@@ -27,7 +27,12 @@ from broker.types import (
 )
 
 MigProfileName = Annotated[
-    str, Field(pattern=r"^[1-8]g\.[0-9]{1,3}gb$", examples=["3g.40gb"], description="A MIG profile")
+    str,
+    Field(
+        pattern=r"^([1-8]g|[sdqc]px)\.[0-9]{1,3}gb$",
+        examples=["3g.40gb", "cpx.24gb"],
+        description="A MIG profile, or an AMD compute partition",
+    ),
 ]
 Hours = Annotated[float, NotBool, Field(gt=0, le=100_000)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, lower-case hex")]

@@ -130,8 +130,9 @@ def offer(row: Offer | _Columns, count: int | None = None) -> sm.Offer:
         mig_profiles=mig.specs(row.accelerator) if row.fraction_kind == FractionKind.mig else (),
         mig_instances=tuple(row.mig_instances),
         mig_busy=tuple(row.mig_busy),
-        # An agent's MIG GPU (it names the device) is sold as its agent cut it.
-        mig_fixed=row.device is not None,
+        # An agent's MIG GPU (it names the device) is sold as its agent cut it, and an
+        # AMD GPU as it is partitioned (one mode for all of it).
+        mig_fixed=row.device is not None or mig.partitioned_whole(row.accelerator),
         # Only the three energy fields: float-valued, whatever else Offer holds.
         **cast(
             dict[str, Any],

@@ -406,8 +406,9 @@ class _Slices:
             busy = self._mig_busy.setdefault(offer.id, list(offer.mig_busy))
             profiles = {p.name: p for p in mig.profiles(offer.accelerator)}
             name, start = parse_instance(slice_)
-            if offer.device is not None and slice_ not in offer.mig_instances:
-                return None  # an agent's GPU: only the instances cut on it
+            fixed = offer.device is not None or mig.partitioned_whole(offer.accelerator)
+            if fixed and slice_ not in offer.mig_instances:
+                return None  # sold as it is cut: only the instances that exist
             slots = profiles[name].slots(start)
             for other in busy:
                 other_name, other_start = parse_instance(other)

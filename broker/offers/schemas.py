@@ -23,7 +23,10 @@ from broker.types import (
 Count = Annotated[int, NotBool, Field(ge=1, le=100_000, description="Accelerators offered")]
 PositiveFigure = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
 Hours = Annotated[float, NotBool, Field(gt=0, le=1_000_000)]
-MigInstance = Annotated[str, Field(pattern=r"^[1-8]g\.[0-9]{1,3}gb@[0-7]$", examples=["3g.40gb@4"])]
+MigInstance = Annotated[
+    str,
+    Field(pattern=r"^([1-8]g|[sdqc]px)\.[0-9]{1,3}gb@[0-7]$", examples=["3g.40gb@4", "cpx.24gb@3"]),
+]
 Efficiency = Annotated[
     float,
     NotBool,

@@ -137,6 +137,14 @@ def fraction_terms(data: OfferTerms, model: str, memory_gib: float) -> dict[str,
                 field="body.mig_instances",
             )
         taken |= slots
+    if mig.partitioned_whole(model):
+        names = {parse_instance(t)[0] for t in data.mig_instances}
+        if len(names) != 1:
+            raise InvalidInput(
+                f"an {model} is partitioned whole, in one mode: list its partitions, all of "
+                f"one profile ({', '.join(profiles)})",
+                field="body.mig_instances",
+            )
     return {"fraction_kind": FractionKind.mig, "mig_instances": sorted(data.mig_instances)}
 
 

@@ -71,6 +71,59 @@ def test_partitioned_mi300x_and_bad_pages_are_not_offered() -> None:
     assert bad.reason == "unhealthy: retired memory pages exceed the bad-page threshold"
 
 
+def _partitioned(mode: str, count: int, first_says: str, others_say: str) -> str:
+    """The recorded GPU 0 as ``count`` logical GPUs of one MI300X, as amd-smi lists a
+    partitioned one (ROCm/amdsmi#132: the functions of one PCI address, the first
+    with its mode, the others "N/A", each with its share of the memory)."""
+    recorded = json.loads(sample(STATIC))["gpu_data"]
+    entries = []
+    for k in range(count):
+        entry = json.loads(json.dumps(recorded[0]))
+        entry["gpu"] = k
+        entry["bus"]["bdf"] = f"0000:05:00.{k}"
+        entry["partition"] = {
+            "compute_partition": first_says if k == 0 else others_say,
+            "memory_partition": "NPS1" if k == 0 else "N/A",
+        }
+        if k:
+            entry["vram"]["size"]["value"] = 196592 // count
+        entries.append(entry)
+    # A whole MI300X next to it, as recorded.
+    entries.append({**recorded[1], "gpu": count})
+    return json.dumps({"gpu_data": entries})
+
+
+@pytest.mark.parametrize(
+    ("mode", "count", "profile", "width"), [("DPX", 2, "dpx.96gb", 4), ("CPX", 8, "cpx.24gb", 1)]
+)
+def test_a_partitioned_mi300x_is_sold_as_its_partitions(
+    mode: str, count: int, profile: str, width: int
+) -> None:
+    partitioned, whole = parse_amd_smi(_partitioned(mode, count, mode, "N/A"))
+
+    assert (partitioned.id, partitioned.model, partitioned.offerable) == (
+        "0000:05:00",
+        "mi300x",
+        True,
+    )
+    assert partitioned.memory_gib == 192  # the whole GPU's, from the catalog
+    # Each partition at its first XCD, with the logical GPU's index to run on.
+    assert partitioned.mig == tuple((f"{profile}@{k * width}", str(k)) for k in range(count))
+    assert partitioned.extra["compute_partition"] == mode
+    assert whole.mig is None
+    assert whole.id == str(count)
+    assert offerable_counts([whole]) == {"mi300x": 1}
+
+
+def test_partitions_that_do_not_say_their_mode_are_known_by_their_number() -> None:
+    # Every logical GPU says N/A: four functions of one address are a QPX GPU.
+    partitioned, _ = parse_amd_smi(_partitioned("QPX", 4, "N/A", "N/A"))
+
+    assert [spec for spec, _ in partitioned.mig or ()] == [
+        "qpx.48gb@0", "qpx.48gb@2", "qpx.48gb@4", "qpx.48gb@6"
+    ]  # fmt: skip
+
+
 def test_an_older_amd_smi_market_name_resolves() -> None:
     # amd-smi 24.x printed MARKET_NAME "MI300X-O" (AMD's amd-smi blog post).
     entries = json.loads(sample(STATIC))["gpu_data"][:1]

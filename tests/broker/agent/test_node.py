@@ -351,6 +351,19 @@ def test_a_fractional_run_is_placed_on_its_slice() -> None:
     assert isinstance(node.placement({**shared, "slice": "1/4 shared on GPU 5"}), str)
 
 
+def test_an_amd_partition_runs_on_its_logical_gpu() -> None:
+    node = _node("rocm")
+    cut = tuple((f"cpx.24gb@{k}", str(8 + k)) for k in range(8))
+    gpu = Device(id="0000:05:00", name="MI300X", model="mi300x", platform="rocm", mig=cut)
+    node._devices = [gpu]
+    (offer,) = node.offers([gpu])
+    assert (offer["kind"], offer["device"], len(offer["mig_instances"])) == ("mig", "0000:05:00", 8)
+    order = {"accelerator": "mi300x", "kind": "mig", "device": "0000:05:00", "slice": "cpx.24gb@3"}
+    placed = node.placement(order)
+    assert isinstance(placed, Placement)
+    assert placed.env == {"HIP_VISIBLE_DEVICES": "11"}
+
+
 def test_cpu_shares_get_cores_of_their_own() -> None:
     node = _node("cpu", shares=2)
     node._devices = [Device(id="host", name="cpu", model="cpu", platform="cpu", count=1)]

@@ -58,7 +58,7 @@ def publish(agent: Any, node_id: str, *offers: dict[str, Any]) -> list[dict[str,
 
 
 def matched_job(market: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    body = job_body(platforms=["cuda"], max_price_per_hour="5.00", **overrides)
+    body = job_body(**{"platforms": ["cuda"], "max_price_per_hour": "5.00", **overrides})
     job = market["developer"].post("/v1/jobs", json=body)
     assert job.status_code == 201, job.text
     run_round(market["engine"], get_settings(), "manual")
@@ -165,6 +165,29 @@ def test_a_node_lists_each_mig_gpu_and_its_orders_name_the_slice(
     mine = next(o for o in offers if o["device"] == "GPU-1111")
     assert mine["mig_busy"] == [order["slice"]]
     assert mine["mig_instances"] == sorted(cut[1:])
+
+
+def test_an_amd_gpu_is_sold_as_it_is_partitioned(market: dict[str, Any]) -> None:
+    agent, node_id = register(market)
+    gpu = {"accelerator": "mi300x", "count": 1, "price_per_hour": "4.00", "kind": "mig"}
+    mixed = {**gpu, "device": "0000:05:00", "mig_instances": ["dpx.96gb@0", "qpx.48gb@4"]}
+    refused = agent.put(f"/v1/nodes/{node_id}/offers", json={"offers": [mixed]})
+    assert refused.status_code == 422
+    assert "one mode" in refused.json()["error"]["message"]
+    cpx = {**gpu, "device": "0000:05:00", "mig_instances": [f"cpx.24gb@{k}" for k in range(8)]}
+    publish(agent, node_id, cpx)
+    # A job for half of it finds no DPX partition: the GPU is not cut again for it.
+    half = matched_job(
+        market, platforms=["rocm"], mig_profile="dpx.96gb", accelerator_models=["mi300x"]
+    )
+    assert half["state"] == "open"
+    small = matched_job(
+        market, platforms=["rocm"], mig_profile="cpx.24gb", accelerator_models=["mi300x"]
+    )
+    assert small["state"] == "matched"
+    (order,) = agent.get("/v1/allocations").json()
+    assert order["slice"].startswith("cpx.24gb@")
+    assert order["share"] == pytest.approx(1 / 8)
 
 
 def test_a_shared_offer_sells_shares_and_whole_ones(market: dict[str, Any]) -> None:
