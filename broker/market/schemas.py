@@ -22,6 +22,24 @@ class PriceLevel(BaseModel):
     )
 
 
+class SliceLevel(BaseModel):
+    """Parts of one accelerator at one price (fractions): MIG instances or AMD
+    partitions of one profile, shares of shared offers, or bids for a part."""
+
+    part: str = Field(
+        description='What one order is: "3g.40gb" (an isolated instance of that profile), '
+        '"1/4 shared" (a share of a shared accelerator); for bids "0.25" (a quarter of one) '
+        "or a profile"
+    )
+    isolated: bool = Field(
+        description="Asks: hardware-isolated (MIG, partitions). Bids: the job asks for "
+        "isolation (it does not accept shared capacity)"
+    )
+    price_per_hour: Usd = Field(description="Per accelerator-hour; a part costs its share of it")
+    quantity: int = Field(description="Parts at this price (free instances or shares; jobs)")
+    orders: int = Field(description="Offers (asks) or jobs (bids)")
+
+
 class Book(BaseModel):
     accelerator: str
     name: str | None = Field(description="Full model name, when the catalog knows it")
@@ -42,6 +60,16 @@ class Book(BaseModel):
     best_ask: Usd | None
     best_bid: Usd | None
     spread: Usd | None = Field(description="best_ask - best_bid when the book is not crossed")
+    slice_asks: list[SliceLevel] = Field(
+        default_factory=list,
+        description="Fractions: free MIG instances, partitions and shares, cheapest first "
+        "(a shared accelerator no share of is held is also in asks, for whole jobs)",
+    )
+    slice_bids: list[SliceLevel] = Field(
+        default_factory=list,
+        description="Fractions: open jobs for part of one accelerator, highest first (kept "
+        "out of bids)",
+    )
 
 
 class OrderBook(BaseModel):

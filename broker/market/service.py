@@ -10,6 +10,12 @@ A book exists for every model with an ask, and for every catalog model an open
 job names explicitly. A job needs all its accelerators on one offer, so a bid for
 more than the largest offer of a model lists could never be filled there: it is
 shown apart (``unfillable``), and never makes the book look crossed.
+
+Fractions have levels of their own (``slice_asks``, ``slice_bids``): free MIG
+instances and AMD partitions by profile, free shares of shared offers, and open
+jobs for part of one accelerator, each at its price per accelerator-hour. A MIG
+offer is not a whole accelerator to anyone, so it is not in ``asks``; a shared
+accelerator no share of is held is (a whole job may take all of it).
 """
 
 from __future__ import annotations
@@ -23,18 +29,20 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from sqlalchemy import ColumnElement, Text, cast, func, select
 from sqlalchemy.orm import Session
 
-from adapters import catalog, grid
+from adapters import catalog, grid, mig
 from broker.db import utcnow
-from broker.market.schemas import Book, OrderBook, PriceLevel, PricePoint
+from broker.market.schemas import Book, OrderBook, PriceLevel, PricePoint, SliceLevel
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation, ClearingRound
-from broker.models.offer import Offer, OfferStatus
+from broker.models.offer import FractionKind, Offer, OfferStatus
 from broker.money import micros_to_usd
 from broker.offers.service import resolve_model
 
 # A price level before it is shown: (price in micro-dollars, accelerators, orders).
 _Level = tuple[int, int, int]
+# A fraction's part and whether it is isolated: ("3g.40gb", True), ("1/4 shared", False).
+_Part = tuple[str, bool]
 
 
 @dataclass
@@ -48,6 +56,8 @@ class _Model:
     asks: list[_Level] = field(default_factory=list)  # cheapest first, at most depth
     # g CO2e per accelerator-hour of the asks at each price: (lowest, highest)
     carbon: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Fractions: free parts by part and price -> [parts, offers].
+    slices: dict[tuple[_Part, int], list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +71,8 @@ class _BidGroup:
     platforms: tuple[str, ...]
     # Limit prices, highest first, by how many accelerators each job needs.
     by_size: dict[int, list[_Level]] = field(default_factory=dict)
+    # Jobs for part of one accelerator: limit prices, highest first, by part.
+    by_part: dict[_Part, list[_Level]] = field(default_factory=dict)
 
     def accepts(self, m: _Model) -> bool:
         return (
@@ -90,12 +102,54 @@ def order_book(session: Session, accelerator: str | None = None, depth: int = 50
     for model in sorted(models.values(), key=lambda m: m.key):
         fits: list[list[_Level]] = []
         too_big: list[list[_Level]] = []
+        parts: dict[_Part, list[list[_Level]]] = {}
+        profiles = {p.name for p in mig.profiles(model.key)}
         for group in groups:
             if group.accepts(model):
                 for size, levels in group.by_size.items():
                     (too_big if model.largest and size > model.largest else fits).append(levels)
-        books.append(_book(model, _best_levels(fits, depth), _best_levels(too_big, depth)))
+                for part, levels in group.by_part.items():
+                    # A fraction ("0.25") may go anywhere; a profile to its models.
+                    if part[0].startswith("0.") or part[0] in profiles:
+                        parts.setdefault(part, []).append(levels)
+        book = _book(model, _best_levels(fits, depth), _best_levels(too_big, depth))
+        book.slice_asks = _slice_asks(model, depth)
+        book.slice_bids = _slice_bids(parts, depth)
+        books.append(book)
     return OrderBook(books=books, generated_at=utcnow())
+
+
+def _slice_asks(model: _Model, depth: int) -> list[SliceLevel]:
+    levels = sorted(model.slices.items(), key=lambda item: (item[0][1], item[0][0]))
+    return [
+        SliceLevel(
+            part=part,
+            isolated=isolated,
+            price_per_hour=micros_to_usd(price),
+            quantity=parts,
+            orders=offers,
+        )
+        for ((part, isolated), price), (parts, offers) in levels[:depth]
+    ]
+
+
+def _slice_bids(parts: dict[_Part, list[list[_Level]]], depth: int) -> list[SliceLevel]:
+    levels = [
+        (price, part, quantity, orders)
+        for part, sides in parts.items()
+        for price, quantity, orders in _best_levels(sides, depth)
+    ]
+    levels.sort(key=lambda level: (-level[0], level[1]))
+    return [
+        SliceLevel(
+            part=part,
+            isolated=isolated,
+            price_per_hour=micros_to_usd(price),
+            quantity=quantity,
+            orders=orders,
+        )
+        for price, (part, isolated), quantity, orders in levels[:depth]
+    ]
 
 
 def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model]:
@@ -124,8 +178,10 @@ def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model
         model.platforms.add(platform)
         model.memory_gib = max(model.memory_gib, memory)
         model.largest = max(model.largest, int(largest))
+    _ask_slices(session, condition, models)
     # One level per price, whatever vendor or platform spelling the offers use; only
-    # the levels shown leave the database.
+    # the levels shown leave the database. A MIG offer is no whole accelerator.
+    condition = condition & (Offer.fraction_kind != FractionKind.mig)
     levels = (
         select(
             Offer.accelerator,
@@ -149,6 +205,39 @@ def _ask_side(session: Session, key: str | None, depth: int) -> dict[str, _Model
         models[accel].asks.append((price, int(quantity), int(orders)))
     _ask_carbon(session, condition, models)
     return models
+
+
+def _ask_slices(
+    session: Session, condition: ColumnElement[bool], models: dict[str, _Model]
+) -> None:
+    """The free parts of fractional offers: each MIG (or partition) profile's free
+    instances, and each shared offer's free shares, by price."""
+    rows = session.execute(
+        select(
+            Offer.accelerator,
+            Offer.price_per_hour_micros,
+            Offer.fraction_kind,
+            Offer.mig_instances,
+            Offer.shares,
+            Offer.capacity,
+            Offer.shares_busy,
+        ).where(condition & (Offer.fraction_kind != FractionKind.whole))
+    )
+    for accel, price, kind, instances, shares, capacity, busy in rows:
+        model = models.get(accel)
+        if model is None:
+            continue
+        if kind == FractionKind.mig:
+            free: dict[_Part, int] = {}
+            for text in instances:
+                part = (text.partition("@")[0], True)
+                free[part] = free.get(part, 0) + 1
+        else:
+            free = {(f"1/{shares} shared", False): max(0, capacity * shares - busy)}
+        for part, n in free.items():
+            level = model.slices.setdefault((part, price), [0, 0])
+            level[0] += n
+            level[1] += 1
 
 
 def _ask_carbon(
@@ -202,11 +291,21 @@ def _bid_groups(session: Session) -> list[_BidGroup]:
             needs[3],
             Job.max_price_per_hour_micros,
             Job.accelerators,
+            Job.fraction_milli,
+            Job.mig_profile,
+            Job.accepts_shared,
             func.sum(Job.accelerators),
             func.count(),
         )
         .where(Job.state == JobState.open)
-        .group_by(*needs, Job.accelerators, Job.max_price_per_hour_micros)
+        .group_by(
+            *needs,
+            Job.accelerators,
+            Job.fraction_milli,
+            Job.mig_profile,
+            Job.accepts_shared,
+            Job.max_price_per_hour_micros,
+        )
         .order_by(Job.max_price_per_hour_micros.desc())
     )
     decoded: dict[str, tuple[str, ...]] = {}
@@ -218,12 +317,17 @@ def _bid_groups(session: Session) -> list[_BidGroup]:
 
     groups: dict[tuple[float, str, str, str], _BidGroup] = {}
     rows = session.execute(stmt)
-    for memory, vendors, models, platforms, price, size, accelerators, jobs in rows:
+    for memory, vendors, models, platforms, price, size, milli, profile, shared, n, jobs in rows:
         group = (memory, vendors, models, platforms)
         if group not in groups:
             groups[group] = _BidGroup(memory, decode(vendors), decode(models), decode(platforms))
-        levels = groups[group].by_size.setdefault(int(size), [])
-        levels.append((price, int(accelerators), int(jobs)))
+        if milli is None and profile is None:
+            levels = groups[group].by_size.setdefault(int(size), [])
+            levels.append((price, int(n), int(jobs)))
+            continue
+        what = profile if profile is not None else f"{(milli or 0) / 1000:g}"
+        part = (what, not shared)
+        groups[group].by_part.setdefault(part, []).append((price, int(jobs), int(jobs)))
     return list(groups.values())
 
 

@@ -402,6 +402,28 @@ def test_the_market_page_shows_unfillable_bids_apart(db: Session, browser_for: A
     assert "crossed" not in page
 
 
+def test_the_market_page_shows_parts_of_accelerators(db: Session, browser_for: Any) -> None:
+    provider: Browser = browser_for(Role.provider)
+    developer: Browser = browser_for(Role.developer)
+    make_offer(
+        db, provider.account, count=1, price_per_hour="7.00", kind="mig",
+        mig_instances=["3g.40gb@0", "3g.40gb@4"],
+    )  # fmt: skip
+    make_offer(
+        db, provider.account, count=1, price_per_hour="2.00", kind="shared", shares=4,
+        memory_per_share_gib=20,
+    )  # fmt: skip
+    make_job(db, developer.account, accelerators=0.25, accepts_shared=True)
+    page = developer.get("/market?model=h100-sxm").text
+    asks = re.search(r'data-testid="slice-asks">.*?</table>', page, re.S)
+    assert asks is not None
+    assert "h100-sxm 3g.40gb <small>isolated</small>" in asks.group(0)
+    assert "h100-sxm 1/4 shared <small>compute not isolated</small>" in asks.group(0)
+    bids = re.search(r'data-testid="slice-bids">.*?</table>', page, re.S)
+    assert bids is not None
+    assert "0.25 x h100-sxm, shared accepted" in bids.group(0)
+
+
 def test_the_market_page_plots_price_against_carbon(db: Session, browser_for: Any) -> None:
     provider: Browser = browser_for(Role.provider)
     make_offer(db, provider.account, price_per_hour="2.49", pue=1.2, grid_g_per_kwh=500)

@@ -154,3 +154,47 @@ def test_each_ask_level_shows_the_carbon_of_an_accelerator_hour(
         pytest.approx(420.0),
     )
     assert dear["gco2_per_hour_min"] == dear["gco2_per_hour_max"] == pytest.approx(7.0)
+
+
+def test_fractions_have_levels_of_their_own(db: Session, client_for: ClientFactory) -> None:
+    seller, _ = make_account(db, Role.provider)
+    make_offer(db, seller, price_per_hour="2.50", count=2)
+    mig = ["3g.40gb@0", "2g.20gb@4", "1g.10gb@6"]
+    make_offer(db, seller, price_per_hour="7.00", count=1, kind="mig", mig_instances=mig)
+    make_offer(
+        db, seller, price_per_hour="2.00", count=2, kind="shared", shares=4,
+        memory_per_share_gib=20,
+    )  # fmt: skip
+    buyer, key = make_account(db, Role.developer)
+    for _ in range(2):
+        make_job(
+            db, buyer, platforms=["cuda", "rocm"], max_price_per_hour="4.00",
+            accelerators=0.25, accepts_shared=True,
+        )  # fmt: skip
+    make_job(
+        db, buyer, platforms=["cuda", "rocm"], max_price_per_hour="9.00", mig_profile="3g.40gb"
+    )
+    make_job(db, buyer, max_price_per_hour="3.00", accelerators=1)
+
+    h100 = _book(client_for(key))["h100-sxm"]
+    # Whole accelerators: the whole offer and the shared one's free accelerators, not
+    # the MIG GPU; whole bids only.
+    assert _levels(h100["asks"]) == [("2.00", 2, 1), ("2.50", 2, 1)]
+    assert _levels(h100["bids"]) == [("3.00", 1, 1)]
+    asks = [
+        (s["part"], s["isolated"], s["price_per_hour"], s["quantity"]) for s in h100["slice_asks"]
+    ]
+    assert asks == [
+        ("1/4 shared", False, "2.00", 8),
+        ("1g.10gb", True, "7.00", 1),
+        ("2g.20gb", True, "7.00", 1),
+        ("3g.40gb", True, "7.00", 1),
+    ]
+    bids = [
+        (s["part"], s["isolated"], s["price_per_hour"], s["quantity"]) for s in h100["slice_bids"]
+    ]
+    assert bids == [("3g.40gb", True, "9.00", 1), ("0.25", False, "4.00", 2)]
+    # A profile bid is only in the books of models that have the profile.
+    make_offer(db, seller, accelerator="mi300x", price_per_hour="2.10")
+    mi300x = _book(client_for(key))["mi300x"]
+    assert [s["part"] for s in mi300x["slice_bids"]] == ["0.25"]
