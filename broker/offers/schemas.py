@@ -231,6 +231,9 @@ class OfferQuery(PageQuery):
     region: RegionName | None = None
     country: CountryCode | None = None
     max_price: Usd | None = Field(default=None, description="Highest ask, USD per hour")
+    kind: FractionKind | None = Field(
+        default=None, description="What it sells of each accelerator: whole, mig or shared"
+    )
     mine: bool = Field(default=False, description="Only the caller's own offers")
     status: OfferStatus | None = Field(
         default=OfferStatus.active, description="active (default) or withdrawn"

@@ -291,6 +291,7 @@ _CONDITIONS: dict[str, Callable[[ColumnElement[Any]], ColumnElement[bool]]] = {
     "region": lambda p: _offers.c.region == p,
     "country": lambda p: _offers.c.country == p,
     "max_price": lambda p: _offers.c.price_per_hour_micros <= p,
+    "kind": lambda p: _offers.c.fraction_kind == p,
 }
 
 
@@ -325,6 +326,7 @@ def _parameters(viewer: Account, f: OfferQuery) -> dict[str, Any]:
         "region": f.region or None,
         "country": f.country or None,
         "max_price": None if f.max_price is None else usd_to_micros(f.max_price),
+        "kind": f.kind,
     }
     return visibility | {name: value for name, value in given.items() if value is not None}
 

@@ -97,3 +97,17 @@ def test_mig_instances_must_be_the_models_and_fit(
 ) -> None:
     message = _refused(provider, "body.mig_instances", kind="mig", count=1, mig_instances=instances)
     assert words in message
+
+
+def test_offers_are_searched_by_what_they_sell(provider: Any) -> None:
+    whole = provider.post("/v1/offers", json=offer_body()).json()
+    shared = provider.post(
+        "/v1/offers", json=offer_body(kind="shared", count=1, shares=2, memory_per_share_gib=40)
+    ).json()
+    cut = provider.post(
+        "/v1/offers", json=offer_body(kind="mig", count=1, mig_instances=["7g.80gb@0"])
+    ).json()
+    for kind, offer in (("whole", whole), ("shared", shared), ("mig", cut)):
+        found = provider.get("/v1/offers", params={"kind": kind}).json()["items"]
+        assert [o["id"] for o in found] == [offer["id"]]
+    assert provider.get("/v1/offers", params={"kind": "half"}).status_code == 422
