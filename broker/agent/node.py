@@ -74,6 +74,13 @@ def parse_shares(slice_: str) -> tuple[int, int, int]:
     return int(k), int(n), int(parts[4])
 
 
+def _usable_cores() -> set[int]:
+    """The CPU cores this agent may run on (all of them where the OS does not say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
+
+
 def _spans(cores: tuple[int, ...]) -> str:
     """(0, 1, 2, 5) -> "0-2,5"."""
     out: list[str] = []
@@ -521,7 +528,7 @@ class NodeAgent:
     def _cpu_share(self, device: Device, slot: int, k: int, n: int) -> Placement:
         """``k`` of ``n`` shares of CPU slot ``slot``: that part of the slot's cores,
         those the node's other runs use least (lock held)."""
-        cores = sorted(os.sched_getaffinity(0))
+        cores = sorted(_usable_cores())
         count = max(1, device.count)
         mine = cores[slot * len(cores) // count : (slot + 1) * len(cores) // count]
         mine = mine or [cores[slot % len(cores)]]

@@ -82,7 +82,10 @@ def _set_limits(limits: dict[str, Any]) -> None:
 
 def _confine_to(cpus: set[int]) -> None:
     """Run on ``cpus`` only: every thread this process has (XLA's pool started with
-    JAX), and so every thread they start."""
+    JAX), and so every thread they start. Linux only: elsewhere a share of the CPU is
+    held to its memory alone."""
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(tid), cpus)
