@@ -27,6 +27,7 @@ from broker.models.job import Job
 from broker.models.job_state import JobState, check_transition
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.offer import FractionKind, Offer, OfferStatus
+from solver.fractions import parse_shares
 
 
 def active_allocation(session: Session, job_id: str) -> Allocation | None:
@@ -129,16 +130,6 @@ def slice_memory_gib(offer: Offer, slice_: str | None) -> float | None:
     k, total, _ = parse_shares(slice_)
     per_share = offer.memory_per_share_gib or offer.memory_gib / max(1, total)
     return k * per_share
-
-
-def parse_shares(slice_: str) -> tuple[int, int, int]:
-    """``"2/8 shared on GPU 1"`` -> (2, 8, 1): shares taken, shares per accelerator, and
-    which of the offer's accelerators (0 to capacity - 1)."""
-    parts = slice_.split()
-    if len(parts) != 5 or parts[1:4] != ["shared", "on", "GPU"] or "/" not in parts[0]:
-        raise ValueError(f"shares {slice_!r}: expected 'K/N shared on GPU G'")
-    k, _, total = parts[0].partition("/")
-    return int(k), int(total), int(parts[4])
 
 
 def shared_gpus_held(session: Session, offer_id: str) -> dict[int, int]:

@@ -85,6 +85,20 @@ def parse_instance(text: str) -> tuple[str, int]:
     return name, int(start)
 
 
+def parse_shares(text: str) -> tuple[int, int, int]:
+    """``"2/8 shared on GPU 1"`` -> (2, 8, 1): shares taken, shares per accelerator, and
+    which of the offer's accelerators (0 to its count - 1)."""
+    parts = text.split()
+    k, _, total = parts[0].partition("/") if parts else ("", "", "")
+    if (
+        len(parts) != 5
+        or parts[1:4] != ["shared", "on", "GPU"]
+        or not (k + total + parts[4]).isdigit()
+    ):
+        raise ValueError(f"shares {text!r}: expected 'K/N shared on GPU G'")
+    return int(k), int(total), int(parts[4])
+
+
 def is_fractional(job: Job) -> bool:
     return job.fraction is not None or job.mig_profile is not None or job.min_compute is not None
 

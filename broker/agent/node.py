@@ -49,6 +49,7 @@ from broker.sdk.provider import (
     held_accelerators,
     run_allocation,
 )
+from solver.fractions import parse_shares
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,6 @@ SHAREABLE = ("cpu", "cuda", "rocm")
 def mig_device(device: Device) -> str:
     """How a MIG GPU's offer names it: its UUID (an index may change with a reboot)."""
     return (device.extra.get("uuid") or device.id)[:64]
-
-
-def parse_shares(slice_: str) -> tuple[int, int, int]:
-    """``"2/8 shared on GPU 1"`` -> (2, 8, 1): shares held, shares per accelerator, and
-    which of the offer's accelerators."""
-    parts = slice_.split()
-    k, _, n = parts[0].partition("/") if parts else ("", "", "")
-    if len(parts) != 5 or parts[1:4] != ["shared", "on", "GPU"] or not (k + n + parts[4]).isdigit():
-        raise ValueError(f"the slice {slice_!r} is not 'K/N shared on GPU G'")
-    return int(k), int(n), int(parts[4])
 
 
 def _usable_cores() -> set[int]:

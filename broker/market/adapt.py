@@ -12,13 +12,12 @@ from sqlalchemy import Row
 from adapters import grid, mig
 from broker.billing.amounts import PPM
 from broker.config import Settings
-from broker.ledger import parse_shares
 from broker.market.estimates import MAX_COMPILE_S_PER_KB, MAX_STARTUP_S, MAX_TRANSFER_S_PER_GB
 from broker.models.job import Job
 from broker.models.offer import FractionKind, Offer
 from broker.money import MICROS_PER_USD
 from solver import market as sm
-from solver.fractions import parse_instance
+from solver.fractions import parse_instance, parse_shares
 
 
 def weights(settings: Settings, fee_ppm: int) -> sm.Weights:

@@ -51,7 +51,7 @@ from broker.models.market import ClearingRound
 from broker.models.offer import FractionKind, Offer, OfferStatus
 from broker.observability import observe_round
 from solver import Market, Result, Warm, solve
-from solver.fractions import parse_instance
+from solver.fractions import parse_instance, parse_shares
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def _fits_kind(job: Any, offer: Any, slice_: str) -> bool:
     if offer.fraction_kind != FractionKind.shared or job.accelerators != 1:
         return False
     try:
-        k, total, _ = ledger.parse_shares(slice_)
+        k, total, _ = parse_shares(slice_)
     except ValueError:
         return False
     return k == total
@@ -423,7 +423,7 @@ class _Slices:
                 if not (profiles[parse_instance(i)[0]].slots(parse_instance(i)[1]) & slots)
             )
             return _Piece(slice_, share, 0)
-        k, total, index = ledger.parse_shares(slice_)
+        k, total, index = parse_shares(slice_)
         held = self._held[offer.id]
         # The solver numbers the accelerators that had a share free when it read the
         # offer (its version is unchanged), in order (``adapt.open_gpus``).

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from adapters import mig
 from solver import Job, Market, Offer, Result, solve
+from solver.fractions import parse_shares
 from solver.market import MarketFileError, Weights, load_market
 
 H100 = {p.name: p for p in mig.profiles("h100-sxm")}
@@ -429,3 +430,10 @@ def test_the_market_file_checks_fraction_fields() -> None:
         load_market(
             {"jobs": [{"id": "j", "platforms": ["cuda"], "max_price_per_hour": 1, "fraction": 1.5}]}
         )
+
+
+def test_shares_read_back_from_their_slice() -> None:
+    assert parse_shares("2/8 shared on GPU 1") == (2, 8, 1)
+    for bad in ("", "2/8 shared on GPU", "a/8 shared on GPU 1", "2/8 whole on GPU 1", "2 shared"):
+        with pytest.raises(ValueError, match="K/N shared on GPU G"):
+            parse_shares(bad)

@@ -10,13 +10,14 @@ from decimal import Decimal
 from sqlalchemy import Engine, select
 
 from broker.db import transaction
-from broker.ledger import end_job, parse_shares
+from broker.ledger import end_job
 from broker.market import clearing
 from broker.models.account import Account
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation, AllocationStatus
 from broker.models.offer import Offer
+from solver.fractions import parse_shares
 from tests.broker.market.test_clearing import SETTINGS, accounts, seed
 from tests.factories import make_job, make_offer
 
