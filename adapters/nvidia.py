@@ -245,6 +245,9 @@ class NvidiaAdapter:
                 lgi = run_tool([self.tool, "mig", "-lgi"], self.timeout)
             except AdapterError:
                 lgi = ""  # "No GPU instances found" exits non-zero: nothing is cut
-            listing = run_tool([self.tool, "-L"], self.timeout)
+            try:
+                listing = run_tool([self.tool, "-L"], self.timeout)
+            except AdapterError:
+                listing = ""  # no MIG- UUIDs to run on: nothing of those GPUs is offered
             devices = with_mig(devices, lgi, listing)
         return devices

@@ -387,7 +387,8 @@ def jobs_show(
             )
         if runs:
             last = runs[-1]
-            where = f"{last['accelerator']} in {last['region']} ({last['country']})"
+            what = last["accelerator"] if last.get("slice") is None else last["held"]
+            where = f"{what} in {last['region']} ({last['country']})"
             node = f" on node {last['node']}" if last["node"] else ""
             facts.append(("runs on", where + node + (", emulated" if last["emulated"] else "")))
         if job.get("unmatched"):
@@ -437,7 +438,8 @@ def jobs_logs(
             by_run.setdefault(line["allocation_id"], []).append(line)
         typer.echo(f"{job['created_at']:.19}  submitted {job['id']}")
         for run in runs:
-            where = f"{run['accelerators']} x {run['accelerator']} in {run['region']}"
+            held = run.get("held") or f"{run['accelerators']} x {run['accelerator']}"
+            where = f"{held} in {run['region']}"
             node = f" (node {run['node']})" if run["node"] else ""
             typer.echo(
                 f"{run['created_at']:.19}  matched to {where}{node} at ${run['price_per_hour']}/h"

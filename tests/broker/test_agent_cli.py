@@ -37,3 +37,14 @@ def test_a_wrong_key_is_one_line_and_debug_shows_the_traceback(live_url: str) ->
     debug = _agent(*where, "--debug")
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr
+
+
+def test_shares_are_two_or_more(live_url: str) -> None:
+    where = ("--broker", live_url, "--country", "NL", "--lat", "52.37", "--lon", "4.90")
+    refused = _agent(*where, "--shares", "1")
+    assert refused.returncode == 2
+    assert "--shares" in refused.stderr
+    # Two shares are a setting the agent takes: it gets as far as the broker's answer.
+    taken = _agent(*where, "--shares", "2")
+    assert taken.returncode == 1
+    assert "the broker refused the API key" in taken.stderr

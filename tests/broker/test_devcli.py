@@ -101,6 +101,15 @@ def test_submit_a_part_of_an_accelerator(world: dict[str, Any]) -> None:
     run_round(world["engine"], get_settings(), "manual")
     shown = json.loads(broker(world, "jobs", "show", job["id"], "--json").stdout)
     assert shown["state"] == "matched"
+    # Its log and its page say the part it holds.
+    assert (
+        "matched to 0.25 x cpu shared in europe-west4"
+        in broker(world, "jobs", "logs", job["id"]).stdout
+    )
+    assert (
+        "runs on      0.25 x cpu shared in europe-west4"
+        in broker(world, "jobs", "show", job["id"]).stdout
+    )
     refused = broker(
         world, "jobs", "submit", f"{HELLO}:predict", "--args", ARGS, "--max-price", "1",
         "--mig-profile", "9g.1tb",
