@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,6 +36,7 @@ import httpx
 from adapters import catalog, power, registry
 from adapters.base import Device
 from broker.agent.energy import RunEnergy
+from broker.agent.placement import mig_device, place
 from broker.agent.probe import Overheads, measure_startup
 from broker.portable import _xla
 from broker.sandbox import Placement, Sandbox, SandboxConfig
@@ -49,7 +48,6 @@ from broker.sdk.provider import (
     held_accelerators,
     run_allocation,
 )
-from solver.fractions import parse_shares
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +56,6 @@ ANY_MODEL = "*"
 # Backends whose runs the agent can hold to a share: the CPU (cores and memory), GPUs
 # (one device, a memory fraction). A TPU's chips are sold whole.
 SHAREABLE = ("cpu", "cuda", "rocm")
-
-
-def mig_device(device: Device) -> str:
-    """How a MIG GPU's offer names it: its UUID (an index may change with a reboot)."""
-    return (device.extra.get("uuid") or device.id)[:64]
-
-
-def _usable_cores() -> set[int]:
-    """The CPU cores this agent may run on (all of them where the OS does not say)."""
-    if hasattr(os, "sched_getaffinity"):
-        return os.sched_getaffinity(0)
-    return set(range(os.cpu_count() or 1))
-
-
-def _spans(cores: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> "0-2,5"."""
-    out: list[str] = []
-    for c in cores:
-        if out and out[-1].split("-")[-1] == str(c - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
-        else:
-            out.append(str(c))
-    return ",".join(out)
 
 
 def agent_error(exc: Exception) -> str:
@@ -466,67 +441,9 @@ class NodeAgent:
         return started
 
     def placement(self, order: dict[str, Any]) -> Placement | str | None:
-        """Where on this node a fractional run goes (lock held): its MIG instance, or
-        its accelerator with a memory cap, or its share of a CPU slot's cores; a
-        string says why it cannot go anywhere here; None: whole accelerators."""
-        slice_ = order.get("slice")
-        if not slice_:
-            return None
-        if order.get("kind") == "mig":
-            gpu = next(
-                (
-                    d
-                    for d in self._devices
-                    if d.mig is not None and mig_device(d) == order["device"]
-                ),
-                None,
-            )
-            if gpu is None:
-                return f"GPU {order.get('device')} is not partitioned on this node any more"
-            uuid = dict(gpu.mig or ()).get(slice_, "")
-            if not uuid:
-                cut = ", ".join(spec for spec, _ in gpu.mig or ()) or "nothing"
-                return (
-                    f"instance {slice_} is not cut on GPU {gpu.id} (it has {cut}); "
-                    "this agent does not cut GPUs"
-                )
-            if gpu.platform == "rocm":  # an AMD partition: the logical GPU's index
-                return Placement(env={"HIP_VISIBLE_DEVICES": uuid}, what=f"partition {uuid}")
-            return Placement(env={"CUDA_VISIBLE_DEVICES": uuid}, what=f"MIG device {uuid}")
-        try:
-            k, n, index = parse_shares(slice_)
-        except ValueError as e:
-            return str(e)
-        units = [
-            (d, i)
-            for d in self._devices
-            if d.model == order.get("accelerator") and d.offerable and d.mig is None
-            for i in range(d.count)
-        ]
-        if index >= len(units):
-            return f"accelerator {index} of the {order.get('accelerator')} offer is gone from here"
-        device, slot = units[index]
-        if (device.emulated_on or device.platform) == "cpu":
-            return self._cpu_share(device, slot, k, n)
-        visible = "HIP_VISIBLE_DEVICES" if device.platform == "rocm" else "CUDA_VISIBLE_DEVICES"
-        env = {visible: device.id}
-        if k < n:
-            # The shares' memory, less room for each process's own context.
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{math.floor(k / n * 0.95 * 1000) / 1000}"
-        what = f"{device.platform} device {device.id}"
-        return Placement(env=env, what=what + (f", {k}/{n} of its memory" if k < n else ""))
-
-    def _cpu_share(self, device: Device, slot: int, k: int, n: int) -> Placement:
-        """``k`` of ``n`` shares of CPU slot ``slot``: that part of the slot's cores,
-        those the node's other runs use least (lock held)."""
-        cores = sorted(_usable_cores())
-        count = max(1, device.count)
-        mine = cores[slot * len(cores) // count : (slot + 1) * len(cores) // count]
-        mine = mine or [cores[slot % len(cores)]]
-        want = max(1, round(len(mine) * k / n))
-        use = Counter(c for r in self._runs.values() for c in r.cpus)
-        chosen = tuple(sorted(sorted(mine, key=lambda c: (use[c], c))[:want]))
-        return Placement(cpus=chosen, what=f"{len(chosen)} of {len(mine)} cores ({_spans(chosen)})")
+        """Where on this node a fractional run goes (lock held; ``placement.place``)."""
+        busy = [c for r in self._runs.values() for c in r.cpus]
+        return place(order, self._devices, busy)
 
     def _run(
         self, order: dict[str, Any], handle: RunHandle, placement: Placement | str | None = None

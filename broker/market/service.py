@@ -120,26 +120,25 @@ def order_book(session: Session, accelerator: str | None = None, depth: int = 50
 
 
 def _slice_asks(model: _Model, depth: int) -> list[SliceLevel]:
-    levels = sorted(model.slices.items(), key=lambda item: (item[0][1], item[0][0]))
-    return [
-        SliceLevel(
-            part=part,
-            isolated=isolated,
-            price_per_hour=micros_to_usd(price),
-            quantity=parts,
-            orders=offers,
-        )
-        for ((part, isolated), price), (parts, offers) in levels[:depth]
+    """Free parts, cheapest first."""
+    levels = [
+        (price, part, parts, offers) for (part, price), (parts, offers) in model.slices.items()
     ]
+    return _slice_levels(sorted(levels, key=lambda level: (level[0], level[1])), depth)
 
 
 def _slice_bids(parts: dict[_Part, list[list[_Level]]], depth: int) -> list[SliceLevel]:
+    """Bids for parts, highest first."""
     levels = [
         (price, part, quantity, orders)
         for part, sides in parts.items()
         for price, quantity, orders in _best_levels(sides, depth)
     ]
-    levels.sort(key=lambda level: (-level[0], level[1]))
+    return _slice_levels(sorted(levels, key=lambda level: (-level[0], level[1])), depth)
+
+
+def _slice_levels(levels: list[tuple[int, _Part, int, int]], depth: int) -> list[SliceLevel]:
+    """(price, part, quantity, orders) rows, in order, as the book shows them."""
     return [
         SliceLevel(
             part=part,

@@ -239,7 +239,9 @@ def test_a_cancelled_run_stops_within_seconds_and_frees_its_slot(
     np.testing.assert_array_equal(after.result(), np.full(3, 2.0))
 
 
-def test_offers_follow_devices_and_prices() -> None:
+def _node(
+    platform: str, shares: int | None = None, prices: dict[str, Decimal] | None = None
+) -> NodeAgent:
     config = AgentConfig(
         broker="http://127.0.0.1:9",
         api_key="bk_x",
@@ -248,11 +250,17 @@ def test_offers_follow_devices_and_prices() -> None:
         country="NL",
         lat=0,
         lon=0,
-        prices={"h100-sxm": Decimal("2.5"), "*": Decimal("1")},
+        prices={"*": Decimal("2")} if prices is None else prices,
         adapter="cpu",
-        platform="cuda",
+        platform=platform,
+        shares=shares,
     )
-    node = NodeAgent(config)
+    return NodeAgent(config)
+
+
+def test_offers_follow_devices_and_prices() -> None:
+    node = _node("cuda", prices={"h100-sxm": Decimal("2.5"), "*": Decimal("1")})
+    config = node.config
     devices = [
         Device(id="0", name="NVIDIA H100 80GB HBM3", model="h100-sxm", platform="cuda"),
         Device(id="1", name="NVIDIA H100 80GB HBM3", model="h100-sxm", platform="cuda"),
@@ -271,23 +279,6 @@ def test_offers_follow_devices_and_prices() -> None:
     assert node.offers([*devices, cpu]) == [
         {"accelerator": "cpu", "count": 1, "price_per_hour": "1", "tflops_fp32": 0.3}
     ]
-
-
-def _node(platform: str, shares: int | None = None) -> NodeAgent:
-    config = AgentConfig(
-        broker="http://127.0.0.1:9",
-        api_key="bk_x",
-        name="n",
-        region="r",
-        country="NL",
-        lat=0,
-        lon=0,
-        prices={"*": Decimal("2")},
-        adapter="cpu",
-        platform=platform,
-        shares=shares,
-    )
-    return NodeAgent(config)
 
 
 MIG_3G = (("3g.40gb@4", "MIG-aaaa"), ("3g.40gb@0", "MIG-bbbb"))
