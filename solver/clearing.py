@@ -119,7 +119,8 @@ def _split(market: Market, time_limit: float, warm: Warm | None) -> Result:
     else:
         ids = tuple(j.id for j in fractional.jobs)
         f = Result("OPTIMAL", 0.0, 0.0, 0.0, (), ids, unplaceable=ids)
-    views = _whole_views(sliced, f.assignments)
+    singles = sum(1 for j in whole.jobs if j.accelerators == 1)
+    views = _whole_views(sliced, f.assignments, singles)
     whole = replace(whole, offers=whole.offers + tuple(views.values()))
     w = solve(whole, max(0.1, time_limit - (time.perf_counter() - started)), warm)
     w = replace(w, assignments=tuple(_from_view(a, views) for a in w.assignments))
@@ -144,18 +145,24 @@ def _split(market: Market, time_limit: float, warm: Warm | None) -> Result:
 VIEW = "#gpu"  # a whole view's id: the shared offer's, this, and the GPU's number
 
 
-def _whole_views(offers: tuple[Offer, ...], taken: tuple[Assignment, ...]) -> dict[str, Offer]:
+def _whole_views(
+    offers: tuple[Offer, ...], taken: tuple[Assignment, ...], limit: int
+) -> dict[str, Offer]:
     """A shared offer's accelerators that no share of is held (nor placed this round),
     each as a whole one-accelerator offer: a whole job may take one, all its shares.
-    One offer per accelerator, so a gang never spans shared accelerators."""
+    One offer per accelerator, so a gang never spans shared accelerators; at most
+    ``limit`` of each offer (the round's one-accelerator whole jobs: no more can be
+    placed), so a big shared offer does not flood the round with views."""
     used = {(a.offer, a.slice.split()[-1]) for a in taken if "shared" in a.slice}
     views: dict[str, Offer] = {}
     for o in offers:
         if o.fraction_kind != "shared":
             continue
+        free = 0
         for b in range(o.count):
             busy = o.shares_busy[b] if b < len(o.shares_busy) else 0
-            if busy == 0 and (o.id, str(b)) not in used:
+            if busy == 0 and (o.id, str(b)) not in used and free < limit:
+                free += 1
                 view_id = f"{o.id}{VIEW}{b}"
                 views[view_id] = replace(
                     o, id=view_id, fraction_kind="whole", count=1, shares_busy=()
