@@ -38,6 +38,8 @@ from broker.observability import (
 )
 from broker.offers.router import router as offers_router
 from broker.ratelimit import RateLimit
+from broker.services.router import replicas_router, write_windows
+from broker.services.router import router as services_router
 from web import install as install_web
 
 log = logging.getLogger(__name__)
@@ -97,15 +99,18 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if os.environ.get("BROKER_CONFIGURE_LOGGING") == "1":  # set by `broker serve`
             configure_logging(get_settings().log_format)
+        windows = asyncio.create_task(write_windows(app))
         if served:
             tune_for_serving()
             yield  # the periodic tasks run in broker serve's scheduler process
+            windows.cancel()
             return
         # Served some other way (tests, `uvicorn broker.app:app`): the periodic tasks
         # run here, in threads, once per database at a time like everywhere else.
         scheduler = periodic.scheduler(settings, clearing=clearing, billing=auto_bill is not False)
         scheduler.start()
         yield
+        windows.cancel()
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(
@@ -149,6 +154,8 @@ def create_app(
         runs_router,
         nodes_router,
         billing_router,
+        services_router,
+        replicas_router,
     ):
         app.include_router(router)
 

@@ -75,6 +75,41 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest array bundle upload (inputs, checkpoint, result), in bytes",
     )
+    max_infer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest request to a service (POST /v1/services/{id}/infer), in bytes",
+    )
+    infer_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="How long a request to a service may take"
+    )
+    relay_simulate_rtt: bool = Field(
+        default=False,
+        description="Benchmarks: the relay delays each request by the market's modelled "
+        "round trip between its caller and the replica (loopback has none)",
+    )
+    relay_url: str = Field(
+        default="",
+        description="Set by `broker serve` for its web workers: the relay process that "
+        "holds the replicas' connections (empty: this process relays)",
+    )
+    relay_public_url: str = Field(
+        default="",
+        description="Where replicas' agents reach the relay, when not at the broker's own "
+        "URL (`broker serve` with several workers sets it to its relay process)",
+    )
+    service_scale_up_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A service adds a replica when its load stays above target this long",
+    )
+    service_scale_down_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="A service drops a replica after its load stays well below target this long",
+    )
     node_timeout_s: float = Field(
         default=60.0,
         gt=0,

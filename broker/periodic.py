@@ -1,7 +1,8 @@
 """The broker's periodic tasks, registered with the one scheduler (``broker.scheduler``).
 
 - ``clearing``: an automatic clearing round every BROKER_CLEAR_INTERVAL_SECONDS
-  (the round itself takes the clearing lease and fences its commit by it).
+  (the round itself takes the clearing lease and fences its commit by it); first,
+  services are scaled and their replicas placed (``broker.services``).
 - ``sweep``: nodes whose heartbeats stopped go offline and their jobs back to the
   market; then runs that never started or ran past their time are ended.
 - ``billing``: invoices for ended periods, Stripe sync, webhook retries; and
@@ -31,6 +32,8 @@ from broker.market.timeouts import SweepReport, sweep_runs
 from broker.nodes.service import sweep
 from broker.nodes.sweeper import Sweeper
 from broker.scheduler import Scheduler, Task
+from broker.services import scaling
+from broker.services import service as services
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,31 @@ class Clearing:
         self.standing = Standing()
 
     def __call__(self) -> None:
+        prepare_services()
         # RoundInProgress: a manual round is running; it covers this tick.
         with contextlib.suppress(RoundInProgress):
             run_round(get_engine(), get_settings(), "auto", self.solver, self.standing)
+
+
+_PRUNE_EVERY_S = 3600.0
+_pruned_at = 0.0
+
+
+def prepare_services() -> None:
+    """Before a round: each service's replica count from its load (``scaling``), then
+    its replicas opened, let go and pinned where its placement puts them. A failure
+    here is logged and the round goes on: jobs need not wait for services."""
+    global _pruned_at
+    settings = get_settings()
+    try:
+        with session_scope() as session:
+            scaling.autoscale(session, settings)
+            services.reconcile(session, settings)
+            if time.monotonic() - _pruned_at > _PRUNE_EVERY_S:
+                _pruned_at = time.monotonic()
+                scaling.prune(session)
+    except Exception:
+        log.exception("services could not be prepared for the round")
 
 
 class NodeSweep:

@@ -88,6 +88,8 @@ class Job:
     mig_profile: str | None = None
     min_compute: float | None = None
     accepts_shared: bool = False  # may run on shared (not isolated) GPUs
+    # Only this offer (a service's replica, where the service's placement put it).
+    offer_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ RULES = (
     "deadline",
     "latency",
     "carbon",
+    "placement",
     "value",
 )
 
@@ -127,6 +128,7 @@ class MarketArrays:
     j_model_ok: Bools
     j_platform_ok: Bools
     j_country_ok: Bools
+    j_pin: Ints  # the one offer a job may take (a service's replica): -1 any, n_offers none
 
     @classmethod
     def build(cls, market: Market) -> MarketArrays:
@@ -196,6 +198,7 @@ class MarketArrays:
             # Platforms are what the program was built for: none means none.
             j_platform_ok=_allow([j.platforms for j in jobs], platforms, empty_is_any=False),
             j_country_ok=_allow([j.allowed_countries for j in jobs], countries),
+            j_pin=_pins(jobs, offers),
         )
 
     @property
@@ -299,9 +302,20 @@ def evaluate_pairs(a: MarketArrays, ji: Ints, oi: Ints, counts: Ints | None = No
         "deadline": (runtime <= a.j_deadline[ji]) & (runtime <= a.o_available[oi]),
         "latency": rtt <= a.j_slo[ji],
         "carbon": gco2 <= a.j_max_gco2[ji],
+        "placement": (a.j_pin[ji] < 0) | (a.j_pin[ji] == oi),
         "value": cost < a.j_value[ji],
     }
     return Block(rules, runtime, rtt, compute, egress, latency, energy, gco2, carbon)
+
+
+def _pins(jobs: Sequence[Job], offers: Sequence[Offer]) -> Ints:
+    """Each job's ``offer_id`` as an offer index: -1 for none, ``len(offers)`` for an
+    offer not in the market (so that no offer matches)."""
+    index = {o.id: k for k, o in enumerate(offers)}
+    return np.array(
+        [-1 if j.offer_id is None else index.get(j.offer_id, len(offers)) for j in jobs],
+        dtype=np.int64,
+    )
 
 
 def _allowed(table: Bools, codes: Ints, ji: Ints, oi: Ints) -> Bools:

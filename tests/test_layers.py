@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("broker.*.router",),
     ("broker.auth", "broker.shortcuts"),
     # The domains, each a package of services and schemas.
+    ("broker.services",),
     ("broker.nodes",),
     ("broker.market",),
     ("broker.jobs",),

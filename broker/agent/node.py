@@ -38,6 +38,7 @@ from adapters.base import Device
 from broker.agent.energy import RunEnergy
 from broker.agent.placement import mig_device, place
 from broker.agent.probe import Overheads, measure_startup
+from broker.agent.serving import serve_allocation
 from broker.portable import _xla
 from broker.sandbox import Placement, Sandbox, SandboxConfig
 from broker.sdk.http import BrokerError, BrokerUnavailable
@@ -452,15 +453,25 @@ class NodeAgent:
         allocation = order["allocation_id"]
         log.info("running job %s (allocation %s)", order["job_id"], allocation)
         try:
-            outcome = run_allocation(
-                self.client,
-                order,
-                cache_dir=self.config.cache_dir,
-                handle=handle,
-                emulate=bool(self.config.options.emulate),
-                sandbox=self.sandbox,
-                placement=placement,
-            )
+            if order.get("service_id"):  # a replica: serve until the allocation ends
+                outcome = serve_allocation(
+                    self.client,
+                    order,
+                    handle=handle,
+                    sandbox=self.sandbox,
+                    placement=placement,
+                    emulate=bool(self.config.options.emulate),
+                )
+            else:
+                outcome = run_allocation(
+                    self.client,
+                    order,
+                    cache_dir=self.config.cache_dir,
+                    handle=handle,
+                    emulate=bool(self.config.options.emulate),
+                    sandbox=self.sandbox,
+                    placement=placement,
+                )
             log.info("allocation %s: %s", allocation, outcome)
         except FinishUnreported as e:
             log.error("allocation %s ended, but the broker did not hear it: %s", allocation, e)

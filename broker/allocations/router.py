@@ -67,6 +67,8 @@ def provider_allocation(
         share=allocation.share_num / allocation.share_den,
         slice_memory_gib=slice_memory_gib(offer, allocation.slice),
         device=offer.device,
+        service_id=job.service_id,
+        relay=(get_settings().relay_public_url or None) if job.service_id else None,
         created_at=allocation.created_at,
     )
 

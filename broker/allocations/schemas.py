@@ -136,6 +136,17 @@ class ProviderAllocation(BaseModel):
     device: str | None = Field(
         default=None, description="The node's device the offer sells, as its agent named it"
     )
+    service_id: str | None = Field(
+        default=None,
+        description="A replica of this inference service: serve requests relayed over a "
+        "WebSocket to the broker (`/v1/replicas/{allocation_id}/connect`) until the "
+        "allocation ends, instead of running the program once",
+    )
+    relay: str | None = Field(
+        default=None,
+        description="A replica's broker to connect to, when not the one the agent calls "
+        "(null: that one)",
+    )
     created_at: datetime
 
 

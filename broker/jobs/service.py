@@ -310,6 +310,8 @@ def _new_job(account: Account, data: JobCreate, program: _Program | None) -> dic
         data_gb=data.data_gb,
         allowed_countries=sorted(set(data.allowed_countries)),
         priority=data.priority,
+        service_id=None,
+        pinned_offer_id=None,
         budget_micros=None if data.budget_usd is None else usd_to_micros(data.budget_usd),
         artifact_sha256=data.artifact,
         inputs_sha256=data.inputs,
@@ -417,13 +419,17 @@ _HASHED_FIELDS = tuple(
         # derived from the artifact and the inputs, which are hashed
         "io_bytes",
         "program_bytes",
+        # where a service's replica is placed this round (it moves)
+        "pinned_offer_id",
     }
 )
 
 
 # Columns added after requests were first hashed: hashed only when set, so that a
 # request stored before them still matches its replay.
-_HASHED_WHEN_SET = frozenset({"max_gco2", "carbon_usd_per_t", "fraction_milli", "mig_profile"})
+_HASHED_WHEN_SET = frozenset(
+    {"max_gco2", "carbon_usd_per_t", "fraction_milli", "mig_profile", "service_id"}
+)
 _HASHED_WHEN_TRUE = frozenset({"accepts_shared"})
 
 

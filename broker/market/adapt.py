@@ -94,6 +94,7 @@ JOB_COLUMNS = (
     Job.fraction_milli,
     Job.mig_profile,
     Job.accepts_shared,
+    Job.pinned_offer_id,
 )
 
 
@@ -181,6 +182,7 @@ def job(row: Job | _Columns, budget_left_micros: Fraction | None = None) -> sm.J
         fraction=None if row.fraction_milli is None else row.fraction_milli / 1000,
         mig_profile=row.mig_profile,
         accepts_shared=row.accepts_shared,
+        offer_id=row.pinned_offer_id,
     )
 
 

@@ -30,6 +30,7 @@ RULE_TEXT = {
     "deadline": "would not finish within deadline_hours, or the offer's available_hours",
     "latency": "round trip to the users above latency_slo_ms",
     "carbon": "emissions above the job's carbon limit",
+    "placement": "not where its service's placement put this replica (see the service)",
     "value": "would cost more than the job's priority x placement value",
 }
 

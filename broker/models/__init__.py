@@ -11,6 +11,7 @@ from broker.models.node import Node
 from broker.models.offer import Offer
 from broker.models.rate_bucket import RateBucket
 from broker.models.run_log import RunLogLine
+from broker.models.service import Service, ServiceEvent, ServiceWindow
 
 __all__ = [
     "Account",
@@ -29,6 +30,9 @@ __all__ = [
     "Offer",
     "RateBucket",
     "RunLogLine",
+    "Service",
+    "ServiceEvent",
+    "ServiceWindow",
     "StripeCustomer",
     "StripeEvent",
 ]

@@ -81,6 +81,12 @@ class Job(Base):
     data_gb: Mapped[float | None] = mapped_column(Float, default=None)
     allowed_countries: Mapped[list[str]] = mapped_column(StrList, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=1)
+    # A replica of an inference service (broker.services), and the offer the service's
+    # placement chose for it this round (None: any the rules allow).
+    service_id: Mapped[str | None] = mapped_column(
+        ForeignKey("services.id"), default=None, index=True
+    )
+    pinned_offer_id: Mapped[str | None] = mapped_column(String(32), default=None)
     # The most the developer will pay for the job, fee included, over all its runs.
     budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # The program and its inputs (content addresses), for jobs the broker runs.

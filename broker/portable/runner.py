@@ -172,6 +172,33 @@ def run(
     return RunResult(outputs, platform, step, timings)
 
 
+def serve(artifact: Artifact, example: Sequence[Any]) -> Callable[[Sequence[Any]], list[Any]]:
+    """A function artifact compiled once for the local backend (and run once on
+    ``example``, so that a first request does not pay for the device's warm-up),
+    to call on inputs of the example's shapes, many times: a service's replica."""
+    if artifact.manifest.kind != "function":
+        raise RunError("a service runs a plain function; this artifact is iterative")
+    first = run(artifact, example)  # checks the platform and inputs, compiles, runs
+    del first
+    device = jax.devices()[0]
+    program = executables.load(
+        artifact, [_on_device(x, device) for x in example], device, _cache_dir
+    )
+
+    def call(inputs: Sequence[Any]) -> list[Any]:
+        if len(inputs) != len(artifact.manifest.inputs):
+            raise RunError(
+                f"the program takes {len(artifact.manifest.inputs)} inputs; got {len(inputs)}"
+            )
+        leaves = [_on_device(x, device) for x in inputs]
+        try:
+            return [np.asarray(o) for o in program(*leaves)]
+        except (TypeError, ValueError) as e:
+            raise RunError(f"the inputs do not fit the program: {e}") from e
+
+    return call
+
+
 CHUNK_SECONDS = 0.25
 """About how long one chunk of steps runs on the device before the runner reports
 progress and asks ``should_stop``: long enough that the pause between chunks

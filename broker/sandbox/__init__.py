@@ -234,6 +234,8 @@ class _Child:
                 continue
             if isinstance(message, dict):
                 self.messages.put(message)
+                if "serving" in message:
+                    return  # a replica's answers follow, framed (broker.sandbox.serve)
         self.messages.put(None)
 
     def _read_stderr(self) -> None:

@@ -14,7 +14,9 @@ artifact, inputs and checkpoint. It checks the artifact again
 as array bundles in that directory.
 
 It talks to the agent in JSON lines on its original stdout; the program's own
-output (and XLA's) goes to stderr, which the agent keeps the end of.
+output (and XLA's) goes to stderr, which the agent keeps the end of. A replica
+of a service (``serve`` in the order) compiles once and then answers requests
+framed on stdin, each answer framed on stdout (``broker.sandbox.serve``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNET = 0x40000000
@@ -92,12 +94,74 @@ def _confine_to(cpus: set[int]) -> None:
 
 
 class _Channel:
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: BinaryIO) -> None:
         self.out = out
 
     def send(self, **message: Any) -> None:
-        self.out.write(json.dumps(message) + "\n")
+        self.out.write((json.dumps(message) + "\n").encode())
         self.out.flush()
+
+    def frame(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """A replica's answer (``broker.sandbox.serve``): header length, header, body."""
+        head = json.dumps({**header, "size": len(body)}).encode()
+        self.out.write(len(head).to_bytes(4, "big") + head)
+        self.out.write(body)
+        self.out.flush()
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _serve(order: dict[str, Any], channel: _Channel) -> None:
+    """A replica: compile the program once on the example inputs, then answer the
+    requests that come as frames on stdin, one at a time, until stdin closes."""
+    from pathlib import Path
+
+    from broker.portable import arrays, checks, runner
+    from broker.portable.manifest import ArtifactError
+
+    began = time.perf_counter()
+    work = Path(order["dir"])
+    try:
+        artifact = checks.verify_artifact((work / "artifact.bin").read_bytes())
+        checks.check_runnable(artifact, order["platform"], order.get("max_output_bytes"))
+        data = (work / "inputs.bin").read_bytes()
+        checks.check_inputs(artifact, arrays.read_header(data[: arrays.MAX_HEAD], len(data)))
+        call = runner.serve(artifact, arrays.decode(data))
+    except (ArtifactError, arrays.BundleError, runner.RunError) as e:
+        channel.send(refused=str(e))
+        return
+    except Exception as e:  # compiling or the first call failed: the program's
+        channel.send(error=f"{type(e).__name__}: {e}"[:4000], program=True)
+        return
+    channel.send(serving=True, compile_seconds=time.perf_counter() - began)
+    limit = int(order.get("max_output_bytes") or 1 << 30)
+    requests = sys.stdin.buffer
+    while (head := _read_exact(requests, 4)) is not None:
+        header = json.loads(_read_exact(requests, int.from_bytes(head, "big")) or b"{}")
+        body = _read_exact(requests, int(header.get("size", 0))) or b""
+        began = time.perf_counter()
+        try:
+            checks.check_inputs(artifact, arrays.read_header(body[: arrays.MAX_HEAD], len(body)))
+            result = arrays.encode(call(arrays.decode(body)))
+            if len(result) > limit:
+                raise runner.RunError(f"the result is over this provider's {limit}-byte limit")
+        except (ArtifactError, arrays.BundleError, runner.RunError) as e:
+            channel.frame({"id": header.get("id"), "ok": False, "error": str(e), "program": True})
+            continue
+        except Exception as e:  # an XLA runtime error: the program's, on these inputs
+            text = f"{type(e).__name__}: {e}"[:4000]
+            channel.frame({"id": header.get("id"), "ok": False, "error": text, "program": True})
+            continue
+        ms = (time.perf_counter() - began) * 1000
+        channel.frame({"id": header.get("id"), "ok": True, "ms": ms}, result)
 
 
 def _run(order: dict[str, Any], channel: _Channel) -> None:
@@ -206,7 +270,7 @@ def main() -> None:
     setup = json.loads(sys.argv[1])
     parent = os.getppid()
     # The messages keep the real stdout; anything the program or XLA prints goes to stderr.
-    channel = _Channel(os.fdopen(os.dup(1), "w", buffering=1))
+    channel = _Channel(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
     if setup.get("network_namespace"):
         _leave_network()  # first: while this process has one thread
@@ -230,7 +294,7 @@ def main() -> None:
     _set_limits(order.get("limits", {}))
     if order.get("cpus"):
         _confine_to(set(order["cpus"]))
-    _run(order, channel)
+    (_serve if order.get("serve") else _run)(order, channel)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -15,6 +15,9 @@ from broker.portable import arrays
 from broker.portable.artifact import ALL_PLATFORMS, Artifact, package, package_step
 from broker.portable.manifest import ArtifactError
 from broker.sdk.http import BINARY, BrokerError, Connection
+
+if TYPE_CHECKING:
+    from broker.sdk.services import Service
 
 _FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -71,28 +74,7 @@ class Client(Connection):
         ``priority``, ``budget_usd`` (the most the job may cost, fee included), ``name``
         and ``idempotency_key``.
         """
-        try:
-            if steps is None:
-                artifact = package(
-                    fn, *args, platforms=platforms, polymorphic_shapes=polymorphic_shapes
-                )
-            else:
-                artifact = package_step(
-                    fn,
-                    args[0],
-                    *args[1:],
-                    platforms=platforms,
-                    polymorphic_shapes=polymorphic_shapes,
-                )
-        except NotImplementedError as e:
-            # What jax.export says of host callbacks (jax.pure_callback, io_callback,
-            # jax.debug.callback): a Python function of this machine cannot travel.
-            raise ArtifactError(
-                f"cannot package {getattr(fn, '__name__', fn)!s}: {e}. A job runs on "
-                "another machine, so its program must be pure JAX: no jax.pure_callback, "
-                "io_callback or jax.debug.callback (compute that part before submitting, "
-                "or in jax.numpy)"
-            ) from None
+        artifact = _package(fn, args, steps, platforms, polymorphic_shapes)
         return self.submit_artifact(
             artifact, args, steps=steps, checkpoint_every=checkpoint_every, **job_fields
         )
@@ -126,6 +108,47 @@ class Client(Connection):
             self.check_size("artifact", len(data))
             self.http.request("POST", "/v1/artifacts", content=data, headers=BINARY)
         return artifact.sha256
+
+    # -- services ---------------------------------------------------------------------
+
+    def deploy(
+        self,
+        fn: Any,
+        *args: Any,
+        users: Sequence[dict[str, Any]],
+        latency_slo_ms: float,
+        max_price_per_hour: float | Decimal | str,
+        min_replicas: int = 1,
+        max_replicas: int = 4,
+        platforms: Sequence[str] = ALL_PLATFORMS,
+        polymorphic_shapes: Any = None,
+        **fields: Any,
+    ) -> Service:
+        """Package ``fn`` as ``submit`` does, on example ``args``, and deploy it as a
+        service: replicas near ``users`` (``[{"lat", "lon", "share", "name"}]``), each
+        region within ``latency_slo_ms`` of one where any offer allows it. Other
+        keyword arguments are service fields: ``name``, ``allowed_countries``,
+        ``target_queue``, ``target_p95_ms``. Call it with ``service.infer(*args)``."""
+        from broker.sdk.services import Service
+
+        artifact = _package(fn, args, None, platforms, polymorphic_shapes)
+        body = {k: _wire(k, v) for k, v in fields.items() if v is not None}
+        body.update(
+            artifact=self.upload_artifact(artifact),
+            inputs=self.upload_arrays(jax.tree.leaves(tuple(args))),
+            users=list(users),
+            latency_slo_ms=latency_slo_ms,
+            max_price_per_hour=_wire("max_price_per_hour", max_price_per_hour),
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            platforms=list(platforms),
+        )
+        return Service(self, self.http.json("POST", "/v1/services", json=body), artifact)
+
+    def service(self, service_id: str) -> Service:
+        from broker.sdk.services import Service
+
+        return Service(self, self.http.json("GET", f"/v1/services/{service_id}"))
 
     # -- reading ----------------------------------------------------------------------
 
@@ -251,6 +274,25 @@ class Job:
         if self.error:
             line += f": {self.error}"
         return line
+
+
+def _package(
+    fn: Any, args: Sequence[Any], steps: int | None, platforms: Sequence[str], shapes: Any
+) -> Artifact:
+    """``fn`` on ``args`` packaged for ``platforms`` (a step function with ``steps``)."""
+    try:
+        if steps is None:
+            return package(fn, *args, platforms=platforms, polymorphic_shapes=shapes)
+        return package_step(fn, args[0], *args[1:], platforms=platforms, polymorphic_shapes=shapes)
+    except NotImplementedError as e:
+        # What jax.export says of host callbacks (jax.pure_callback, io_callback,
+        # jax.debug.callback): a Python function of this machine cannot travel.
+        raise ArtifactError(
+            f"cannot package {getattr(fn, '__name__', fn)!s}: {e}. A job runs on "
+            "another machine, so its program must be pure JAX: no jax.pure_callback, "
+            "io_callback or jax.debug.callback (compute that part before submitting, "
+            "or in jax.numpy)"
+        ) from None
 
 
 _MONEY = {"max_price_per_hour", "budget_usd"}

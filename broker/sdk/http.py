@@ -59,6 +59,11 @@ class Http:
             transport=transport,
         )
 
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header this client sends (for a WebSocket of its own)."""
+        return str(self._client.headers["Authorization"])
+
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request, retrying transient failures; BrokerError for a 4xx/5xx answer."""
         began = time.monotonic()

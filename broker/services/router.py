@@ -1,0 +1,308 @@
+"""Services over HTTP: deploy, read, undeploy, infer; and the replicas' connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from broker.accounts.service import authenticate_key
+from broker.auth import BatchedDeveloper, CurrentAccount, Developer
+from broker.config import get_settings
+from broker.db import SessionDep, Transactions, request_transactions
+from broker.errors import BrokerError, InvalidInput, NotFound
+from broker.models.account import Role
+from broker.models.market import Allocation, AllocationStatus
+from broker.models.offer import Offer
+from broker.models.service import LIVE_STATES, Service, ServiceWindow
+from broker.pagination import Page, PageQuery
+from broker.services import service as services
+from broker.services import views
+from broker.services.relay import WINDOW_S, Link, NoReplica, ProgramFailed, Relay, Target
+from broker.services.schemas import ServiceCreate, ServiceDetail, ServiceOut
+from solver.services import rtt_ms
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/services", tags=["services"])
+replicas_router = APIRouter(prefix="/v1/replicas", tags=["services"])
+
+BINARY = "application/octet-stream"
+
+
+class ServiceUnavailable(BrokerError):
+    status_code = 503
+    code = "no_replica"
+
+
+class ProgramError(BrokerError):
+    status_code = 422
+    code = "program_failed"
+
+
+class GatewayTimeout(BrokerError):
+    status_code = 504
+    code = "replica_timeout"
+
+
+@router.post("", status_code=201, response_model=ServiceOut)
+def deploy(session: SessionDep, developer: Developer, body: ServiceCreate) -> ServiceOut:
+    """Deploy a packaged program as a service: a standing bid for replicas near its users."""
+    service = services.deploy(session, developer, body)
+    return views.service_out(session, service)
+
+
+@router.get("", response_model=Page[ServiceOut])
+def list_services(
+    session: SessionDep, account: CurrentAccount, query: Annotated[PageQuery, Query()]
+) -> Page[ServiceOut]:
+    rows, total = services.list_services(session, account, limit=query.limit, offset=query.offset)
+    return Page.of([views.service_out(session, s) for s in rows], total, query)
+
+
+@router.get("/{service_id}", response_model=ServiceDetail)
+def get_service(session: SessionDep, account: CurrentAccount, service_id: str) -> ServiceDetail:
+    """A service, its replicas, what its callers saw over the last minute, its scale events."""
+    return views.detail(session, services.get_service(session, account, service_id))
+
+
+@router.delete("/{service_id}", response_model=ServiceOut)
+def undeploy(session: SessionDep, account: CurrentAccount, service_id: str) -> ServiceOut:
+    """Take the service down; its replicas are let go and billed for what they ran."""
+    return views.service_out(session, services.undeploy(session, account, service_id))
+
+
+# -- requests -----------------------------------------------------------------------
+
+
+class _Known:
+    """What a request needs of its service, kept a few seconds per process: a request
+    costs no database read but its key's (checked in a batch)."""
+
+    TTL_S = 5.0
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def read(self, transactions: Transactions, service_id: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        hit = self._rows.get(service_id)
+        if hit is not None and now - hit[0] < self.TTL_S:
+            return hit[1]
+        with transactions(write=False) as session:
+            row = session.get(Service, service_id)
+            info = None
+            if row is not None:
+                info = {
+                    "account_id": row.account_id,
+                    "users": list(row.users),
+                    "slo": row.latency_slo_ms,
+                    "live": row.state in LIVE_STATES,
+                    "state": row.state.value,
+                }
+        if info is not None:
+            self._rows[service_id] = (now, info)
+        return info
+
+
+def relay_of(app: Any) -> Relay:
+    relay: Relay | None = getattr(app.state, "relay", None)
+    if relay is None:
+        settings = get_settings()
+        relay = Relay(simulate_rtt=settings.relay_simulate_rtt, timeout_s=settings.infer_timeout_s)
+        app.state.relay = relay
+        app.state.services_known = _Known()
+    return relay
+
+
+def _caller(location: str | None, users: list[dict[str, Any]]) -> tuple[float, float, int]:
+    """The caller's place (the header's, else the service's busiest region) and the
+    service's user region nearest it."""
+    if location:
+        try:
+            lat_text, lon_text = location.split(",")
+            lat, lon = float(lat_text), float(lon_text)
+        except ValueError:
+            lat = lon = float("nan")
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise InvalidInput(
+                "X-Broker-Location must be 'lat,lon' in degrees", field="header.X-Broker-Location"
+            )
+    else:
+        top = max(users, key=lambda u: float(u.get("share", 1.0)))
+        lat, lon = float(top["lat"]), float(top["lon"])
+    region = min(
+        range(len(users)), key=lambda i: rtt_ms(lat, lon, users[i]["lat"], users[i]["lon"])
+    )
+    return lat, lon, region
+
+
+@router.post(
+    "/{service_id}/infer",
+    response_class=StreamingResponse,
+    responses={200: {"content": {BINARY: {}}, "description": "The results, an arrays bundle"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def infer(
+    request: Request,
+    developer: BatchedDeveloper,
+    service_id: str,
+    location: Annotated[
+        str | None,
+        Header(
+            alias="X-Broker-Location",
+            description="Where the caller is, 'lat,lon': requests go to the replica nearest "
+            "it with the least work queued (default: the service's busiest user region)",
+        ),
+    ] = None,
+) -> StreamingResponse:
+    """Call the service: the body is an arrays bundle of the arguments (as `/v1/arrays`
+    takes), the answer an arrays bundle of the results, streamed as the replica sends
+    it. Headers say which replica answered (`X-Broker-Replica`), its time
+    (`X-Broker-Replica-Ms`) and how many replicas went away first (`X-Broker-Retries`)."""
+    relay = relay_of(request.app)
+    transactions = await request_transactions(request)
+    info = await run_in_threadpool(request.app.state.services_known.read, transactions, service_id)
+    if info is None or (info["account_id"] != developer.id and developer.role != Role.admin):
+        raise NotFound(f"no service {service_id!r} of yours")
+    if not info["live"]:
+        raise ServiceUnavailable(f"service {service_id} is {info['state']}", field="service")
+    lat, lon, region = _caller(location, info["users"])
+    limit = get_settings().max_infer_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidInput(f"the request is over {limit} bytes", field="body")
+    body = await request.body()
+    if len(body) > limit:
+        raise InvalidInput(f"the request is over {limit} bytes", field="body")
+    target = Target(service_id, lat, lon, region, info["slo"])
+    relay.transactions = transactions
+    try:
+        answer = await relay.request(target, body)
+    except NoReplica as e:
+        relay.refuse(service_id, region)
+        raise ServiceUnavailable(f"no replica of service {service_id} could answer: {e}") from e
+    except ProgramFailed as e:
+        raise ProgramError(f"the service's program refused or failed the request: {e}") from e
+    except TimeoutError as e:
+        raise GatewayTimeout(
+            f"no answer from a replica in {relay.timeout_s:g} s", field="service"
+        ) from e
+    return StreamingResponse(
+        answer.chunks(),
+        media_type=BINARY,
+        headers={
+            "X-Broker-Replica": answer.link.allocation_id,
+            "X-Broker-Replica-Ms": f"{float(answer.header.get('ms') or 0.0):.3f}",
+            "X-Broker-Retries": str(answer.retries),
+        },
+    )
+
+
+# -- replicas' connections -------------------------------------------------------------
+
+
+def _replica(transactions: Transactions, key: str, allocation_id: str) -> Link | str:
+    """The link for a replica's connection, or why it may not connect."""
+    with transactions(write=False) as session:
+        owner = authenticate_key(session, key)
+        if owner is None or owner.node_id is None:
+            return "a replica connects with its node's key"
+        row = session.execute(
+            select(Allocation, Offer, Service.id)
+            .join(Offer, Offer.id == Allocation.offer_id)
+            .join(Service, Service.id == _job_service(Allocation.job_id))
+            .where(Allocation.id == allocation_id)
+        ).first()
+        if row is None:
+            return f"allocation {allocation_id} is no replica of a service"
+        allocation, offer, service_id = row
+        if offer.node_id != owner.node_id:
+            return f"allocation {allocation_id} is not this node's"
+        if allocation.status != AllocationStatus.active:
+            return f"allocation {allocation_id} has ended"
+
+        async def unset(_: bytes) -> None:  # replaced once the socket is accepted
+            raise RuntimeError("not connected")
+
+        return Link(allocation_id, service_id, offer.lat, offer.lon, unset)
+
+
+def _job_service(job_id: Any) -> Any:
+    from broker.models.job import Job
+
+    return select(Job.service_id).where(Job.id == job_id).scalar_subquery()
+
+
+@replicas_router.websocket("/{allocation_id}/connect")
+async def connect(websocket: WebSocket, allocation_id: str) -> None:
+    """A replica's agent holds this open while the replica serves (broker.services.relay)."""
+    relay = relay_of(websocket.app)
+    header = websocket.headers.get("authorization", "")
+    key = header[7:] if header.lower().startswith("bearer ") else ""
+    transactions = await request_transactions(websocket)  # type: ignore[arg-type]
+    relay.transactions = transactions
+    link = await run_in_threadpool(_replica, transactions, key, allocation_id)
+    if isinstance(link, str):
+        await websocket.close(code=4403, reason=link[:120])
+        return
+    await websocket.accept()
+    lock = asyncio.Lock()
+
+    async def send(frame: bytes) -> None:
+        async with lock:
+            await websocket.send_bytes(frame)
+
+    link.send = send
+    relay.attach(link)
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes")
+            if data:
+                try:
+                    link.deliver(data)
+                except ValueError as e:
+                    log.warning("replica %s sent a bad frame: %s", allocation_id, e)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        relay.detach(link)
+        with contextlib.suppress(RuntimeError):
+            await websocket.close()
+
+
+def _store_windows(transactions: Transactions, rows: list[dict[str, Any]]) -> None:
+    with transactions(write=True) as session:
+        session.execute(ServiceWindow.__table__.insert(), rows)  # type: ignore[attr-defined]
+
+
+async def write_windows(app: Any) -> None:
+    """Every ``WINDOW_S``, what this process's relay measured goes to the database (for
+    the autoscaler and the dashboard); runs while the app does."""
+    while True:
+        await asyncio.sleep(WINDOW_S)
+        relay: Relay | None = getattr(app.state, "relay", None)
+        if relay is None or relay.transactions is None:
+            continue
+        rows = relay.window()
+        if not rows:
+            continue
+        try:
+            await run_in_threadpool(_store_windows, relay.transactions, rows)
+        except Exception:  # the database is away: these figures are lost, serving goes on
+            log.exception("could not store %d service window(s)", len(rows))
