@@ -42,6 +42,7 @@ from broker.models.account import Account, ApiKey, Role
 from broker.models.blob import Blob, BlobGrant, BlobKind, BlobUpload
 from broker.models.job_state import JobState
 from broker.models.market import ClearingRound
+from broker.models.service import Service
 from broker.nodes import service as nodes
 from broker.nodes.schemas import NodeOffer, NodeRegister
 from broker.offers.service import withdraw_offer
@@ -211,6 +212,25 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/stripe/webhook"): Rule(
         Expect(400, 400, 400, 400, 400, 400, 400, 400), body={"id": "evt_1"}
     ),
+    # services: the developer's own (admins any); deploying needs a developer, and the
+    # world's artifact is iterative, which a service cannot serve
+    ("POST", "/v1/services"): Rule(
+        Expect(401, 422, 422, 403, 403, 422, 403, 403),
+        body={
+            "artifact": "artifact",
+            "inputs": "inputs",
+            "users": [{"lat": 52.4, "lon": 4.9}],
+            "latency_slo_ms": 50,
+            "max_price_per_hour": "2.00",
+        },
+    ),
+    ("GET", "/v1/services"): Rule(ANY_KEY, shows=sees("service", "developer", "admin")),
+    ("GET", "/v1/services/{service_id}"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
+    ("DELETE", "/v1/services/{service_id}"): Rule(Expect(401, 200, 404, 404, 404, 200, 403, 403)),
+    # No replica is connected in the world: the owner gets 503 (no replica), as admins do.
+    ("POST", "/v1/services/{service_id}/infer"): Rule(
+        Expect(401, 503, 404, 403, 403, 503, 403, 403), body=ARRAYS
+    ),
     # health
     ("GET", "/healthz"): Rule(PUBLIC),
     ("HEAD", "/healthz"): Rule(PUBLIC),
@@ -231,6 +251,7 @@ DEFAULT_PARAMS = {
     "invoice_id": "invoice",
     "key_id": "developer_key",
     "account_id": "developer_account",
+    "service_id": "service",
 }
 HEALTH = ("/healthz", "/readyz", "/metrics")
 
@@ -364,6 +385,21 @@ def build_world(db: Session) -> World:
         db, period_start=utcnow() - timedelta(days=1), cutoff=utcnow(), account_id=developer.id
     )
 
+    service = Service(
+        id=new_id("svc"),
+        account_id=developer.id,
+        artifact_sha256=job.artifact_sha256,
+        inputs_sha256=job.inputs_sha256,
+        platforms=["cpu"],
+        users=[{"lat": 52.4, "lon": 4.9, "share": 1.0}],
+        latency_slo_ms=50.0,
+        min_replicas=1,
+        max_replicas=2,
+        desired_replicas=1,
+        max_price_per_hour_micros=2_000_000,
+        allowed_countries=[],
+    )
+    db.add(service)
     round_ = ClearingRound(id=new_id("rnd"), trigger="manual", status="OPTIMAL")
     db.add(round_)
     db.flush()
@@ -381,6 +417,7 @@ def build_world(db: Session) -> World:
         "node": node.id,
         "invoice": invoice.id,
         "round": round_.id,
+        "service": service.id,
         "developer_account": developer.id,
         "developer_key": db.scalars(
             select(ApiKey.id).where(ApiKey.account_id == developer.id)

@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session
 from broker.accounts import visibility
 from broker.config import Settings
 from broker.db import new_id, utcnow
-from broker.errors import Conflict, NotFound
+from broker.errors import Conflict, InvalidInput, NotFound
 from broker.jobs import service as jobs
 from broker.jobs.schemas import JobCreate
 from broker.ledger import active_allocation, end_job
 from broker.models.account import Account
+from broker.models.blob import Blob
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation
@@ -59,6 +60,13 @@ def deploy(session: Session, account: Account, data: ServiceCreate) -> Service:
     """Check the program as a replica's job would be checked, and create the service."""
     replica = _replica_request(data, data.platforms)
     checked = jobs.prepare_job(session, account, replica, None)  # raises what a job would
+    blob = session.get(Blob, data.artifact)
+    if blob is not None and blob.meta.get("kind") == "iterative":
+        raise InvalidInput(
+            "a service serves a plain function (package(fn, *example_args)); this artifact "
+            "is an iterative step",
+            field="body.artifact",
+        )
     now = utcnow()
     service = Service(
         id=new_id("svc"),
