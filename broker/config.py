@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         description="Set by `broker serve` for its web workers: the relay process that "
         "holds the replicas' connections (empty: this process relays)",
     )
+    relay_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="`broker serve` with several workers: the relay process's port "
+        "(0: the API's port plus one)",
+    )
     relay_public_url: str = Field(
         default="",
         description="Where replicas' agents reach the relay, when not at the broker's own "

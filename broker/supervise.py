@@ -1,6 +1,8 @@
 """``broker serve``'s processes, started and stopped in order.
 
-The web server (uvicorn and its workers), the scheduler process (clearing rounds,
+The web server (uvicorn and its workers), with several workers the relay of
+services' requests (one process, which holds every replica's connection), the
+scheduler process (clearing rounds,
 sweeps and billing: ``broker.periodic``) and the demo (with
 its agents) each run in a process group of their own, so a Ctrl-C in the terminal
 reaches only ``broker serve`` (and ``make``), never them directly. On SIGINT or
@@ -37,6 +39,9 @@ class Plan:
     port: int
     workers: int
     demo_url: str | None  # the URL the demo reaches the server at; None: no demo
+    # With several workers, the relay of services' requests runs in a process of its own
+    # on this port (broker.services.relay); None: the one worker relays.
+    relay_port: int | None = None
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -117,11 +122,15 @@ def _stop(process: subprocess.Popen[bytes], seconds: float, signal_first: bool =
 
 
 def main(argv: list[str]) -> None:
-    """The body of one of ``broker serve``'s processes: ``http HOST PORT WORKERS`` or
+    """The body of one of ``broker serve``'s processes: ``http HOST PORT WORKERS``,
+    ``relay HOST PORT`` (one worker that holds the replicas' connections) or
     ``scheduler`` (every periodic task: ``broker.periodic``)."""
     role, *args = argv
     if role == "http":
         _http(args[0], int(args[1]), int(args[2]))
+    elif role == "relay":
+        os.environ["BROKER_RELAY_URL"] = ""  # this one relays: it proxies to no one
+        _http(args[0], int(args[1]), 1)
     elif role == "scheduler":
         _scheduler()
     else:
@@ -137,6 +146,14 @@ def run(plan: Plan) -> int:
         sig: signal.signal(sig, lambda *_: stopping.set())
         for sig in (signal.SIGINT, signal.SIGTERM)
     }
+    relay = None
+    if plan.relay_port is not None:
+        # Requests to services reach a web worker, which passes them to the relay
+        # process; replicas' agents connect to the relay directly.
+        local = "127.0.0.1" if plan.host in ("0.0.0.0", "::") else plan.host  # noqa: S104
+        os.environ["BROKER_RELAY_URL"] = f"http://{local}:{plan.relay_port}"
+        os.environ.setdefault("BROKER_RELAY_PUBLIC_URL", f"ws://{local}:{plan.relay_port}")
+        relay = _start("relay", plan.host, str(plan.relay_port))
     http = _start("http", plan.host, str(plan.port), str(plan.workers))
     # Clearing, sweeps and billing: each once per database at a time, whatever the
     # number of replicas (broker.scheduler), so every replica runs one of these.
@@ -151,6 +168,10 @@ def run(plan: Plan) -> int:
                 log.error("the web server stopped by itself (exit status %s)", http.returncode)
                 code = 1
                 break
+            if relay is not None and relay.poll() is not None:
+                log.error("the relay stopped by itself (exit status %s)", relay.returncode)
+                code = 1
+                break
     finally:
         started = time.monotonic()
         for process in (demo, scheduler):  # the scheduler finishes its round if it can
@@ -159,6 +180,8 @@ def run(plan: Plan) -> int:
         if demo is not None:
             _stop(demo, _DEMO_SHARE, signal_first=False)
         _stop(http, max(0.1, _DEMO_SHARE + _HTTP_SHARE - (time.monotonic() - started)))
+        if relay is not None:
+            _stop(relay, max(0.1, _DEMO_SHARE + _HTTP_SHARE - (time.monotonic() - started)))
         _stop(scheduler, max(0.1, STOP_SECONDS - (time.monotonic() - started)), False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

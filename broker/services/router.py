@@ -8,9 +8,11 @@ import logging
 import time
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from broker.accounts.service import authenticate_key
@@ -172,6 +174,9 @@ async def infer(
     takes), the answer an arrays bundle of the results, streamed as the replica sends
     it. Headers say which replica answered (`X-Broker-Replica`), its time
     (`X-Broker-Replica-Ms`) and how many replicas went away first (`X-Broker-Retries`)."""
+    settings = get_settings()
+    if settings.relay_url:  # a web worker of `broker serve`: the relay process answers
+        return await _proxied(request, settings.relay_url, settings.infer_timeout_s)
     relay = relay_of(request.app)
     transactions = await request_transactions(request)
     info = await run_in_threadpool(request.app.state.services_known.read, transactions, service_id)
@@ -208,6 +213,37 @@ async def infer(
             "X-Broker-Replica-Ms": f"{float(answer.header.get('ms') or 0.0):.3f}",
             "X-Broker-Retries": str(answer.retries),
         },
+    )
+
+
+_PASSED_ON = ("authorization", "content-type", "content-length", "x-broker-location")
+_proxy: httpx.AsyncClient | None = None
+
+
+async def _proxied(request: Request, relay_url: str, timeout_s: float) -> StreamingResponse:
+    """The request passed to the relay process, and its answer streamed back."""
+    global _proxy
+    if _proxy is None:
+        _proxy = httpx.AsyncClient(
+            base_url=relay_url,
+            timeout=httpx.Timeout(timeout_s + 5, connect=5),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_ON}
+    outgoing = _proxy.build_request(
+        "POST", request.url.path, content=request.stream(), headers=headers
+    )
+    try:
+        answer = await _proxy.send(outgoing, stream=True)
+    except httpx.HTTPError as e:
+        raise ServiceUnavailable(f"the broker's relay is not reachable ({e})") from e
+    kept = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-broker-")}
+    return StreamingResponse(
+        answer.aiter_raw(),
+        status_code=answer.status_code,
+        media_type=answer.headers.get("content-type"),
+        headers=kept,
+        background=BackgroundTask(answer.aclose),
     )
 
 
