@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         description="Where replicas' agents reach the relay, when not at the broker's own "
         "URL (`broker serve` with several workers sets it to its relay process)",
     )
+    service_window_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the relay writes what it measured of each service (the "
+        "autoscaler's and the dashboard's figures, and a replica's heartbeat)",
+    )
     service_scale_up_s: float = Field(
         default=30.0,
         gt=0,

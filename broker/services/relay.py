@@ -23,9 +23,10 @@ header length, a JSON header, then bytes. Down: ``{"id"}`` and the arguments (an
 arrays bundle). Up: ``{"id", "ok", "more", "ms"}`` (``ms``: time in the replica)
 and a chunk of the result, or ``{"id", "ok": false, "error", "program"}``.
 
-The relay measures what callers see and, every ``WINDOW_S``, writes it to the
+The relay measures what callers see and, every few seconds, writes it to the
 database as windows (``ServiceWindow``), which the autoscaler and the dashboard
 read; a connected replica writes a window even when idle, as its heartbeat.
+How often: ``BROKER_SERVICE_WINDOW_S``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from solver.services import rtt_ms
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 3
-WINDOW_S = 5.0
 
 
 class NoReplica(Exception):

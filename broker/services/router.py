@@ -27,7 +27,7 @@ from broker.models.service import LIVE_STATES, Service, ServiceWindow
 from broker.pagination import Page, PageQuery
 from broker.services import service as services
 from broker.services import views
-from broker.services.relay import WINDOW_S, Link, NoReplica, ProgramFailed, Relay, Target
+from broker.services.relay import Link, NoReplica, ProgramFailed, Relay, Target
 from broker.services.schemas import ServiceCreate, ServiceDetail, ServiceOut
 from solver.services import rtt_ms
 
@@ -328,10 +328,10 @@ def _store_windows(transactions: Transactions, rows: list[dict[str, Any]]) -> No
 
 
 async def write_windows(app: Any) -> None:
-    """Every ``WINDOW_S``, what this process's relay measured goes to the database (for
+    """Every ``BROKER_SERVICE_WINDOW_S``, what this process's relay measured goes to the database (for
     the autoscaler and the dashboard); runs while the app does."""
     while True:
-        await asyncio.sleep(WINDOW_S)
+        await asyncio.sleep(get_settings().service_window_s)
         relay: Relay | None = getattr(app.state, "relay", None)
         if relay is None or relay.transactions is None:
             continue

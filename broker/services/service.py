@@ -94,7 +94,9 @@ def deploy(session: Session, account: Account, data: ServiceCreate) -> Service:
     return service
 
 
-def _replica_request(data: ServiceCreate | Service, platforms: Sequence[str] | None) -> JobCreate:
+def _replica_request(
+    data: ServiceCreate | Service, platforms: Sequence[str] | None, number: int = 1
+) -> JobCreate:
     from broker.money import micros_to_usd
 
     if isinstance(data, Service):
@@ -108,7 +110,10 @@ def _replica_request(data: ServiceCreate | Service, platforms: Sequence[str] | N
             data.name,
         )
     return JobCreate(
-        name=f"{name or 'service'} replica"[:200],
+        # Invoices name each run by its job: a service's lines read by replica.
+        name=f"{name or (data.id if isinstance(data, Service) else 'service')} replica {number}"[
+            :200
+        ],
         artifact=artifact,
         inputs=inputs,
         platforms=list(platforms) if platforms else None,
@@ -303,7 +308,12 @@ def _failing(session: Session, service: Service) -> bool:
 
 def _open_replica(session: Session, service: Service) -> Job:
     account = session.get_one(Account, service.account_id)
-    job = jobs.prepare_job(session, account, _replica_request(service, service.platforms), None)
+    number = 1 + (
+        session.scalar(select(func.count()).select_from(Job).where(Job.service_id == service.id))
+        or 0
+    )
+    request = _replica_request(service, service.platforms, number)
+    job = jobs.prepare_job(session, account, request, None)
     job.__dict__["service_id"] = service.id
     jobs.insert_jobs(session, [job])
     stored = session.get_one(Job, job.id)

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.config import get_settings
 from broker.db import utcnow
 from broker.ledger import latest_allocations
 from broker.models.job import Job
@@ -16,7 +17,6 @@ from broker.models.offer import Offer
 from broker.models.service import Service, ServiceEvent, ServiceWindow
 from broker.money import micros_to_usd
 from broker.services import placement
-from broker.services.relay import WINDOW_S
 from broker.services.schemas import (
     RegionStats,
     ReplicaOut,
@@ -53,7 +53,7 @@ def _fields(
     by_scope: dict[str, list[ServiceWindow]] = defaultdict(list)
     for w in windows:
         by_scope[w.scope].append(w)
-    fresh = now - timedelta(seconds=3 * WINDOW_S)
+    fresh = now - timedelta(seconds=3 * get_settings().service_window_s)
     out: list[ReplicaOut] = []
     for job in live:
         allocation, offer = runs.get(job.id, (None, None))
