@@ -328,8 +328,8 @@ def _store_windows(transactions: Transactions, rows: list[dict[str, Any]]) -> No
 
 
 async def write_windows(app: Any) -> None:
-    """Every ``BROKER_SERVICE_WINDOW_S``, what this process's relay measured goes to the database (for
-    the autoscaler and the dashboard); runs while the app does."""
+    """Every ``BROKER_SERVICE_WINDOW_S``, what this process's relay measured goes to the
+    database (for the autoscaler and the dashboard); runs while the app does."""
     while True:
         await asyncio.sleep(get_settings().service_window_s)
         relay: Relay | None = getattr(app.state, "relay", None)

@@ -31,7 +31,7 @@ from broker.jobs import service as jobs
 from broker.jobs.schemas import JobCreate
 from broker.ledger import active_allocation, end_job
 from broker.models.account import Account
-from broker.models.blob import Blob
+from broker.models.blob import Blob, BlobGrant
 from broker.models.job import Job
 from broker.models.job_state import JobState
 from broker.models.market import Allocation
@@ -58,15 +58,19 @@ LIVE_REPLICA = (JobState.open, *PLACED)
 
 def deploy(session: Session, account: Account, data: ServiceCreate) -> Service:
     """Check the program as a replica's job would be checked, and create the service."""
-    replica = _replica_request(data, data.platforms)
-    checked = jobs.prepare_job(session, account, replica, None)  # raises what a job would
-    blob = session.get(Blob, data.artifact)
-    if blob is not None and blob.meta.get("kind") == "iterative":
+    own = session.scalar(
+        select(Blob.meta)
+        .join(BlobGrant, BlobGrant.sha256 == Blob.sha256)
+        .where(Blob.sha256 == data.artifact, BlobGrant.account_id == account.id)
+    )
+    if own is not None and own.get("kind") == "iterative":
         raise InvalidInput(
             "a service serves a plain function (package(fn, *example_args)); this artifact "
             "is an iterative step",
             field="body.artifact",
         )
+    replica = _replica_request(data, data.platforms)
+    checked = jobs.prepare_job(session, account, replica, None)  # raises what a job would
     now = utcnow()
     service = Service(
         id=new_id("svc"),

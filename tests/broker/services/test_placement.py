@@ -1,0 +1,173 @@
+"""Deploying a service, and where reconcile puts its replicas (issue 26, placement):
+users on two continents get a replica on each when the SLO demands it and one when
+it does not; never a replica outside the allowed countries; a region no offer can
+serve is explained; fewer wanted, the redundant replica goes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.config import get_settings
+from broker.models.account import Role
+from broker.models.job import Job
+from broker.models.job_state import JobState
+from broker.models.service import Service
+from broker.portable import arrays
+from broker.portable.artifact import package, package_step
+from broker.services import service as services
+from tests.conftest import ClientFactory, signed_in
+from tests.factories import make_account, make_offer
+
+BIN = {"Content-Type": "application/octet-stream"}
+AMSTERDAM = {"name": "amsterdam", "lat": 52.37, "lon": 4.9, "share": 2.0}
+NEW_YORK = {"name": "new-york", "lat": 40.71, "lon": -74.0, "share": 1.0}
+PLACES = {
+    "eu": {"region": "europe-west4", "country": "NL", "lat": 53.44, "lon": 6.84},
+    "de": {"region": "europe-west3", "country": "DE", "lat": 50.11, "lon": 8.68},
+    "us": {"region": "us-east4", "country": "US", "lat": 38.9, "lon": -77.0},
+}
+
+
+def tanh(w: Any, x: Any) -> Any:
+    return jax.numpy.tanh(x @ w)
+
+
+@pytest.fixture
+def developer(db: Session, client_for: ClientFactory) -> Any:
+    client = signed_in(db, client_for, Role.developer)
+    w, x = np.ones((3, 2), np.float32), np.ones((1, 3), np.float32)
+    uploads = {
+        "artifact": ("/v1/artifacts", package(tanh, w, x, platforms=("cpu",)).to_bytes()),
+        "inputs": ("/v1/arrays", arrays.encode([w, x])),
+        "step": ("/v1/artifacts", package_step(lambda s, a: s + a, w, w).to_bytes()),
+        "step_inputs": ("/v1/arrays", arrays.encode([w, w])),
+    }
+    client.sha = {}
+    for name, (path, data) in uploads.items():
+        response = client.post(path, content=data, headers=BIN)
+        assert response.status_code in (200, 201), response.text
+        client.sha[name] = response.json()["sha256"]
+    return client
+
+
+def deploy(developer: Any, **fields: Any) -> dict[str, Any]:
+    body = {
+        "artifact": developer.sha["artifact"],
+        "inputs": developer.sha["inputs"],
+        "users": [AMSTERDAM, NEW_YORK],
+        "latency_slo_ms": 30,
+        "max_price_per_hour": "3.00",
+        "max_replicas": 4,
+        **fields,
+    }
+    response = developer.post("/v1/services", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def offers(db: Session, *places: str, price: str = "1.00") -> dict[str, str]:
+    provider, _ = make_account(db, Role.provider)
+    made = {}
+    for place in places:
+        offer = make_offer(
+            db, provider, accelerator="cpu", count=2, price_per_hour=price, **PLACES[place]
+        )
+        made[offer.id] = place
+    return made
+
+
+def pinned(db: Session, service_id: str) -> list[str]:
+    services.reconcile(db, get_settings())
+    jobs = db.scalars(
+        select(Job).where(Job.service_id == service_id, Job.state == JobState.open)
+    ).all()
+    return sorted(j.pinned_offer_id or "" for j in jobs)
+
+
+def test_two_continents_two_replicas_under_a_tight_slo(db: Session, developer: Any) -> None:
+    where = offers(db, "eu", "us")
+    service = deploy(developer, latency_slo_ms=30)
+    pins = pinned(db, service["id"])
+    assert sorted(where[p] for p in pins) == ["eu", "us"]
+    assert db.get_one(Service, service["id"]).placement_note is None
+
+
+def test_one_replica_when_one_is_within_a_loose_slo(db: Session, developer: Any) -> None:
+    where = offers(db, "eu", "us")
+    service = deploy(developer, latency_slo_ms=200)
+    pins = pinned(db, service["id"])
+    assert len(pins) == 1
+    assert where[pins[0]] in ("eu", "us")
+
+
+def test_never_outside_the_allowed_countries(db: Session, developer: Any) -> None:
+    where = offers(db, "eu", "de", "us")
+    service = deploy(developer, allowed_countries=["DE"])
+    pins = pinned(db, service["id"])
+    assert [where[p] for p in pins] == ["de"]
+    note = db.get_one(Service, service["id"]).placement_note
+    assert note is not None
+    assert note.startswith("new-york: no offer it may use is within 30 ms")
+    # The API says why, in the service's own words.
+    assert "new-york" in developer.get(f"/v1/services/{service['id']}").json()["unmatched"]
+
+
+def test_a_service_with_no_offer_explains_and_waits(db: Session, developer: Any) -> None:
+    service = deploy(developer, users=[AMSTERDAM])
+    assert pinned(db, service["id"]) == []
+    note = db.get_one(Service, service["id"]).placement_note or ""
+    assert "no offer it may use" in note
+
+
+def test_an_iterative_program_cannot_be_a_service(developer: Any) -> None:
+    body = {
+        "artifact": developer.sha["step"],
+        "inputs": developer.sha["step_inputs"],
+        "users": [AMSTERDAM],
+        "latency_slo_ms": 30,
+        "max_price_per_hour": "3.00",
+    }
+    response = developer.post("/v1/services", json=body)
+    assert response.status_code == 422
+    assert "plain function" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"min_replicas": 3, "max_replicas": 2},
+        {"users": []},
+        {"latency_slo_ms": 0},
+        {"users": [{"lat": 91, "lon": 0}]},
+    ],
+)
+def test_bad_services_are_refused(developer: Any, change: dict[str, Any]) -> None:
+    body = {
+        "artifact": developer.sha["artifact"],
+        "inputs": developer.sha["inputs"],
+        "users": [AMSTERDAM],
+        "latency_slo_ms": 30,
+        "max_price_per_hour": "3.00",
+        **change,
+    }
+    assert developer.post("/v1/services", json=body).status_code == 422
+
+
+def test_undeploy_lets_every_replica_go(db: Session, developer: Any) -> None:
+    offers(db, "eu", "us")
+    service = deploy(developer)
+    assert len(pinned(db, service["id"])) == 2
+    response = developer.delete(f"/v1/services/{service['id']}")
+    assert response.status_code == 200
+    assert response.json()["state"] == "undeployed"
+    states = db.scalars(select(Job.state).where(Job.service_id == service["id"])).all()
+    assert set(states) == {JobState.cancelled}
+    assert developer.delete(f"/v1/services/{service['id']}").status_code == 200  # harmless
+    # Undeployed, it is not placed again.
+    assert pinned(db, service["id"]) == []
