@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from broker import devcli
+from broker import devcli, servicecli
 
 app = typer.Typer(help="The compute broker.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema migrations (operators).", no_args_is_help=True)
@@ -33,6 +33,7 @@ invoices_app = typer.Typer(
 app.add_typer(devcli.jobs_app, name="jobs")
 app.add_typer(devcli.offers_app, name="offers")
 app.add_typer(devcli.market_app, name="market")
+app.add_typer(servicecli.services_app, name="services")
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")

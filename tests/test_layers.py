@@ -21,7 +21,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # Entry points: the command line, the processes it starts, the app, the dashboard.
     ("broker.cli", "broker.demo"),
     ("broker.app",),
-    ("broker.supervise", "web", "broker.devcli"),
+    ("broker.supervise", "web", "broker.servicecli"),
+    ("broker.devcli",),
     # The periodic work (clearing, sweeps, billing), led by one replica at a time.
     ("broker.periodic",),
     # HTTP: routes, and who may call them.

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 
 from broker.portable import arrays
 from broker.portable.artifact import Artifact
-from broker.sdk.http import BINARY, BrokerError
-
-if TYPE_CHECKING:
-    from broker.sdk.client import Client
+from broker.sdk.http import BINARY, BrokerError, Connection
 
 
 class Service:
     """A service as last read from the broker (``refresh()`` reads it again)."""
 
-    def __init__(self, client: Client, data: dict[str, Any], artifact: Artifact | None = None):
+    def __init__(self, client: Connection, data: dict[str, Any], artifact: Artifact | None = None):
         self._client = client
         self.data = data
         self._artifact = artifact

@@ -3,14 +3,18 @@ and started by a real agent, requests relayed to it with the right results."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sqlalchemy import Engine
+from typer.testing import CliRunner
 
+from broker.cli import app
 from broker.config import get_settings
 from broker.db import transaction
 from broker.sdk import Client
@@ -53,3 +57,54 @@ def test_deploy_infer_undeploy(agent: dict[str, Any]) -> None:
     service.undeploy()
     assert service.state == "undeployed"
     _wait(lambda: not agent["node"].running())
+
+
+HELLO = str(Path(__file__).resolve().parents[3] / "examples" / "hello.py")
+ARGS = "[[[0.5, -1.0], [1.0, 0.25]], [[1.0, 2.0], [3.0, 4.0]]]"
+
+
+def test_the_cli_deploys_calls_shows_and_undeploys(agent: dict[str, Any]) -> None:
+    developer: Client = agent["developer"]
+    env = {
+        "BROKER_URL": developer.http.url,
+        "BROKER_API_KEY": developer.http.authorization.removeprefix("Bearer "),
+        "BROKER_API_KEY_FILE": "",
+    }
+
+    def broker(*args: str) -> Any:
+        result = CliRunner().invoke(app, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    deployed = broker(
+        "services", "deploy", f"{HELLO}:predict", "--args", ARGS, "--users", "ams=52.4,4.9",
+        "--latency-slo-ms", "40", "--max-price", "1", "--platform", "cpu",
+    )  # fmt: skip
+    service_id = deployed.strip().splitlines()[-1]
+    prepare(agent["engine"])
+    developer.service(service_id).wait_ready(timeout=60)
+    out = json.loads(broker("services", "infer", service_id, "--args", ARGS, "--at", "52,5"))
+    expected = predict_reference()
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
+    shown = broker("services", "show", service_id)
+    assert "serving" in shown or "deploying" in shown
+    assert "ams" in shown  # the user region, with its figures
+    assert service_id in broker("services", "list")
+    assert "undeployed" in broker("services", "undeploy", service_id)
+    bad = CliRunner().invoke(app, ["services", "deploy", f"{HELLO}:predict", "--args", ARGS,
+                                   "--users", "nowhere", "--latency-slo-ms", "40",
+                                   "--max-price", "1"], env=env)  # fmt: skip
+    assert bad.exit_code == 2
+    assert "NAME=LAT,LON" in bad.output
+
+
+def predict_reference() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hello_reference", HELLO)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params, x = json.loads(ARGS)
+    return np.asarray(module.predict(np.asarray(params, np.float32), np.asarray(x, np.float32)))
