@@ -51,6 +51,7 @@ NAV = {
         ("/market", "Market"),
         ("/jobs", "My jobs"),
         ("/jobs/new", "New bid"),
+        ("/services", "Services"),
         ("/invoices", "Invoices"),
         ("/keys", "API keys"),
     ],
@@ -64,6 +65,7 @@ NAV = {
     Role.admin: [
         ("/market", "Market"),
         ("/jobs", "Jobs"),
+        ("/services", "Services"),
         ("/nodes", "Nodes"),
         ("/offers", "Offers"),
         ("/invoices", "Invoices"),

@@ -40,7 +40,12 @@ def tanh(w: Any, x: Any) -> Any:
 
 @pytest.fixture
 def developer(db: Session, client_for: ClientFactory) -> Any:
-    client = signed_in(db, client_for, Role.developer)
+    return upload(signed_in(db, client_for, Role.developer))
+
+
+def upload(client: Any) -> Any:
+    """``client`` with a function, its example inputs and a step function uploaded
+    (their addresses in ``client.sha``)."""
     w, x = np.ones((3, 2), np.float32), np.ones((1, 3), np.float32)
     uploads = {
         "artifact": ("/v1/artifacts", package(tanh, w, x, platforms=("cpu",)).to_bytes()),
