@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -41,6 +41,7 @@ from broker.models.service import (
     Service,
     ServiceEvent,
     ServiceState,
+    ServiceWindow,
 )
 from broker.money import usd_to_micros
 from broker.services import placement
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 3
 # A replica job's runtime, for the estimate a round makes: an hour of serving.
 REPLICA_HOURS = 1.0
+# A replica's time to start (fetch, compile, warm up) before its silence counts.
+SILENT_GRACE_S = 60.0
 PLACED = (JobState.matched, JobState.running)
 LIVE_REPLICA = (JobState.open, *PLACED)
 
@@ -243,6 +246,14 @@ def _reconcile_one(
     placed = [p for j in live if j.state in PLACED and (p := _where(session, j)) is not None]
     waiting = [j for j in live if j.state == JobState.open]
     changed = 0
+    # A replica the relay has not heard from is let go at once, not a node timeout
+    # later: its users get a replacement while the node sweep is still waiting.
+    for p in list(placed):
+        if (why := _silent(session, p, settings)) is not None:
+            _let_go(session, p.job, why)
+            record(session, service, "replica_lost", len(placed), len(placed) - 1, why)
+            placed.remove(p)
+            changed += 1
     # Fewer wanted: let the newest placed replicas go whose users another replica
     # keeps within the SLO.
     surplus = len(placed) - service.desired_replicas
@@ -273,6 +284,29 @@ def _reconcile_one(
         service.failures = 0
         service.updated_at = utcnow()
     return changed
+
+
+def _silent(session: Session, p: _Placed, settings: Settings) -> str | None:
+    """Why a running replica counts as lost: started past ``SILENT_GRACE_S`` ago (its
+    compile included) and no window of it for three windows; None: it is not."""
+    if p.job.state != JobState.running or p.allocation.started_at is None:
+        return None
+    now = utcnow()
+    quiet = timedelta(seconds=3 * settings.service_window_s)
+    if now - p.allocation.started_at < timedelta(seconds=SILENT_GRACE_S) + quiet:
+        return None
+    last = session.scalar(
+        select(func.max(ServiceWindow.ended_at)).where(
+            ServiceWindow.service_id == p.job.service_id,
+            ServiceWindow.scope == f"replica:{p.allocation.id}",
+        )
+    )
+    if last is not None and now - last < quiet:
+        return None
+    return (
+        f"replica {p.job.id} ({p.offer.region}) has not been connected to the relay for "
+        f"{quiet.total_seconds():g} s"
+    )
 
 
 def _where(session: Session, job: Job) -> _Placed | None:

@@ -5,24 +5,28 @@ serve is explained; fewer wanted, the redundant replica goes."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import jax
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from broker.config import get_settings
+from broker.db import utcnow
 from broker.models.account import Role
 from broker.models.job import Job
 from broker.models.job_state import JobState
-from broker.models.service import Service
+from broker.models.market import AllocationStatus
+from broker.models.offer import Offer
+from broker.models.service import Service, ServiceEvent, ServiceWindow
 from broker.portable import arrays
 from broker.portable.artifact import package, package_step
 from broker.services import service as services
 from tests.conftest import ClientFactory, signed_in
-from tests.factories import make_account, make_offer
+from tests.factories import make_account, make_offer, make_run
 
 BIN = {"Content-Type": "application/octet-stream"}
 AMSTERDAM = {"name": "amsterdam", "lat": 52.37, "lon": 4.9, "share": 2.0}
@@ -176,3 +180,30 @@ def test_undeploy_lets_every_replica_go(db: Session, developer: Any) -> None:
     assert developer.delete(f"/v1/services/{service['id']}").status_code == 200  # harmless
     # Undeployed, it is not placed again.
     assert pinned(db, service["id"]) == []
+
+
+def test_a_replica_the_relay_stopped_hearing_from_is_replaced(db: Session, developer: Any) -> None:
+    where = offers(db, "eu")
+    service = deploy(developer, users=[AMSTERDAM], latency_slo_ms=30)
+    (pin,) = pinned(db, service["id"])
+    job = db.scalars(select(Job).where(Job.service_id == service["id"])).one()
+    offer = db.get_one(Offer, pin)
+    run = make_run(db, job, offer, 0, ended_at=None, status=AllocationStatus.active)
+    offer.count -= 1
+    job.move_to(JobState.matched)
+    job.move_to(JobState.running)
+    run.started_at = utcnow() - timedelta(seconds=services.SILENT_GRACE_S + 60)
+    db.add(
+        ServiceWindow(
+            service_id=service["id"], scope=f"replica:{run.id}", ended_at=utcnow(), seconds=5.0,
+            requests=3, errors=0,
+        )
+    )  # fmt: skip
+    db.flush()
+    assert pinned(db, service["id"]) == []  # heard from lately: it stays, none opens
+    db.execute(delete(ServiceWindow))
+    assert [where[p] for p in pinned(db, service["id"])] == ["eu"]  # silent: replaced
+    db.refresh(job)
+    assert job.state == JobState.cancelled
+    kinds = db.scalars(select(ServiceEvent.kind).where(ServiceEvent.service_id == service["id"]))
+    assert "replica_lost" in set(kinds)
