@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         description="`broker serve` with several workers: the relay process's port "
         "(0: the API's port plus one)",
     )
+    relay_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Set by `broker serve` for its processes: web workers sign the caller "
+        "they checked with it, so the relay does not check the key again",
+    )
     relay_public_url: str = Field(
         default="",
         description="Where replicas' agents reach the relay, when not at the broker's own "
@@ -111,6 +116,13 @@ class Settings(BaseSettings):
         le=300,
         description="How often the relay writes what it measured of each service (the "
         "autoscaler's and the dashboard's figures, and a replica's heartbeat)",
+    )
+    service_start_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="A replica's time to start (fetch, compile, warm up) before the relay "
+        "not hearing from it counts as losing it",
     )
     service_scale_up_s: float = Field(
         default=30.0,

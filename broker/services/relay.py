@@ -136,6 +136,13 @@ class Answer:
     _queue: asyncio.Queue[tuple[dict[str, Any], bytes]]
     _done: Callable[[bool], None]
 
+    def whole(self) -> bytes | None:
+        """The answer, when its first chunk is all of it (and the request is done)."""
+        if self.header.get("more"):
+            return None
+        self._done(True)
+        return self._first
+
     async def chunks(self) -> AsyncIterator[bytes]:
         header, chunk, ok = self.header, self._first, False
         try:

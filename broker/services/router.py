@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from broker.accounts.service import authenticate_key
-from broker.auth import BatchedDeveloper, CurrentAccount, Developer
-from broker.config import get_settings
+from broker.accounts.service import authenticate_key, hash_key
+from broker.auth import BATCHED_DEVELOPER, BatchedDeveloper, CurrentAccount, Developer, bearer_key
+from broker.config import Settings, get_settings
 from broker.db import SessionDep, Transactions, request_transactions
 from broker.errors import BrokerError, InvalidInput, NotFound
 from broker.models.account import Role
@@ -25,10 +27,12 @@ from broker.models.market import Allocation, AllocationStatus
 from broker.models.offer import Offer
 from broker.models.service import LIVE_STATES, Service, ServiceWindow
 from broker.pagination import Page, PageQuery
+from broker.ratelimit import remember_key
 from broker.services import service as services
 from broker.services import views
 from broker.services.relay import Link, NoReplica, ProgramFailed, Relay, Target
 from broker.services.schemas import ServiceCreate, ServiceDetail, ServiceOut
+from broker.shortcuts import shortcut_route
 from solver.services import rtt_ms
 
 log = logging.getLogger(__name__)
@@ -93,11 +97,14 @@ class _Known:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[float, dict[str, Any]]] = {}
 
+    def cached(self, service_id: str) -> dict[str, Any] | None:
+        hit = self._rows.get(service_id)
+        if hit is not None and time.monotonic() - hit[0] < self.TTL_S:
+            return hit[1]
+        return None
+
     def read(self, transactions: Transactions, service_id: str) -> dict[str, Any] | None:
         now = time.monotonic()
-        hit = self._rows.get(service_id)
-        if hit is not None and now - hit[0] < self.TTL_S:
-            return hit[1]
         with transactions(write=False) as session:
             row = session.get(Service, service_id)
             info = None
@@ -146,17 +153,28 @@ def _caller(location: str | None, users: list[dict[str, Any]]) -> tuple[float, f
     return lat, lon, region
 
 
-@router.post(
-    "/{service_id}/infer",
-    response_class=StreamingResponse,
-    responses={200: {"content": {BINARY: {}}, "description": "The results, an arrays bundle"}},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
-        }
-    },
-)
+async def _infer_shortcut(request: Request) -> Response | None:
+    """``POST /v1/services/{id}/infer`` with a key, without FastAPI's per-request work
+    (``broker.shortcuts``): the busiest route of a service, and the one whose time is
+    the callers'. A web worker of ``broker serve`` checks the key (in a batch) and
+    passes the request to the relay process, vouching for the caller with a signed
+    header, so the key is not checked twice. None without a key: FastAPI answers 401."""
+    key = await bearer_key(request)
+    if key is None:
+        return None
+    settings = get_settings()
+    transactions = await request_transactions(request)
+    vouched = _vouched(request, settings)
+    if vouched is not None:  # its requests count against the caller's rate, not an address's
+        remember_key(hash_key(key), f"account:{vouched[0]}")
+    else:
+        caller = await BATCHED_DEVELOPER.admit_batched(request, transactions, key)
+        vouched = (caller.account.id, caller.account.role == Role.admin)
+    if settings.relay_url:  # a web worker: the relay process answers
+        return await _proxied(request, settings, vouched)
+    return await _answer(request, transactions, vouched, request.path_params["service_id"])
+
+
 async def infer(
     request: Request,
     developer: BatchedDeveloper,
@@ -169,22 +187,51 @@ async def infer(
             "it with the least work queued (default: the service's busiest user region)",
         ),
     ] = None,
-) -> StreamingResponse:
+) -> Response:
     """Call the service: the body is an arrays bundle of the arguments (as `/v1/arrays`
     takes), the answer an arrays bundle of the results, streamed as the replica sends
     it. Headers say which replica answered (`X-Broker-Replica`), its time
     (`X-Broker-Replica-Ms`) and how many replicas went away first (`X-Broker-Retries`)."""
-    settings = get_settings()
-    if settings.relay_url:  # a web worker of `broker serve`: the relay process answers
-        return await _proxied(request, settings.relay_url, settings.infer_timeout_s)
-    relay = relay_of(request.app)
+    # Requests with a key take the shortcut; this answers what it leaves (declared
+    # here so that the schema and the key's refusals are FastAPI's own).
     transactions = await request_transactions(request)
-    info = await run_in_threadpool(request.app.state.services_known.read, transactions, service_id)
-    if info is None or (info["account_id"] != developer.id and developer.role != Role.admin):
+    vouched = (developer.id, developer.role == Role.admin)
+    settings = get_settings()
+    if settings.relay_url:
+        return await _proxied(request, settings, vouched)
+    return await _answer(request, transactions, vouched, service_id)
+
+
+router.add_api_route(
+    "/{service_id}/infer",
+    infer,
+    methods=["POST"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {BINARY: {}}, "description": "The results, an arrays bundle"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+    route_class_override=shortcut_route(_infer_shortcut),
+)
+
+
+async def _answer(
+    request: Request, transactions: Transactions, caller: tuple[str, bool], service_id: str
+) -> Response:
+    relay = relay_of(request.app)
+    known: _Known = request.app.state.services_known
+    info = known.cached(service_id)
+    if info is None:
+        info = await run_in_threadpool(known.read, transactions, service_id)
+    account_id, admin = caller
+    if info is None or (info["account_id"] != account_id and not admin):
         raise NotFound(f"no service {service_id!r} of yours")
     if not info["live"]:
         raise ServiceUnavailable(f"service {service_id} is {info['state']}", field="service")
-    lat, lon, region = _caller(location, info["users"])
+    lat, lon, region = _caller(request.headers.get("x-broker-location"), info["users"])
     limit = get_settings().max_infer_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -205,31 +252,63 @@ async def infer(
         raise GatewayTimeout(
             f"no answer from a replica in {relay.timeout_s:g} s", field="service"
         ) from e
-    return StreamingResponse(
-        answer.chunks(),
-        media_type=BINARY,
-        headers={
-            "X-Broker-Replica": answer.link.allocation_id,
-            "X-Broker-Replica-Ms": f"{float(answer.header.get('ms') or 0.0):.3f}",
-            "X-Broker-Retries": str(answer.retries),
-        },
-    )
+    headers = {
+        "X-Broker-Replica": answer.link.allocation_id,
+        "X-Broker-Replica-Ms": f"{float(answer.header.get('ms') or 0.0):.3f}",
+        "X-Broker-Retries": str(answer.retries),
+    }
+    if (whole := answer.whole()) is not None:  # one chunk: no streaming machinery
+        return Response(whole, media_type=BINARY, headers=headers)
+    return StreamingResponse(answer.chunks(), media_type=BINARY, headers=headers)
+
+
+# A web worker vouches for the caller it authenticated: "account id,admin,unix time"
+# and its HMAC under the secret ``broker serve`` gave its processes.
+_VOUCH = "x-broker-vouch"
+_VOUCH_SIGNATURE = "x-broker-vouch-signature"
+_VOUCH_SECONDS = 60
+
+
+def _signature(secret: str, text: str) -> str:
+    return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def _vouched(request: Request, settings: Settings) -> tuple[str, bool] | None:
+    """The caller a web worker vouched for, if the signature is good and recent."""
+    text, signature = request.headers.get(_VOUCH), request.headers.get(_VOUCH_SIGNATURE)
+    secret = settings.relay_secret.get_secret_value()
+    if not (text and signature and secret):
+        return None
+    if not hmac.compare_digest(signature, _signature(secret, text)):
+        return None
+    account_id, admin, at = text.split(",")
+    if abs(time.time() - float(at)) > _VOUCH_SECONDS:
+        return None
+    return account_id, admin == "1"
 
 
 _PASSED_ON = ("authorization", "content-type", "content-length", "x-broker-location")
 _proxy: httpx.AsyncClient | None = None
 
 
-async def _proxied(request: Request, relay_url: str, timeout_s: float) -> StreamingResponse:
-    """The request passed to the relay process, and its answer streamed back."""
+async def _proxied(
+    request: Request, settings: Settings, caller: tuple[str, bool]
+) -> StreamingResponse:
+    """The request passed to the relay process, vouched for, and its answer streamed
+    back."""
     global _proxy
     if _proxy is None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
         _proxy = httpx.AsyncClient(
-            base_url=relay_url,
-            timeout=httpx.Timeout(timeout_s + 5, connect=5),
+            base_url=settings.relay_url,
+            timeout=httpx.Timeout(settings.infer_timeout_s + 5, connect=5),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
     headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_ON}
+    secret = settings.relay_secret.get_secret_value()
+    if secret:
+        text = f"{caller[0]},{int(caller[1])},{time.time():.0f}"
+        headers[_VOUCH], headers[_VOUCH_SIGNATURE] = text, _signature(secret, text)
     outgoing = _proxy.build_request(
         "POST", request.url.path, content=request.stream(), headers=headers
     )
@@ -318,7 +397,7 @@ async def connect(websocket: WebSocket, allocation_id: str) -> None:
         pass
     finally:
         relay.detach(link)
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close()
 
 

@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 3
 # A replica job's runtime, for the estimate a round makes: an hour of serving.
 REPLICA_HOURS = 1.0
-# A replica's time to start (fetch, compile, warm up) before its silence counts.
-SILENT_GRACE_S = 60.0
 PLACED = (JobState.matched, JobState.running)
 LIVE_REPLICA = (JobState.open, *PLACED)
 
@@ -287,21 +285,30 @@ def _reconcile_one(
 
 
 def _silent(session: Session, p: _Placed, settings: Settings) -> str | None:
-    """Why a running replica counts as lost: started past ``SILENT_GRACE_S`` ago (its
-    compile included) and no window of it for three windows; None: it is not."""
+    """Why a running replica counts as lost: started past ``service_start_grace_s`` ago
+    (its compile included), and the relay writing windows of the service but none of
+    it for three windows; None: it is not."""
     if p.job.state != JobState.running or p.allocation.started_at is None:
         return None
     now = utcnow()
     quiet = timedelta(seconds=3 * settings.service_window_s)
-    if now - p.allocation.started_at < timedelta(seconds=SILENT_GRACE_S) + quiet:
+    if now - p.allocation.started_at < timedelta(seconds=settings.service_start_grace_s) + quiet:
         return None
-    last = session.scalar(
-        select(func.max(ServiceWindow.ended_at)).where(
-            ServiceWindow.service_id == p.job.service_id,
-            ServiceWindow.scope == f"replica:{p.allocation.id}",
+
+    def newest(scope: str) -> datetime | None:
+        return session.scalar(
+            select(func.max(ServiceWindow.ended_at)).where(
+                ServiceWindow.service_id == p.job.service_id, ServiceWindow.scope == scope
+            )
         )
-    )
-    if last is not None and now - last < quiet:
+
+    # Against the relay's own newest window, not the clock: a relay that writes late
+    # (busy, or its database slow) makes no replica look lost.
+    relay = newest("service")
+    if relay is None or now - relay > quiet:
+        return None
+    last = newest(f"replica:{p.allocation.id}")
+    if last is not None and relay - last < quiet:
         return None
     return (
         f"replica {p.job.id} ({p.offer.region}) has not been connected to the relay for "

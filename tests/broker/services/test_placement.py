@@ -192,7 +192,7 @@ def test_a_replica_the_relay_stopped_hearing_from_is_replaced(db: Session, devel
     offer.count -= 1
     job.move_to(JobState.matched)
     job.move_to(JobState.running)
-    run.started_at = utcnow() - timedelta(seconds=services.SILENT_GRACE_S + 60)
+    run.started_at = utcnow() - timedelta(seconds=get_settings().service_start_grace_s + 60)
     db.add(
         ServiceWindow(
             service_id=service["id"], scope=f"replica:{run.id}", ended_at=utcnow(), seconds=5.0,
@@ -202,6 +202,14 @@ def test_a_replica_the_relay_stopped_hearing_from_is_replaced(db: Session, devel
     db.flush()
     assert pinned(db, service["id"]) == []  # heard from lately: it stays, none opens
     db.execute(delete(ServiceWindow))
+    assert pinned(db, service["id"]) == []  # the relay says nothing at all: no judgement
+    db.add(
+        ServiceWindow(
+            service_id=service["id"], scope="service", ended_at=utcnow(), seconds=5.0,
+            requests=3, errors=0,
+        )
+    )  # fmt: skip
+    db.flush()
     assert [where[p] for p in pinned(db, service["id"])] == ["eu"]  # silent: replaced
     db.refresh(job)
     assert job.state == JobState.cancelled
