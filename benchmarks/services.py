@@ -17,6 +17,8 @@ must put a replica in each. Then two phases of closed-loop callers, the same
 number in each region, each calling back to back with its region's location:
 
 - **single**: one caller, in Amsterdam, alone: what routing adds on an idle machine.
+- **single_via_web_worker**: the same through the broker's own port, where a web
+  worker passes each request on to the relay process (with several workers).
 - **steady**: every request, its latency as the caller saw it, the replica's own
   time (``X-Broker-Replica-Ms``) and the modelled round trip; what the broker's
   routing adds is the caller's latency less those two. A caller that called the
@@ -351,17 +353,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         service.wait_ready(replicas=3, timeout=180)
         where = {r["allocation_id"]: (r["lat"], r["lon"]) for r in service.refresh().replicas}
         body = arrays.encode([x])
-        baseline = _plain_requests(market.url, 400)
-        single = Load(market.url, key, service.id, body, 1)
+        # Callers send requests where the SDK does: the relay process, when there is one.
+        target = service.data.get("relay") or market.url
+        baseline = _plain_requests(target, 400)
+        single = Load(target, key, service.id, body, 1)
         single.run(seconds, regions=("amsterdam",))
-        steady = Load(market.url, key, service.id, body, args.callers)
+        if target != market.url:  # what a caller of the broker's own URL sees (curl)
+            through = Load(market.url, key, service.id, body, 1)
+            through.run(seconds, regions=("amsterdam",))
+        steady = Load(target, key, service.id, body, args.callers)
         steady.run(seconds)
         report: dict[str, Any] = {
             "workers": args.workers or "serve's default",
+            "callers_send_to": "the relay process" if target != market.url else "the broker",
             "callers": args.callers * len(REGIONS),
             "seconds": seconds,
             "plain_http_ms": baseline,
             "single": figures(single.calls, seconds, where),
+            "single_via_web_worker": figures(through.calls, seconds, where)
+            if target != market.url
+            else None,
             "steady": figures(steady.calls, seconds, where),
         }
 
@@ -375,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 market.start_agent(VICTIM)
                 killed["back"] = elapsed
 
-        kill = Load(market.url, key, service.id, body, args.callers)
+        kill = Load(target, key, service.id, body, args.callers)
         kill.run(seconds, chaos)
         up = _wait(
             lambda: (

@@ -28,6 +28,7 @@ MODULES = (
     "broker/platforms.py",
     "broker/logformat.py",
     "broker/devcli.py",
+    "broker/servicecli.py",
     "broker/cli.py",
     "broker/sdk/*.py",
     "broker/portable/*.py",

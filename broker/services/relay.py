@@ -47,6 +47,7 @@ from solver.services import rtt_ms
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 3
+RECENT_S = 600.0  # a service's windows go on this long after its last replica left
 
 
 class NoReplica(Exception):
@@ -171,6 +172,9 @@ class Relay:
         self._next_id = 0
         self._samples: dict[str, list[_Sample]] = defaultdict(list)
         self._window_started = time.monotonic()
+        # Services that had a replica here lately, and when: their windows go on a while
+        # after their last replica went, so that its silence is seen against them.
+        self._recent: dict[str, float] = {}
         # How this process reaches the database, for the windows (set by the routes).
         self.transactions: Any = None
 
@@ -185,6 +189,7 @@ class Relay:
         log.info("replica %s of %s connected", link.allocation_id, link.service_id)
 
     def detach(self, link: Link) -> None:
+        self._recent[link.service_id] = time.monotonic()
         if self.links.get(link.allocation_id) is link:
             del self.links[link.allocation_id]
         self._drop(link)
@@ -311,8 +316,10 @@ class Relay:
         seconds = max(now - self._window_started, 1e-3)
         self._window_started = now
         samples, self._samples = self._samples, defaultdict(list)
+        self._recent = {k: at for k, at in self._recent.items() if now - at < RECENT_S}
         rows: list[dict[str, Any]] = []
-        for service_id in set(samples) | {k.service_id for k in self.links.values()}:
+        live = {k.service_id for k in self.links.values()}
+        for service_id in set(samples) | live | set(self._recent):
             got = samples.get(service_id, [])
             links = self.by_service.get(service_id, [])
             areas = {}

@@ -117,6 +117,11 @@ class ServiceOut(BaseModel):
     state: ServiceState
     endpoint: str = Field(description="POST an arrays bundle of the arguments here")
     artifact: str = Field(description="The program's address (`/v1/artifacts/{sha256}`)")
+    relay: str | None = Field(
+        default=None,
+        description="Where to send requests to skip a hop: the broker's relay process, when "
+        "it has one (null: the broker's own URL)",
+    )
     users: list[UserRegion]
     latency_slo_ms: float
     min_replicas: int

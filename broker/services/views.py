@@ -84,6 +84,7 @@ def _fields(
         state=service.state,
         endpoint=f"/v1/services/{service.id}/infer",
         artifact=service.artifact_sha256,
+        relay=_relay_http(get_settings().relay_public_url),
         users=[UserRegion(**u) for u in service.users],
         latency_slo_ms=service.latency_slo_ms,
         min_replicas=service.min_replicas,
@@ -100,6 +101,13 @@ def _fields(
         created_at=service.created_at,
         undeployed_at=service.undeployed_at,
     )
+
+
+def _relay_http(url: str) -> str | None:
+    """The relay's public URL as callers use it (agents get its ws:// form)."""
+    if not url:
+        return None
+    return "http" + url[2:] if url.startswith("ws") else url
 
 
 def _waiting_for(session: Session, job: Job) -> str | None:
