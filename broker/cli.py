@@ -140,7 +140,9 @@ def serve(
             port=bind_port,
             workers=count,
             demo_url=f"http://{local}:{bind_port}" if demo else None,
-            relay_port=(settings.relay_port or bind_port + 1) if count > 1 else None,
+            relay_port=(settings.relay_port or supervise.free_port(bind_host))
+            if count > 1
+            else None,
         )
     )
     if code:

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="`broker serve` with several workers: the relay process's port "
-        "(0: the API's port plus one)",
+        "(0: a free one, which the work orders name to agents)",
     )
     relay_secret: SecretStr = Field(
         default=SecretStr(""),

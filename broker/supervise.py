@@ -45,6 +45,15 @@ class Plan:
     relay_port: int | None = None
 
 
+def free_port(host: str) -> int:
+    """A port nothing listens on at ``host`` now (the relay's, unless one is set)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux for ``sig`` when this process's parent exits (elsewhere: nothing)."""
     if not sys.platform.startswith("linux"):
@@ -156,6 +165,7 @@ def run(plan: Plan) -> int:
         os.environ.setdefault("BROKER_RELAY_PUBLIC_URL", f"ws://{local}:{plan.relay_port}")
         os.environ["BROKER_RELAY_SECRET"] = secrets.token_hex(32)
         relay = _start("relay", plan.host, str(plan.relay_port))
+        log.info("services' relay on port %d", plan.relay_port)
     http = _start("http", plan.host, str(plan.port), str(plan.workers))
     # Clearing, sweeps and billing: each once per database at a time, whatever the
     # number of replicas (broker.scheduler), so every replica runs one of these.

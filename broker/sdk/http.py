@@ -129,6 +129,9 @@ class Connection:
         retry_seconds: float = 0.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        # Clients of other URLs of this broker with this key (a service's relay),
+        # closed with this connection (``http_for``).
+        self.others: dict[str, Http] = {}
         self.http = Http(
             url,
             api_key,
@@ -147,6 +150,19 @@ class Connection:
 
     def close(self) -> None:
         self.http.close()
+        for other in self.others.values():
+            other.close()
+        self.others.clear()
+
+    def http_for(self, url: str) -> Http:
+        """A client of ``url`` with this connection's key, made once."""
+        url = url.rstrip("/")
+        if url == self.http.url:
+            return self.http
+        if url not in self.others:
+            key = self.http.authorization.removeprefix("Bearer ")
+            self.others[url] = Http(url, key, retries=self.http.retries)
+        return self.others[url]
 
     def upload_arrays(self, leaves: Sequence[Any]) -> str:
         """Upload arrays (a flat list) as a bundle, unless already there; returns its address."""

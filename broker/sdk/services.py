@@ -20,7 +20,6 @@ class Service:
         self.data = data
         self._artifact = artifact
         self.last_replica: str | None = None  # which replica answered the last call
-        self._relay: Http | None = None  # the broker's relay process, when it has one
 
     def __repr__(self) -> str:
         return f"Service({self.id}, {self.state}, {len(self.replicas)} replica(s))"
@@ -75,12 +74,7 @@ class Service:
         """Requests go straight to the relay process where the broker names one (a hop
         less than through its web workers), else to the broker."""
         relay = self.data.get("relay")
-        if not relay:
-            return self._client.http
-        if self._relay is None or self._relay.url != relay.rstrip("/"):
-            key = self._client.http.authorization.removeprefix("Bearer ")
-            self._relay = Http(relay, key)
-        return self._relay
+        return self._client.http_for(relay) if relay else self._client.http
 
     def infer(self, *args: Any, location: tuple[float, float] | None = None) -> Any:
         """Call the service on ``args`` (as the example it was deployed with: same
