@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -48,6 +49,7 @@ class Service(Base):
         CheckConstraint("latency_slo_ms > 0", name="slo_positive"),
         Index("ix_services_account_created", "account_id", "created_at"),
         Index("ix_services_state", "state"),
+        UniqueConstraint("account_id", "idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -80,6 +82,9 @@ class Service(Base):
     # Replicas that failed in a row before one served; too many fail the service.
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # A retried POST with the same key returns this service; the hash spots a reused key.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     undeployed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=None)

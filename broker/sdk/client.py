@@ -122,6 +122,7 @@ class Client(Connection):
         max_replicas: int = 4,
         platforms: Sequence[str] = ALL_PLATFORMS,
         polymorphic_shapes: Any = None,
+        idempotency_key: str | None = None,
         **fields: Any,
     ) -> Service:
         """Package ``fn`` as ``submit`` does, on example ``args``, and deploy it as a
@@ -143,7 +144,10 @@ class Client(Connection):
             max_replicas=max_replicas,
             platforms=list(platforms),
         )
-        return Service(self, self.http.json("POST", "/v1/services", json=body), artifact)
+        # A retry of a deploy whose answer was lost returns the service it made.
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        data = self.http.json("POST", "/v1/services", json=body, headers=headers)
+        return Service(self, data, artifact)
 
     def service(self, service_id: str) -> Service:
         from broker.sdk.services import Service

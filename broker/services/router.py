@@ -58,10 +58,37 @@ class GatewayTimeout(BrokerError):
     code = "replica_timeout"
 
 
-@router.post("", status_code=201, response_model=ServiceOut)
-def deploy(session: SessionDep, developer: Developer, body: ServiceCreate) -> ServiceOut:
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string (a UUID is good). A retried POST with the same key "
+        "returns the service the first one created instead of creating a second.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ServiceOut,
+    responses={200: {"model": ServiceOut, "description": "A retry: the service the key made"}},
+)
+def deploy(
+    session: SessionDep,
+    developer: Developer,
+    body: ServiceCreate,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ServiceOut:
     """Deploy a packaged program as a service: a standing bid for replicas near its users."""
-    service = services.deploy(session, developer, body)
+    service, created = services.deploy(session, developer, body, idempotency_key)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return views.service_out(session, service)
 
 

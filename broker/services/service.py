@@ -15,12 +15,14 @@ keep failing before any has served.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.accounts import visibility
@@ -57,8 +59,17 @@ PLACED = (JobState.matched, JobState.running)
 LIVE_REPLICA = (JobState.open, *PLACED)
 
 
-def deploy(session: Session, account: Account, data: ServiceCreate) -> Service:
-    """Check the program as a replica's job would be checked, and create the service."""
+def deploy(
+    session: Session, account: Account, data: ServiceCreate, idempotency_key: str | None = None
+) -> tuple[Service, bool]:
+    """Check the program as a replica's job would be checked, and create the service;
+    returns it and whether it is new. The same ``idempotency_key`` again returns the
+    service it made (a retry whose answer was lost); with another body, Conflict."""
+    request_hash = hashlib.sha256(data.model_dump_json().encode()).hexdigest()
+    if idempotency_key is not None:
+        existing = _by_key(session, account, idempotency_key, request_hash)
+        if existing is not None:
+            return existing, False
     own = session.scalar(
         select(Blob.meta)
         .join(BlobGrant, BlobGrant.sha256 == Blob.sha256)
@@ -90,13 +101,35 @@ def deploy(session: Session, account: Account, data: ServiceCreate) -> Service:
         allowed_countries=sorted(set(data.allowed_countries)),
         target_queue=data.target_queue,
         target_p95_ms=data.target_p95_ms,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash if idempotency_key else None,
         created_at=now,
         updated_at=now,
     )
-    session.add(service)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent retry with the key: the index decides
+            session.add(service)
+            session.flush()
+    except IntegrityError:
+        assert idempotency_key is not None
+        existing = _by_key(session, account, idempotency_key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
     record(session, service, "deployed", 0, data.min_replicas, "deployed by its owner")
-    return service
+    return service, True
+
+
+def _by_key(session: Session, account: Account, key: str, request_hash: str) -> Service | None:
+    existing = session.scalar(
+        select(Service).where(Service.account_id == account.id, Service.idempotency_key == key)
+    )
+    if existing is not None and existing.request_hash != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used for another service; use a new key for a new one",
+            field="header.Idempotency-Key",
+        )
+    return existing
 
 
 def _replica_request(

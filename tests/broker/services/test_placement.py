@@ -215,3 +215,24 @@ def test_a_replica_the_relay_stopped_hearing_from_is_replaced(db: Session, devel
     assert job.state == JobState.cancelled
     kinds = db.scalars(select(ServiceEvent.kind).where(ServiceEvent.service_id == service["id"]))
     assert "replica_lost" in set(kinds)
+
+
+def test_a_retried_deploy_returns_the_first_service(developer: Any) -> None:
+    body = {
+        "artifact": developer.sha["artifact"],
+        "inputs": developer.sha["inputs"],
+        "users": [AMSTERDAM],
+        "latency_slo_ms": 30,
+        "max_price_per_hour": "3.00",
+    }
+    key = {"Idempotency-Key": "deploy-1"}
+    first = developer.post("/v1/services", json=body, headers=key)
+    assert first.status_code == 201, first.text
+    again = developer.post("/v1/services", json=body, headers=key)
+    assert again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = developer.post("/v1/services", json={**body, "latency_slo_ms": 31}, headers=key)
+    assert other.status_code == 409
+    assert other.json()["error"]["field"] == "header.Idempotency-Key"
+    assert developer.get("/v1/services").json()["total"] == 1
