@@ -163,7 +163,7 @@ def run(plan: Plan) -> int:
         local = "127.0.0.1" if plan.host in ("0.0.0.0", "::") else plan.host  # noqa: S104
         os.environ["BROKER_RELAY_URL"] = f"http://{local}:{plan.relay_port}"
         os.environ.setdefault("BROKER_RELAY_PUBLIC_URL", f"ws://{local}:{plan.relay_port}")
-        os.environ["BROKER_RELAY_SECRET"] = secrets.token_hex(32)
+        os.environ.setdefault("BROKER_RELAY_SECRET", secrets.token_hex(32))
         relay = _start("relay", plan.host, str(plan.relay_port))
         log.info("services' relay on port %d", plan.relay_port)
     http = _start("http", plan.host, str(plan.port), str(plan.workers))

@@ -129,3 +129,5 @@ class ServiceWindow(Base):
     replica_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
     queue_mean: Mapped[float] = mapped_column(Float, default=0.0)
     queue_max: Mapped[int] = mapped_column(Integer, default=0)
+    # A replica's window: the relay holding its connection, as other brokers reach it.
+    relay: Mapped[str | None] = mapped_column(String(300), default=None)

@@ -50,6 +50,13 @@ ATTEMPTS = 3
 RECENT_S = 600.0  # a service's windows go on this long after its last replica left
 
 
+def http_form(url: str) -> str | None:
+    """A relay's public URL as an HTTP base (agents get its ws:// form); None for none."""
+    if not url:
+        return None
+    return ("http" + url[2:] if url.startswith("ws") else url).rstrip("/")
+
+
 class NoReplica(Exception):
     """No replica of the service is connected (or none is left to try)."""
 
@@ -177,6 +184,9 @@ class Relay:
         self._recent: dict[str, float] = {}
         # How this process reaches the database, for the windows (set by the routes).
         self.transactions: Any = None
+        # Where other brokers' relays reach this one: its replicas' windows say so, and
+        # a broker without a replica of a service passes its requests here.
+        self.address: str | None = None
 
     # -- replicas -------------------------------------------------------------------
 
@@ -335,16 +345,10 @@ class Relay:
             for link in links:
                 mine = [s for s in got if s.link == link.allocation_id]
                 mean = areas[link.allocation_id] / seconds
-                rows.append(
-                    _row(
-                        service_id,
-                        f"replica:{link.allocation_id}",
-                        seconds,
-                        mine,
-                        mean,
-                        link.inflight,
-                    )
+                row = _row(
+                    service_id, f"replica:{link.allocation_id}", seconds, mine, mean, link.inflight
                 )
+                rows.append({**row, "relay": self.address})
         return rows
 
 
@@ -376,4 +380,5 @@ def _row(
         "replica_p95_ms": replica_p95,
         "queue_mean": queue_mean,
         "queue_max": queue_max,
+        "relay": None,
     }

@@ -8,19 +8,20 @@ import hashlib
 import hmac
 import logging
 import time
+from datetime import timedelta
 from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from broker.accounts.service import authenticate_key, hash_key
 from broker.auth import BATCHED_DEVELOPER, BatchedDeveloper, CurrentAccount, Developer, bearer_key
 from broker.config import Settings, get_settings
-from broker.db import SessionDep, Transactions, request_transactions
+from broker.db import SessionDep, Transactions, request_transactions, utcnow
 from broker.errors import BrokerError, InvalidInput, NotFound
 from broker.models.account import Role
 from broker.models.market import Allocation, AllocationStatus
@@ -30,7 +31,7 @@ from broker.pagination import Page, PageQuery
 from broker.ratelimit import remember_key
 from broker.services import service as services
 from broker.services import views
-from broker.services.relay import Link, NoReplica, ProgramFailed, Relay, Target
+from broker.services.relay import Link, NoReplica, ProgramFailed, Relay, Target, http_form
 from broker.services.schemas import ServiceCreate, ServiceDetail, ServiceOut
 from broker.shortcuts import shortcut_route
 from solver.services import rtt_ms
@@ -123,12 +124,37 @@ class _Known:
 
     def __init__(self) -> None:
         self._rows: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._peers: dict[str, tuple[float, list[str]]] = {}
 
     def cached(self, service_id: str) -> dict[str, Any] | None:
         hit = self._rows.get(service_id)
         if hit is not None and time.monotonic() - hit[0] < self.TTL_S:
             return hit[1]
         return None
+
+    def peers(self, transactions: Transactions, service_id: str, own: str | None) -> list[str]:
+        """The relays of other brokers that wrote a window of one of the service's
+        replicas lately (they hold its connection), newest first; kept a second."""
+        now = time.monotonic()
+        hit = self._peers.get(service_id)
+        if hit is not None and now - hit[0] < 1.0:
+            return hit[1]
+        fresh = utcnow() - timedelta(seconds=3 * get_settings().service_window_s)
+        with transactions(write=False) as session:
+            rows = session.execute(
+                select(ServiceWindow.relay, func.max(ServiceWindow.ended_at))
+                .where(
+                    ServiceWindow.service_id == service_id,
+                    ServiceWindow.scope.startswith("replica:"),
+                    ServiceWindow.relay.is_not(None),
+                    ServiceWindow.ended_at > fresh,
+                )
+                .group_by(ServiceWindow.relay)
+                .order_by(func.max(ServiceWindow.ended_at).desc())
+            ).all()
+        found = [r for r, _ in rows if r and r != own]
+        self._peers[service_id] = (now, found)
+        return found
 
     def read(self, transactions: Transactions, service_id: str) -> dict[str, Any] | None:
         now = time.monotonic()
@@ -153,6 +179,10 @@ def relay_of(app: Any) -> Relay:
     if relay is None:
         settings = get_settings()
         relay = Relay(simulate_rtt=settings.relay_simulate_rtt, timeout_s=settings.infer_timeout_s)
+        # Where other brokers' relays reach this one (None: they cannot).
+        relay.address = getattr(app.state, "relay_address", None) or http_form(
+            settings.relay_public_url
+        )
         app.state.relay = relay
         app.state.services_known = _Known()
     return relay
@@ -268,6 +298,10 @@ async def _answer(
         raise InvalidInput(f"the request is over {limit} bytes", field="body")
     target = Target(service_id, lat, lon, region, info["slo"])
     relay.transactions = transactions
+    if not relay.connected(service_id):
+        forwarded = await _elsewhere(request, transactions, caller, service_id, body)
+        if forwarded is not None:
+            return forwarded
     try:
         answer = await relay.request(target, body)
     except NoReplica as e:
@@ -315,19 +349,26 @@ def _vouched(request: Request, settings: Settings) -> tuple[str, bool] | None:
 
 
 _PASSED_ON = ("authorization", "content-type", "content-length", "x-broker-location")
-_proxy: httpx.AsyncClient | None = None
+_FORWARDED = "x-broker-forwarded"  # passed from one broker's relay to another's: not again
+_proxies: dict[str, httpx.AsyncClient] = {}
 
 
 async def _proxied(
-    request: Request, settings: Settings, caller: tuple[str, bool]
+    request: Request,
+    settings: Settings,
+    caller: tuple[str, bool],
+    base_url: str | None = None,
+    body: bytes | None = None,
 ) -> StreamingResponse:
-    """The request passed to the relay process, vouched for, and its answer streamed
-    back."""
-    global _proxy
-    if _proxy is None:
+    """The request passed on, vouched for, and its answer streamed back: to this
+    ``broker serve``'s relay process (a web worker), or to another broker's relay
+    that holds the service's replicas (``base_url``, with the ``body`` read)."""
+    base_url = base_url or settings.relay_url
+    proxy = _proxies.get(base_url)
+    if proxy is None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-        _proxy = httpx.AsyncClient(
-            base_url=settings.relay_url,
+        proxy = _proxies[base_url] = httpx.AsyncClient(
+            base_url=base_url,
             timeout=httpx.Timeout(settings.infer_timeout_s + 5, connect=5),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
@@ -336,13 +377,18 @@ async def _proxied(
     if secret:
         text = f"{caller[0]},{int(caller[1])},{time.time():.0f}"
         headers[_VOUCH], headers[_VOUCH_SIGNATURE] = text, _signature(secret, text)
-    outgoing = _proxy.build_request(
-        "POST", request.url.path, content=request.stream(), headers=headers
+    if body is not None:
+        headers[_FORWARDED] = "1"
+    outgoing = proxy.build_request(
+        "POST",
+        request.url.path,
+        content=request.stream() if body is None else body,
+        headers=headers,
     )
     try:
-        answer = await _proxy.send(outgoing, stream=True)
+        answer = await proxy.send(outgoing, stream=True)
     except httpx.HTTPError as e:
-        raise ServiceUnavailable(f"the broker's relay is not reachable ({e})") from e
+        raise ServiceUnavailable(f"the broker's relay at {base_url} is not reachable ({e})") from e
     kept = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-broker-")}
     return StreamingResponse(
         answer.aiter_raw(),
@@ -351,6 +397,27 @@ async def _proxied(
         headers=kept,
         background=BackgroundTask(answer.aclose),
     )
+
+
+async def _elsewhere(
+    request: Request,
+    transactions: Transactions,
+    caller: tuple[str, bool],
+    service_id: str,
+    body: bytes,
+) -> Response | None:
+    """With no replica of the service connected here: the request passed to another
+    broker's relay that has one (several ``broker serve`` on one database), or None."""
+    if request.headers.get(_FORWARDED):
+        return None  # it came from another relay: passing it on again could go round
+    known: _Known = request.app.state.services_known
+    relay = relay_of(request.app)
+    peers = await run_in_threadpool(known.peers, transactions, service_id, relay.address)
+    settings = get_settings()
+    for peer in peers:
+        with contextlib.suppress(ServiceUnavailable):  # that one is away: the next
+            return await _proxied(request, settings, caller, peer, body)
+    return None
 
 
 # -- replicas' connections -------------------------------------------------------------

@@ -17,6 +17,7 @@ from broker.models.offer import Offer
 from broker.models.service import Service, ServiceEvent, ServiceWindow
 from broker.money import micros_to_usd
 from broker.services import placement
+from broker.services.relay import http_form
 from broker.services.schemas import (
     RegionStats,
     ReplicaOut,
@@ -84,7 +85,7 @@ def _fields(
         state=service.state,
         endpoint=f"/v1/services/{service.id}/infer",
         artifact=service.artifact_sha256,
-        relay=_relay_http(get_settings().relay_public_url),
+        relay=http_form(get_settings().relay_public_url),
         users=[UserRegion(**u) for u in service.users],
         latency_slo_ms=service.latency_slo_ms,
         min_replicas=service.min_replicas,
@@ -101,13 +102,6 @@ def _fields(
         created_at=service.created_at,
         undeployed_at=service.undeployed_at,
     )
-
-
-def _relay_http(url: str) -> str | None:
-    """The relay's public URL as callers use it (agents get its ws:// form)."""
-    if not url:
-        return None
-    return "http" + url[2:] if url.startswith("ws") else url
 
 
 def _waiting_for(session: Session, job: Job) -> str | None:

@@ -90,6 +90,7 @@ def upgrade() -> None:
         sa.Column("replica_p95_ms", sa.Float(), nullable=True),
         sa.Column("queue_mean", sa.Float(), nullable=False),
         sa.Column("queue_max", sa.Integer(), nullable=False),
+        sa.Column("relay", sa.String(length=300), nullable=True),
     )
     op.create_index(
         "ix_service_windows_service_ended", "service_windows", ["service_id", "ended_at"]

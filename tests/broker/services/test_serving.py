@@ -108,3 +108,59 @@ def predict_reference() -> Any:
     spec.loader.exec_module(module)
     params, x = json.loads(ARGS)
     return np.asarray(module.predict(np.asarray(params, np.float32), np.asarray(x, np.float32)))
+
+
+def test_a_broker_without_the_replica_passes_requests_to_the_one_with_it(
+    fresh_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two brokers on one database (replicas of a deployment): the replica's agent
+    connects to the first; a request to the second is passed to the first's relay."""
+    from broker.app import create_app
+    from broker.db import request_engine
+    from tests.conftest import LiveServer
+
+    monkeypatch.setenv("BROKER_SERVICE_WINDOW_S", "0.5")
+    get_settings.cache_clear()
+    apps = [create_app(auto_clear=False, auto_bill=False) for _ in range(2)]
+    for app_ in apps:
+        app_.dependency_overrides[request_engine] = lambda: fresh_engine
+    # Two servers in one process: one event loop implementation for both.
+    with (
+        LiveServer(apps[0], loop="asyncio") as first,
+        LiveServer(apps[1], loop="asyncio") as second,
+    ):
+        apps[0].state.relay_address, apps[1].state.relay_address = first, second
+        running = _start_agent(first, fresh_engine)
+        agent = next(running)
+        try:
+            developer: Client = agent["developer"]
+            w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+            x = np.ones((2, 4), dtype=np.float32)
+            service = developer.deploy(
+                model, w, x, users=USERS, latency_slo_ms=50, max_price_per_hour=1.0
+            )
+            prepare(fresh_engine)
+            service.wait_ready(timeout=60)
+            (replica,) = service.replicas
+            other = Client(second, developer.http.authorization.removeprefix("Bearer "))
+            through = other.service(service.id)
+            _wait(lambda: _answers(through, w, x))
+            np.testing.assert_allclose(np.asarray(through.infer(w, x)), np.tanh(x @ w), rtol=1e-6)
+            assert through.last_replica == replica["allocation_id"]
+            other.close()
+            service.undeploy()
+        finally:
+            next(running, None)
+    get_settings.cache_clear()
+
+
+def _answers(service: Any, *args: Any) -> bool:
+    from broker.sdk.http import BrokerError
+
+    try:
+        service.infer(*args)
+    except BrokerError as e:
+        if e.status != 503:
+            raise
+        return False  # the first broker's relay has not written its replica's window yet
+    return True
