@@ -125,8 +125,12 @@ def start(
     except queue.Empty:
         message = None
     if message is not None and message.get("serving"):
+        # It serves for long: the next run gets a spare of its own, started now that
+        # this one has compiled (not beside its compile, where it would take CPU).
+        sandbox._refill()
         return Replica(child, reply, float(message.get("compile_seconds") or 0.0))
     child.close()
+    sandbox._refill()
     tail = child.stderr_tail()
     if message is not None and "refused" in message:
         return Outcome("refused", str(message["refused"])[:4000], stderr=tail)

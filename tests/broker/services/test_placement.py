@@ -236,3 +236,25 @@ def test_a_retried_deploy_returns_the_first_service(developer: Any) -> None:
     assert other.status_code == 409
     assert other.json()["error"]["field"] == "header.Idempotency-Key"
     assert developer.get("/v1/services").json()["total"] == 1
+
+
+def test_a_service_whose_replicas_keep_failing_fails(db: Session, developer: Any) -> None:
+    offers(db, "eu")
+    service = deploy(developer, users=[AMSTERDAM])
+    for attempt in range(services.MAX_FAILURES):
+        assert len(pinned(db, service["id"])) == 1, attempt
+        job = db.scalars(
+            select(Job).where(Job.service_id == service["id"], Job.state == JobState.open)
+        ).one()
+        job.move_to(JobState.matched)
+        job.move_to(JobState.failed)
+        job.error = f"the program crashed ({attempt})"
+        db.flush()
+    assert pinned(db, service["id"]) == []
+    row = db.get_one(Service, service["id"])
+    assert row.state == "failed"
+    assert row.error is not None
+    assert "3 replicas failed before any served; the last: the program crashed" in row.error
+    shown = developer.get(f"/v1/services/{service['id']}").json()
+    assert shown["state"] == "failed"
+    assert shown["events"][0]["kind"] == "failed"
