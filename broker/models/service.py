@@ -79,8 +79,6 @@ class Service(Base):
     target_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
     # The user regions no allowed offer can serve within the SLO, and why (None: all).
     placement_note: Mapped[str | None] = mapped_column(Text, default=None)
-    # Replicas that failed in a row before one served; too many fail the service.
-    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     # A retried POST with the same key returns this service; the hash spots a reused key.
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)

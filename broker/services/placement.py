@@ -99,7 +99,8 @@ def _solver_service(
     )
 
 
-def _take(offers: FreeOffers, replicas: dict[str, int]) -> FreeOffers:
+def take(offers: FreeOffers, replicas: dict[str, int]) -> FreeOffers:
+    """``offers`` less the accelerators ``replicas`` (offer id: count) take."""
     return [replace(o, count=o.count - replicas.get(o.id, 0)) for o in offers]
 
 
@@ -125,7 +126,7 @@ def plan(service: Service, placed: Sequence[_Place], market: FreeOffers) -> Plan
         for k, why in sorted(cover.unserved.items()):
             notes.append(f"{region_name(service, uncovered[k])}: {why}")
         pins += _pins(cover.replicas)
-        offers = _take(offers, cover.replicas)
+        offers = take(offers, cover.replicas)
         at += [o for o in offers if o.id in cover.replicas]
     extra = min(service.desired_replicas, service.max_replicas) - len(placed) - len(pins)
     for _ in range(max(0, extra)):
@@ -134,7 +135,7 @@ def plan(service: Service, placed: Sequence[_Place], market: FreeOffers) -> Plan
             notes.append(f"no free offer it may use for {extra} more replica(s) near its users")
             break
         pins.append(pin.id)
-        offers = _take(offers, {pin.id: 1})
+        offers = take(offers, {pin.id: 1})
         at.append(pin)
     return Plan(pins, "; ".join(notes) or None)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -264,15 +265,19 @@ def reconcile(session: Session, settings: Settings, now: datetime | None = None)
         return 0
     market = placement.free_offers(session)
     for service in live:
-        changed += _reconcile_one(session, service, market, settings)
+        done, pins = _reconcile_one(session, service, market, settings)
+        changed += done
+        market = placement.take(market, Counter(pins))  # the next service plans without them
     return changed
 
 
 def _reconcile_one(
     session: Session, service: Service, market: placement.FreeOffers, settings: Settings
-) -> int:
+) -> tuple[int, list[str]]:
+    """Bring one service's replicas to what it wants; returns how many replica jobs it
+    opened or let go, and the offers it pinned waiting ones to."""
     if _failing(session, service):
-        return 0
+        return 0, []
     live = replicas(session, service.id)
     placed = [p for j in live if j.state in PLACED and (p := _where(session, j)) is not None]
     waiting = [j for j in live if j.state == JobState.open]
@@ -312,9 +317,8 @@ def _reconcile_one(
             job.updated_at = utcnow()
     if placed and service.state == ServiceState.deploying and _serving(session, placed):
         service.state = ServiceState.serving
-        service.failures = 0
         service.updated_at = utcnow()
-    return changed
+    return changed, plan.pins
 
 
 def _silent(session: Session, p: _Placed, settings: Settings) -> str | None:
@@ -358,8 +362,19 @@ def _where(session: Session, job: Job) -> _Placed | None:
 
 
 def _serving(session: Session, placed: list[_Placed]) -> bool:
-    """Whether a replica has come up: its job is running (its agent started it)."""
-    return any(p.job.state == JobState.running for p in placed)
+    """Whether a replica has come up: the relay heard from it (it compiled, warmed up
+    and connected), not only that its agent started it."""
+    scopes = [f"replica:{p.allocation.id}" for p in placed if p.job.state == JobState.running]
+    if not scopes:
+        return False
+    heard = session.scalar(
+        select(ServiceWindow.id)
+        .where(
+            ServiceWindow.service_id == placed[0].job.service_id, ServiceWindow.scope.in_(scopes)
+        )
+        .limit(1)
+    )
+    return heard is not None
 
 
 def _failing(session: Session, service: Service) -> bool:

@@ -48,7 +48,6 @@ def upgrade() -> None:
         sa.Column("target_queue", sa.Float(), nullable=False),
         sa.Column("target_p95_ms", sa.Float(), nullable=True),
         sa.Column("placement_note", sa.Text(), nullable=True),
-        sa.Column("failures", sa.Integer(), server_default="0", nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("request_hash", sa.String(length=64), nullable=True),

@@ -258,3 +258,19 @@ def test_a_service_whose_replicas_keep_failing_fails(db: Session, developer: Any
     shown = developer.get(f"/v1/services/{service['id']}").json()
     assert shown["state"] == "failed"
     assert shown["events"][0]["kind"] == "failed"
+
+
+def test_two_services_do_not_plan_on_the_same_free_accelerator(db: Session, developer: Any) -> None:
+    provider, _ = make_account(db, Role.provider)
+    make_offer(db, provider, accelerator="cpu", count=1, price_per_hour="1.00", **PLACES["eu"])
+    first, second = deploy(developer, users=[AMSTERDAM]), deploy(developer, users=[AMSTERDAM])
+    services.reconcile(db, get_settings())
+    pins = {
+        service["id"]: db.scalars(
+            select(Job.pinned_offer_id).where(Job.service_id == service["id"])
+        ).all()
+        for service in (first, second)
+    }
+    assert sorted(len(p) for p in pins.values()) == [0, 1]
+    waiting = db.get_one(Service, second["id"]).placement_note or ""
+    assert "no offer it may use" in waiting or "no free offer" in waiting
