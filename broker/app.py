@@ -38,7 +38,8 @@ from broker.observability import (
 )
 from broker.offers.router import router as offers_router
 from broker.ratelimit import RateLimit
-from broker.services.router import replicas_router, write_windows
+from broker.services.gateway import write_windows
+from broker.services.router import replicas_router
 from broker.services.router import router as services_router
 from web import install as install_web
 
