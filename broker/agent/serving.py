@@ -29,8 +29,7 @@ from broker.portable import _xla
 from broker.sandbox import Outcome, Placement, Sandbox, limits_for, remove
 from broker.sandbox import serve as replicas
 from broker.sdk.frames import CHUNK, pack, unpack
-from broker.sdk.http import BrokerError, BrokerUnavailable
-from broker.sdk.provider import FinishUnreported, ProviderClient, RunHandle, _ended
+from broker.sdk.provider import ProviderClient, RunHandle, _ended, report_end
 from broker.sdk.runlog import RunLog
 
 log = logging.getLogger(__name__)
@@ -110,24 +109,8 @@ def serve_allocation(
     run_log = RunLog()
 
     def finish(outcome: str, **report: Any) -> str:
-        handle.ended = time.monotonic()
-        error = report.get("error")
-        run_log.write(f"the replica {outcome}" + (f": {error}" if error else ""))
-        report = {
-            "outcome": outcome,
-            "accelerator_seconds": handle.accelerator_seconds(),
-            "log": run_log.last(),
-            **report,
-        }
-        try:
-            job = client.finish(allocation, **report)
-        except BrokerError as e:
-            if e.code == "allocation_ended":
-                return "ended"
-            if isinstance(e, BrokerUnavailable) or e.status >= 500:
-                raise FinishUnreported(allocation, report, e) from e
-            raise
-        return str(job["state"])
+        job = report_end(client, allocation, handle, run_log, outcome, "the replica", **report)
+        return "ended" if job is None else str(job["state"])
 
     here = _xla.local_platform()
     if order["platform"] != here and not (emulate and order.get("emulated")):

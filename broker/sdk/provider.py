@@ -179,6 +179,42 @@ class ProviderClient(Connection):
         return arrays.decode(self.http.download(f"/v1/arrays/{sha256}/content", sha256))
 
 
+def report_end(
+    client: ProviderClient,
+    allocation: str,
+    handle: RunHandle,
+    run_log: RunLog,
+    outcome: str,
+    what: str,
+    **report: Any,
+) -> dict[str, Any] | None:
+    """Tell the broker how a run (or a replica: ``what`` names it in the log) ended,
+    with its usage, measured energy and the last of its log; returns the job as the
+    broker answers, None when the allocation had ended meanwhile. A broker that
+    cannot take it (unreachable, 5xx) raises FinishUnreported, which carries it."""
+    handle.ended = time.monotonic()
+    kwh = handle.energy() if handle.energy is not None else None
+    if kwh is not None:
+        report["energy_kwh"] = kwh
+        run_log.write(f"the devices used {kwh * 1000:.3f} Wh (measured)")
+    error = report.get("error")
+    run_log.write(f"{what} {outcome}" + (f": {error}" if error else ""))
+    report = {
+        "outcome": outcome,
+        "accelerator_seconds": handle.accelerator_seconds(),
+        "log": run_log.last(),
+        **report,
+    }
+    try:
+        return client.finish(allocation, **report)
+    except BrokerError as e:
+        if e.code == "allocation_ended":
+            return None
+        if isinstance(e, BrokerUnavailable) or e.status >= 500:
+            raise FinishUnreported(allocation, report, e) from e
+        raise
+
+
 def run_allocation(
     client: ProviderClient,
     order: dict[str, Any],
@@ -229,27 +265,9 @@ def run_allocation(
         return limit is not None and handle.accelerator_seconds() >= limit
 
     def finish(outcome: str, **report: Any) -> str:
-        handle.ended = time.monotonic()
-        kwh = handle.energy() if handle.energy is not None else None
-        if kwh is not None:
-            report["energy_kwh"] = kwh
-            run_log.write(f"the devices used {kwh * 1000:.3f} Wh (measured)")
-        error = report.get("error")
-        run_log.write(f"the run {outcome}" + (f": {error}" if error else ""))
-        report = {
-            "outcome": outcome,
-            "accelerator_seconds": handle.accelerator_seconds(),
-            "log": run_log.last(),
-            **report,
-        }
-        try:
-            job = client.finish(allocation, **report)
-        except BrokerError as e:
-            if e.code == "allocation_ended":
-                return "ended"
-            if isinstance(e, BrokerUnavailable) or e.status >= 500:
-                raise FinishUnreported(allocation, report, e) from e
-            raise
+        job = report_end(client, allocation, handle, run_log, outcome, "the run", **report)
+        if job is None:
+            return "ended"
         requeued = outcome == "failed" and job["state"] == "open"
         return "requeued" if requeued else str(job["state"])
 
